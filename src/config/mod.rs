@@ -1,0 +1,591 @@
+//! Typed configuration: one TOML file, every key overridable by a `KURA_<SECTION>_<KEY>`
+//! environment variable, validated at start with errors that name the key.
+//!
+//! With no file and no variables the result is the dev node of `operations.md`: data in
+//! `./kura-data`, HTTP on `127.0.0.1:4000`, auth `none`.
+
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::Durability;
+pub use units::{ByteSize, Capacity, HumanDuration};
+
+/// The whole configuration. Field docs are the reference; `config/kura.toml` mirrors them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub node: NodeConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub uploads: UploadsConfig,
+    pub replication: ReplicationConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Public HTTP listener.
+    pub http: SocketAddr,
+    /// Public gRPC listener (REAPI; not served by this release yet).
+    pub grpc: SocketAddr,
+    /// Peer plane listener (replication; not served by this release yet).
+    pub internal: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            http: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            grpc: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            internal: SocketAddr::from(([127, 0, 0, 1], 7443)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The one account this node serves.
+    pub account: String,
+    pub region: String,
+    /// Stable node identity; generated once and kept in the data dir when unset.
+    pub id: Option<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            account: "dev".into(),
+            region: "local".into(),
+            id: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// Bytes of artifact bodies kept, or a percentage of the data dir's filesystem.
+    pub capacity: Capacity,
+    /// Eviction frees space down to this percentage of capacity.
+    pub low_watermark: f64,
+    pub durability: Durability,
+    /// Bodies up to this size live inside their metadata record.
+    pub inline_max: ByteSize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./kura-data"),
+            capacity: Capacity::Percent(80.0),
+            low_watermark: 90.0,
+            durability: Durability::Process,
+            inline_max: ByteSize(crate::storage::DEFAULT_INLINE_MAX as u64),
+        }
+    }
+}
+
+/// Which authorizer checks tokens (auth.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No checks (local development only).
+    #[default]
+    None,
+    /// Token hashes and grants from a file.
+    Static,
+    /// OAuth 2.0 token introspection against the control plane.
+    Introspection,
+}
+
+/// How client credentials are sent to the introspection endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Body,
+    Basic,
+}
+
+/// A secret value: never printed, logged or serialized back out.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub static_tokens_file: Option<PathBuf>,
+    pub control_plane_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub client_auth: ClientAuth,
+    pub connect_timeout: HumanDuration,
+    pub timeout: HumanDuration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            static_tokens_file: None,
+            control_plane_url: None,
+            client_id: None,
+            client_secret: None,
+            client_auth: ClientAuth::Body,
+            connect_timeout: HumanDuration(std::time::Duration::from_secs(1)),
+            timeout: HumanDuration(std::time::Duration::from_secs(3)),
+        }
+    }
+}
+
+/// Upload size limits per surface (http-api.md); over → 413.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub gradle: ByteSize,
+    pub xcode_cas: ByteSize,
+    pub keyvalue: ByteSize,
+    pub module_part: ByteSize,
+    pub module_assembled: ByteSize,
+    /// Nx, Metro and the Bazel HTTP cache.
+    pub blob: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            gradle: ByteSize(100 << 20),
+            xcode_cas: ByteSize(256 << 20),
+            keyvalue: ByteSize(1 << 20),
+            module_part: ByteSize(10 << 20),
+            module_assembled: ByteSize(2 << 30),
+            blob: ByteSize(2 << 30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadsConfig {
+    /// Module multipart uploads in flight at once; more → 429.
+    pub max_in_flight: usize,
+    /// Unfinished uploads are deleted after this long.
+    pub expiry: HumanDuration,
+}
+
+impl Default for UploadsConfig {
+    fn default() -> Self {
+        UploadsConfig {
+            max_in_flight: 128,
+            expiry: HumanDuration(std::time::Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+/// The account mesh (replication.md). Parsed and validated now so configs written for it stay
+/// valid; the mesh itself is not served by this release yet.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    pub peers: Vec<String>,
+    pub insecure: bool,
+    pub bandwidth_limit: ByteSize,
+    pub per_peer_limit: ByteSize,
+    pub peer_expiry: HumanDuration,
+    pub discovery: DiscoveryConfig,
+    pub tls: PeerTlsConfig,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            peers: Vec::new(),
+            insecure: false,
+            bandwidth_limit: ByteSize(100 << 20),
+            per_peer_limit: ByteSize(0),
+            peer_expiry: HumanDuration(std::time::Duration::from_secs(600)),
+            discovery: DiscoveryConfig::default(),
+            tls: PeerTlsConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub dns_name: Option<String>,
+    pub interval: HumanDuration,
+    pub nameservers: Vec<String>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            dns_name: None,
+            interval: HumanDuration(std::time::Duration::from_secs(5)),
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight requests may run after a drain starts.
+    pub drain_timeout: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: HumanDuration(std::time::Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` on a terminal, `json` otherwise, when unset.
+    pub format: Option<LogFormat>,
+    /// A `tracing` filter such as `info` or `kura=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: None,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, worded for the operator: names the key (or variable) and the fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Sections, in the order env names are matched (longest first, so nested sections win).
+const SECTIONS: [&str; 11] = [
+    "replication.discovery",
+    "replication.tls",
+    "replication",
+    "shutdown",
+    "storage",
+    "uploads",
+    "limits",
+    "server",
+    "node",
+    "auth",
+    "log",
+];
+
+/// Variables auth.md names outside the `KURA_<SECTION>_<KEY>` scheme.
+const ENV_ALIASES: [(&str, &str); 2] = [
+    ("KURA_CONTROL_PLANE_CLIENT_ID", "auth.client_id"),
+    ("KURA_CONTROL_PLANE_CLIENT_SECRET", "auth.client_secret"),
+];
+
+impl Config {
+    /// Loads `file` (or the embedded defaults when `None`), applies `KURA_*` overrides from
+    /// `env`, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigError(format!(
+                        "config file {} is not valid TOML: {e}",
+                        path.display()
+                    ))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError(format!("invalid config: {}: {}", e.path(), e.inner())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail =
+            |key: &str, what: &str| Err(ConfigError(format!("invalid config: {key}: {what}")));
+        if crate::names::normalize_handle(&self.node.account).is_none() {
+            return fail(
+                "node.account",
+                "must be 1-128 characters of a-z, 0-9, '.', '_' or '-'",
+            );
+        }
+        if !(self.storage.low_watermark > 0.0 && self.storage.low_watermark <= 100.0) {
+            return fail("storage.low_watermark", "must be a percentage in (0, 100]");
+        }
+        if self.storage.inline_max.0 > 1 << 20 {
+            return fail("storage.inline_max", "must be at most 1MiB");
+        }
+        match self.auth.mode {
+            AuthMode::None => {}
+            AuthMode::Static if self.auth.static_tokens_file.is_none() => {
+                return fail(
+                    "auth.static_tokens_file",
+                    "is required when auth.mode = \"static\"",
+                );
+            }
+            AuthMode::Static => {}
+            AuthMode::Introspection => {
+                return fail(
+                    "auth.mode",
+                    "\"introspection\" is not available in this release yet; use \"static\" or \"none\"",
+                );
+            }
+        }
+        if self.uploads.max_in_flight == 0 {
+            return fail("uploads.max_in_flight", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted (for `kura config check`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Folds `KURA_*` variables into the parsed file. Values take the type of the key's default:
+/// booleans and numbers are parsed, lists are comma-separated, everything else is a string
+/// that the key's own parser (sizes, durations, addresses) checks.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Value::try_from(Config::default())
+        .map_err(|e| ConfigError(format!("cannot render defaults: {e}")))?;
+    for (name, value) in env {
+        let Some(path) = env_key_path(&name) else {
+            continue;
+        };
+        let typed = typed_env_value(&defaults, &path, &name, &value)?;
+        insert_path(table, &path, typed, &name)?;
+    }
+    Ok(())
+}
+
+/// `KURA_REPLICATION_DISCOVERY_DNS_NAME` → `["replication", "discovery", "dns_name"]`.
+fn env_key_path(name: &str) -> Option<Vec<String>> {
+    if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == name) {
+        return Some(path.split('.').map(String::from).collect());
+    }
+    let rest = name.strip_prefix("KURA_")?;
+    SECTIONS.iter().find_map(|section| {
+        let prefix = format!("{}_", section.replace('.', "_").to_ascii_uppercase());
+        let key = rest.strip_prefix(&prefix)?;
+        if key.is_empty() {
+            return None;
+        }
+        let mut path: Vec<String> = section.split('.').map(String::from).collect();
+        path.push(key.to_ascii_lowercase());
+        Some(path)
+    })
+}
+
+fn typed_env_value(
+    defaults: &toml::Value,
+    path: &[String],
+    name: &str,
+    value: &str,
+) -> Result<toml::Value, ConfigError> {
+    let default = path.iter().try_fold(defaults, |node, key| node.get(key));
+    let bad = |what: &str| {
+        ConfigError(format!(
+            "invalid environment variable {name}: {what}, got {value:?}"
+        ))
+    };
+    Ok(match default {
+        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(match value.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => return Err(bad("expected true or false")),
+        }),
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            value
+                .trim()
+                .parse()
+                .map_err(|_| bad("expected an integer"))?,
+        ),
+        Some(toml::Value::Float(_)) => {
+            toml::Value::Float(value.trim().parse().map_err(|_| bad("expected a number"))?)
+        }
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| toml::Value::String(item.to_string()))
+                .collect(),
+        ),
+        _ => toml::Value::String(value.to_string()),
+    })
+}
+
+fn insert_path(
+    table: &mut toml::Table,
+    path: &[String],
+    value: toml::Value,
+    name: &str,
+) -> Result<(), ConfigError> {
+    let (last, sections) = path
+        .split_last()
+        .ok_or_else(|| ConfigError(format!("{name}: empty key")))?;
+    let mut node = table;
+    for section in sections {
+        let entry = node
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError(format!("{name}: config key {section} is not a section")))?;
+    }
+    node.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn no_file_and_no_env_is_the_dev_node() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.server.http.to_string(), "127.0.0.1:4000");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./kura-data"));
+        assert_eq!(config.auth.mode, AuthMode::None);
+        assert_eq!(config.node.account, "dev");
+    }
+
+    #[test]
+    fn env_overrides_reach_nested_keys_with_their_types() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("KURA_STORAGE_CAPACITY", "200GiB"),
+                ("KURA_REPLICATION_DISCOVERY_DNS_NAME", "peers.local"),
+                (
+                    "KURA_REPLICATION_DISCOVERY_NAMESERVERS",
+                    "127.0.0.1:53, 127.0.0.2:53",
+                ),
+                ("KURA_REPLICATION_INSECURE", "true"),
+                ("KURA_UPLOADS_MAX_IN_FLIGHT", "7"),
+                ("KURA_CONTROL_PLANE_CLIENT_SECRET", "s3cret"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.storage.capacity,
+            Capacity::Bytes(ByteSize(200 << 30))
+        );
+        assert_eq!(
+            config.replication.discovery.dns_name.as_deref(),
+            Some("peers.local")
+        );
+        assert_eq!(config.replication.discovery.nameservers.len(), 2);
+        assert!(config.replication.insecure);
+        assert_eq!(config.uploads.max_in_flight, 7);
+        assert_eq!(
+            config.auth.client_secret.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
+        assert!(!config.to_redacted_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Config::load(None, env(&[("KURA_STORAGE_CAPACITY", "12XB")])).unwrap_err();
+        assert!(err.to_string().contains("storage.capacity"), "{err}");
+        let err = Config::load(None, env(&[("KURA_STORAGE_COLOUR", "blue")])).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = Config::load(None, env(&[("KURA_AUTH_MODE", "static")])).unwrap_err();
+        assert!(err.to_string().contains("auth.static_tokens_file"), "{err}");
+        let err = Config::load(None, env(&[("KURA_REPLICATION_INSECURE", "maybe")])).unwrap_err();
+        assert!(
+            err.to_string().contains("KURA_REPLICATION_INSECURE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_values_load_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kura.toml");
+        std::fs::write(
+            &path,
+            "[node]\naccount = \"acme\"\n[storage]\ncapacity = \"64MiB\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(config.node.account, "acme");
+        std::fs::write(&path, "[node]\nacount = \"acme\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("acount"), "{err}");
+    }
+}

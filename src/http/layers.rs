@@ -1,0 +1,136 @@
+//! Cross-cutting request handling, one middleware per concern, applied to every route:
+//! request ids, metrics and logs, and drain.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
+use http_body_util::BodyExt;
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+use crate::lifecycle::State as NodeState;
+
+/// The request id of a request (`x-request-id`).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Keeps a sane client-sent `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), otherwise makes one, and
+/// echoes it on the response.
+pub async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_sane_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+fn is_sane_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Counts and times every request by route template and status, and logs it at debug.
+pub async fn observe(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().clone();
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status();
+    let elapsed = started.elapsed();
+    metrics::counter!(crate::metrics::HTTP_REQUESTS_TOTAL,
+        "protocol" => "http", "route" => route.clone(), "method" => method.to_string(), "status" => status.as_u16().to_string())
+    .increment(1);
+    metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION_SECONDS, "route" => route.clone())
+        .record(elapsed.as_secs_f64());
+    if status.is_server_error() {
+        tracing::warn!(request_id, %method, route, status = status.as_u16(), "request failed");
+    } else {
+        tracing::debug!(request_id, %method, route, status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request");
+    }
+    response
+}
+
+/// While draining, refuses new cache requests (503 `draining`, `Connection: close`); probes keep
+/// answering. Otherwise counts the request in flight until its response body is done, which is
+/// what a drain waits for.
+pub async fn drain(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let is_probe = matches!(
+        request.uri().path(),
+        "/up" | "/ready" | "/metrics" | "/status"
+    );
+    if is_probe {
+        return next.run(request).await;
+    }
+    if app.lifecycle.state() == NodeState::Draining {
+        return ApiError::draining().into_response();
+    }
+    let in_flight = app.lifecycle.track();
+    let response = next.run(request).await;
+    // The guard moves into the body, so a streaming download counts until its last byte.
+    response.map(move |body| {
+        Body::new(body.map_frame(move |frame| {
+            let _still_in_flight = &in_flight;
+            frame
+        }))
+    })
+}
+
+/// Nx reports JSON error bodies as a misconfigured endpoint: re-render errors as `text/plain`.
+pub async fn plain_text_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    match response.extensions().get::<ErrorBody>().cloned() {
+        Some(error) => {
+            let (mut parts, _) = response.into_parts();
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(
+                parts,
+                Body::from(format!("{}: {}\n", error.code, error.message)),
+            )
+        }
+        None => response,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_must_be_plain_tokens() {
+        assert!(is_sane_request_id("abc-123_x.y:z"));
+        assert!(!is_sane_request_id(""));
+        assert!(!is_sane_request_id("a b"));
+        assert!(!is_sane_request_id("<script>"));
+        assert!(!is_sane_request_id(&"a".repeat(129)));
+    }
+}

@@ -1,0 +1,243 @@
+//! The Tuist CLI's module cache: multipart uploads (`start`, `part`, `complete`) and reads of
+//! the assembled artifact (`/api/cache/module/{hash}`).
+//!
+//! A module artifact is addressed by `(cache_category, hash, name)` inside its project; the
+//! storage key joins them with `/`, which no component may contain.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode};
+use serde::Deserialize;
+
+use super::AppState;
+use super::access::{Authorized, invalid_key, query_params};
+use super::error::ApiError;
+use super::transfer::{self, ServeOptions};
+use crate::names;
+use crate::storage::{ArtifactKey, Kind};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/cache/module/start", post(start))
+        .route("/api/cache/module/part", post(part))
+        .route("/api/cache/module/complete", post(complete))
+        .route("/api/cache/module/{hash}", get(load))
+}
+
+/// The query parameters of a module request.
+struct Params(HashMap<String, String>);
+
+impl FromRequestParts<AppState> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        query_params(parts).map(Params)
+    }
+}
+
+impl Params {
+    fn required(&self, name: &'static str) -> Result<&str, ApiError> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "missing_parameter",
+                    format!("The {name} query parameter is required"),
+                )
+            })
+    }
+
+    /// The artifact key of `(cache_category, hash, name)`.
+    fn module_key(&self, project: String, hash: &str) -> Result<ArtifactKey, ApiError> {
+        let name = self.required("name")?;
+        let category = self
+            .0
+            .get("cache_category")
+            .map(String::as_str)
+            .filter(|c| !c.is_empty())
+            .unwrap_or("builds");
+        if ![hash, name, category]
+            .iter()
+            .all(|part| names::valid_key(part))
+        {
+            return Err(invalid_key());
+        }
+        Ok(ArtifactKey::new(
+            project,
+            Kind::Module,
+            format!("{category}/{hash}/{name}"),
+        ))
+    }
+
+    /// The upload id, checked to be one this node could have issued.
+    fn upload_id(&self) -> Result<&str, ApiError> {
+        let id = self.required("upload_id")?;
+        if !names::is_lower_hex(id, 32) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "upload_not_found",
+                "Unknown or expired upload",
+            ));
+        }
+        Ok(id)
+    }
+}
+
+async fn start(
+    State(app): State<AppState>,
+    params: Params,
+    auth: Authorized,
+) -> Result<Response, ApiError> {
+    let key = params.module_key(auth.project, params.required("hash")?)?;
+    if app.store.head(&key)?.is_some() {
+        return Ok(Json(serde_json::json!({ "upload_id": null })).into_response());
+    }
+    let id = app
+        .store
+        .start_upload(&key, app.config.uploads.max_in_flight)?;
+    Ok(Json(serde_json::json!({ "upload_id": id })).into_response())
+}
+
+/// Checks that an upload exists and belongs to the project the caller is authorized for.
+fn owned_upload(app: &AppState, id: &str, auth: &Authorized) -> Result<(), ApiError> {
+    match app.store.upload_target(id)? {
+        Some(target) if target.project == auth.project => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "upload_not_found",
+            "Unknown or expired upload",
+        )),
+    }
+}
+
+async fn part(
+    State(app): State<AppState>,
+    params: Params,
+    auth: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = params.upload_id()?;
+    let number: u32 = params
+        .required("part_number")?
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "bad_part_number",
+                "part_number must be an integer of at least 1",
+            )
+        })?;
+    owned_upload(&app, id, &auth)?;
+    let staged =
+        transfer::receive(&app, &headers, body, app.config.limits.module_part.0, false).await?;
+    app.store.put_part(id, number, staged).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct CompleteRequest {
+    parts: Vec<u32>,
+    #[serde(default)]
+    checksum_sha256: Option<String>,
+}
+
+async fn complete(
+    State(app): State<AppState>,
+    params: Params,
+    auth: Authorized,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = params.upload_id()?;
+    owned_upload(&app, id, &auth)?;
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|_| {
+        ApiError::bad_request(
+            "bad_json",
+            "The completion body must be JSON of at most 1 MiB",
+        )
+    })?;
+    let request: CompleteRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "bad_json",
+            format!("Expected {{\"parts\": [1, 2, ...]}}: {e}"),
+        )
+    })?;
+    if request.parts.is_empty() || request.parts.contains(&0) {
+        return Err(ApiError::bad_request(
+            "bad_parts",
+            "parts must list part numbers of at least 1",
+        ));
+    }
+    let checksum = request
+        .checksum_sha256
+        .as_deref()
+        .map(|hex| {
+            names::parse_sha256_hex(hex).ok_or_else(|| {
+                ApiError::bad_request(
+                    "bad_checksum",
+                    "checksum_sha256 must be 64 lowercase hex characters",
+                )
+            })
+        })
+        .transpose()?;
+    let committed = app
+        .store
+        .complete_upload(
+            id,
+            &request.parts,
+            checksum,
+            app.config.limits.module_assembled.0,
+        )
+        .await?;
+    metrics::counter!(crate::metrics::BYTES_WRITTEN_TOTAL, "kind" => Kind::Module.as_str())
+        .increment(committed.info.size);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn load(
+    State(app): State<AppState>,
+    method: Method,
+    hash: HashParam,
+    params: Params,
+    auth: Authorized,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = params.module_key(auth.project, &hash.0)?;
+    if method == Method::HEAD {
+        // The module API answers HEAD with 204 when the artifact exists.
+        return match app.store.head(&key)? {
+            Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+            None => Err(ApiError::not_found()),
+        };
+    }
+    let options = ServeOptions {
+        default_content_type: "application/zip",
+        head: false,
+    };
+    transfer::serve(&app, &key, &headers, options).await
+}
+
+/// The `{hash}` path segment.
+struct HashParam(String);
+
+impl FromRequestParts<AppState> for HashParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        super::access::path_param(parts, app, "hash")
+            .await
+            .map(HashParam)
+    }
+}

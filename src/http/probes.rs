@@ -1,0 +1,73 @@
+//! Probes and ops routes; they never need a token: `/up`, `/ready`, `/status`, `/metrics`.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::{HeaderValue, StatusCode, header};
+
+use super::AppState;
+use crate::lifecycle::State as NodeState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/up", get(up))
+        .route("/ready", get(ready))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+}
+
+/// Liveness: answers from memory only.
+async fn up(State(app): State<AppState>) -> Response {
+    Json(serde_json::json!({
+        "status": "ok",
+        "node_id": app.store.node_id(),
+        "account": app.account,
+        "region": app.config.node.region,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
+}
+
+async fn ready(State(app): State<AppState>) -> Response {
+    match app.lifecycle.state() {
+        NodeState::Serving => Json(serde_json::json!({ "state": "serving" })).into_response(),
+        other => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "state": other.as_str() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn status(State(app): State<AppState>) -> Response {
+    let stats = app.store.stats();
+    Json(serde_json::json!({
+        "state": app.lifecycle.state().as_str(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "node_id": app.store.node_id(),
+        "account": app.account,
+        "region": app.config.node.region,
+        "disk": { "used_bytes": stats.used_bytes, "capacity_bytes": stats.capacity },
+        "artifacts": stats.artifacts,
+        "requests_in_flight": app.lifecycle.in_flight(),
+        // Replication is not part of this release: no peers yet.
+        "peers": [],
+    }))
+    .into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    crate::metrics::sample(app.store.stats());
+    let body = app
+        .metrics
+        .as_ref()
+        .map(|handle| handle.render())
+        .unwrap_or_default();
+    let mut response = body.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,262 @@
+//! Moving bodies: receiving an upload into the store, and serving an artifact back with ETag,
+//! conditional and range handling. Every surface's handlers are thin wrappers around these two.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
+use super::AppState;
+use super::error::ApiError;
+use super::range::{self, RangeAnswer};
+use crate::storage::{
+    ArtifactInfo, ArtifactKey, BodyStream, Committed, NewArtifact, StagedBody, WriteMode,
+};
+
+/// Header carrying a client's SHA-256 of an upload (and returned on later reads).
+pub const CHECKSUM_HEADER: &str = "tuist-checksum-sha256";
+
+/// Rejects an upload whose declared length is over `limit` before a byte of it is read.
+pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    let length: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| ApiError::bad_request("bad_content_length", "Malformed Content-Length"))?;
+    if length > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(Some(length))
+}
+
+/// The client's SHA-256 of the body, if it sent one; 400 `bad_checksum` when malformed.
+pub fn client_checksum(headers: &HeaderMap) -> Result<Option<[u8; 32]>, ApiError> {
+    headers
+        .get(CHECKSUM_HEADER)
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(crate::names::parse_sha256_hex)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_checksum",
+                        format!("{CHECKSUM_HEADER} must be 64 lowercase hex characters"),
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// Streams a request body into staging, hashing it, enforcing `limit` and the checksum header.
+/// `sha256_of_body` forces SHA-256 to be computed (content addressed by SHA-256).
+pub async fn receive(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    sha256_of_body: bool,
+) -> Result<StagedBody, ApiError> {
+    let declared = check_declared_length(headers, limit)?;
+    let expected = client_checksum(headers)?;
+    let mut writer = app
+        .store
+        .writer(limit, sha256_of_body || expected.is_some());
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        // hyper reports a body cut short of its Content-Length (or a broken chunked body) here.
+        let chunk = chunk.map_err(|_| ApiError::truncated_body())?;
+        writer.write(&chunk).await?;
+    }
+    if declared.is_some_and(|length| length != writer.size()) {
+        return Err(ApiError::truncated_body());
+    }
+    Ok(writer.finish(expected).await?)
+}
+
+/// Receives a body and commits it under `key`.
+pub async fn store(
+    app: &AppState,
+    key: &ArtifactKey,
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    mode: WriteMode,
+) -> Result<Committed, ApiError> {
+    let staged = receive(app, headers, body, limit, false).await?;
+    commit(app, key, staged, content_type(headers), mode).await
+}
+
+pub async fn commit(
+    app: &AppState,
+    key: &ArtifactKey,
+    staged: StagedBody,
+    content_type: Option<String>,
+    mode: WriteMode,
+) -> Result<Committed, ApiError> {
+    let committed = app
+        .store
+        .commit(key, staged, NewArtifact { content_type }, mode)
+        .await?;
+    metrics::counter!(crate::metrics::BYTES_WRITTEN_TOTAL, "kind" => key.kind.as_str())
+        .increment(committed.info.size);
+    Ok(committed)
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .map(str::to_owned)
+}
+
+/// How to answer a read.
+pub struct ServeOptions {
+    /// Content type when the upload named none.
+    pub default_content_type: &'static str,
+    /// HEAD: headers only, without opening the body.
+    pub head: bool,
+}
+
+/// Answers GET/HEAD for `key`: 200/206/304/404/416 with ETag, ranges and the checksum header.
+pub async fn serve(
+    app: &AppState,
+    key: &ArtifactKey,
+    headers: &HeaderMap,
+    options: ServeOptions,
+) -> Result<Response, ApiError> {
+    let kind = key.kind.as_str();
+    if options.head {
+        let Some(info) = app.store.head(key)? else {
+            metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
+            return Err(ApiError::not_found());
+        };
+        metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
+        let mut response = StatusCode::OK.into_response();
+        set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+        return Ok(response);
+    }
+    let Some(artifact) = app.store.read(key).await? else {
+        metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
+        return Err(ApiError::not_found());
+    };
+    metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
+    let info = artifact.info.clone();
+    let etag = format!("\"{}\"", info.blake3_hex());
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| etag_matches(v, &etag))
+    {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
+        return Ok(response);
+    }
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    // If-Range: honour the range only while the client's validator is still current.
+    let range_header = match headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        Some(validator) if validator.trim() != etag => None,
+        _ => range_header,
+    };
+    let (status, start, end) = match range::answer(range_header, info.size) {
+        RangeAnswer::Full => (StatusCode::OK, 0, info.size),
+        RangeAnswer::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
+        RangeAnswer::Unsatisfiable => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("The artifact is {} bytes long", info.size),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{}", info.size))
+                    .unwrap_or(HeaderValue::from_static("bytes */0")),
+            );
+            return Ok(response);
+        }
+    };
+    metrics::counter!(crate::metrics::BYTES_READ_TOTAL, "kind" => kind).increment(end - start);
+    let body = match artifact.into_body(start, end) {
+        BodyStream::Bytes(bytes) => Body::from(bytes),
+        BodyStream::Stream(stream) => Body::from_stream(stream),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let response_headers = response.headers_mut();
+    set_artifact_headers(response_headers, &info, options.default_content_type);
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(value) =
+            HeaderValue::from_str(&format!("bytes {}-{}/{}", start, end - 1, info.size))
+    {
+        response_headers.insert(header::CONTENT_RANGE, value);
+    }
+    Ok(response)
+}
+
+fn set_artifact_headers(
+    headers: &mut HeaderMap,
+    info: &ArtifactInfo,
+    default_content_type: &'static str,
+) {
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", info.blake3_hex())) {
+        headers.insert(header::ETAG, etag);
+    }
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let content_type = info
+        .content_type
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+        .unwrap_or(HeaderValue::from_static(default_content_type));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    if let Some(sha) = info.sha256
+        && let Ok(value) = HeaderValue::from_str(&hex::encode(sha))
+    {
+        headers.insert(CHECKSUM_HEADER, value);
+    }
+}
+
+/// `If-None-Match`: `*`, or a list of (possibly weak) entity tags.
+fn etag_matches(header_value: &str, etag: &str) -> bool {
+    header_value
+        .split(',')
+        .map(str::trim)
+        .any(|candidate| candidate == "*" || candidate.trim_start_matches("W/") == etag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_lists() {
+        assert!(etag_matches("\"a\"", "\"a\""));
+        assert!(etag_matches("\"b\", W/\"a\"", "\"a\""));
+        assert!(etag_matches("*", "\"a\""));
+        assert!(!etag_matches("\"b\"", "\"a\""));
+    }
+
+    #[test]
+    fn declared_length_over_the_limit_is_refused_up_front() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(11u64));
+        assert_eq!(
+            check_declared_length(&headers, 10).unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(check_declared_length(&headers, 11).unwrap(), Some(11));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("ten"));
+        assert_eq!(
+            check_declared_length(&headers, 10).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

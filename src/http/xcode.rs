@@ -1,0 +1,135 @@
+//! The Tuist CLI's Xcode cache: CAS blobs (`/api/cache/cas/{id}`) and the keyvalue index
+//! (`/api/cache/keyvalue`) that maps a CAS id to its entries.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use http::{HeaderMap, Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::access::{Authorized, KeyParam, invalid_key};
+use super::error::ApiError;
+use super::transfer::{self, ServeOptions};
+use crate::storage::{ArtifactKey, Kind, WriteMode};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/cache/cas/{key}", get(load_blob).post(save_blob))
+        .route("/api/cache/keyvalue", put(save_entries))
+        .route("/api/cache/keyvalue/{key}", get(load_entries))
+}
+
+async fn load_blob(
+    State(app): State<AppState>,
+    method: Method,
+    KeyParam(key): KeyParam,
+    auth: Authorized,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = ArtifactKey::new(auth.project, Kind::XcodeCas, key);
+    let options = ServeOptions {
+        default_content_type: "application/octet-stream",
+        head: method == Method::HEAD,
+    };
+    transfer::serve(&app, &key, &headers, options).await
+}
+
+async fn save_blob(
+    State(app): State<AppState>,
+    KeyParam(key): KeyParam,
+    auth: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = ArtifactKey::new(auth.project, Kind::XcodeCas, key);
+    transfer::store(
+        &app,
+        &key,
+        &headers,
+        body,
+        app.config.limits.xcode_cas.0,
+        WriteMode::Overwrite,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct PutEntries {
+    cas_id: String,
+    entries: Vec<Entry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    value: String,
+}
+
+#[derive(Serialize)]
+struct StoredEntries<'a> {
+    entries: &'a [Entry],
+}
+
+async fn save_entries(
+    State(app): State<AppState>,
+    auth: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = app.config.limits.keyvalue.0;
+    transfer::check_declared_length(&headers, limit)?;
+    let bytes = axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::truncated_body()
+            }
+        })?;
+    let request: PutEntries = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(
+            "bad_json",
+            format!("Expected {{\"cas_id\": ..., \"entries\": [{{\"value\": ...}}]}}: {e}"),
+        )
+    })?;
+    if !crate::names::valid_key(&request.cas_id) {
+        return Err(invalid_key());
+    }
+    let document = serde_json::to_vec(&StoredEntries {
+        entries: &request.entries,
+    })
+    .map_err(|_| ApiError::internal())?;
+    let mut writer = app.store.writer(limit.max(document.len() as u64), false);
+    writer.write(&document).await?;
+    let staged = writer.finish(None).await?;
+    let key = ArtifactKey::new(auth.project, Kind::KeyValue, request.cas_id);
+    transfer::commit(
+        &app,
+        &key,
+        staged,
+        Some("application/json".into()),
+        WriteMode::Overwrite,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn load_entries(
+    State(app): State<AppState>,
+    KeyParam(key): KeyParam,
+    auth: Authorized,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = ArtifactKey::new(auth.project, Kind::KeyValue, key);
+    let options = ServeOptions {
+        default_content_type: "application/json",
+        head: false,
+    };
+    transfer::serve(&app, &key, &headers, options).await
+}

@@ -1,0 +1,144 @@
+//! The `kura` command: `serve`, `config check`, `token hash`.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kura::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "kura", version, about = "A content-addressed build-cache node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node. With no config file this is a dev node: ./kura-data, 127.0.0.1:4000, no auth.
+    Serve {
+        /// TOML config file; every key can be overridden by KURA_<SECTION>_<KEY>.
+        #[arg(long, env = "KURA_CONFIG")]
+        config: Option<PathBuf>,
+        /// Allow auth.mode = "none" on a non-loopback address.
+        #[arg(long)]
+        allow_insecure: bool,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Token tools.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the config and print the effective values, secrets redacted.
+    Check {
+        #[arg(long, env = "KURA_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Read a token on stdin and print its SHA-256, for static tokens files.
+    Hash,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve {
+            config,
+            allow_insecure,
+        } => serve(config, allow_insecure),
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => match load(config) {
+            Some(config) => {
+                print!("{}", config.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(2),
+        },
+        Command::Token {
+            command: TokenCommand::Hash,
+        } => token_hash(),
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Option<Config> {
+    match Config::load(path.as_deref(), std::env::vars()) {
+        Ok(config) => Some(config),
+        Err(error) => {
+            eprintln!("kura: {error}");
+            None
+        }
+    }
+}
+
+fn serve(path: Option<PathBuf>, allow_insecure: bool) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kura: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kura::node::serve(config, allow_insecure)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("kura: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let format = config
+        .log
+        .format
+        .unwrap_or(if std::io::stderr().is_terminal() {
+            LogFormat::Pretty
+        } else {
+            LogFormat::Json
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn token_hash() -> ExitCode {
+    let mut token = String::new();
+    if let Err(error) = std::io::stdin().read_to_string(&mut token) {
+        eprintln!("kura: cannot read the token from stdin: {error}");
+        return ExitCode::FAILURE;
+    }
+    let token = token.trim_end_matches(['\n', '\r']);
+    if token.is_empty() {
+        eprintln!("kura: no token on stdin");
+        return ExitCode::from(2);
+    }
+    println!("{}", hex::encode(kura::auth::Token::new(token).sha256()));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,110 @@
+//! Metric names (all in one place) and the Prometheus exporter.
+//!
+//! Labels are bounded: protocol, route template, status, kind, result. Never keys, tokens or
+//! callers' account handles.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS_TOTAL: &str = "kura_http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "kura_http_request_duration_seconds";
+pub const BYTES_WRITTEN_TOTAL: &str = "kura_storage_bytes_written_total";
+pub const BYTES_READ_TOTAL: &str = "kura_storage_bytes_read_total";
+pub const CACHE_HITS_TOTAL: &str = "kura_cache_hits_total";
+pub const CACHE_MISSES_TOTAL: &str = "kura_cache_misses_total";
+pub const STORAGE_USED_BYTES: &str = "kura_storage_used_bytes";
+pub const STORAGE_CAPACITY_BYTES: &str = "kura_storage_capacity_bytes";
+pub const STORAGE_ARTIFACTS: &str = "kura_storage_artifacts";
+pub const STORAGE_EVICTIONS_TOTAL: &str = "kura_storage_evictions_total";
+pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
+pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
+pub const PROCESS_RSS_BYTES: &str = "kura_process_resident_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "kura_process_open_fds";
+pub const BUILD_INFO: &str = "kura_build_info";
+pub const INFLIGHT_REQUESTS: &str = "kura_http_requests_in_flight";
+
+/// Installs the global recorder and returns the handle `/metrics` renders from.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests by protocol, route and status."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to response headers by route."
+    );
+    describe_counter!(
+        BYTES_WRITTEN_TOTAL,
+        Unit::Bytes,
+        "Artifact bytes stored, by kind."
+    );
+    describe_counter!(
+        BYTES_READ_TOTAL,
+        Unit::Bytes,
+        "Artifact bytes served, by kind."
+    );
+    describe_counter!(CACHE_HITS_TOTAL, "Reads that found the artifact, by kind.");
+    describe_counter!(CACHE_MISSES_TOTAL, "Reads that did not, by kind.");
+    describe_gauge!(
+        STORAGE_USED_BYTES,
+        Unit::Bytes,
+        "Bytes of artifact bodies stored."
+    );
+    describe_gauge!(STORAGE_CAPACITY_BYTES, Unit::Bytes, "Configured capacity.");
+    describe_gauge!(STORAGE_ARTIFACTS, "Artifacts stored.");
+    describe_counter!(STORAGE_EVICTIONS_TOTAL, "Artifacts evicted for capacity.");
+    describe_counter!(
+        STORAGE_CORRUPT_TOTAL,
+        "Bodies that failed verification and were dropped."
+    );
+    describe_counter!(AUTH_DECISIONS_TOTAL, "Authorization decisions by result.");
+    describe_gauge!(
+        PROCESS_RSS_BYTES,
+        Unit::Bytes,
+        "Resident set size of the process."
+    );
+    describe_gauge!(PROCESS_OPEN_FDS, "Open file descriptors.");
+    describe_gauge!(BUILD_INFO, "Always 1; labels carry version and git sha.");
+    describe_gauge!(
+        INFLIGHT_REQUESTS,
+        "HTTP requests being served (bodies included)."
+    );
+}
+
+/// Refreshes gauges that are sampled rather than counted (called on every scrape).
+pub fn sample(stats: crate::storage::StoreStats) {
+    metrics::gauge!(STORAGE_USED_BYTES).set(stats.used_bytes as f64);
+    metrics::gauge!(STORAGE_CAPACITY_BYTES).set(stats.capacity as f64);
+    metrics::gauge!(STORAGE_ARTIFACTS).set(stats.artifacts as f64);
+    if let Some(rss) = resident_memory_bytes() {
+        metrics::gauge!(PROCESS_RSS_BYTES).set(rss as f64);
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!(PROCESS_OPEN_FDS).set(entries.count() as f64);
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_sha" => crate::GIT_SHA).set(1.0);
+}
+
+/// Resident set size from `/proc/self/statm` (Linux).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page_size.max(4096) as u64)
+}

@@ -1,0 +1,263 @@
+//! Wires the parts into a running node and owns its lifecycle: start, serve, drain, exit.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::auth::Authorizer;
+use crate::auth::static_tokens::StaticTokens;
+use crate::config::{AuthMode, Capacity, Config};
+use crate::http::{self, App, AppState};
+use crate::lifecycle::Lifecycle;
+use crate::storage::{Store, StoreOptions};
+
+/// How often background maintenance (access flush, eviction) runs.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the static tokens file is checked for changes.
+const TOKENS_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Runs a node until it has drained after SIGTERM/SIGINT.
+pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
+    refuse_open_auth_off_loopback(&config, allow_insecure)?;
+    let metrics =
+        crate::metrics::install().map_err(|e| anyhow::anyhow!("cannot install metrics: {e}"))?;
+    let store = open_store(&config)?;
+    let (auth, static_tokens) = build_authorizer(&config)?;
+    let lifecycle = Lifecycle::default();
+    let listener = TcpListener::bind(config.server.http)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.http)", config.server.http))?;
+    let address = listener.local_addr()?;
+
+    let state = AppState(Arc::new(App {
+        account: config.node.account.to_ascii_lowercase(),
+        store: store.clone(),
+        auth,
+        config: Arc::new(config.clone()),
+        lifecycle: lifecycle.clone(),
+        metrics: Some(metrics),
+    }));
+    spawn_maintenance(store.clone(), &config);
+    if let Some(tokens) = &static_tokens {
+        spawn_tokens_watch(tokens.clone());
+    }
+    let shutdown = spawn_signal_handling(
+        lifecycle.clone(),
+        static_tokens,
+        config.shutdown.drain_timeout.0,
+    )?;
+
+    lifecycle.set_serving();
+    let stats = store.stats();
+    tracing::info!(
+        %address, node_id = store.node_id(), account = %config.node.account,
+        artifacts = stats.artifacts, used_bytes = stats.used_bytes, capacity_bytes = stats.capacity,
+        "kura is serving"
+    );
+    let server = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown.clone().notified_owned());
+    // Drained: give idle keep-alive connections a moment to close, then exit regardless.
+    tokio::select! {
+        result = server => result.context("HTTP server failed")?,
+        _ = async { shutdown.notified().await; tokio::time::sleep(Duration::from_secs(5)).await } => {
+            tracing::warn!("connections still open 5s after the drain; closing them");
+        }
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// A one-shot "the drain is over" signal that several futures can wait on.
+#[derive(Clone, Default)]
+pub struct Shutdown(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Shutdown {
+    fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn notified(&self) {
+        let mut receiver = self.0.subscribe();
+        let _ = receiver.wait_for(|done| *done).await;
+    }
+
+    async fn notified_owned(self) {
+        self.notified().await
+    }
+}
+
+fn refuse_open_auth_off_loopback(config: &Config, allow_insecure: bool) -> anyhow::Result<()> {
+    if config.auth.mode != AuthMode::None {
+        return Ok(());
+    }
+    let exposed: Vec<SocketAddr> = [config.server.http]
+        .into_iter()
+        .filter(|a| !a.ip().is_loopback())
+        .collect();
+    if !exposed.is_empty() && !allow_insecure {
+        bail!(
+            "auth.mode = \"none\" would serve {} without authentication; bind to 127.0.0.1, configure auth, or pass --allow-insecure",
+            exposed[0]
+        );
+    }
+    tracing::warn!("auth.mode = \"none\": every request is allowed (development only)");
+    Ok(())
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let data_dir = &config.storage.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create storage.data_dir {}", data_dir.display()))?;
+    let capacity = match config.storage.capacity {
+        Capacity::Bytes(bytes) => bytes.0,
+        Capacity::Percent(percent) => {
+            let total = filesystem_size(data_dir)
+                .with_context(|| format!("cannot size the filesystem of {}", data_dir.display()))?;
+            (total as f64 * percent / 100.0) as u64
+        }
+    };
+    let low_watermark = (capacity as f64 * config.storage.low_watermark / 100.0) as u64;
+    Store::open(StoreOptions {
+        data_dir: data_dir.clone(),
+        durability: config.storage.durability,
+        capacity,
+        low_watermark,
+        inline_max: config.storage.inline_max.0 as usize,
+        node_id: config.node.id.clone(),
+    })
+    .with_context(|| format!("cannot open storage.data_dir {}", data_dir.display()))
+}
+
+fn filesystem_size(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stats a valid out-pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stats.f_blocks as u64 * stats.f_frsize as u64)
+}
+
+fn build_authorizer(config: &Config) -> anyhow::Result<(Authorizer, Option<Arc<StaticTokens>>)> {
+    match config.auth.mode {
+        AuthMode::None => Ok((Authorizer::Open, None)),
+        AuthMode::Static => {
+            let path = config
+                .auth
+                .static_tokens_file
+                .as_ref()
+                .context("auth.static_tokens_file is required")?;
+            let tokens = Arc::new(StaticTokens::load(path).map_err(anyhow::Error::msg)?);
+            Ok((Authorizer::Static(tokens.clone()), Some(tokens)))
+        }
+        AuthMode::Introspection => {
+            bail!("auth.mode = \"introspection\" is not available in this release yet")
+        }
+    }
+}
+
+fn spawn_maintenance(store: Store, config: &Config) {
+    let upload_expiry = config.uploads.expiry.0.as_millis() as u64;
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
+        let mut ticks: u64 = 0;
+        loop {
+            ticker.tick().await;
+            ticks += 1;
+            if let Err(error) = store.maintain().await {
+                tracing::error!(%error, "storage maintenance failed");
+            }
+            if ticks.is_multiple_of(60) {
+                match store.expire_uploads(upload_expiry) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "expired unfinished module uploads"),
+                    Err(error) => tracing::error!(%error, "could not expire uploads"),
+                }
+            }
+        }
+    });
+}
+
+fn spawn_tokens_watch(tokens: Arc<StaticTokens>) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(TOKENS_POLL_INTERVAL);
+        loop {
+            ticker.tick().await;
+            log_reload(&tokens, tokens.reload_if_changed());
+        }
+    });
+}
+
+fn log_reload(tokens: &StaticTokens, outcome: Option<Result<usize, String>>) {
+    match outcome {
+        Some(Ok(count)) => {
+            tracing::info!(file = %tokens.path().display(), tokens = count, "static tokens reloaded")
+        }
+        Some(Err(error)) => {
+            tracing::error!(%error, "static tokens not reloaded; the previous ones stay in force")
+        }
+        None => {}
+    }
+}
+
+/// SIGTERM/SIGINT drain then exit (a second one exits at once), SIGUSR1 drains without exiting,
+/// SIGHUP reloads static tokens. Returns the signal that the drain is over.
+fn spawn_signal_handling(
+    lifecycle: Lifecycle,
+    tokens: Option<Arc<StaticTokens>>,
+    drain_timeout: Duration,
+) -> anyhow::Result<Shutdown> {
+    let shutdown = Shutdown::default();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut user1 = signal(SignalKind::user_defined1())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let done = shutdown.clone();
+    tokio::spawn(async move {
+        let mut exiting = false;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+                _ = user1.recv() => {
+                    if lifecycle.start_draining() {
+                        tracing::info!("SIGUSR1: draining (the process keeps running)");
+                    }
+                    continue;
+                }
+                _ = hangup.recv() => {
+                    if let Some(tokens) = &tokens {
+                        log_reload(tokens, Some(tokens.reload()));
+                    }
+                    continue;
+                }
+            }
+            if exiting {
+                tracing::warn!("second termination signal: exiting now");
+                std::process::exit(1);
+            }
+            exiting = true;
+            lifecycle.start_draining();
+            tracing::info!(in_flight = lifecycle.in_flight(), "draining before exit");
+            let lifecycle = lifecycle.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout(drain_timeout, lifecycle.idle())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(in_flight = lifecycle.in_flight(), "drain timeout reached");
+                }
+                done.trigger();
+            });
+        }
+    });
+    Ok(shutdown)
+}

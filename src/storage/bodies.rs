@@ -1,0 +1,496 @@
+//! Artifact bodies: staged while hashing, published by rename, read back verified.
+//!
+//! A body is written to `tmp/` while BLAKE3 (and SHA-256 when asked) is computed over it, fsync'd
+//! when durability says so, and renamed into `bodies/` just before its metadata commits. Small
+//! bodies never touch a file: they are kept in memory (bounded) and stored inside the record.
+//! Reads hash what they send and withhold the final chunk until the whole body has verified, so a
+//! corrupted body never arrives as a complete, successful response.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use sha2::{Digest as _, Sha256};
+
+use super::StoreError;
+
+/// How many bytes are buffered before they are hashed and written out in one blocking call.
+const WRITE_BUFFER: usize = 512 * 1024;
+/// Size of each chunk read from disk and handed to the network.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// Hashes computed while a body streams in.
+#[derive(Clone)]
+struct Digests {
+    blake3: blake3::Hasher,
+    sha256: Option<Sha256>,
+}
+
+impl Digests {
+    fn update(&mut self, bytes: &[u8]) {
+        self.blake3.update(bytes);
+        if let Some(sha) = &mut self.sha256 {
+            sha.update(bytes);
+        }
+    }
+}
+
+/// A temp file that is deleted unless it was published.
+struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // Nothing to report if it is already gone: it was published or never created.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Streams one body into staging. Dropping it without [`BodyWriter::finish`] deletes its temp
+/// file, so an aborted upload leaves nothing behind.
+pub struct BodyWriter {
+    tmp_dir: PathBuf,
+    inline_max: usize,
+    limit: u64,
+    size: u64,
+    pending: Vec<u8>,
+    digests: Option<Digests>,
+    spill: Option<TempFile>,
+    fsync: bool,
+}
+
+/// A body fully received and hashed, ready to publish.
+pub struct StagedBody {
+    pub size: u64,
+    pub blake3: [u8; 32],
+    pub sha256: Option<[u8; 32]>,
+    pub(super) content: StagedContent,
+}
+
+pub(super) enum StagedContent {
+    Inline(Vec<u8>),
+    File { id: u128, temp: TempFileHandle },
+}
+
+/// Keeps a staged temp file alive (and deletes it on drop) until it is published.
+pub(super) struct TempFileHandle(TempFile);
+
+impl TempFileHandle {
+    pub(super) fn path(&self) -> &Path {
+        &self.0.path
+    }
+}
+
+impl BodyWriter {
+    pub(super) fn new(
+        tmp_dir: PathBuf,
+        inline_max: usize,
+        limit: u64,
+        want_sha256: bool,
+        fsync: bool,
+    ) -> Self {
+        BodyWriter {
+            tmp_dir,
+            inline_max,
+            limit,
+            size: 0,
+            pending: Vec::new(),
+            digests: Some(Digests {
+                blake3: blake3::Hasher::new(),
+                sha256: want_sha256.then(Sha256::new),
+            }),
+            spill: None,
+            fsync,
+        }
+    }
+
+    /// Bytes accepted so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a chunk. Fails with [`StoreError::TooLarge`] as soon as the limit is passed.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        self.size += chunk.len() as u64;
+        if self.size > self.limit {
+            return Err(StoreError::TooLarge { limit: self.limit });
+        }
+        self.pending.extend_from_slice(chunk);
+        if self.pending.len() >= WRITE_BUFFER.max(self.inline_max + 1) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Hashes and writes the buffered bytes on a blocking thread.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut temp = match self.spill.take() {
+            Some(temp) => temp,
+            None => self.create_temp().await?,
+        };
+        let mut digests = self.digests.take().ok_or_else(poisoned)?;
+        let buffer = std::mem::take(&mut self.pending);
+        let (temp, digests, mut buffer, result) = tokio::task::spawn_blocking(move || {
+            digests.update(&buffer);
+            let result = match temp.file.as_mut() {
+                Some(file) => file.write_all(&buffer),
+                None => Err(io::Error::other("temp file closed")),
+            };
+            (temp, digests, buffer, result)
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?;
+        self.spill = Some(temp);
+        self.digests = Some(digests);
+        result.map_err(StoreError::from_write)?;
+        buffer.clear();
+        self.pending = buffer;
+        Ok(())
+    }
+
+    async fn create_temp(&self) -> Result<TempFile, StoreError> {
+        let path = self
+            .tmp_dir
+            .join(format!("{:032x}.body", rand::random::<u128>()));
+        let open_path = path.clone();
+        let file = tokio::task::spawn_blocking(move || File::create_new(&open_path))
+            .await
+            .map_err(|e| StoreError::Io(io::Error::other(e)))?
+            .map_err(StoreError::from_write)?;
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Completes the body. `expected_sha256`, when given, must match the bytes received.
+    pub async fn finish(
+        mut self,
+        expected_sha256: Option<[u8; 32]>,
+    ) -> Result<StagedBody, StoreError> {
+        let content = if self.spill.is_none() && self.pending.len() <= self.inline_max {
+            let bytes = std::mem::take(&mut self.pending);
+            if let Some(d) = self.digests.as_mut() {
+                d.update(&bytes)
+            }
+            StagedContent::Inline(bytes)
+        } else {
+            self.flush().await?;
+            let mut temp = self.spill.take().ok_or_else(poisoned)?;
+            let fsync = self.fsync;
+            let temp = tokio::task::spawn_blocking(move || -> io::Result<TempFile> {
+                if let Some(file) = temp.file.take()
+                    && fsync
+                {
+                    file.sync_all()?;
+                }
+                Ok(temp)
+            })
+            .await
+            .map_err(|e| StoreError::Io(io::Error::other(e)))?
+            .map_err(StoreError::from_write)?;
+            StagedContent::File {
+                id: rand::random::<u128>(),
+                temp: TempFileHandle(temp),
+            }
+        };
+        let digests = self.digests.take().ok_or_else(poisoned)?;
+        let sha256: Option<[u8; 32]> = digests.sha256.map(|s| s.finalize().into());
+        if let Some(expected) = expected_sha256
+            && sha256 != Some(expected)
+        {
+            return Err(StoreError::ChecksumMismatch);
+        }
+        Ok(StagedBody {
+            size: self.size,
+            blake3: *digests.blake3.finalize().as_bytes(),
+            sha256,
+            content,
+        })
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Io(io::Error::other("body writer used after a failed write"))
+}
+
+/// Where the body file with this id lives: `bodies/<2 hex>/<32 hex>`.
+pub fn body_path(bodies_dir: &Path, id: u128) -> PathBuf {
+    let name = format!("{id:032x}");
+    bodies_dir.join(&name[..2]).join(name)
+}
+
+/// Moves a staged temp file to its final place (and makes the rename durable when asked).
+pub(super) fn publish_file(temp: &TempFileHandle, dest: &Path, fsync: bool) -> io::Result<()> {
+    std::fs::rename(temp.path(), dest)?;
+    if fsync && let Some(dir) = dest.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads a whole small body file and checks it against its BLAKE3; `None` when it does not match
+/// (or is missing), so the caller answers a miss instead of serving bad bytes.
+pub(super) fn read_verified(
+    path: &Path,
+    size: u64,
+    blake3: &[u8; 32],
+) -> io::Result<Option<Bytes>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::with_capacity(size as usize);
+    // Read one byte more than expected so a grown file is noticed too.
+    Read::by_ref(&mut file)
+        .take(size + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 != size || blake3::hash(&bytes).as_bytes() != blake3 {
+        return Ok(None);
+    }
+    Ok(Some(Bytes::from(bytes)))
+}
+
+/// What a verified stream does when the bytes on disk do not match.
+pub type OnCorrupt = Arc<dyn Fn() + Send + Sync>;
+
+/// A stream over `[start, end)` of a body file that hashes the whole file as it goes and holds
+/// back its last chunk until the hash matched. On a mismatch it ends with an error instead, so
+/// the HTTP response is aborted rather than completed.
+pub fn verified_stream(
+    file: File,
+    size: u64,
+    blake3: [u8; 32],
+    start: u64,
+    end: u64,
+    on_corrupt: OnCorrupt,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let state = ReadState {
+        file: Some(file),
+        hasher: blake3::Hasher::new(),
+        offset: 0,
+        size,
+        expected: blake3,
+        start,
+        end,
+        held: None,
+        done: false,
+        on_corrupt,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        let item = state.next_item().await?;
+        Some((item, state))
+    })
+}
+
+struct ReadState {
+    file: Option<File>,
+    hasher: blake3::Hasher,
+    offset: u64,
+    size: u64,
+    expected: [u8; 32],
+    start: u64,
+    end: u64,
+    held: Option<Bytes>,
+    done: bool,
+    on_corrupt: OnCorrupt,
+}
+
+impl ReadState {
+    async fn next_item(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let chunk = match self.read_chunk().await {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            let chunk_start = self.offset;
+            self.offset += chunk.len() as u64;
+            if chunk.is_empty() || self.offset > self.size {
+                return self.finish();
+            }
+            // The part of this chunk inside the requested range.
+            let from = self.start.max(chunk_start);
+            let to = self.end.min(self.offset);
+            if from < to {
+                let part = chunk.slice((from - chunk_start) as usize..(to - chunk_start) as usize);
+                if let Some(previous) = self.held.replace(part) {
+                    return Some(Ok(previous));
+                }
+            }
+        }
+    }
+
+    /// End of file: release the held chunk only if everything verified.
+    fn finish(&mut self) -> Option<io::Result<Bytes>> {
+        self.done = true;
+        let intact =
+            self.offset == self.size && self.hasher.finalize().as_bytes() == &self.expected;
+        if intact {
+            return self.held.take().map(Ok);
+        }
+        (self.on_corrupt)();
+        Some(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "stored body failed BLAKE3 verification",
+        )))
+    }
+
+    async fn read_chunk(&mut self) -> io::Result<Bytes> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("body file closed"))?;
+        let mut hasher = std::mem::take(&mut self.hasher);
+        let (file, hasher, result) = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(READ_CHUNK);
+            let result = read_full(&mut file, &mut buf).map(|n| {
+                buf.truncate(n);
+                hasher.update(&buf);
+                buf.freeze()
+            });
+            (file, hasher, result)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.file = Some(file);
+        self.hasher = hasher;
+        result
+    }
+}
+
+/// Fills `buf` unless the file ends first; returns how many bytes were read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    async fn collect(
+        path: &Path,
+        size: u64,
+        hash: [u8; 32],
+        start: u64,
+        end: u64,
+    ) -> (Vec<u8>, bool, usize) {
+        let corrupt = Arc::new(AtomicUsize::new(0));
+        let seen = corrupt.clone();
+        let file = File::open(path).unwrap();
+        let stream = verified_stream(
+            file,
+            size,
+            hash,
+            start,
+            end,
+            Arc::new(move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        futures_util::pin_mut!(stream);
+        let mut out = Vec::new();
+        let mut failed = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(bytes) => out.extend_from_slice(&bytes),
+                Err(_) => failed = true,
+            }
+        }
+        (out, failed, corrupt.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn verified_stream_serves_ranges_and_withholds_the_end_of_corrupt_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let body: Vec<u8> = (0..(READ_CHUNK * 3 + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &body).unwrap();
+        let hash = *blake3::hash(&body).as_bytes();
+        let size = body.len() as u64;
+
+        let (all, failed, corrupt) = collect(&path, size, hash, 0, size).await;
+        assert_eq!((all == body, failed, corrupt), (true, false, 0));
+
+        let (part, failed, _) = collect(&path, size, hash, 10, READ_CHUNK as u64 + 20).await;
+        assert!(!failed);
+        assert_eq!(part, body[10..READ_CHUNK + 20]);
+
+        let mut damaged = body.clone();
+        damaged[READ_CHUNK * 3 + 1] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        let (served, failed, corrupt) = collect(&path, size, hash, 0, size).await;
+        assert!(failed, "a corrupt body must end in an error");
+        assert_eq!(corrupt, 1);
+        assert!(served.len() < body.len(), "the last chunk must be withheld");
+    }
+
+    #[tokio::test]
+    async fn writer_inlines_small_bodies_and_spills_large_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut small = BodyWriter::new(dir.path().into(), 1024, 1 << 30, true, false);
+        small.write(b"hello").await.unwrap();
+        let staged = small.finish(None).await.unwrap();
+        assert!(matches!(staged.content, StagedContent::Inline(ref b) if b == b"hello"));
+        assert_eq!(&staged.blake3, blake3::hash(b"hello").as_bytes());
+        assert_eq!(staged.sha256, Some(Sha256::digest(b"hello").into()));
+
+        let big = vec![7u8; WRITE_BUFFER * 2 + 3];
+        let mut writer = BodyWriter::new(dir.path().into(), 1024, 1 << 30, false, false);
+        for chunk in big.chunks(10_000) {
+            writer.write(chunk).await.unwrap();
+        }
+        let staged = writer.finish(None).await.unwrap();
+        let StagedContent::File { ref temp, .. } = staged.content else {
+            panic!("a large body must spill to a file");
+        };
+        assert_eq!(std::fs::read(temp.path()).unwrap(), big);
+        assert_eq!(&staged.blake3, blake3::hash(&big).as_bytes());
+        let temp_path = temp.path().to_path_buf();
+        drop(staged);
+        assert!(!temp_path.exists(), "an unpublished temp file is removed");
+    }
+
+    #[tokio::test]
+    async fn writer_enforces_limit_and_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = BodyWriter::new(dir.path().into(), 1024, 4, false, false);
+        assert!(matches!(
+            writer.write(b"12345").await,
+            Err(StoreError::TooLarge { limit: 4 })
+        ));
+        let mut writer = BodyWriter::new(dir.path().into(), 1024, 100, true, false);
+        writer.write(b"abc").await.unwrap();
+        assert!(matches!(
+            writer.finish(Some([0; 32])).await,
+            Err(StoreError::ChecksumMismatch)
+        ));
+    }
+}

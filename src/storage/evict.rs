@@ -1,0 +1,162 @@
+//! Capacity: reserving room for writes, least-recently-accessed eviction, and access tracking.
+//!
+//! Reads do not write to RocksDB. They note the access in memory ([`PendingTouches`]); a
+//! background pass (and every eviction pass, first) moves those notes into the `access` column
+//! family, which is the eviction queue ordered oldest first.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rocksdb::WriteBatch;
+
+use super::meta::{self, ArtifactRecord};
+use super::{Store, StoreError, now_ms};
+
+/// An access is recorded only when the stored one is older than this: bounds the writes a hot
+/// key causes while keeping the eviction order accurate to about a second.
+const TOUCH_RESOLUTION_MS: u64 = 1_000;
+/// Artifacts examined per eviction batch.
+const EVICT_BATCH: usize = 256;
+
+/// Accesses noted since the last flush: encoded key → access time.
+#[derive(Default)]
+pub(super) struct PendingTouches(Mutex<HashMap<Vec<u8>, u64>>);
+
+impl PendingTouches {
+    /// Notes an access of the artifact whose record says it was last accessed at `recorded_ms`.
+    pub(super) fn note(&self, encoded: &[u8], recorded_ms: u64) {
+        let now = now_ms();
+        if now.saturating_sub(recorded_ms) < TOUCH_RESOLUTION_MS {
+            return;
+        }
+        let mut pending = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(encoded.to_vec(), now);
+    }
+
+    fn take(&self) -> HashMap<Vec<u8>, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Store {
+    /// Makes room for `bytes` more, evicting if needed. Fails with
+    /// [`StoreError::InsufficientStorage`] when eviction cannot free enough.
+    pub(super) async fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
+        let capacity = self.inner.options.capacity;
+        if bytes > capacity {
+            return Err(StoreError::InsufficientStorage);
+        }
+        loop {
+            {
+                let mut accounting = self.accounting();
+                if accounting.usage.bytes + accounting.reserved + bytes <= capacity {
+                    accounting.reserved += bytes;
+                    return Ok(());
+                }
+            }
+            let target = self.inner.options.low_watermark.min(capacity - bytes);
+            let freed = self.evict_until(target).await?;
+            if freed == 0 {
+                // Nothing left to evict: what is left is reserved by writes in flight.
+                return Err(StoreError::InsufficientStorage);
+            }
+        }
+    }
+
+    /// Evicts least-recently-accessed artifacts until committed usage is at most `target`.
+    /// Returns how many bytes it freed.
+    pub(super) async fn evict_until(&self, target: u64) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.inner.evicting.lock().await;
+        self.flush_touches().await?;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.evict_blocking(target))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    fn evict_blocking(&self, target: u64) -> Result<u64, StoreError> {
+        let mut freed = 0;
+        loop {
+            let mut accounting = self.accounting();
+            if accounting.usage.bytes <= target {
+                return Ok(freed);
+            }
+            let mut usage = accounting.usage;
+            let mut batch = WriteBatch::default();
+            let mut bodies = Vec::new();
+            let oldest = self
+                .inner
+                .db
+                .iterator_cf(self.cf(meta::CF_ACCESS), rocksdb::IteratorMode::Start);
+            for item in oldest.take(EVICT_BATCH) {
+                let (access_key, _) = item?;
+                let Some((accessed_ms, encoded)) = meta::split_access_key(&access_key) else {
+                    batch.delete_cf(self.cf(meta::CF_ACCESS), &access_key);
+                    continue;
+                };
+                match self.record(encoded)? {
+                    Some(record) if record.accessed_ms == accessed_ms => {
+                        usage = self.batch_remove(&mut batch, encoded, &record, usage);
+                        freed += record.size;
+                        bodies.push(record.body);
+                    }
+                    // A stale queue entry (its artifact was rewritten or touched since).
+                    _ => batch.delete_cf(self.cf(meta::CF_ACCESS), &access_key),
+                }
+                if usage.bytes <= target {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                return Ok(freed);
+            }
+            self.write(batch)?;
+            accounting.usage = usage;
+            drop(accounting);
+            metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
+                .increment(bodies.len() as u64);
+            for body in &bodies {
+                self.remove_body(body);
+            }
+        }
+    }
+
+    /// Writes the accesses noted by reads into records and the eviction queue.
+    pub(super) async fn flush_touches(&self) -> Result<(), StoreError> {
+        let touches = self.inner.touches.take();
+        if touches.is_empty() {
+            return Ok(());
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _accounting = store.accounting();
+            let mut batch = WriteBatch::default();
+            for (encoded, accessed_ms) in touches {
+                let Some(mut record) = store.record(&encoded)? else {
+                    continue;
+                };
+                if record.accessed_ms >= accessed_ms {
+                    continue;
+                }
+                batch.delete_cf(
+                    store.cf(meta::CF_ACCESS),
+                    meta::access_key(record.accessed_ms, &encoded),
+                );
+                record.accessed_ms = accessed_ms;
+                batch.put_cf(
+                    store.cf(meta::CF_ACCESS),
+                    meta::access_key(accessed_ms, &encoded),
+                    [],
+                );
+                batch.put_cf(
+                    store.cf(meta::CF_ARTIFACTS),
+                    &encoded,
+                    meta::encode::<ArtifactRecord>(&record),
+                );
+            }
+            store.write(batch)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+}

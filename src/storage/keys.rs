@@ -1,0 +1,143 @@
+//! Artifact addressing: which project, which kind of cache, which key.
+//!
+//! One key type serves every protocol surface: Gradle entries, Xcode CAS blobs, REAPI blobs and
+//! the rest differ only in their [`Kind`]. The account is not part of the key because a node
+//! serves exactly one account.
+
+use std::fmt;
+
+/// The cache a key belongs to. The same key under two kinds is two artifacts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Gradle,
+    XcodeCas,
+    KeyValue,
+    Module,
+    Nx,
+    Metro,
+    /// Action cache entries (Bazel HTTP `/ac/` and REAPI `ActionCache`).
+    ActionCache,
+    /// Content-addressed blobs keyed by SHA-256 (Bazel HTTP `/cas/` and REAPI SHA-256).
+    CasSha256,
+    /// Content-addressed blobs keyed by BLAKE3 (REAPI with `digest_function = BLAKE3`).
+    CasBlake3,
+}
+
+impl Kind {
+    /// Every kind, for metrics registration and exhaustive tests.
+    pub const ALL: [Kind; 9] = [
+        Kind::Gradle,
+        Kind::XcodeCas,
+        Kind::KeyValue,
+        Kind::Module,
+        Kind::Nx,
+        Kind::Metro,
+        Kind::ActionCache,
+        Kind::CasSha256,
+        Kind::CasBlake3,
+    ];
+
+    /// Stable name: used in the on-disk key encoding and as a metrics label, so never rename one.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gradle => "gradle",
+            Kind::XcodeCas => "cas",
+            Kind::KeyValue => "keyvalue",
+            Kind::Module => "module",
+            Kind::Nx => "nx",
+            Kind::Metro => "metro",
+            Kind::ActionCache => "ac",
+            Kind::CasSha256 => "cas-sha256",
+            Kind::CasBlake3 => "cas-blake3",
+        }
+    }
+
+    fn from_str(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The full address of one artifact on this node.
+///
+/// `project` is empty for account-scoped artifacts. Neither `project` nor `key` may contain NUL:
+/// the HTTP and gRPC layers validate keys before building one of these.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ArtifactKey {
+    pub project: String,
+    pub kind: Kind,
+    pub key: String,
+}
+
+impl ArtifactKey {
+    pub fn new(project: impl Into<String>, kind: Kind, key: impl Into<String>) -> Self {
+        ArtifactKey {
+            project: project.into(),
+            kind,
+            key: key.into(),
+        }
+    }
+
+    /// Encoding used as the RocksDB key: `project \0 kind \0 key`. Project first, so deleting a
+    /// project is one prefix range.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = project_prefix(&self.project);
+        out.extend_from_slice(self.kind.as_str().as_bytes());
+        out.push(0);
+        out.extend_from_slice(self.key.as_bytes());
+        out
+    }
+
+    /// Inverse of [`ArtifactKey::encode`]; `None` for bytes this version did not write.
+    pub fn decode(bytes: &[u8]) -> Option<ArtifactKey> {
+        let mut parts = bytes.splitn(3, |b| *b == 0);
+        let project = std::str::from_utf8(parts.next()?).ok()?;
+        let kind = Kind::from_str(std::str::from_utf8(parts.next()?).ok()?)?;
+        let key = std::str::from_utf8(parts.next()?).ok()?;
+        Some(ArtifactKey::new(project, kind, key))
+    }
+}
+
+/// The RocksDB key prefix shared by every artifact of `project`.
+pub fn project_prefix(project: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(project.len() + 64);
+    out.extend_from_slice(project.as_bytes());
+    out.push(0);
+    out
+}
+
+impl fmt::Display for ArtifactKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.project, self.kind, self.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_round_trips_for_every_kind() {
+        for kind in Kind::ALL {
+            let key = ArtifactKey::new("ios", kind, "a:b=c");
+            assert_eq!(ArtifactKey::decode(&key.encode()), Some(key));
+        }
+        let account_scoped = ArtifactKey::new("", Kind::Gradle, "k");
+        assert_eq!(
+            ArtifactKey::decode(&account_scoped.encode()),
+            Some(account_scoped)
+        );
+    }
+
+    #[test]
+    fn project_prefix_does_not_match_a_longer_project() {
+        let key = ArtifactKey::new("ios-app", Kind::Gradle, "k").encode();
+        assert!(!key.starts_with(&project_prefix("ios")));
+        assert!(key.starts_with(&project_prefix("ios-app")));
+    }
+}

@@ -1,0 +1,138 @@
+//! The metadata records kept in RocksDB and their encodings.
+//!
+//! Column families:
+//! - `artifacts`: [`ArtifactKey::encode`] → [`ArtifactRecord`]
+//! - `access`: `last_access_ms (8 bytes BE) ++ encoded key` → empty; ordered oldest first, it
+//!   is the eviction queue
+//! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
+//! - `state`: node-wide counters such as [`Usage`]
+//!
+//! Records are `postcard`-encoded behind a one-byte format version so a later release can read
+//! what this one wrote.
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::ArtifactKey;
+
+pub const CF_ARTIFACTS: &str = "artifacts";
+pub const CF_ACCESS: &str = "access";
+pub const CF_UPLOADS: &str = "uploads";
+pub const CF_STATE: &str = "state";
+pub const ALL_CFS: [&str; 4] = [CF_ARTIFACTS, CF_ACCESS, CF_UPLOADS, CF_STATE];
+
+/// Key of the [`Usage`] record in `state`.
+pub const USAGE_KEY: &[u8] = b"usage";
+
+const FORMAT_V1: u8 = 1;
+
+/// Where an artifact's bytes live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyRef {
+    /// Small bodies live inside the record: one lookup serves them, and they publish atomically
+    /// with their metadata for free.
+    Inline(Vec<u8>),
+    /// A file under `bodies/`, named by this id (see `bodies::body_path`).
+    File(u128),
+}
+
+/// Everything the node knows about one stored artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub size: u64,
+    pub blake3: [u8; 32],
+    /// SHA-256 of the bytes when a client sent one or the protocol names it.
+    pub sha256: Option<[u8; 32]>,
+    pub content_type: Option<String>,
+    /// Wall-clock write time at the origin node (last writer wins across the mesh).
+    pub version_ms: u64,
+    pub origin: String,
+    /// Last read or write, for least-recently-accessed eviction.
+    pub accessed_ms: u64,
+    pub body: BodyRef,
+}
+
+/// A module multipart upload in flight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub target: EncodedKey,
+    pub created_ms: u64,
+}
+
+/// An [`ArtifactKey`] in its encoded form (kept as bytes inside other records).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedKey(pub Vec<u8>);
+
+impl EncodedKey {
+    pub fn decode(&self) -> Option<ArtifactKey> {
+        ArtifactKey::decode(&self.0)
+    }
+}
+
+/// Bytes and artifacts accounted against capacity. Updated in the same batch as every change
+/// of `artifacts`, so start-up reads one record instead of scanning the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub bytes: u64,
+    pub artifacts: u64,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_V1];
+    // Serializing these plain structs into a Vec cannot fail.
+    out.extend(postcard::to_stdvec(value).unwrap_or_default());
+    out
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+/// Key of an artifact's entry in the `access` column family.
+pub fn access_key(accessed_ms: u64, encoded: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + encoded.len());
+    out.extend_from_slice(&accessed_ms.to_be_bytes());
+    out.extend_from_slice(encoded);
+    out
+}
+
+/// Splits an `access` key back into its time and encoded artifact key.
+pub fn split_access_key(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let (time, key) = bytes.split_at_checked(8)?;
+    Some((u64::from_be_bytes(time.try_into().ok()?), key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_reject_unknown_versions() {
+        let record = ArtifactRecord {
+            size: 3,
+            blake3: [7; 32],
+            sha256: Some([9; 32]),
+            content_type: Some("text/plain".into()),
+            version_ms: 11,
+            origin: "n1".into(),
+            accessed_ms: 12,
+            body: BodyRef::Inline(b"abc".to_vec()),
+        };
+        let bytes = encode(&record);
+        assert_eq!(decode::<ArtifactRecord>(&bytes), Some(record));
+        let mut future = bytes.clone();
+        future[0] = 99;
+        assert_eq!(decode::<ArtifactRecord>(&future), None);
+        assert_eq!(decode::<ArtifactRecord>(&[]), None);
+    }
+
+    #[test]
+    fn access_keys_sort_by_time() {
+        let a = access_key(5, b"zzz");
+        let b = access_key(6, b"aaa");
+        assert!(a < b);
+        assert_eq!(split_access_key(&a), Some((5, &b"zzz"[..])));
+    }
+}

@@ -1,0 +1,695 @@
+//! The storage engine: the only code that touches the data dir.
+//!
+//! Layout of `storage.data_dir`:
+//! - `LOCK`: held (flock) for the life of the process, so two nodes never share a data dir
+//! - `node_id`: this node's stable identity, generated on first start
+//! - `meta/`: RocksDB (see [`meta`] for its column families)
+//! - `bodies/xx/<id>`: bodies too large to keep inline in their record
+//! - `tmp/`: bodies being received; emptied on start
+//! - `uploads/<upload id>/<part>`: parts of module multipart uploads
+//!
+//! Publishing a body is: stage + hash ([`bodies::BodyWriter`]) → rename into `bodies/` → one
+//! RocksDB batch with the record, its eviction-queue entry and the usage counter. The batch is
+//! the moment the artifact becomes visible, so readers never see half of it. A crash between the
+//! rename and the batch leaves an unreferenced body file (bounded by the uploads in flight); see
+//! `docs/storage.md`.
+
+pub mod bodies;
+mod evict;
+pub mod keys;
+pub mod meta;
+mod uploads;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+
+pub use bodies::{BodyWriter, StagedBody};
+pub use keys::{ArtifactKey, Kind};
+use meta::{ArtifactRecord, BodyRef, Usage};
+
+/// Bodies up to this size are stored inside their metadata record.
+pub const DEFAULT_INLINE_MAX: usize = 32 * 1024;
+/// File bodies up to this size are read whole and verified before a response starts, so a
+/// corrupted one is answered as a miss rather than an aborted response.
+const VERIFY_BEFORE_SERVING_MAX: u64 = 1024 * 1024;
+
+/// When a write is acknowledged relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledged once the bytes are in the kernel: survives a crash of the process, may lose
+    /// the last seconds on power loss, never corrupts.
+    Process,
+    /// Body, directory entry and metadata are fsync'd before the acknowledgement.
+    Fsync,
+}
+
+/// What [`Store::open`] needs to know.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    /// Capacity in bytes of artifact bodies.
+    pub capacity: u64,
+    /// Eviction frees space down to this many bytes.
+    pub low_watermark: u64,
+    pub inline_max: usize,
+    /// Overrides the generated node id when set.
+    pub node_id: Option<String>,
+}
+
+/// Everything that can go wrong in the store. Each variant maps to one client-visible status in
+/// the protocol layers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("body exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("body does not match the checksum sent with it")]
+    ChecksumMismatch,
+    #[error("an artifact already exists under this key")]
+    AlreadyExists,
+    #[error("not enough storage: eviction cannot free room for this artifact")]
+    InsufficientStorage,
+    #[error("unknown upload")]
+    UploadNotFound,
+    #[error("part {0} was not uploaded")]
+    MissingPart(u32),
+    #[error("too many uploads in flight (limit {0})")]
+    TooManyUploads(usize),
+    #[error("data dir {path} is in use by another kura process (lock file {path}/LOCK is held)")]
+    Locked { path: PathBuf },
+    #[error("storage I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("metadata store error: {0}")]
+    Db(#[from] rocksdb::Error),
+}
+
+impl StoreError {
+    /// A write error where "disk full" means "insufficient storage", not an internal failure.
+    fn from_write(error: io::Error) -> StoreError {
+        if error.raw_os_error() == Some(libc::ENOSPC) || error.raw_os_error() == Some(libc::EDQUOT)
+        {
+            StoreError::InsufficientStorage
+        } else {
+            StoreError::Io(error)
+        }
+    }
+}
+
+/// How a write treats an existing artifact under the same key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Last writer wins.
+    Overwrite,
+    /// Refuse with [`StoreError::AlreadyExists`] (Nx's write-once cache).
+    WriteOnce,
+}
+
+/// Optional attributes a client sent along with a body.
+#[derive(Clone, Debug, Default)]
+pub struct NewArtifact {
+    pub content_type: Option<String>,
+}
+
+/// Receipt of a successful, durable write. Replication and metrics hang off this.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// `false` when the key already held an artifact (which this write replaced).
+    pub created: bool,
+    pub info: ArtifactInfo,
+}
+
+/// The metadata of an artifact, as the protocol layers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactInfo {
+    pub size: u64,
+    pub blake3: [u8; 32],
+    pub sha256: Option<[u8; 32]>,
+    pub content_type: Option<String>,
+    pub version_ms: u64,
+}
+
+impl ArtifactInfo {
+    fn from_record(record: &ArtifactRecord) -> Self {
+        ArtifactInfo {
+            size: record.size,
+            blake3: record.blake3,
+            sha256: record.sha256,
+            content_type: record.content_type.clone(),
+            version_ms: record.version_ms,
+        }
+    }
+
+    /// The BLAKE3 of the body in lowercase hex (used as the HTTP ETag).
+    pub fn blake3_hex(&self) -> String {
+        hex::encode(self.blake3)
+    }
+}
+
+/// An artifact opened for reading.
+pub struct Artifact {
+    pub info: ArtifactInfo,
+    body: ReadBody,
+}
+
+enum ReadBody {
+    /// Already verified, in memory.
+    Verified(Bytes),
+    /// Large body file, verified while it streams.
+    File {
+        file: File,
+        on_corrupt: bodies::OnCorrupt,
+    },
+}
+
+/// A body ready to send: either verified bytes or a stream that verifies as it goes.
+pub enum BodyStream {
+    Bytes(Bytes),
+    Stream(std::pin::Pin<Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send>>),
+}
+
+impl Artifact {
+    /// The bytes in `[start, end)`; the caller has checked the range against `info.size`.
+    pub fn into_body(self, start: u64, end: u64) -> BodyStream {
+        match self.body {
+            ReadBody::Verified(bytes) => {
+                BodyStream::Bytes(bytes.slice(start as usize..end as usize))
+            }
+            ReadBody::File { file, on_corrupt } => {
+                BodyStream::Stream(Box::pin(bodies::verified_stream(
+                    file,
+                    self.info.size,
+                    self.info.blake3,
+                    start,
+                    end,
+                    on_corrupt,
+                )))
+            }
+        }
+    }
+}
+
+/// Counters the store keeps for `/status` and metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreStats {
+    pub used_bytes: u64,
+    pub artifacts: u64,
+    pub capacity: u64,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DB,
+    options: StoreOptions,
+    node_id: String,
+    tmp_dir: PathBuf,
+    bodies_dir: PathBuf,
+    uploads_dir: PathBuf,
+    /// Serializes read-modify-write of records and the usage counter. Held only around RocksDB
+    /// batches, never while bodies stream.
+    commit: Mutex<Accounting>,
+    /// One eviction pass at a time.
+    evicting: tokio::sync::Mutex<()>,
+    touches: evict::PendingTouches,
+    uploads_in_flight: AtomicUsize,
+    /// Held open for the life of the store: the OS releases the lock if the process dies.
+    _lock: File,
+}
+
+/// Usage as committed, plus space promised to writes that are about to commit.
+struct Accounting {
+    usage: Usage,
+    reserved: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data dir. Fails with [`StoreError::Locked`] when another
+    /// process holds it. Start-up cost does not grow with the number of artifacts.
+    pub fn open(options: StoreOptions) -> Result<Store, StoreError> {
+        let dir = &options.data_dir;
+        std::fs::create_dir_all(dir)?;
+        let lock = lock_data_dir(dir)?;
+        let node_id = match &options.node_id {
+            Some(id) => id.clone(),
+            None => load_or_create_node_id(dir)?,
+        };
+        let tmp_dir = dir.join("tmp");
+        // Everything in tmp/ belonged to uploads that never completed.
+        match std::fs::remove_dir_all(&tmp_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        std::fs::create_dir_all(&tmp_dir)?;
+        let bodies_dir = dir.join("bodies");
+        for shard in 0..=255u8 {
+            std::fs::create_dir_all(bodies_dir.join(format!("{shard:02x}")))?;
+        }
+        let uploads_dir = dir.join("uploads");
+        std::fs::create_dir_all(&uploads_dir)?;
+
+        let db = open_db(&dir.join("meta"))?;
+        let usage = match db.get_cf(cf(&db, meta::CF_STATE), meta::USAGE_KEY)? {
+            Some(bytes) => meta::decode(&bytes).unwrap_or_default(),
+            None => Usage::default(),
+        };
+        let store = Store {
+            inner: Arc::new(Inner {
+                db,
+                node_id,
+                tmp_dir,
+                bodies_dir,
+                uploads_dir,
+                commit: Mutex::new(Accounting { usage, reserved: 0 }),
+                evicting: tokio::sync::Mutex::new(()),
+                touches: evict::PendingTouches::default(),
+                uploads_in_flight: AtomicUsize::new(0),
+                options,
+                _lock: lock,
+            }),
+        };
+        store.recover_uploads()?;
+        Ok(store)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let accounting = self.accounting();
+        StoreStats {
+            used_bytes: accounting.usage.bytes,
+            artifacts: accounting.usage.artifacts,
+            capacity: self.inner.options.capacity,
+        }
+    }
+
+    /// Starts receiving a body of at most `limit` bytes. SHA-256 is computed only when asked,
+    /// because it costs more than BLAKE3.
+    pub fn writer(&self, limit: u64, want_sha256: bool) -> BodyWriter {
+        BodyWriter::new(
+            self.inner.tmp_dir.clone(),
+            self.inner.options.inline_max,
+            limit,
+            want_sha256,
+            self.inner.options.durability == Durability::Fsync,
+        )
+    }
+
+    /// Publishes a staged body under `key`. Returns once the artifact is durable per the
+    /// durability setting.
+    pub async fn commit(
+        &self,
+        key: &ArtifactKey,
+        staged: StagedBody,
+        attributes: NewArtifact,
+        mode: WriteMode,
+    ) -> Result<Committed, StoreError> {
+        let encoded = key.encode();
+        if mode == WriteMode::WriteOnce && self.record(&encoded)?.is_some() {
+            return Err(StoreError::AlreadyExists);
+        }
+        self.reserve(staged.size).await?;
+        let store = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            store.commit_blocking(encoded, staged, attributes, mode)
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)));
+        result?
+    }
+
+    fn commit_blocking(
+        &self,
+        encoded: Vec<u8>,
+        staged: StagedBody,
+        attributes: NewArtifact,
+        mode: WriteMode,
+    ) -> Result<Committed, StoreError> {
+        let inner = &self.inner;
+        let size = staged.size;
+        // Give the reservation back whatever happens below.
+        let _reservation = Reservation {
+            store: self,
+            bytes: size,
+        };
+        let fsync = inner.options.durability == Durability::Fsync;
+        let body = match &staged.content {
+            bodies::StagedContent::Inline(bytes) => BodyRef::Inline(bytes.clone()),
+            bodies::StagedContent::File { id, temp } => {
+                let dest = bodies::body_path(&inner.bodies_dir, *id);
+                bodies::publish_file(temp, &dest, fsync).map_err(StoreError::from_write)?;
+                BodyRef::File(*id)
+            }
+        };
+        let now = now_ms();
+        let record = ArtifactRecord {
+            size,
+            blake3: staged.blake3,
+            sha256: staged.sha256,
+            content_type: attributes.content_type,
+            version_ms: now,
+            origin: inner.node_id.clone(),
+            accessed_ms: now,
+            body,
+        };
+        let mut accounting = self.accounting();
+        let previous = self.record(&encoded)?;
+        if mode == WriteMode::WriteOnce && previous.is_some() {
+            drop(accounting);
+            self.remove_body(&record.body);
+            return Err(StoreError::AlreadyExists);
+        }
+        let mut batch = WriteBatch::default();
+        let mut usage = accounting.usage;
+        if let Some(old) = &previous {
+            batch.delete_cf(
+                self.cf(meta::CF_ACCESS),
+                meta::access_key(old.accessed_ms, &encoded),
+            );
+            usage.bytes = usage.bytes.saturating_sub(old.size);
+            usage.artifacts = usage.artifacts.saturating_sub(1);
+        }
+        usage.bytes += size;
+        usage.artifacts += 1;
+        batch.put_cf(self.cf(meta::CF_ARTIFACTS), &encoded, meta::encode(&record));
+        batch.put_cf(
+            self.cf(meta::CF_ACCESS),
+            meta::access_key(now, &encoded),
+            [],
+        );
+        batch.put_cf(
+            self.cf(meta::CF_STATE),
+            meta::USAGE_KEY,
+            meta::encode(&usage),
+        );
+        self.write(batch)?;
+        accounting.usage = usage;
+        drop(accounting);
+        if let Some(old) = &previous {
+            self.remove_body(&old.body);
+        }
+        Ok(Committed {
+            created: previous.is_none(),
+            info: ArtifactInfo::from_record(&record),
+        })
+    }
+
+    /// Metadata of an artifact, without touching its body.
+    pub fn head(&self, key: &ArtifactKey) -> Result<Option<ArtifactInfo>, StoreError> {
+        let encoded = key.encode();
+        Ok(self.record(&encoded)?.map(|record| {
+            self.inner.touches.note(&encoded, record.accessed_ms);
+            ArtifactInfo::from_record(&record)
+        }))
+    }
+
+    /// Opens an artifact for reading. A body that fails verification (or whose file is gone)
+    /// is dropped and reported as missing.
+    pub async fn read(&self, key: &ArtifactKey) -> Result<Option<Artifact>, StoreError> {
+        let encoded = key.encode();
+        let Some(record) = self.record(&encoded)? else {
+            return Ok(None);
+        };
+        self.inner.touches.note(&encoded, record.accessed_ms);
+        let info = ArtifactInfo::from_record(&record);
+        let body = match record.body {
+            BodyRef::Inline(bytes) => {
+                if bytes.len() as u64 != record.size
+                    || blake3::hash(&bytes).as_bytes() != &record.blake3
+                {
+                    self.drop_corrupt(&encoded, &BodyRef::Inline(bytes));
+                    return Ok(None);
+                }
+                ReadBody::Verified(Bytes::from(bytes))
+            }
+            BodyRef::File(id) => match self.open_file_body(&encoded, id, &record).await? {
+                Some(body) => body,
+                None => {
+                    self.drop_corrupt(&encoded, &BodyRef::File(id));
+                    return Ok(None);
+                }
+            },
+        };
+        Ok(Some(Artifact { info, body }))
+    }
+
+    async fn open_file_body(
+        &self,
+        encoded: &[u8],
+        id: u128,
+        record: &ArtifactRecord,
+    ) -> Result<Option<ReadBody>, StoreError> {
+        let path = bodies::body_path(&self.inner.bodies_dir, id);
+        let (size, blake3) = (record.size, record.blake3);
+        if size <= VERIFY_BEFORE_SERVING_MAX {
+            let bytes =
+                tokio::task::spawn_blocking(move || bodies::read_verified(&path, size, &blake3))
+                    .await
+                    .map_err(|e| StoreError::Io(io::Error::other(e)))??;
+            return Ok(bytes.map(ReadBody::Verified));
+        }
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let store = self.clone();
+        let encoded = encoded.to_vec();
+        let on_corrupt: bodies::OnCorrupt =
+            Arc::new(move || store.drop_corrupt(&encoded, &BodyRef::File(id)));
+        Ok(Some(ReadBody::File { file, on_corrupt }))
+    }
+
+    /// Removes an artifact whose stored bytes no longer match, if it still points at that body.
+    fn drop_corrupt(&self, encoded: &[u8], body: &BodyRef) {
+        metrics::counter!(crate::metrics::STORAGE_CORRUPT_TOTAL).increment(1);
+        tracing::error!(
+            key = %String::from_utf8_lossy(encoded).replace('\0', "/"),
+            "stored body failed verification; dropping it"
+        );
+        let result = self.remove_if(encoded, |record| &record.body == body);
+        if let Err(error) = result {
+            tracing::error!(%error, "could not drop a corrupt artifact");
+        }
+    }
+
+    /// Deletes the record under `encoded` when `predicate` holds for it, and then its body.
+    fn remove_if(
+        &self,
+        encoded: &[u8],
+        predicate: impl FnOnce(&ArtifactRecord) -> bool,
+    ) -> Result<bool, StoreError> {
+        let mut accounting = self.accounting();
+        let Some(record) = self.record(encoded)? else {
+            return Ok(false);
+        };
+        if !predicate(&record) {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        let usage = self.batch_remove(&mut batch, encoded, &record, accounting.usage);
+        self.write(batch)?;
+        accounting.usage = usage;
+        drop(accounting);
+        self.remove_body(&record.body);
+        Ok(true)
+    }
+
+    /// Adds the deletion of one artifact to `batch` and returns the usage after it.
+    fn batch_remove(
+        &self,
+        batch: &mut WriteBatch,
+        encoded: &[u8],
+        record: &ArtifactRecord,
+        mut usage: Usage,
+    ) -> Usage {
+        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
+        batch.delete_cf(
+            self.cf(meta::CF_ACCESS),
+            meta::access_key(record.accessed_ms, encoded),
+        );
+        usage.bytes = usage.bytes.saturating_sub(record.size);
+        usage.artifacts = usage.artifacts.saturating_sub(1);
+        batch.put_cf(
+            self.cf(meta::CF_STATE),
+            meta::USAGE_KEY,
+            meta::encode(&usage),
+        );
+        usage
+    }
+
+    /// Deletes every artifact of `project` on this node; returns how many went.
+    pub async fn delete_project(&self, project: &str) -> Result<u64, StoreError> {
+        let store = self.clone();
+        let prefix = keys::project_prefix(project);
+        tokio::task::spawn_blocking(move || store.delete_prefix(&prefix))
+            .await
+            .map_err(|e| StoreError::Io(io::Error::other(e)))?
+    }
+
+    fn delete_prefix(&self, prefix: &[u8]) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        loop {
+            let mut accounting = self.accounting();
+            let mut batch = WriteBatch::default();
+            let mut usage = accounting.usage;
+            let mut bodies = Vec::new();
+            let iter = self.inner.db.iterator_cf(
+                self.cf(meta::CF_ARTIFACTS),
+                rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            );
+            for item in iter.take(512) {
+                let (key, value) = item?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                let Some(record) = meta::decode::<ArtifactRecord>(&value) else {
+                    batch.delete_cf(self.cf(meta::CF_ARTIFACTS), &key);
+                    continue;
+                };
+                usage = self.batch_remove(&mut batch, &key, &record, usage);
+                bodies.push(record.body);
+            }
+            if batch.is_empty() {
+                return Ok(removed);
+            }
+            self.write(batch)?;
+            accounting.usage = usage;
+            drop(accounting);
+            removed += bodies.len() as u64;
+            for body in &bodies {
+                self.remove_body(body);
+            }
+        }
+    }
+
+    /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
+    pub async fn maintain(&self) -> Result<(), StoreError> {
+        self.flush_touches().await?;
+        let stats = self.stats();
+        if stats.used_bytes > stats.capacity {
+            self.evict_until(self.inner.options.low_watermark).await?;
+        }
+        Ok(())
+    }
+
+    fn record(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {
+        let value = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), encoded)?;
+        Ok(value.and_then(|bytes| meta::decode(&bytes)))
+    }
+
+    fn remove_body(&self, body: &BodyRef) {
+        if let BodyRef::File(id) = body {
+            let path = bodies::body_path(&self.inner.bodies_dir, *id);
+            if let Err(error) = std::fs::remove_file(&path)
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), %error, "could not remove a body file");
+            }
+        }
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(self.inner.options.durability == Durability::Fsync);
+        self.inner.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        cf(&self.inner.db, name)
+    }
+
+    fn accounting(&self) -> MutexGuard<'_, Accounting> {
+        // A panic while holding the lock leaves consistent data (batches are atomic), so a
+        // poisoned lock is safe to keep using.
+        self.inner.commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Space promised to a commit; returned when the commit ends either way.
+struct Reservation<'a> {
+    store: &'a Store,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut accounting = self.store.accounting();
+        accounting.reserved = accounting.reserved.saturating_sub(self.bytes);
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    // Every family in meta::ALL_CFS is created when the database opens.
+    db.cf_handle(name)
+        .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
+}
+
+fn open_db(path: &Path) -> Result<DB, StoreError> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_keep_log_file_num(4);
+    options.increase_parallelism(2);
+    let families = meta::ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    Ok(DB::open_cf_descriptors(&options, path, families)?)
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+fn load_or_create_node_id(dir: &Path) -> Result<String, StoreError> {
+    let path = dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let id = format!("kura-{:016x}", rand::random::<u64>());
+    let temp = dir.join("node_id.tmp");
+    std::fs::write(&temp, format!("{id}\n"))?;
+    File::open(&temp)?.sync_all()?;
+    std::fs::rename(&temp, &path)?;
+    Ok(id)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,260 @@
+//! Test harness: runs the real `kura` binary on 127.0.0.1 with a temp data dir.
+//!
+//! The node binds port 0; the harness learns the address from the node's JSON start-up log
+//! line, so parallel tests never race for ports. Logs are kept for assertions.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One running node.
+pub struct Node {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    env: Vec<(String, String)>,
+    logs: Arc<Mutex<Vec<String>>>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// How to start a node.
+#[derive(Default, Clone)]
+pub struct NodeOptions {
+    /// Extra `KURA_*` variables (and any other environment).
+    pub env: Vec<(String, String)>,
+    /// Reuse this data dir instead of a fresh temp one.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl NodeOptions {
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+}
+
+impl Node {
+    pub fn start() -> Node {
+        Node::start_with(NodeOptions::default())
+    }
+
+    pub fn start_with(options: NodeOptions) -> Node {
+        let (temp, data_dir) = match options.data_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let temp = tempfile::tempdir().expect("temp dir");
+                let dir = temp.path().join("data");
+                (Some(temp), dir)
+            }
+        };
+        let mut env = vec![
+            ("KURA_SERVER_HTTP".to_string(), "127.0.0.1:0".to_string()),
+            (
+                "KURA_STORAGE_DATA_DIR".to_string(),
+                data_dir.display().to_string(),
+            ),
+            ("KURA_LOG_FORMAT".to_string(), "json".to_string()),
+            ("KURA_LOG_LEVEL".to_string(), "info".to_string()),
+        ];
+        env.extend(options.env);
+        let mut node = Node {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            env,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            _temp: temp,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kura"));
+        command
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command.env_clear();
+        for key in ["PATH", "HOME", "TMPDIR"] {
+            if let Ok(value) = std::env::var(key) {
+                command.env(key, value);
+            }
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut child = command.spawn().expect("start kura");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        let logs = self.logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("kura is serving")
+                    && let Some(addr) = json_field(&line, "address")
+                {
+                    let _ = tx.send(addr);
+                }
+                logs.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "kura did not start; logs:\n{}",
+                    self.logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        self.addr = addr.parse().expect("address in log");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// kill -9, then wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again on the same data dir (a new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.env.retain(|(k, _)| k != "KURA_SERVER_HTTP");
+        self.env
+            .push(("KURA_SERVER_HTTP".into(), "127.0.0.1:0".into()));
+        self.spawn();
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the node logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Peak resident set size of the node process (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:") * 1024
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn json_field(line: &str, field: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields").unwrap_or(&value);
+    fields.get(field)?.as_str().map(str::to_owned)
+}
+
+/// A reqwest client that never reuses connections (the node closes some after early answers)
+/// and never follows redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
+
+/// Deterministic pseudo-random bytes for `seed` (so a test can regenerate what it uploaded).
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of a token, as a static tokens file wants it.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// Writes a static tokens file granting each `(token, grants TOML)` and returns its path.
+pub fn static_tokens_file(dir: &Path, tokens: &[(&str, &str, &str)]) -> PathBuf {
+    let mut text = String::new();
+    for (name, token, grants) in tokens {
+        text.push_str(&format!(
+            "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\n[tokens.cache_grants]\n{grants}\n\n",
+            token_hash(token)
+        ));
+    }
+    let path = dir.join("tokens.toml");
+    std::fs::write(&path, text).expect("write tokens");
+    path
+}
+
+/// Sends `head` (request line and headers, ending in a blank line) and then `body`, ignoring
+/// write errors (the node may answer and close early), and returns the whole raw response.
+pub fn raw_exchange(addr: SocketAddr, head: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
