@@ -13,8 +13,8 @@ use super::meta::{self, ArtifactRecord};
 use super::{Store, StoreError, now_ms};
 
 /// An access is recorded only when the stored one is older than this: bounds the writes a hot
-/// key causes while keeping the eviction order accurate to about a second.
-const TOUCH_RESOLUTION_MS: u64 = 1_000;
+/// key causes (at most four a second) while keeping the eviction order accurate.
+const TOUCH_RESOLUTION_MS: u64 = 250;
 /// Artifacts examined per eviction batch.
 const EVICT_BATCH: usize = 256;
 

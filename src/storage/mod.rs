@@ -649,9 +649,13 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     options.create_missing_column_families(true);
     options.set_keep_log_file_num(4);
     options.increase_parallelism(2);
-    let families = meta::ALL_CFS
-        .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    // Bound memtable memory across all families: the node's memory must stay flat.
+    options.set_db_write_buffer_size(32 << 20);
+    let families = meta::ALL_CFS.iter().map(|name| {
+        let mut family = Options::default();
+        family.set_write_buffer_size(8 << 20);
+        ColumnFamilyDescriptor::new(*name, family)
+    });
     Ok(DB::open_cf_descriptors(&options, path, families)?)
 }
 

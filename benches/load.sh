@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark: Kura against nginx, same payloads, same loopback, same run.
+#
+#   benches/load.sh
+#
+# Builds the release binary, starts nginx (static files + WebDAV PUT) and Kura (Gradle surface,
+# static auth) on 127.0.0.1, checks both return identical bytes, then drives each with wrk:
+#   get-4k    GET of a 4 KiB body      wrk -t2 -c32
+#   get-64m   GET of a 64 MiB body     wrk -t1 -c4
+#   put-1m    PUT of a 1 MiB body      wrk -t2 -c8  (same key/path every time: overwrite)
+# and prints requests/sec for both, the kura/nginx ratio and whether it meets its target.
+# It reports; it is not a test: a missed target still exits 0. A server that does not start,
+# dies mid-run, or bytes that differ exit non-zero.
+#
+# Environment:
+#   KURA_BENCH_DURATION=10s   length of each wrk run
+#   KURA_BENCH_SKIP_BUILD=1   use the existing $CARGO_TARGET_DIR/release/kura (no cargo build)
+#   KURA_BENCH_KEEP=1         keep the work dir (logs, wrk outputs) and print its path
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh bench
+. scripts/env.sh
+
+duration="${KURA_BENCH_DURATION:-10s}"
+nginx_bin=/usr/sbin/nginx
+bin="$CARGO_TARGET_DIR/release/kura"
+
+if [ "${KURA_BENCH_SKIP_BUILD:-0}" != 1 ]; then
+  cargo build --release --locked --bin kura
+fi
+[ -x "$bin" ] || { echo "load.sh: no binary at $bin" >&2; exit 1; }
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/kura-bench.XXXXXX")"
+nginx_pid=""
+kura_pid=""
+
+stop() { # pid: TERM, up to 10 s to exit, then KILL
+  local pid="$1" i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  [ -n "$kura_pid" ] && stop "$kura_pid"
+  [ -n "$nginx_pid" ] && stop "$nginx_pid"
+  if [ "${KURA_BENCH_KEEP:-0}" = 1 ]; then
+    echo "load.sh: work dir kept: $work" >&2
+  else
+    rm -rf "$work"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+  echo "load.sh: $*" >&2
+  exit 1
+}
+
+# A free TCP port on 127.0.0.1: random high port that nothing accepts on.
+used_ports=" "
+free_port() {
+  local port i
+  for ((i = 0; i < 200; i++)); do
+    port=$((20000 + RANDOM % 40000))
+    case "$used_ports" in *" $port "*) continue ;; esac
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      used_ports+="$port "
+      echo "$port"
+      return 0
+    fi
+  done
+  die "no free port found on 127.0.0.1"
+}
+
+# Waits until url answers 200; fails early when pid has exited.
+wait_up() {
+  local name="$1" pid="$2" url="$3" log="$4" i
+  for ((i = 0; i < 300; i++)); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$log" >&2 || true
+      die "$name exited during startup (log above)"
+    fi
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "$url" || true)" = 200 ]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  tail -n 30 "$log" >&2 || true
+  die "$name did not answer 200 on $url within 30 s"
+}
+
+alive() {
+  kill -0 "$2" 2>/dev/null || die "$1 is no longer running (log: $3)"
+}
+
+# --- machine ---------------------------------------------------------------------------------
+cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+echo "== Kura vs nginx load benchmark"
+echo "machine: $(nproc) cores, ${cpu_model:-unknown CPU}, kernel $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
+echo "kura:    $("$bin" --version) ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+echo "nginx:   $("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //')"
+echo "wrk:     $(wrk -v 2>&1 | awk 'NR == 1 {print $2}')"
+echo "each run: $duration, load generator on the same machine"
+echo
+
+# --- payloads --------------------------------------------------------------------------------
+mkdir -p "$work/www" "$work/nginx/body" "$work/nginx/logs" "$work/kura-data" "$work/out"
+head -c 4096 /dev/urandom >"$work/www/small4k"
+head -c $((64 * 1024 * 1024)) /dev/urandom >"$work/www/large64m"
+head -c $((1024 * 1024)) /dev/urandom >"$work/put1m"
+
+# --- nginx -----------------------------------------------------------------------------------
+nginx_port="$(free_port)"
+user_line=""
+[ "$(id -u)" -eq 0 ] && user_line="user root;" # workers must read and write the private work dir
+cat >"$work/nginx/nginx.conf" <<EOF
+$user_line
+worker_processes 2;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+daemon off;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  server {
+    listen 127.0.0.1:$nginx_port;
+    root $work/www;
+    location = /up { return 200; }
+    location / { }
+    location /put/ {
+      dav_methods PUT;
+      client_max_body_size 2g;
+      create_full_put_path on;
+    }
+  }
+}
+EOF
+"$nginx_bin" -t -q -c "$work/nginx/nginx.conf" -p "$work/nginx/" 2>"$work/nginx/logs/test.log" ||
+  { cat "$work/nginx/logs/test.log" >&2; die "nginx rejected its config"; }
+"$nginx_bin" -c "$work/nginx/nginx.conf" -p "$work/nginx/" >"$work/nginx/logs/stderr.log" 2>&1 &
+nginx_pid=$!
+nginx_url="http://127.0.0.1:$nginx_port"
+wait_up nginx "$nginx_pid" "$nginx_url/up" "$work/nginx/logs/error.log"
+
+# --- kura ------------------------------------------------------------------------------------
+kura_port="$(free_port)"
+token="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+token_sha="$(printf '%s' "$token" | sha256sum | awk '{print $1}')"
+cat >"$work/tokens.toml" <<EOF
+[[tokens]]
+name = "bench"
+sha256 = "$token_sha"
+[tokens.cache_grants]
+account = { read = ["dev"], write = ["dev"] }
+EOF
+KURA_SERVER_HTTP="127.0.0.1:$kura_port" \
+  KURA_STORAGE_DATA_DIR="$work/kura-data" \
+  KURA_STORAGE_DURABILITY=process \
+  KURA_AUTH_MODE=static \
+  KURA_AUTH_STATIC_TOKENS_FILE="$work/tokens.toml" \
+  KURA_LOG_FORMAT=json \
+  KURA_LOG_LEVEL=warn \
+  KURA_LIMITS_GRADLE=2GiB \
+  "$bin" serve >"$work/kura.log" 2>&1 &
+kura_pid=$!
+kura_url="http://127.0.0.1:$kura_port"
+wait_up kura "$kura_pid" "$kura_url/up" "$work/kura.log"
+auth="Authorization: Bearer $token"
+kura_path() { echo "/api/cache/gradle/$1?account_handle=dev"; }
+
+# --- preload and check bytes -----------------------------------------------------------------
+http() { # method url [curl args...]: prints the status code, fails on transport errors
+  local method="$1" url="$2"
+  shift 2
+  curl -sS -o /dev/null -w '%{http_code}' -X "$method" -H "$auth" "$@" "$url"
+}
+expect_2xx() {
+  case "$2" in 2??) ;; *) die "$1 answered $2" ;; esac
+}
+for name in small4k large64m; do
+  expect_2xx "kura PUT $name" "$(http PUT "$kura_url$(kura_path "$name")" --data-binary "@$work/www/$name")"
+done
+for name in small4k large64m; do
+  curl -sS -f -H "$auth" -o "$work/out/nginx-$name" "$nginx_url/$name" || die "nginx GET $name failed"
+  curl -sS -f -H "$auth" -o "$work/out/kura-$name" "$kura_url$(kura_path "$name")" || die "kura GET $name failed"
+  cmp "$work/www/$name" "$work/out/nginx-$name" || die "nginx returned different bytes for $name"
+  cmp "$work/www/$name" "$work/out/kura-$name" || die "kura returned different bytes for $name"
+done
+# PUT round trip on both, so the PUT scenario measures a path that is known to work.
+expect_2xx "nginx PUT put1m" "$(http PUT "$nginx_url/put/put1m" --data-binary "@$work/put1m")"
+expect_2xx "kura PUT put1m" "$(http PUT "$kura_url$(kura_path put1m)" --data-binary "@$work/put1m")"
+curl -sS -f -o "$work/out/nginx-put1m" "$nginx_url/put/put1m" || die "nginx GET put1m failed"
+curl -sS -f -H "$auth" -o "$work/out/kura-put1m" "$kura_url$(kura_path put1m)" || die "kura GET put1m failed"
+cmp "$work/put1m" "$work/out/nginx-put1m" || die "nginx returned different bytes for put1m"
+cmp "$work/put1m" "$work/out/kura-put1m" || die "kura returned different bytes for put1m"
+rm -f "$work/out/"*
+echo "bytes identical on both servers: small4k, large64m, put1m"
+echo
+
+# wrk script for the PUT scenario: the 1 MiB payload as the body of every request.
+cat >"$work/put.lua" <<EOF
+local f = assert(io.open([[$work/put1m]], "rb"))
+wrk.method = "PUT"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+EOF
+
+# --- measure ---------------------------------------------------------------------------------
+# run_wrk label server threads conns url [wrk args...]: writes $work/wrk-<label>-<server>.txt
+run_wrk() {
+  local label="$1" server="$2" threads="$3" conns="$4" url="$5"
+  shift 5
+  local out="$work/wrk-$label-$server.txt"
+  wrk -t"$threads" -c"$conns" -d"$duration" --timeout 30s -H "$auth" "$@" "$url" >"$out" 2>&1 ||
+    { cat "$out" >&2; die "wrk failed for $label on $server"; }
+  case "$server" in
+    nginx) alive nginx "$nginx_pid" "$work/nginx/logs/error.log" ;;
+    kura) alive kura "$kura_pid" "$work/kura.log" ;;
+  esac
+  local rps xfer non2xx sockerr
+  rps="$(awk '/^Requests\/sec:/ {print $2}' "$out")"
+  xfer="$(awk '/^Transfer\/sec:/ {print $2}' "$out")"
+  non2xx="$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")"
+  sockerr="$(awk '/Socket errors:/ {gsub(/,/, ""); print $4 + $6 + $8 + $10}' "$out")"
+  [ -n "$rps" ] || { cat "$out" >&2; die "could not read Requests/sec from wrk for $label on $server"; }
+  printf -v "r_${label//-/_}_$server" '%s|%s|%s|%s' "$rps" "${xfer:-?}" "${non2xx:-0}" "${sockerr:-0}"
+  printf '  %-8s %-6s %12s req/s  %10s/s (wrk Transfer/sec)  non-2xx %s  socket errors %s\n' \
+    "$label" "$server" "$rps" "${xfer:-?}" "${non2xx:-0}" "${sockerr:-0}"
+}
+
+echo "running wrk ($duration each):"
+run_wrk get-4k nginx 2 32 "$nginx_url/small4k"
+run_wrk get-4k kura 2 32 "$kura_url$(kura_path small4k)"
+run_wrk get-64m nginx 1 4 "$nginx_url/large64m"
+run_wrk get-64m kura 1 4 "$kura_url$(kura_path large64m)"
+run_wrk put-1m nginx 2 8 "$nginx_url/put/put1m" -s "$work/put.lua"
+run_wrk put-1m kura 2 8 "$kura_url$(kura_path put1m)" -s "$work/put.lua"
+echo
+
+# --- report ----------------------------------------------------------------------------------
+flagged=0
+row_fmt='%-9s %12s %12s %10s %7s %-7s %12s %12s  %s\n'
+printf "$row_fmt" scenario "nginx req/s" "kura req/s" kura/nginx target result "nginx MiB/s" "kura MiB/s" errors
+printf "$row_fmt" --------- ----------- ---------- ---------- ------ ------ ----------- ---------- ------
+report() { # label target payload_bytes
+  local label="$1" target="$2" bytes="$3" n k
+  local nvar="r_${label//-/_}_nginx" kvar="r_${label//-/_}_kura"
+  IFS='|' read -r n_rps _ n_non2xx n_sock <<<"${!nvar}"
+  IFS='|' read -r k_rps _ k_non2xx k_sock <<<"${!kvar}"
+  local ratio result errors="none"
+  ratio="$(awk -v k="$k_rps" -v n="$n_rps" 'BEGIN {printf "%.2f", (n > 0 ? k / n : 0)}')"
+  result="$(awk -v r="$ratio" -v t="$target" 'BEGIN {print (r + 0 >= t + 0 ? "PASS" : "MISS")}')"
+  n="$(awk -v r="$n_rps" -v b="$bytes" 'BEGIN {printf "%.1f", r * b / 1048576}')"
+  k="$(awk -v r="$k_rps" -v b="$bytes" 'BEGIN {printf "%.1f", r * b / 1048576}')"
+  if [ "$n_non2xx" != 0 ] || [ "$n_sock" != 0 ] || [ "$k_non2xx" != 0 ] || [ "$k_sock" != 0 ]; then
+    errors="FLAG nginx non-2xx=$n_non2xx sock=$n_sock, kura non-2xx=$k_non2xx sock=$k_sock"
+    flagged=1
+  fi
+  printf "$row_fmt" "$label" "$n_rps" "$k_rps" "$ratio" ">=$target" "$result" "$n" "$k" "$errors"
+}
+report get-4k 1.0 4096
+report get-64m 0.9 $((64 * 1024 * 1024))
+report put-1m 1.0 $((1024 * 1024))
+echo
+echo "MiB/s = req/s x payload size (for PUT: bytes uploaded). Ratio = kura req/s / nginx req/s."
+if [ "$flagged" = 1 ]; then
+  echo "WARNING: some runs had non-2xx responses or socket errors; their numbers are suspect." >&2
+fi

@@ -1,0 +1,240 @@
+//! What survives: kill -9 during concurrent uploads loses nothing acknowledged and exposes
+//! nothing partial; a body damaged on disk is never served.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Node, client, payload};
+use reqwest::StatusCode;
+
+const ROUNDS: u64 = 10;
+const UPLOADS: u64 = 32;
+const MIB: usize = 1 << 20;
+
+fn key_url(node: &Node, key: &str) -> String {
+    node.url(&format!("/api/cache/gradle/{key}?account_handle=dev"))
+}
+
+/// Size and content seed of upload `i` of `round`: 1–8 MiB, never a whole number of MiB.
+fn upload(round: u64, i: u64) -> (String, u64, usize) {
+    let seed = round * 1000 + i;
+    let size = MIB * (1 + (seed * 7 % 8) as usize) - (seed as usize % 977);
+    (format!("crash-{round}-{i}"), seed, size)
+}
+
+/// `Some(true)` identical, `Some(false)` different, `None` missing.
+async fn matches(
+    http: &reqwest::Client,
+    node: &Node,
+    key: &str,
+    seed: u64,
+    size: usize,
+) -> Option<bool> {
+    let response = http.get(key_url(node, key)).send().await.unwrap();
+    if response.status() == StatusCode::NOT_FOUND {
+        return None;
+    }
+    assert_eq!(response.status(), StatusCode::OK, "{key}");
+    let body = response.bytes().await.unwrap();
+    Some(body.len() == size && blake3::hash(&body) == blake3::hash(&payload(seed, size)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_uploads_loses_nothing_acknowledged() {
+    // fsync is not needed for a process crash: the default `process` durability is under test.
+    let mut node = Node::start();
+    let http = client();
+    let mut acknowledged: HashMap<String, (u64, usize)> = HashMap::new();
+    let mut interrupted = 0;
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for i in 0..UPLOADS {
+            let (key, seed, size) = upload(round, i);
+            let (http, url) = (http.clone(), key_url(&node, &key));
+            tasks.push(tokio::spawn(async move {
+                let status = http
+                    .put(url)
+                    .body(payload(seed, size))
+                    .send()
+                    .await
+                    .map(|r| r.status());
+                (key, seed, size, status)
+            }));
+        }
+        // Kill somewhere in the middle of the uploads (the delay varies per round).
+        tokio::time::sleep(Duration::from_millis(60 + round * 37 % 300)).await;
+        node.kill9();
+        let mut unacknowledged = Vec::new();
+        for task in tasks {
+            let (key, seed, size, status) = task.await.unwrap();
+            match status {
+                Ok(StatusCode::CREATED) => {
+                    acknowledged.insert(key, (seed, size));
+                }
+                _ => unacknowledged.push((key, seed, size)),
+            }
+        }
+        eprintln!(
+            "round {round}: {} uploads interrupted by kill -9",
+            unacknowledged.len()
+        );
+        interrupted += unacknowledged.len();
+        node.restart();
+        let leftovers = std::fs::read_dir(node.data_dir().join("tmp"))
+            .unwrap()
+            .count();
+        assert_eq!(leftovers, 0, "round {round}: temp debris removed on start");
+        for (key, (seed, size)) in &acknowledged {
+            if key.starts_with(&format!("crash-{round}-")) {
+                assert_eq!(
+                    matches(&http, &node, key, *seed, *size).await,
+                    Some(true),
+                    "round {round}: acknowledged {key}"
+                );
+            }
+        }
+        for (key, seed, size) in &unacknowledged {
+            let found = matches(&http, &node, key, *seed, *size).await;
+            assert_ne!(
+                found,
+                Some(false),
+                "round {round}: unacknowledged {key} visible but not complete"
+            );
+        }
+    }
+    assert!(
+        acknowledged.len() >= 10,
+        "the test must acknowledge some uploads ({} were)",
+        acknowledged.len()
+    );
+    assert!(
+        interrupted as u64 >= ROUNDS,
+        "the kills must interrupt uploads ({interrupted} were)"
+    );
+    for (key, (seed, size)) in &acknowledged {
+        assert_eq!(
+            matches(&http, &node, key, *seed, *size).await,
+            Some(true),
+            "after all rounds: {key}"
+        );
+    }
+    let status: serde_json::Value = http
+        .get(node.url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(status["artifacts"].as_u64().unwrap() >= acknowledged.len() as u64);
+}
+
+/// The body files on disk (there is one per file-backed artifact).
+fn body_files(node: &Node) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for shard in std::fs::read_dir(node.data_dir().join("bodies")).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            files.push(file.unwrap().path());
+        }
+    }
+    files
+}
+
+fn flip_byte(path: &std::path::Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(&[byte[0] ^ 0x40]).unwrap();
+}
+
+async fn corrupt_count(http: &reqwest::Client, node: &Node) -> u64 {
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("kura_storage_corrupt_bodies_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_small_corrupted_body_is_a_miss() {
+    let node = Node::start();
+    let http = client();
+    let url = key_url(&node, "small-damaged");
+    let body = payload(7, 100_000);
+    http.put(&url).body(body.clone()).send().await.unwrap();
+    let files = body_files(&node);
+    assert_eq!(files.len(), 1);
+    flip_byte(&files[0], 5_000);
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(corrupt_count(&http, &node).await, 1);
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND,
+        "dropped, not retried"
+    );
+    assert!(body_files(&node).is_empty(), "the damaged body is deleted");
+    // The key works again after a fresh upload.
+    http.put(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(
+        http.get(&url).send().await.unwrap().bytes().await.unwrap(),
+        body
+    );
+}
+
+#[tokio::test]
+async fn a_large_corrupted_body_is_never_delivered_complete() {
+    let node = Node::start();
+    let http = client();
+    let url = key_url(&node, "large-damaged");
+    let body = payload(8, 5 * MIB + 3);
+    http.put(&url).body(body.clone()).send().await.unwrap();
+    let files = body_files(&node);
+    flip_byte(&files[0], (5 * MIB) as u64);
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "large bodies stream before the end is verified"
+    );
+    let received = response.bytes().await;
+    assert!(
+        received.is_err(),
+        "the response must be aborted, not completed"
+    );
+    assert_eq!(corrupt_count(&http, &node).await, 1);
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // A body whose file vanished is a miss as well.
+    http.put(&url).body(body.clone()).send().await.unwrap();
+    for file in body_files(&node) {
+        std::fs::remove_file(file).unwrap();
+    }
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
