@@ -111,6 +111,7 @@ echo "machine: $(nproc) cores, ${cpu_model:-unknown CPU}, kernel $(uname -r), $(
 echo "kura:    $("$bin" --version) ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 echo "nginx:   $("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //')"
 echo "wrk:     $(wrk -v 2>&1 | awk 'NR == 1 {print $2}')"
+echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min; other work on the machine skews the numbers)"
 echo "each run: $duration, load generator on the same machine"
 echo
 

@@ -179,6 +179,8 @@ pub struct LimitsConfig {
     pub module_assembled: ByteSize,
     /// Nx, Metro and the Bazel HTTP cache.
     pub blob: ByteSize,
+    /// Cache requests served at once (bodies included); more are answered 429.
+    pub max_in_flight_requests: usize,
 }
 
 impl Default for LimitsConfig {
@@ -190,6 +192,7 @@ impl Default for LimitsConfig {
             module_part: ByteSize(10 << 20),
             module_assembled: ByteSize(2 << 30),
             blob: ByteSize(2 << 30),
+            max_in_flight_requests: 4096,
         }
     }
 }

@@ -76,10 +76,11 @@ pub async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
-/// While draining, refuses new cache requests (503 `draining`, `Connection: close`); probes keep
-/// answering. Otherwise counts the request in flight until its response body is done, which is
+/// Admits cache requests: while draining refuses them (503 `draining`, `Connection: close`),
+/// over `limits.max_in_flight_requests` sheds them (429 with `Retry-After`); probes always
+/// answer. An admitted request counts as in flight until its response body is done, which is
 /// what a drain waits for.
-pub async fn drain(State(app): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn admission(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let is_probe = matches!(
         request.uri().path(),
         "/up" | "/ready" | "/metrics" | "/status"
@@ -91,6 +92,10 @@ pub async fn drain(State(app): State<AppState>, request: Request, next: Next) ->
         return ApiError::draining().into_response();
     }
     let in_flight = app.lifecycle.track();
+    if app.lifecycle.in_flight() > app.config.limits.max_in_flight_requests {
+        return ApiError::overloaded("The node is at its limit of requests in flight; retry shortly", 1)
+            .into_response();
+    }
     let response = next.run(request).await;
     // The guard moves into the body, so a streaming download counts until its last byte.
     response.map(move |body| {
@@ -99,6 +104,26 @@ pub async fn drain(State(app): State<AppState>, request: Request, next: Next) ->
             frame
         }))
     })
+}
+
+/// Gives the framework's own bare error answers (405 for a known route with another method,
+/// for one) the same JSON shape as every other error.
+pub async fn uniform_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) || response.extensions().get::<ErrorBody>().is_some() {
+        return response;
+    }
+    let (code, message) = match status {
+        http::StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "This route does not accept that method"),
+        status if status.is_client_error() => ("bad_request", "The request was refused"),
+        _ => ("internal", "Internal error; see the node's logs"),
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    if let Some(allow) = response.headers().get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
 }
 
 /// Nx reports JSON error bodies as a misconfigured endpoint: re-render errors as `text/plain`.

@@ -1,0 +1,37 @@
+# Kura node image. Build: docker build -t kura .
+# Run (auth "none" refuses a public address, so give it tokens):
+#   docker run -p 4000:4000 -v kura-data:/var/lib/kura -v $PWD/tokens.toml:/etc/kura/tokens.toml:ro \
+#     -e KURA_AUTH_MODE=static -e KURA_AUTH_STATIC_TOKENS_FILE=/etc/kura/tokens.toml kura
+
+FROM rust:1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends clang libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin kura \
+ && install -m 0755 target/release/kura /usr/local/bin/kura
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /var/lib/kura --shell /usr/sbin/nologin kura \
+ && install -d -o kura -g kura /var/lib/kura /etc/kura
+COPY --from=build /usr/local/bin/kura /usr/local/bin/kura
+COPY config/kura.toml /etc/kura/kura.example.toml
+USER kura
+ENV KURA_SERVER_HTTP=0.0.0.0:4000 \
+    KURA_SERVER_GRPC=0.0.0.0:50051 \
+    KURA_SERVER_INTERNAL=0.0.0.0:7443 \
+    KURA_STORAGE_DATA_DIR=/var/lib/kura \
+    KURA_LOG_FORMAT=json
+VOLUME ["/var/lib/kura"]
+EXPOSE 4000 50051 7443
+HEALTHCHECK --interval=10s --timeout=2s --start-period=10s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:4000/up >/dev/null || exit 1
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/kura"]
+CMD ["serve"]
