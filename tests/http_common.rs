@@ -544,18 +544,25 @@ async fn full_disk_answers_507_and_reads_go_on() {
 #[tokio::test]
 async fn h2c_prior_knowledge_works_like_http1() {
     let node = Node::start();
-    let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let url = gradle(&node, "over-h2");
     let body = payload(9, 2 << 20);
     let put = http.put(&url).body(body.clone()).send().await.unwrap();
     assert_eq!(put.version(), reqwest::Version::HTTP_2);
     assert_eq!(put.status(), StatusCode::CREATED);
-    assert_eq!(http.get(&url).send().await.unwrap().bytes().await.unwrap(), body);
+    assert_eq!(
+        http.get(&url).send().await.unwrap().bytes().await.unwrap(),
+        body
+    );
 }
 
 #[tokio::test]
 async fn overload_and_wrong_methods_get_specific_errors() {
-    let node = Node::start_with(NodeOptions::default().env("KURA_LIMITS_MAX_IN_FLIGHT_REQUESTS", "1"));
+    let node =
+        Node::start_with(NodeOptions::default().env("KURA_LIMITS_MAX_IN_FLIGHT_REQUESTS", "1"));
     // Hold one request in flight: an upload whose body never finishes.
     let mut slow = TcpStream::connect(node.addr).unwrap();
     slow.write_all(b"PUT /api/cache/gradle/slow?account_handle=dev HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc").unwrap();
@@ -564,12 +571,22 @@ async fn overload_and_wrong_methods_get_specific_errors() {
     let shed = http.get(gradle(&node, "k")).send().await.unwrap();
     assert_eq!(shed.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(shed.headers()["retry-after"], "1");
-    assert_eq!(http.get(node.url("/ready")).send().await.unwrap().status(), StatusCode::OK, "probes are never shed");
+    assert_eq!(
+        http.get(node.url("/ready")).send().await.unwrap().status(),
+        StatusCode::OK,
+        "probes are never shed"
+    );
     drop(slow);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(http.get(gradle(&node, "k")).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        http.get(gradle(&node, "k")).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
 
     let wrong_method = http.post(node.url("/up")).send().await.unwrap();
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(wrong_method.json::<serde_json::Value>().await.unwrap()["error"], "method_not_allowed");
+    assert_eq!(
+        wrong_method.json::<serde_json::Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
 }

@@ -93,8 +93,11 @@ pub async fn admission(State(app): State<AppState>, request: Request, next: Next
     }
     let in_flight = app.lifecycle.track();
     if app.lifecycle.in_flight() > app.config.limits.max_in_flight_requests {
-        return ApiError::overloaded("The node is at its limit of requests in flight; retry shortly", 1)
-            .into_response();
+        return ApiError::overloaded(
+            "The node is at its limit of requests in flight; retry shortly",
+            1,
+        )
+        .into_response();
     }
     let response = next.run(request).await;
     // The guard moves into the body, so a streaming download counts until its last byte.
@@ -111,11 +114,16 @@ pub async fn admission(State(app): State<AppState>, request: Request, next: Next
 pub async fn uniform_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) || response.extensions().get::<ErrorBody>().is_some() {
+    if !(status.is_client_error() || status.is_server_error())
+        || response.extensions().get::<ErrorBody>().is_some()
+    {
         return response;
     }
     let (code, message) = match status {
-        http::StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "This route does not accept that method"),
+        http::StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "This route does not accept that method",
+        ),
         status if status.is_client_error() => ("bad_request", "The request was refused"),
         _ => ("internal", "Internal error; see the node's logs"),
     };

@@ -63,7 +63,10 @@ pub fn router(state: AppState) -> Router {
             error::ApiError::new(http::StatusCode::NOT_FOUND, "no_route", "No such route")
                 .into_response()
         })
-        .layer(middleware::from_fn_with_state(state.clone(), layers::admission))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::admission,
+        ))
         .layer(middleware::from_fn(layers::uniform_errors))
         .layer(middleware::from_fn(layers::observe))
         .layer(middleware::from_fn(layers::request_id))
