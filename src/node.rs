@@ -167,19 +167,16 @@ fn spawn_maintenance(store: Store, config: &Config) {
     let upload_expiry = config.uploads.expiry.0.as_millis() as u64;
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
-        let mut ticks: u64 = 0;
         loop {
             ticker.tick().await;
-            ticks += 1;
             if let Err(error) = store.maintain().await {
                 tracing::error!(%error, "storage maintenance failed");
             }
-            if ticks.is_multiple_of(60) {
-                match store.expire_uploads(upload_expiry) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(expired = n, "expired unfinished module uploads"),
-                    Err(error) => tracing::error!(%error, "could not expire uploads"),
-                }
+            // Cheap: at most `uploads.max_in_flight` records to look at.
+            match store.expire_uploads(upload_expiry) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "expired unfinished module uploads"),
+                Err(error) => tracing::error!(%error, "could not expire uploads"),
             }
         }
     });

@@ -582,3 +582,46 @@ async fn probes_and_metrics() {
         );
     }
 }
+
+#[tokio::test]
+async fn unfinished_module_uploads_expire_with_their_parts() {
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_UPLOADS_EXPIRY", "1s")
+            .env("KURA_UPLOADS_MAX_IN_FLIGHT", "1"),
+    );
+    let http = client();
+    let id = start_upload(&http, &node, "old").await["upload_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        http.post(part_url(&node, &id, 1))
+            .body("part")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert!(node.data_dir().join("uploads").join(&id).exists());
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        http.post(part_url(&node, &id, 2))
+            .body("late")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert!(
+        !node.data_dir().join("uploads").join(&id).exists(),
+        "parts are deleted"
+    );
+    let next = start_upload(&http, &node, "new").await;
+    assert!(
+        next["upload_id"].is_string(),
+        "the expired upload freed its slot"
+    );
+}

@@ -202,6 +202,53 @@ fn token_from_headers(headers: &HeaderMap) -> Result<Option<Token>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn parts(query: &str) -> Option<Parts> {
+        let request = http::Request::builder()
+            .uri(format!("/x?{query}"))
+            .body(())
+            .ok()?;
+        Some(request.into_parts().0)
+    }
+
+    #[test]
+    fn query_scope_spellings_and_errors() {
+        let scope = |q: &str| scope_from_query(&parts(q).unwrap()).map_err(|e| e.code);
+        assert_eq!(
+            scope("account_handle=Acme&project_handle=iOS"),
+            Ok(("acme".into(), Some("ios".into())))
+        );
+        assert_eq!(
+            scope("tenant_id=acme&namespace_id=ios"),
+            Ok(("acme".into(), Some("ios".into())))
+        );
+        assert_eq!(scope("account_handle=acme"), Ok(("acme".into(), None)));
+        assert_eq!(scope("project_handle=ios"), Err("missing_account"));
+        assert_eq!(scope("account_handle="), Err("missing_account"));
+        assert_eq!(scope("account_handle=a%2Fb"), Err("bad_account"));
+        assert_eq!(
+            scope("account_handle=acme&project_handle=.."),
+            Err("bad_project")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_query_yields_valid_handles_or_a_400(query in "[ -~]{0,80}") {
+            if let Some(parts) = parts(&query) {
+                match scope_from_query(&parts) {
+                    Ok((account, project)) => {
+                        prop_assert_eq!(names::normalize_handle(&account), Some(account.clone()));
+                        if let Some(project) = project {
+                            prop_assert_eq!(names::normalize_handle(&project), Some(project.clone()));
+                        }
+                    }
+                    Err(error) => prop_assert_eq!(error.status, http::StatusCode::BAD_REQUEST),
+                }
+            }
+        }
+    }
 
     fn headers(value: &str) -> HeaderMap {
         let mut map = HeaderMap::new();

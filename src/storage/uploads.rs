@@ -199,3 +199,99 @@ fn write_atomically(dest: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::write(&temp, bytes)?;
     std::fs::rename(&temp, dest)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::storage::{Durability, Kind, StoreOptions};
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(StoreOptions {
+            data_dir: dir.to_path_buf(),
+            durability: Durability::Process,
+            capacity: 1 << 30,
+            low_watermark: 1 << 29,
+            inline_max: 1024,
+            node_id: Some("test".into()),
+        })
+        .unwrap()
+    }
+
+    async fn staged(store: &Store, bytes: &[u8]) -> StagedBody {
+        let mut writer = store.writer(u64::MAX, false);
+        writer.write(bytes).await.unwrap();
+        writer.finish(None).await.unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Parts written in any order, some several times, assemble to the last version of each
+        /// listed part in list order; a listed part never written fails without publishing.
+        #[test]
+        fn assembly_matches_a_model(
+            writes in proptest::collection::vec((1u32..6, any::<u8>(), 0usize..3000), 1..16),
+            listed in proptest::collection::vec(1u32..6, 1..6),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let store = store(dir.path());
+                let target = ArtifactKey::new("p", Kind::Module, "builds/h/n");
+                let id = store.start_upload(&target, 4).unwrap();
+                let mut model: HashMap<u32, Vec<u8>> = HashMap::new();
+                for (number, byte, len) in &writes {
+                    let body = vec![*byte; *len];
+                    store.put_part(&id, *number, staged(&store, &body).await).await.unwrap();
+                    model.insert(*number, body);
+                }
+                let result = store.complete_upload(&id, &listed, None, u64::MAX).await;
+                match listed.iter().find(|n| !model.contains_key(n)) {
+                    Some(missing) => {
+                        assert!(matches!(result, Err(StoreError::MissingPart(n)) if n == *missing));
+                        assert!(store.head(&target).unwrap().is_none(), "nothing published");
+                        assert!(store.upload_target(&id).unwrap().is_some(), "the upload can still complete");
+                    }
+                    None => {
+                        let expected: Vec<u8> = listed.iter().flat_map(|n| model[n].clone()).collect();
+                        let committed = result.unwrap();
+                        assert_eq!(committed.info.size, expected.len() as u64);
+                        let artifact = store.read(&target).await.unwrap().unwrap();
+                        assert_eq!(artifact.info.blake3, *blake3::hash(&expected).as_bytes());
+                        assert!(store.upload_target(&id).unwrap().is_none(), "a completed upload is gone");
+                        assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+                    }
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn in_flight_uploads_are_bounded_and_counted_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = ArtifactKey::new("p", Kind::Module, "builds/h/n");
+        {
+            let store = store(dir.path());
+            store.start_upload(&target, 2).unwrap();
+            store.start_upload(&target, 2).unwrap();
+            assert!(matches!(
+                store.start_upload(&target, 2),
+                Err(StoreError::TooManyUploads(2))
+            ));
+        }
+        let store = store(dir.path());
+        assert!(
+            matches!(
+                store.start_upload(&target, 2),
+                Err(StoreError::TooManyUploads(2))
+            ),
+            "the count survives a restart"
+        );
+        assert_eq!(store.expire_uploads(0).unwrap(), 2);
+        store.start_upload(&target, 2).unwrap();
+    }
+}
