@@ -4,6 +4,7 @@
 //! [`access::Authorized`] (account/project/token check) → handler → [`transfer`] → storage.
 
 pub mod access;
+mod artifacts;
 mod blobs;
 mod clean;
 pub mod error;

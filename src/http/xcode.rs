@@ -1,60 +1,39 @@
 //! The Tuist CLI's Xcode cache: CAS blobs (`/api/cache/cas/{id}`) and the keyvalue index
 //! (`/api/cache/keyvalue`) that maps a CAS id to its entries.
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use http::{HeaderMap, Method, StatusCode};
+use axum::{Extension, Router};
+use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::access::{Authorized, KeyParam, invalid_key};
+use super::artifacts::{self, KeyRule, Stored, Surface};
 use super::error::ApiError;
 use super::transfer::{self, ServeOptions};
 use crate::storage::{ArtifactKey, Kind, WriteMode};
 
+const XCODE_CAS: Surface = Surface {
+    kind: Kind::XcodeCas,
+    content_type: "application/octet-stream",
+    limit: |limits| limits.xcode_cas.0,
+    write_mode: WriteMode::Overwrite,
+    stored: Stored::NoContent,
+    keys: KeyRule::Any,
+};
+
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/api/cache/cas/{key}", get(load_blob).post(save_blob))
+        .route(
+            "/api/cache/cas/{key}",
+            get(artifacts::load).post(artifacts::save),
+        )
+        .route_layer(Extension(XCODE_CAS))
         .route("/api/cache/keyvalue", put(save_entries))
         .route("/api/cache/keyvalue/{key}", get(load_entries))
-}
-
-async fn load_blob(
-    State(app): State<AppState>,
-    method: Method,
-    KeyParam(key): KeyParam,
-    auth: Authorized,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let key = ArtifactKey::new(auth.project, Kind::XcodeCas, key);
-    let options = ServeOptions {
-        default_content_type: "application/octet-stream",
-        head: method == Method::HEAD,
-    };
-    transfer::serve(&app, &key, &headers, options).await
-}
-
-async fn save_blob(
-    State(app): State<AppState>,
-    KeyParam(key): KeyParam,
-    auth: Authorized,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let key = ArtifactKey::new(auth.project, Kind::XcodeCas, key);
-    transfer::store(
-        &app,
-        &key,
-        &headers,
-        body,
-        app.config.limits.xcode_cas.0,
-        WriteMode::Overwrite,
-    )
-    .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
