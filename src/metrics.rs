@@ -17,6 +17,9 @@ pub const STORAGE_ARTIFACTS: &str = "kura_storage_artifacts";
 pub const STORAGE_EVICTIONS_TOTAL: &str = "kura_storage_evictions_total";
 pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
+pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
+pub const AUTH_BACKEND_CALLS_TOTAL: &str = "kura_auth_backend_calls_total";
+pub const AUTH_BACKEND_DURATION_SECONDS: &str = "kura_auth_backend_duration_seconds";
 pub const PROCESS_RSS_BYTES: &str = "kura_process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "kura_process_open_fds";
 pub const BUILD_INFO: &str = "kura_build_info";
@@ -73,6 +76,16 @@ fn describe() {
         "Bodies that failed verification and were dropped."
     );
     describe_counter!(AUTH_DECISIONS_TOTAL, "Authorization decisions by result.");
+    describe_counter!(
+        AUTH_CACHE_TOTAL,
+        "Introspection cache lookups: hit, stale (served while revalidating) or miss."
+    );
+    describe_counter!(AUTH_BACKEND_CALLS_TOTAL, "Introspection calls by outcome.");
+    describe_histogram!(
+        AUTH_BACKEND_DURATION_SECONDS,
+        Unit::Seconds,
+        "Introspection call latency."
+    );
     describe_gauge!(
         PROCESS_RSS_BYTES,
         Unit::Bytes,

@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::auth::Authorizer;
+use crate::auth::cache::{CacheSettings, DecisionCache};
+use crate::auth::introspection::IntrospectionClient;
 use crate::auth::static_tokens::StaticTokens;
 use crate::config::{AuthMode, Capacity, Config};
 use crate::http::{self, App, AppState};
@@ -158,7 +160,15 @@ fn build_authorizer(config: &Config) -> anyhow::Result<(Authorizer, Option<Arc<S
             Ok((Authorizer::Static(tokens.clone()), Some(tokens)))
         }
         AuthMode::Introspection => {
-            bail!("auth.mode = \"introspection\" is not available in this release yet")
+            let client = IntrospectionClient::new(&config.auth).map_err(anyhow::Error::msg)?;
+            let settings = CacheSettings {
+                fresh: config.auth.cache_fresh.0,
+                max_age: config.auth.cache_max_age.0,
+                negative_ttl: config.auth.negative_ttl.0,
+                capacity: config.auth.cache_size,
+            };
+            let cache = DecisionCache::new(client, settings);
+            Ok((Authorizer::Introspection(Arc::new(cache)), None))
         }
     }
 }

@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{Node, NodeOptions, client, static_tokens_file};
+use common::{
+    Node, NodeOptions, authorized as allowed, client, route_families as routes, send_route as send,
+    static_tokens_file,
+};
 use reqwest::{Method, StatusCode};
 
 const WRITER: &str = "tok-writer-7f3a";
@@ -47,113 +50,6 @@ fn start() -> (Node, tempfile::TempDir) {
             .env("KURA_AUTH_STATIC_TOKENS_FILE", tokens.display().to_string()),
     );
     (node, dir)
-}
-
-/// One request of a route family; `project` is where it points.
-struct Route {
-    name: &'static str,
-    method: Method,
-    path: String,
-    body: &'static str,
-}
-
-const HASH: &str = "3b1f6a0e6a3b5c0b9f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778";
-
-fn routes(project: &str) -> Vec<Route> {
-    let q = format!("account_handle=acme&project_handle={project}");
-    let r = |name, method, path: String, body| Route {
-        name,
-        method,
-        path,
-        body,
-    };
-    vec![
-        r(
-            "gradle query GET",
-            Method::GET,
-            format!("/api/cache/gradle/k?{q}"),
-            "",
-        ),
-        r(
-            "gradle query PUT",
-            Method::PUT,
-            format!("/api/cache/gradle/k?{q}"),
-            "x",
-        ),
-        r(
-            "gradle path GET",
-            Method::GET,
-            format!("/api/cache/gradle/acme/{project}/k"),
-            "",
-        ),
-        r(
-            "gradle path PUT",
-            Method::PUT,
-            format!("/api/cache/gradle/acme/{project}/k"),
-            "x",
-        ),
-        r("cas GET", Method::GET, format!("/api/cache/cas/c?{q}"), ""),
-        r(
-            "cas POST",
-            Method::POST,
-            format!("/api/cache/cas/c?{q}"),
-            "x",
-        ),
-        r(
-            "keyvalue GET",
-            Method::GET,
-            format!("/api/cache/keyvalue/c?{q}"),
-            "",
-        ),
-        r(
-            "keyvalue PUT",
-            Method::PUT,
-            format!("/api/cache/keyvalue?{q}"),
-            r#"{"cas_id":"c","entries":[]}"#,
-        ),
-        r(
-            "module start",
-            Method::POST,
-            format!("/api/cache/module/start?hash=h&name=n&{q}"),
-            "",
-        ),
-        r(
-            "module GET",
-            Method::GET,
-            format!("/api/cache/module/h?name=n&{q}"),
-            "",
-        ),
-        r("clean", Method::DELETE, format!("/api/cache/clean?{q}"), ""),
-        r(
-            "bazel ac GET",
-            Method::GET,
-            format!("/bazel/acme/{project}/ac/{HASH}"),
-            "",
-        ),
-        r(
-            "bazel ac PUT",
-            Method::PUT,
-            format!("/bazel/acme/{project}/ac/{HASH}"),
-            "x",
-        ),
-    ]
-}
-
-async fn send(node: &Node, route: &Route, token: Option<&str>) -> reqwest::Response {
-    let mut request = client()
-        .request(route.method.clone(), node.url(&route.path))
-        .body(route.body);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.unwrap()
-}
-
-fn allowed(status: StatusCode) -> bool {
-    !matches!(
-        status,
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::SERVICE_UNAVAILABLE
-    )
 }
 
 #[tokio::test]
@@ -433,4 +329,27 @@ async fn tokens_reload_on_sighup_and_on_file_change() {
         StatusCode::NOT_FOUND
     );
     assert!(node.logs().contains("static tokens not reloaded"));
+
+    // No signal: a changed file is noticed on its own.
+    let later = "tok-later-9c0d";
+    static_tokens_file(
+        dir.path(),
+        &[("later", later, r#"account = { read = ["acme"] }"#)],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while http
+        .get(&url)
+        .bearer_auth(later)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != StatusCode::NOT_FOUND
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file change not picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

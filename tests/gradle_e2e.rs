@@ -1,5 +1,6 @@
 //! Real Gradle (Debian's 4.4.1) against the node: a build stores its outputs through the path
 //! form with Basic credentials, and after `clean` a rebuild takes `compileJava` FROM-CACHE.
+//! Once with `static` tokens, once with `introspection` against the control-plane double.
 //! `scripts/test` installs Gradle and a JDK (scripts/install-deps.sh).
 
 mod common;
@@ -7,6 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::control_plane::{CLIENT_ID, CLIENT_SECRET, ControlPlane};
 use common::{Node, NodeOptions, static_tokens_file};
 
 const TOKEN: &str = "gradle-e2e-token-31c7";
@@ -55,20 +57,9 @@ fn gradle(project: &Path, tasks: &[&str]) -> String {
     text
 }
 
-#[test]
-fn gradle_rebuild_after_clean_is_served_from_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = static_tokens_file(
-        dir.path(),
-        &[("gradle", TOKEN, r#"project = { write = ["acme/android"] }"#)],
-    );
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_NODE_ACCOUNT", "acme")
-            .env("KURA_AUTH_MODE", "static")
-            .env("KURA_AUTH_STATIC_TOKENS_FILE", tokens.display().to_string()),
-    );
-    let project = dir.path().join("project");
+/// Builds, cleans and rebuilds the project against `node`, asserting the cache was used.
+fn build_clean_rebuild(node: &Node, dir: &Path) {
+    let project = dir.join("project");
     write_project(&project, node.addr.port());
 
     let first = gradle(&project, &["assemble"]);
@@ -95,4 +86,42 @@ fn gradle_rebuild_after_clean_is_served_from_the_cache() {
         "compileJava not from the cache:\n{second}"
     );
     assert!(!second.contains("Could not load entry"), "{second}");
+}
+
+#[test]
+fn gradle_rebuild_after_clean_is_served_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = static_tokens_file(
+        dir.path(),
+        &[("gradle", TOKEN, r#"project = { write = ["acme/android"] }"#)],
+    );
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_NODE_ACCOUNT", "acme")
+            .env("KURA_AUTH_MODE", "static")
+            .env("KURA_AUTH_STATIC_TOKENS_FILE", tokens.display().to_string()),
+    );
+    build_clean_rebuild(&node, dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gradle_works_with_introspection_against_the_control_plane() {
+    let plane = ControlPlane::start().await;
+    plane.answer(TOKEN, serde_json::json!({"active": true, "cache_grants": {"project": {"write": ["acme/android"]}}}));
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_NODE_ACCOUNT", "acme")
+            .env("KURA_AUTH_MODE", "introspection")
+            .env("KURA_AUTH_CONTROL_PLANE_URL", plane.url())
+            .env("KURA_CONTROL_PLANE_CLIENT_ID", CLIENT_ID)
+            .env("KURA_CONTROL_PLANE_CLIENT_SECRET", CLIENT_SECRET),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Gradle blocks; the double keeps answering on the other worker thread.
+    tokio::task::block_in_place(|| build_clean_rebuild(&node, dir.path()));
+    assert_eq!(
+        plane.calls(),
+        1,
+        "every Gradle request after the first is answered from the cache"
+    );
 }

@@ -4,12 +4,16 @@
 //! transport-neutral [`Decision`]. The HTTP layer maps it to a status in one place
 //! (`http::error`); the gRPC layer will map it to its codes the same way.
 
+pub mod cache;
 pub mod grants;
+pub mod introspection;
 pub mod static_tokens;
 
 use std::sync::Arc;
 
+use cache::{DecisionCache, Lookup};
 pub use grants::Grants;
+use introspection::Introspected;
 use static_tokens::StaticTokens;
 
 /// What a request wants to do. GET/HEAD read; everything else writes.
@@ -36,6 +40,32 @@ impl Token {
     pub fn sha256(&self) -> [u8; 32] {
         use sha2::Digest as _;
         sha2::Sha256::digest(self.0.as_bytes()).into()
+    }
+}
+
+/// The decision an introspection answer gives for one request.
+fn decide(
+    answer: &Introspected,
+    token: &Token,
+    resource: &Resource<'_>,
+    action: Action,
+) -> Decision {
+    match answer {
+        Introspected::Inactive => Decision::InvalidToken,
+        Introspected::Active { exp: Some(exp), .. } if *exp <= introspection::unix_now() => {
+            Decision::InvalidToken
+        }
+        Introspected::Active {
+            grants: Some(grants),
+            subject,
+            ..
+        } if grants.allows(resource, action) => Decision::Allow {
+            // A short prefix of the token's hash identifies it in logs without revealing it.
+            principal: subject
+                .clone()
+                .unwrap_or_else(|| format!("token-{}", &hex::encode(token.sha256())[..8])),
+        },
+        Introspected::Active { .. } => Decision::Forbidden,
     }
 }
 
@@ -88,23 +118,32 @@ pub enum Authorizer {
     Open,
     /// `auth.mode = "static"`: token hashes and grants from a file.
     Static(Arc<StaticTokens>),
+    /// `auth.mode = "introspection"`: the control plane decides, through a cache.
+    Introspection(Arc<DecisionCache>),
 }
 
 impl Authorizer {
+    /// Decides whether `token` may perform `action` on `resource`. `request_id` is forwarded
+    /// to the control plane when it is asked.
     pub async fn authorize(
         &self,
         token: Option<&Token>,
         resource: &Resource<'_>,
         action: Action,
+        request_id: Option<&str>,
     ) -> Decision {
-        let decision = match self {
-            Authorizer::Open => Decision::Allow {
+        let decision = match (self, token) {
+            (Authorizer::Open, _) => Decision::Allow {
                 principal: "anonymous".into(),
             },
-            Authorizer::Static(tokens) => match token {
-                None => Decision::MissingToken,
-                Some(token) => tokens.decide(token, resource, action),
-            },
+            (_, None) => Decision::MissingToken,
+            (Authorizer::Static(tokens), Some(token)) => tokens.decide(token, resource, action),
+            (Authorizer::Introspection(cache), Some(token)) => {
+                match cache.lookup(token, request_id).await {
+                    Lookup::Known(answer) => decide(&answer, token, resource, action),
+                    Lookup::Unavailable => Decision::Unavailable,
+                }
+            }
         };
         metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => decision.label())
             .increment(1);

@@ -151,6 +151,14 @@ pub struct AuthConfig {
     pub client_auth: ClientAuth,
     pub connect_timeout: HumanDuration,
     pub timeout: HumanDuration,
+    /// Introspection answers are served without asking again for this long...
+    pub cache_fresh: HumanDuration,
+    /// ...then revalidated in the background, and never used past this age.
+    pub cache_max_age: HumanDuration,
+    /// Inactive tokens and tokens without grants are remembered this long.
+    pub negative_ttl: HumanDuration,
+    /// Tokens kept in the decision cache (least recently used go first).
+    pub cache_size: u64,
 }
 
 impl Default for AuthConfig {
@@ -164,6 +172,10 @@ impl Default for AuthConfig {
             client_auth: ClientAuth::Body,
             connect_timeout: HumanDuration(std::time::Duration::from_secs(1)),
             timeout: HumanDuration(std::time::Duration::from_secs(3)),
+            cache_fresh: HumanDuration(std::time::Duration::from_secs(600)),
+            cache_max_age: HumanDuration(std::time::Duration::from_secs(1500)),
+            negative_ttl: HumanDuration(std::time::Duration::from_secs(5)),
+            cache_size: 100_000,
         }
     }
 }
@@ -389,10 +401,42 @@ impl Config {
             }
             AuthMode::Static => {}
             AuthMode::Introspection => {
-                return fail(
-                    "auth.mode",
-                    "\"introspection\" is not available in this release yet; use \"static\" or \"none\"",
-                );
+                let url = self.auth.control_plane_url.as_deref().unwrap_or_default();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return fail(
+                        "auth.control_plane_url",
+                        "an http:// or https:// URL is required when auth.mode = \"introspection\"",
+                    );
+                }
+                if self
+                    .auth
+                    .client_id
+                    .as_deref()
+                    .unwrap_or_default()
+                    .is_empty()
+                {
+                    return fail(
+                        "auth.client_id",
+                        "is required when auth.mode = \"introspection\" (or KURA_CONTROL_PLANE_CLIENT_ID)",
+                    );
+                }
+                if self
+                    .auth
+                    .client_secret
+                    .as_ref()
+                    .is_none_or(|s| s.expose().is_empty())
+                {
+                    return fail(
+                        "auth.client_secret",
+                        "is required when auth.mode = \"introspection\" (or KURA_CONTROL_PLANE_CLIENT_SECRET)",
+                    );
+                }
+                if self.auth.cache_fresh.0 > self.auth.cache_max_age.0 {
+                    return fail(
+                        "auth.cache_fresh",
+                        "must not be longer than auth.cache_max_age",
+                    );
+                }
             }
         }
         if self.uploads.max_in_flight == 0 {

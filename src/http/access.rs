@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, header};
 
 use super::AppState;
 use super::error::ApiError;
+use super::layers::RequestId;
 use crate::auth::{Action, Decision, Resource, Token};
 use crate::names;
 
@@ -70,7 +71,12 @@ impl FromRequestParts<AppState> for Authorized {
             account: &account,
             project: project.as_deref(),
         };
-        match app.auth.authorize(token.as_ref(), &resource, action).await {
+        let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
+        match app
+            .auth
+            .authorize(token.as_ref(), &resource, action, request_id)
+            .await
+        {
             Decision::Allow { principal } => Ok(Authorized {
                 project: project.unwrap_or_default(),
                 principal,

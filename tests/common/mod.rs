@@ -4,6 +4,8 @@
 //! line, so parallel tests never race for ports. Logs are kept for assertions.
 #![allow(dead_code)]
 
+pub mod control_plane;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -257,4 +259,111 @@ pub fn raw_exchange(addr: SocketAddr, head: &str, body: &[u8]) -> String {
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// One request of a cache route family, aimed at `project` of account `acme`.
+pub struct Route {
+    pub name: &'static str,
+    pub method: reqwest::Method,
+    pub path: String,
+    pub body: &'static str,
+}
+
+/// A request of every HTTP route family that takes a token.
+pub fn route_families(project: &str) -> Vec<Route> {
+    use reqwest::Method;
+    const HASH: &str = "3b1f6a0e6a3b5c0b9f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778";
+    let q = format!("account_handle=acme&project_handle={project}");
+    let r = |name, method, path: String, body| Route {
+        name,
+        method,
+        path,
+        body,
+    };
+    vec![
+        r(
+            "gradle query GET",
+            Method::GET,
+            format!("/api/cache/gradle/k?{q}"),
+            "",
+        ),
+        r(
+            "gradle query PUT",
+            Method::PUT,
+            format!("/api/cache/gradle/k?{q}"),
+            "x",
+        ),
+        r(
+            "gradle path GET",
+            Method::GET,
+            format!("/api/cache/gradle/acme/{project}/k"),
+            "",
+        ),
+        r(
+            "gradle path PUT",
+            Method::PUT,
+            format!("/api/cache/gradle/acme/{project}/k"),
+            "x",
+        ),
+        r("cas GET", Method::GET, format!("/api/cache/cas/c?{q}"), ""),
+        r(
+            "cas POST",
+            Method::POST,
+            format!("/api/cache/cas/c?{q}"),
+            "x",
+        ),
+        r(
+            "keyvalue GET",
+            Method::GET,
+            format!("/api/cache/keyvalue/c?{q}"),
+            "",
+        ),
+        r(
+            "keyvalue PUT",
+            Method::PUT,
+            format!("/api/cache/keyvalue?{q}"),
+            r#"{"cas_id":"c","entries":[]}"#,
+        ),
+        r(
+            "module start",
+            Method::POST,
+            format!("/api/cache/module/start?hash=h&name=n&{q}"),
+            "",
+        ),
+        r(
+            "module GET",
+            Method::GET,
+            format!("/api/cache/module/h?name=n&{q}"),
+            "",
+        ),
+        r("clean", Method::DELETE, format!("/api/cache/clean?{q}"), ""),
+        r(
+            "bazel ac GET",
+            Method::GET,
+            format!("/bazel/acme/{project}/ac/{HASH}"),
+            "",
+        ),
+        r(
+            "bazel ac PUT",
+            Method::PUT,
+            format!("/bazel/acme/{project}/ac/{HASH}"),
+            "x",
+        ),
+    ]
+}
+
+/// Sends one route-family request with an optional bearer token.
+pub async fn send_route(node: &Node, route: &Route, token: Option<&str>) -> reqwest::Response {
+    let mut request = client()
+        .request(route.method.clone(), node.url(&route.path))
+        .body(route.body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.expect("request")
+}
+
+/// Whether a status means the authorizer let the request through.
+pub fn authorized(status: reqwest::StatusCode) -> bool {
+    !matches!(status.as_u16(), 401 | 403 | 503)
 }

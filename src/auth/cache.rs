@@ -1,0 +1,193 @@
+//! Introspection answers cached per token, so the control plane is off the hot path.
+//!
+//! Keyed by the token's SHA-256 (the token itself is never stored). A positive answer is served
+//! as is while younger than `fresh` (10 min); after that it is still served, and the request
+//! that notices starts one background revalidation. It is never served past `max_age` (25 min)
+//! nor past the token's `exp`. Negative answers (inactive, or active without grants) live
+//! `negative_ttl` (5 s). Concurrent misses for one token share one backend call. When the
+//! backend fails, a token is not asked about again for a second (`PROBE_INTERVAL`), and only
+//! answers younger than `max_age` keep serving; everything else is "unavailable".
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+
+use super::Token;
+use super::introspection::{Introspected, IntrospectionClient, unix_now};
+
+/// After a failed call, the next call about the same token waits this long.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Cache lifetimes and size.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSettings {
+    pub fresh: Duration,
+    pub max_age: Duration,
+    pub negative_ttl: Duration,
+    pub capacity: u64,
+}
+
+/// What the cache knows about a token.
+pub enum Lookup {
+    Known(Introspected),
+    /// The backend cannot be asked and no usable answer is cached.
+    Unavailable,
+}
+
+struct Entry {
+    answer: Introspected,
+    fetched: Instant,
+    /// When this entry stops being usable at all.
+    expires: Instant,
+    revalidating: AtomicBool,
+}
+
+impl Entry {
+    fn new(answer: Introspected, settings: &CacheSettings) -> Entry {
+        let fetched = Instant::now();
+        let lifetime = match &answer {
+            Introspected::Active {
+                grants: Some(_),
+                exp,
+                ..
+            } => {
+                let until_exp = exp.map(|exp| Duration::from_secs(exp.saturating_sub(unix_now())));
+                until_exp.map_or(settings.max_age, |d| d.min(settings.max_age))
+            }
+            _ => settings.negative_ttl,
+        };
+        Entry {
+            answer,
+            fetched,
+            expires: fetched + lifetime,
+            revalidating: AtomicBool::new(false),
+        }
+    }
+
+    fn is_positive(&self) -> bool {
+        matches!(
+            self.answer,
+            Introspected::Active {
+                grants: Some(_),
+                ..
+            }
+        )
+    }
+}
+
+/// Entries leave the cache when they stop being usable.
+struct UntilUnusable;
+
+impl Expiry<[u8; 32], Arc<Entry>> for UntilUnusable {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        entry: &Arc<Entry>,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(entry.expires.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &[u8; 32],
+        entry: &Arc<Entry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.expires.saturating_duration_since(now))
+    }
+}
+
+/// The decision cache in front of an [`IntrospectionClient`]; cheap to clone.
+#[derive(Clone)]
+pub struct DecisionCache {
+    entries: moka::future::Cache<[u8; 32], Arc<Entry>>,
+    /// Tokens whose last backend call failed less than `PROBE_INTERVAL` ago.
+    failed: moka::future::Cache<[u8; 32], ()>,
+    client: Arc<IntrospectionClient>,
+    settings: CacheSettings,
+}
+
+impl DecisionCache {
+    pub fn new(client: IntrospectionClient, settings: CacheSettings) -> DecisionCache {
+        DecisionCache {
+            entries: moka::future::Cache::builder()
+                .max_capacity(settings.capacity)
+                .expire_after(UntilUnusable)
+                .build(),
+            failed: moka::future::Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(PROBE_INTERVAL)
+                .build(),
+            client: Arc::new(client),
+            settings,
+        }
+    }
+
+    /// The answer for `token`: cached when possible, otherwise asked (once for all concurrent
+    /// askers).
+    pub async fn lookup(&self, token: &Token, request_id: Option<&str>) -> Lookup {
+        let key = token.sha256();
+        let cached = self.entries.get(&key).await;
+        if let Some(entry) = cached.filter(|entry| Instant::now() < entry.expires) {
+            let stale = entry.is_positive() && entry.fetched.elapsed() >= self.settings.fresh;
+            if stale {
+                self.revalidate(key, token, &entry, request_id).await;
+            }
+            count(if stale { "stale" } else { "hit" });
+            return Lookup::Known(entry.answer.clone());
+        }
+        count("miss");
+        if self.failed.contains_key(&key) {
+            return Lookup::Unavailable;
+        }
+        let fetch = async {
+            self.client
+                .introspect(token, request_id)
+                .await
+                .map(|answer| Arc::new(Entry::new(answer, &self.settings)))
+        };
+        match self.entries.try_get_with(key, fetch).await {
+            Ok(entry) => Lookup::Known(entry.answer.clone()),
+            Err(_) => {
+                self.failed.insert(key, ()).await;
+                Lookup::Unavailable
+            }
+        }
+    }
+
+    /// Starts one background revalidation of a stale positive entry, unless one is running or
+    /// the backend failed for this token within the last second.
+    async fn revalidate(
+        &self,
+        key: [u8; 32],
+        token: &Token,
+        entry: &Arc<Entry>,
+        request_id: Option<&str>,
+    ) {
+        if self.failed.contains_key(&key) || entry.revalidating.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (cache, token, entry) = (self.clone(), token.clone(), entry.clone());
+        let request_id = request_id.map(str::to_owned);
+        tokio::spawn(async move {
+            match cache.client.introspect(&token, request_id.as_deref()).await {
+                Ok(answer) => {
+                    let fresh = Arc::new(Entry::new(answer, &cache.settings));
+                    cache.entries.insert(key, fresh).await;
+                }
+                Err(_) => {
+                    cache.failed.insert(key, ()).await;
+                    entry.revalidating.store(false, Ordering::SeqCst);
+                }
+            }
+        });
+    }
+}
+
+fn count(result: &'static str) {
+    metrics::counter!(crate::metrics::AUTH_CACHE_TOTAL, "result" => result).increment(1);
+}
