@@ -347,12 +347,12 @@ impl Store {
             bytes: size,
         };
         let fsync = inner.options.durability == Durability::Fsync;
-        let body = match &staged.content {
-            bodies::StagedContent::Inline(bytes) => BodyRef::Inline(bytes.clone()),
+        let body = match staged.content {
+            bodies::StagedContent::Inline(bytes) => BodyRef::Inline(bytes),
             bodies::StagedContent::File { id, temp } => {
-                let dest = bodies::body_path(&inner.bodies_dir, *id);
-                bodies::publish_file(temp, &dest, fsync).map_err(StoreError::from_write)?;
-                BodyRef::File(*id)
+                let dest = bodies::body_path(&inner.bodies_dir, id);
+                bodies::publish_file(&temp, &dest, fsync).map_err(StoreError::from_write)?;
+                BodyRef::File(id)
             }
         };
         let now = now_ms();
@@ -366,39 +366,14 @@ impl Store {
             accessed_ms: now,
             body,
         };
-        let mut accounting = self.accounting();
-        let previous = self.record(&encoded)?;
-        if mode == WriteMode::WriteOnce && previous.is_some() {
-            drop(accounting);
-            self.remove_body(&record.body);
-            return Err(StoreError::AlreadyExists);
-        }
-        let mut batch = WriteBatch::default();
-        let mut usage = accounting.usage;
-        if let Some(old) = &previous {
-            batch.delete_cf(
-                self.cf(meta::CF_ACCESS),
-                meta::access_key(old.accessed_ms, &encoded),
-            );
-            usage.bytes = usage.bytes.saturating_sub(old.size);
-            usage.artifacts = usage.artifacts.saturating_sub(1);
-        }
-        usage.bytes += size;
-        usage.artifacts += 1;
-        batch.put_cf(self.cf(meta::CF_ARTIFACTS), &encoded, meta::encode(&record));
-        batch.put_cf(
-            self.cf(meta::CF_ACCESS),
-            meta::access_key(now, &encoded),
-            [],
-        );
-        batch.put_cf(
-            self.cf(meta::CF_STATE),
-            meta::USAGE_KEY,
-            meta::encode(&usage),
-        );
-        self.write(batch)?;
-        accounting.usage = usage;
-        drop(accounting);
+        let previous = match self.publish_record(&encoded, &record, mode) {
+            Ok(previous) => previous,
+            Err(error) => {
+                // Not published: the body just moved into place belongs to nobody.
+                self.remove_body(&record.body);
+                return Err(error);
+            }
+        };
         if let Some(old) = &previous {
             self.remove_body(&old.body);
         }
@@ -406,6 +381,42 @@ impl Store {
             created: previous.is_none(),
             info: ArtifactInfo::from_record(&record),
         })
+    }
+
+    /// The publish point: one batch writes the record, its eviction-queue entry and the usage
+    /// counter, replacing any previous record (which it returns).
+    fn publish_record(
+        &self,
+        encoded: &[u8],
+        record: &ArtifactRecord,
+        mode: WriteMode,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let mut accounting = self.accounting();
+        let previous = self.record(encoded)?;
+        if mode == WriteMode::WriteOnce && previous.is_some() {
+            return Err(StoreError::AlreadyExists);
+        }
+        let mut batch = WriteBatch::default();
+        let mut usage = accounting.usage;
+        if let Some(old) = &previous {
+            let old_entry = meta::access_key(old.accessed_ms, encoded);
+            batch.delete_cf(self.cf(meta::CF_ACCESS), old_entry);
+            usage.bytes = usage.bytes.saturating_sub(old.size);
+            usage.artifacts = usage.artifacts.saturating_sub(1);
+        }
+        usage.bytes += record.size;
+        usage.artifacts += 1;
+        let new_entry = meta::access_key(record.accessed_ms, encoded);
+        batch.put_cf(self.cf(meta::CF_ARTIFACTS), encoded, meta::encode(record));
+        batch.put_cf(self.cf(meta::CF_ACCESS), new_entry, []);
+        batch.put_cf(
+            self.cf(meta::CF_STATE),
+            meta::USAGE_KEY,
+            meta::encode(&usage),
+        );
+        self.write(batch)?;
+        accounting.usage = usage;
+        Ok(previous)
     }
 
     /// Metadata of an artifact, without touching its body.
