@@ -16,10 +16,13 @@
 #   KURA_BENCH_DURATION=10s   length of each wrk run
 #   KURA_BENCH_SKIP_BUILD=1   use the existing $CARGO_TARGET_DIR/release/kura (no cargo build)
 #   KURA_BENCH_KEEP=1         keep the work dir (logs, wrk outputs) and print its path
+#   KURA_BENCH_NGINX_EXTRA='client_body_buffer_size 1m;'
+#                             extra directives for nginx's http block (tuning experiments)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh bench
+# shellcheck source=scripts/env.sh
 . scripts/env.sh
 
 duration="${KURA_BENCH_DURATION:-10s}"
@@ -67,15 +70,13 @@ die() {
   exit 1
 }
 
-# A free TCP port on 127.0.0.1: random high port that nothing accepts on.
-used_ports=" "
+# A free TCP port on 127.0.0.1: a random high port that nothing accepts on. (Runs in a
+# subshell; nginx listens before Kura's port is picked, so the two never get the same one.)
 free_port() {
   local port i
   for ((i = 0; i < 200; i++)); do
     port=$((20000 + RANDOM % 40000))
-    case "$used_ports" in *" $port "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      used_ports+="$port "
       echo "$port"
       return 0
     fi
@@ -108,12 +109,11 @@ alive() {
 cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 echo "== Kura vs nginx load benchmark"
 echo "machine: $(nproc) cores, ${cpu_model:-unknown CPU}, kernel $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
-echo "kura:    $("$bin" --version) ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 echo "nginx:   $("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //')"
 echo "wrk:     $(wrk -v 2>&1 | awk 'NR == 1 {print $2}')"
 echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min; other work on the machine skews the numbers)"
 echo "each run: $duration, load generator on the same machine"
-echo
+[ -z "${KURA_BENCH_NGINX_EXTRA:-}" ] || echo "nginx extra directives: $KURA_BENCH_NGINX_EXTRA"
 
 # --- payloads --------------------------------------------------------------------------------
 mkdir -p "$work/www" "$work/nginx/body" "$work/nginx/logs" "$work/kura-data" "$work/out"
@@ -143,6 +143,7 @@ http {
   fastcgi_temp_path $work/nginx/fastcgi;
   uwsgi_temp_path $work/nginx/uwsgi;
   scgi_temp_path $work/nginx/scgi;
+  ${KURA_BENCH_NGINX_EXTRA:-}
   server {
     listen 127.0.0.1:$nginx_port;
     root $work/www;
@@ -187,6 +188,9 @@ kura_pid=$!
 kura_url="http://127.0.0.1:$kura_port"
 wait_up kura "$kura_pid" "$kura_url/up" "$work/kura.log"
 auth="Authorization: Bearer $token"
+kura_sha="$(curl -s "$kura_url/metrics" | sed -n 's/^kura_build_info{.*git_sha="\([^"]*\)".*/\1/p' | head -n 1)"
+echo "kura:    $("$bin" --version), built from ${kura_sha:-unknown commit}, $bin"
+echo
 kura_path() { echo "/api/cache/gradle/$1?account_handle=dev"; }
 
 # --- preload and check bytes -----------------------------------------------------------------
@@ -261,9 +265,9 @@ echo
 
 # --- report ----------------------------------------------------------------------------------
 flagged=0
-row_fmt='%-9s %12s %12s %10s %7s %-7s %12s %12s  %s\n'
-printf "$row_fmt" scenario "nginx req/s" "kura req/s" kura/nginx target result "nginx MiB/s" "kura MiB/s" errors
-printf "$row_fmt" --------- ----------- ---------- ---------- ------ ------ ----------- ---------- ------
+row() { printf '%-9s %12s %12s %10s %7s %-7s %12s %12s  %s\n' "$@"; }
+row scenario "nginx req/s" "kura req/s" kura/nginx target result "nginx MiB/s" "kura MiB/s" errors
+row --------- ----------- ---------- ---------- ------ ------ ----------- ---------- ------
 report() { # label target payload_bytes
   local label="$1" target="$2" bytes="$3" n k
   local nvar="r_${label//-/_}_nginx" kvar="r_${label//-/_}_kura"
@@ -271,14 +275,15 @@ report() { # label target payload_bytes
   IFS='|' read -r k_rps _ k_non2xx k_sock <<<"${!kvar}"
   local ratio result errors="none"
   ratio="$(awk -v k="$k_rps" -v n="$n_rps" 'BEGIN {printf "%.2f", (n > 0 ? k / n : 0)}')"
-  result="$(awk -v r="$ratio" -v t="$target" 'BEGIN {print (r + 0 >= t + 0 ? "PASS" : "MISS")}')"
+  result="$(awk -v k="$k_rps" -v n="$n_rps" -v t="$target" \
+    'BEGIN {print (n > 0 && k / n >= t + 0 ? "PASS" : "MISS")}')"
   n="$(awk -v r="$n_rps" -v b="$bytes" 'BEGIN {printf "%.1f", r * b / 1048576}')"
   k="$(awk -v r="$k_rps" -v b="$bytes" 'BEGIN {printf "%.1f", r * b / 1048576}')"
   if [ "$n_non2xx" != 0 ] || [ "$n_sock" != 0 ] || [ "$k_non2xx" != 0 ] || [ "$k_sock" != 0 ]; then
     errors="FLAG nginx non-2xx=$n_non2xx sock=$n_sock, kura non-2xx=$k_non2xx sock=$k_sock"
     flagged=1
   fi
-  printf "$row_fmt" "$label" "$n_rps" "$k_rps" "$ratio" ">=$target" "$result" "$n" "$k" "$errors"
+  row "$label" "$n_rps" "$k_rps" "$ratio" ">=$target" "$result" "$n" "$k" "$errors"
 }
 report get-4k 1.0 4096
 report get-64m 0.9 $((64 * 1024 * 1024))
