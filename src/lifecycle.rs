@@ -73,8 +73,7 @@ impl Lifecycle {
 
     /// Counts a request as in flight until the returned guard drops.
     pub fn track(&self) -> InFlight {
-        let now = self.inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!(crate::metrics::INFLIGHT_REQUESTS).set(now as f64);
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight {
             inner: self.inner.clone(),
         }
@@ -103,9 +102,7 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let now = self.inner.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
-        metrics::gauge!(crate::metrics::INFLIGHT_REQUESTS).set(now as f64);
-        if now == 0 {
+        if self.inner.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.inner.idle.notify_waiters();
         }
     }

@@ -100,7 +100,8 @@ fn describe() {
 }
 
 /// Refreshes gauges that are sampled rather than counted (called on every scrape).
-pub fn sample(stats: crate::storage::StoreStats) {
+pub fn sample(stats: crate::storage::StoreStats, in_flight: usize) {
+    metrics::gauge!(INFLIGHT_REQUESTS).set(in_flight as f64);
     metrics::gauge!(STORAGE_USED_BYTES).set(stats.used_bytes as f64);
     metrics::gauge!(STORAGE_CAPACITY_BYTES).set(stats.capacity as f64);
     metrics::gauge!(STORAGE_ARTIFACTS).set(stats.artifacts as f64);

@@ -29,7 +29,8 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .filter(|v| is_sane_request_id(v))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        // The thread-local generator: no system call per request.
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     request.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(request).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
@@ -114,9 +115,10 @@ pub async fn admission(State(app): State<AppState>, request: Request, next: Next
 pub async fn uniform_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error())
-        || response.extensions().get::<ErrorBody>().is_some()
-    {
+    // Bare framework answers carry no content type; handlers' own bodies (`/ready`'s 503, every
+    // `ApiError`) do and are left alone.
+    let bare = !response.headers().contains_key(header::CONTENT_TYPE);
+    if !(status.is_client_error() || status.is_server_error()) || !bare {
         return response;
     }
     let (code, message) = match status {

@@ -58,7 +58,7 @@ async fn status(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    crate::metrics::sample(app.store.stats());
+    crate::metrics::sample(app.store.stats(), app.lifecycle.in_flight());
     let body = app
         .metrics
         .as_ref()

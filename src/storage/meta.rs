@@ -29,8 +29,8 @@ const FORMAT_V1: u8 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BodyRef {
     /// Small bodies live inside the record: one lookup serves them, and they publish atomically
-    /// with their metadata for free.
-    Inline(Vec<u8>),
+    /// with their metadata for free. (`serde_bytes`: decoded as one copy, not byte by byte.)
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A file under `bodies/`, named by this id (see `bodies::body_path`).
     File(u128),
 }
