@@ -9,6 +9,8 @@
 #   get-64m   GET of a 64 MiB body     wrk -t1 -c4
 #   put-1m    PUT of a 1 MiB body      wrk -t2 -c8  (same key/path every time: overwrite)
 # and prints requests/sec for both, the kura/nginx ratio and whether it meets its target.
+# Then, for the auth cost: get-4k against Kura with auth "none" and with "introspection" (warm
+# decision cache, a fake control plane on loopback); target: introspection within 5 % of none.
 # It reports; it is not a test: a missed target still exits 0. A server that does not start,
 # dies mid-run, or bytes that differ exit non-zero.
 #
@@ -37,6 +39,7 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/kura-bench.XXXXXX")"
 nginx_pid=""
 kura_pid=""
+extra_pids=() # the auth-mode comparison's nodes and fake control plane
 
 stop() { # pid: TERM, up to 10 s to exit, then KILL
   local pid="$1" i
@@ -54,6 +57,8 @@ cleanup() {
   trap - EXIT INT TERM
   [ -n "$kura_pid" ] && stop "$kura_pid"
   [ -n "$nginx_pid" ] && stop "$nginx_pid"
+  local pid
+  for pid in "${extra_pids[@]}"; do stop "$pid"; done
   if [ "${KURA_BENCH_KEEP:-0}" = 1 ]; then
     echo "load.sh: work dir kept: $work" >&2
   else
@@ -293,3 +298,67 @@ echo "MiB/s = req/s x payload size (for PUT: bytes uploaded). Ratio = kura req/s
 if [ "$flagged" = 1 ]; then
   echo "WARNING: some runs had non-2xx responses or socket errors; their numbers are suspect." >&2
 fi
+
+# --- auth modes: small GET with "introspection" (warm cache) against "none" -------------------
+# A fake control plane: every token is active with read/write on account "dev".
+cat >"$work/control_plane.py" <<'PY'
+import http.server, json, sys
+ANSWER = json.dumps({"active": True, "cache_grants": {"account": {"read": ["dev"], "write": ["dev"]}}}).encode()
+class Introspect(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(ANSWER)))
+        self.end_headers()
+        self.wfile.write(ANSWER)
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Introspect).serve_forever()
+PY
+plane_port="$(free_port)"
+python3 "$work/control_plane.py" "$plane_port" >"$work/control_plane.log" 2>&1 &
+plane_pid=$!
+extra_pids+=("$plane_pid")
+wait_up "control plane" "$plane_pid" "http://127.0.0.1:$plane_port/" "$work/control_plane.log"
+
+# launch_kura name VAR=value...: starts a node on a free port, preloads small4k, warms it up,
+# and sets $launched_url.
+launch_kura() {
+  local name="$1" port pid
+  shift
+  port="$(free_port)"
+  mkdir -p "$work/$name-data"
+  env KURA_SERVER_HTTP="127.0.0.1:$port" KURA_STORAGE_DATA_DIR="$work/$name-data" \
+    KURA_LOG_FORMAT=json KURA_LOG_LEVEL=warn "$@" "$bin" serve >"$work/$name.log" 2>&1 &
+  pid=$!
+  extra_pids+=("$pid")
+  launched_url="http://127.0.0.1:$port"
+  wait_up "kura ($name)" "$pid" "$launched_url/up" "$work/$name.log"
+  expect_2xx "kura ($name) PUT small4k" \
+    "$(http PUT "$launched_url$(kura_path small4k)" --data-binary "@$work/www/small4k")"
+  # The first authorized request fills the decision cache (introspection).
+  curl -sS -f -H "$auth" -o /dev/null "$launched_url$(kura_path small4k)" ||
+    die "kura ($name) GET failed"
+}
+
+echo
+echo "auth cost (get-4k, $duration each):"
+launch_kura none KURA_AUTH_MODE=none
+none_url="$launched_url"
+launch_kura introspection KURA_AUTH_MODE=introspection \
+  KURA_AUTH_CONTROL_PLANE_URL="http://127.0.0.1:$plane_port" \
+  KURA_CONTROL_PLANE_CLIENT_ID=bench KURA_CONTROL_PLANE_CLIENT_SECRET=bench-secret
+introspection_url="$launched_url"
+run_wrk auth-none kura 2 32 "$none_url$(kura_path small4k)"
+run_wrk auth-introspection kura 2 32 "$introspection_url$(kura_path small4k)"
+# shellcheck disable=SC2154 # assigned by run_wrk through printf -v
+IFS='|' read -r none_rps _ <<<"$r_auth_none_kura"
+IFS='|' read -r intro_rps _ <<<"$r_auth_introspection_kura"
+awk -v i="$intro_rps" -v n="$none_rps" 'BEGIN {
+  r = (n > 0 ? i / n : 0)
+  printf "introspection/none = %.3f (target >= 0.95): %s\n", r, (r >= 0.95 ? "PASS" : "MISS")
+}'

@@ -6,10 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: glibc's allocator contends on its arenas under many small per-request allocations
-/// (measured in `docs/benchmarks.md`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use kura::config::{Config, LogFormat};
 
 #[derive(Parser)]

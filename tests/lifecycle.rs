@@ -235,3 +235,56 @@ async fn restart_keeps_artifacts_and_node_id() {
     assert_eq!(status["artifacts"], 1);
     assert_eq!(status["disk"]["used_bytes"], 4);
 }
+
+/// The README's first command runs `kura serve` with no config and no `KURA_*` variables: that
+/// node must listen on 127.0.0.1:4000, keep its data in ./kura-data, and round-trip the README's
+/// curl example byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_config_dev_node_serves_the_readme_example() {
+    use std::net::TcpStream;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect("127.0.0.1:4000").is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "127.0.0.1:4000 is in use: stop the dev node running there"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kura"))
+        .arg("serve")
+        .current_dir(cwd.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = client();
+    let up = loop {
+        match http.get("http://127.0.0.1:4000/up").send().await {
+            Ok(response) => break response,
+            Err(_) if std::time::Instant::now() < deadline + Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(error) => panic!("dev node did not come up: {error}"),
+        }
+    };
+    let up: serde_json::Value = up.json().await.unwrap();
+    assert_eq!(up["account"], "dev");
+    let body = common::payload(77, 1_000_000);
+    let url = "http://127.0.0.1:4000/api/cache/gradle/k1?account_handle=dev";
+    let put = http.put(url).body(body.clone()).send().await.unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    assert_eq!(
+        http.get(url).send().await.unwrap().bytes().await.unwrap(),
+        body
+    );
+    assert!(
+        cwd.path().join("kura-data/meta").is_dir(),
+        "data lives in ./kura-data"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
