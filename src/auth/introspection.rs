@@ -22,8 +22,9 @@ pub enum Introspected {
         grants: Option<Arc<Grants>>,
         /// Unix seconds after which the token must not be trusted.
         exp: Option<u64>,
-        /// Who the token belongs to (`sub`, else `client_id`), for logs.
-        subject: Option<String>,
+        /// Who the token belongs to, for logs: `sub`, else `client_id`, else a short prefix of
+        /// the token's hash. Computed once per answer, shared by every request it serves.
+        principal: Arc<str>,
     },
     /// Inactive, unknown or expired.
     Inactive,
@@ -106,7 +107,7 @@ impl IntrospectionClient {
             other => other,
         };
         let outcome = match result {
-            Ok(response) => parse(response).await,
+            Ok(response) => parse(response, token).await,
             Err(error) => Err(BackendError::Transport(describe(&error))),
         };
         let label = match &outcome {
@@ -147,7 +148,7 @@ impl IntrospectionClient {
     }
 }
 
-async fn parse(response: reqwest::Response) -> Result<Introspected, BackendError> {
+async fn parse(response: reqwest::Response, token: &Token) -> Result<Introspected, BackendError> {
     if response.status() != reqwest::StatusCode::OK {
         return Err(BackendError::Status(response.status().as_u16()));
     }
@@ -163,7 +164,11 @@ async fn parse(response: reqwest::Response) -> Result<Introspected, BackendError
     Ok(Introspected::Active {
         grants: answer.cache_grants.map(|doc| Arc::new(Grants::from(doc))),
         exp: answer.exp,
-        subject: answer.sub.or(answer.client_id),
+        principal: answer
+            .sub
+            .or(answer.client_id)
+            .unwrap_or_else(|| format!("token-{}", hex::encode(&token.sha256()[..4])))
+            .into(),
     })
 }
 

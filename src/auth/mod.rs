@@ -44,12 +44,7 @@ impl Token {
 }
 
 /// The decision an introspection answer gives for one request.
-fn decide(
-    answer: &Introspected,
-    token: &Token,
-    resource: &Resource<'_>,
-    action: Action,
-) -> Decision {
+fn decide(answer: &Introspected, resource: &Resource<'_>, action: Action) -> Decision {
     match answer {
         Introspected::Inactive => Decision::InvalidToken,
         Introspected::Active { exp: Some(exp), .. } if *exp <= introspection::unix_now() => {
@@ -57,13 +52,10 @@ fn decide(
         }
         Introspected::Active {
             grants: Some(grants),
-            subject,
+            principal,
             ..
         } if grants.allows(resource, action) => Decision::Allow {
-            // A short prefix of the token's hash identifies it in logs without revealing it.
-            principal: subject
-                .clone()
-                .unwrap_or_else(|| format!("token-{}", &hex::encode(token.sha256())[..8])),
+            principal: principal.clone(),
         },
         Introspected::Active { .. } => Decision::Forbidden,
     }
@@ -87,7 +79,7 @@ pub struct Resource<'a> {
 pub enum Decision {
     /// Allowed; `principal` names the caller in logs (never the token).
     Allow {
-        principal: String,
+        principal: Arc<str>,
     },
     MissingToken,
     /// Unknown, inactive or expired token.
@@ -140,7 +132,7 @@ impl Authorizer {
             (Authorizer::Static(tokens), Some(token)) => tokens.decide(token, resource, action),
             (Authorizer::Introspection(cache), Some(token)) => {
                 match cache.lookup(token, request_id).await {
-                    Lookup::Known(answer) => decide(&answer, token, resource, action),
+                    Lookup::Known(answer) => decide(&answer, resource, action),
                     Lookup::Unavailable => Decision::Unavailable,
                 }
             }

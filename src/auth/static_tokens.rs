@@ -31,7 +31,8 @@ struct TokenEntry {
 }
 
 struct Known {
-    name: String,
+    /// Shown in logs instead of the token; shared by every request it allows.
+    name: Arc<str>,
     grants: Grants,
 }
 
@@ -130,7 +131,7 @@ fn read_file(path: &Path) -> Result<ReadTokens, String> {
         tokens.insert(
             hash,
             Known {
-                name: entry.name,
+                name: entry.name.into(),
                 grants: entry.cache_grants.into(),
             },
         );

@@ -35,7 +35,7 @@ pub struct Authorized {
     /// Lowercased project handle; empty for account-scoped requests.
     pub project: String,
     /// Who is calling (a token's name, never the token).
-    pub principal: String,
+    pub principal: std::sync::Arc<str>,
 }
 
 impl FromRequestParts<AppState> for Authorized {
