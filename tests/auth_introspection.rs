@@ -267,19 +267,9 @@ async fn outage_serves_recent_tokens_and_recovers_within_a_second() {
     plane.stop();
     tokio::time::sleep(Duration::from_millis(4200)).await;
     assert_eq!(status(&node, WRITER).await, StatusCode::SERVICE_UNAVAILABLE);
-    let metrics = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let stale: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("kura_auth_cache_lookups_total{result=\"stale\"}"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0);
+    let stale = node
+        .metric("kura_auth_cache_lookups_total{result=\"stale\"}")
+        .await;
     assert!(stale >= 5, "stale serves are counted ({stale})");
 }
 

@@ -56,14 +56,7 @@ async fn writing_512_mib_into_64_mib_keeps_recently_read_artifacts() {
             .await
             .unwrap();
         assert_eq!(put.status(), StatusCode::CREATED, "write {n}");
-        let status: serde_json::Value = http
-            .get(node.url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = node.status().await;
         let used = status["disk"]["used_bytes"].as_u64().unwrap();
         assert!(
             used <= CAPACITY,
@@ -98,19 +91,7 @@ async fn writing_512_mib_into_64_mib_keeps_recently_read_artifacts() {
             payload(i, MIB)
         );
     }
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let evictions: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("kura_storage_evictions_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0);
+    let evictions = node.metric("kura_storage_evictions_total").await;
     assert!(evictions >= 450, "evictions counted: {evictions}");
     let bodies: usize = std::fs::read_dir(node.data_dir().join("bodies"))
         .unwrap()

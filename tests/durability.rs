@@ -120,14 +120,7 @@ async fn kill_9_during_uploads_loses_nothing_acknowledged() {
             "after all rounds: {key}"
         );
     }
-    let status: serde_json::Value = http
-        .get(node.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = node.status().await;
     assert!(status["artifacts"].as_u64().unwrap() >= acknowledged.len() as u64);
 }
 
@@ -156,23 +149,6 @@ fn flip_byte(path: &std::path::Path, offset: u64) {
     file.write_all(&[byte[0] ^ 0x40]).unwrap();
 }
 
-async fn corrupt_count(http: &reqwest::Client, node: &Node) -> u64 {
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find(|l| l.starts_with("kura_storage_corrupt_bodies_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_small_corrupted_body_is_a_miss() {
     let node = Node::start();
@@ -187,7 +163,7 @@ async fn a_small_corrupted_body_is_a_miss() {
         http.get(&url).send().await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
-    assert_eq!(corrupt_count(&http, &node).await, 1);
+    assert_eq!(node.metric("kura_storage_corrupt_bodies_total").await, 1);
     assert_eq!(
         http.get(&url).send().await.unwrap().status(),
         StatusCode::NOT_FOUND,
@@ -222,7 +198,7 @@ async fn a_large_corrupted_body_is_never_delivered_complete() {
         received.is_err(),
         "the response must be aborted, not completed"
     );
-    assert_eq!(corrupt_count(&http, &node).await, 1);
+    assert_eq!(node.metric("kura_storage_corrupt_bodies_total").await, 1);
     assert_eq!(
         http.get(&url).send().await.unwrap().status(),
         StatusCode::NOT_FOUND

@@ -383,14 +383,7 @@ async fn project_clean_removes_only_that_project() {
             .unwrap(),
         "keep"
     );
-    let status: Value = http
-        .get(node.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = node.status().await;
     assert_eq!(status["artifacts"], 1);
     assert_eq!(status["disk"]["used_bytes"], 4);
 }
@@ -544,14 +537,7 @@ async fn probes_and_metrics() {
         .send()
         .await
         .unwrap();
-    let status: Value = http
-        .get(node.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = node.status().await;
     assert_eq!(status["state"], "serving");
     assert_eq!(status["artifacts"], 1);
     assert_eq!(status["disk"]["used_bytes"], 5);

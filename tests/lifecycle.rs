@@ -224,14 +224,7 @@ async fn restart_keeps_artifacts_and_node_id() {
             .unwrap(),
         "kept"
     );
-    let status: serde_json::Value = http
-        .get(node.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = node.status().await;
     assert_eq!(status["artifacts"], 1);
     assert_eq!(status["disk"]["used_bytes"], 4);
 }

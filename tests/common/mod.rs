@@ -178,6 +178,34 @@ impl Node {
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
+
+    /// The node's `/status` document.
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(self.url("/status"))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status JSON")
+    }
+
+    /// The value of one series in `/metrics` (`name{labels}` as printed), 0 when absent.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find(|line| line.split_whitespace().next() == Some(series))
+            .and_then(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+            .map_or(0, |value| value as u64)
+    }
 }
 
 impl Drop for Node {
