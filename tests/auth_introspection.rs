@@ -355,14 +355,7 @@ async fn tokens_and_the_client_secret_stay_out_of_logs_and_metrics() {
     }
     plane.stop();
     status(&node, IOS).await;
-    let metrics = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains("kura_auth_backend_calls_total"),
         "{metrics}"

@@ -248,14 +248,7 @@ async fn probes_need_no_token_and_tokens_never_reach_logs_or_metrics() {
             .await
             .unwrap();
     }
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains("kura_auth_decisions_total{result=\"invalid_token\"} 1"),
         "{metrics}"

@@ -509,14 +509,7 @@ async fn bazel_http_cache_verifies_cas_digests() {
 async fn probes_and_metrics() {
     let node = Node::start();
     let http = client();
-    let up: Value = http
-        .get(node.url("/up"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let up: Value = node.json("/up").await;
     assert_eq!(up["status"], "ok");
     assert_eq!(up["account"], "dev");
     assert!(up["node_id"].as_str().unwrap().starts_with("kura-"));
@@ -543,14 +536,7 @@ async fn probes_and_metrics() {
     assert_eq!(status["disk"]["used_bytes"], 5);
     assert!(status["peers"].is_array());
 
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     for expected in [
         "kura_http_requests_total{protocol=\"http\",route=\"/api/cache/gradle/{key}\",method=\"PUT\",status=\"201\"} 1",
         "kura_cache_hits_total{kind=\"gradle\"} 1",

@@ -196,23 +196,9 @@ async fn restart_keeps_artifacts_and_node_id() {
     let http = client();
     let url = |node: &Node| node.url("/api/cache/gradle/keep?account_handle=dev");
     http.put(url(&node)).body("kept").send().await.unwrap();
-    let before: serde_json::Value = http
-        .get(node.url("/up"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: serde_json::Value = node.json("/up").await;
     node.restart();
-    let after: serde_json::Value = http
-        .get(node.url("/up"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: serde_json::Value = node.json("/up").await;
     assert_eq!(before["node_id"], after["node_id"]);
     assert_eq!(
         http.get(url(&node))

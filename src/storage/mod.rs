@@ -318,10 +318,8 @@ impl Store {
         attributes: NewArtifact,
         mode: WriteMode,
     ) -> Result<Committed, StoreError> {
+        // `WriteOnce` is decided in `publish_record`, under the commit lock.
         let encoded = key.encode();
-        if mode == WriteMode::WriteOnce && self.record(&encoded)?.is_some() {
-            return Err(StoreError::AlreadyExists);
-        }
         self.reserve(staged.size).await?;
         let store = self.clone();
         let result = tokio::task::spawn_blocking(move || {

@@ -179,28 +179,30 @@ impl Node {
         &self.data_dir
     }
 
+    /// A JSON document the node serves at `path` (e.g. `/up`, `/status`).
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let response = client().get(self.url(path)).send().await.expect("request");
+        response.json().await.expect("JSON body")
+    }
+
     /// The node's `/status` document.
     pub async fn status(&self) -> serde_json::Value {
-        client()
-            .get(self.url("/status"))
+        self.json("/status").await
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = client()
+            .get(self.url("/metrics"))
             .send()
             .await
-            .expect("status")
-            .json()
-            .await
-            .expect("status JSON")
+            .expect("metrics");
+        response.text().await.expect("metrics text")
     }
 
     /// The value of one series in `/metrics` (`name{labels}` as printed), 0 when absent.
     pub async fn metric(&self, series: &str) -> u64 {
-        let text = client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = self.metrics().await;
         text.lines()
             .find(|line| line.split_whitespace().next() == Some(series))
             .and_then(|line| line.split_whitespace().last()?.parse::<f64>().ok())
