@@ -3,7 +3,7 @@
 //! serve-stale during an outage, recovery), slow and broken backends, and secrets kept out of
 //! logs and metrics.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! project, read-only grants refused on writes, other accounts refused, Basic credentials, and
 //! reload on SIGHUP.
 
-mod common;
+use crate::common;
 
 use common::{
     Node, NodeOptions, authorized as allowed, client, route_families as routes, send_route as send,

@@ -1,7 +1,7 @@
 //! Capacity: usage stays within `storage.capacity`, and eviction takes the least recently
 //! accessed artifacts first.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

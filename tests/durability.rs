@@ -1,7 +1,7 @@
 //! What survives: kill -9 during concurrent uploads loses nothing acknowledged and exposes
 //! nothing partial; a body damaged on disk is never served.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

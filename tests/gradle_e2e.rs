@@ -3,7 +3,7 @@
 //! Once with `static` tokens, once with `introspection` against the control-plane double.
 //! `scripts/test` installs Gradle and a JDK (scripts/install-deps.sh).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

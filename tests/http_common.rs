@@ -1,7 +1,7 @@
 //! Gradle routes and the common behaviour of every upload/download (http-api.md → Common
 //! behaviour), against the real node on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,6 +1,6 @@
 //! Every cache surface besides Gradle, and the probes, against the real node on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use common::{Node, NodeOptions, client, payload};
 

@@ -1,6 +1,6 @@
 //! Start-up refusals, the data-dir lock, and the drain on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

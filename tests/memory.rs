@@ -1,7 +1,7 @@
 //! Memory stays flat in the size of artifacts: peak RSS of the node (VmHWM) stays under
 //! 150 MiB through a 2 GiB upload and download, and 8 concurrent 256 MiB ones.
 
-mod common;
+use crate::common;
 
 use common::{Node, NodeOptions, client, payload};
 use futures_util::StreamExt;
