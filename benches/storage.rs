@@ -6,12 +6,9 @@ use kura::storage::{ArtifactKey, Durability, Kind, NewArtifact, Store, StoreOpti
 
 fn open(durability: Durability, dir: &std::path::Path) -> Store {
     Store::open(StoreOptions {
-        data_dir: dir.to_path_buf(),
         durability,
-        capacity: 1 << 40,
-        low_watermark: 1 << 39,
-        inline_max: kura::storage::DEFAULT_INLINE_MAX,
         node_id: Some("bench".into()),
+        ..StoreOptions::new(dir)
     })
     .expect("open store")
 }

@@ -1,7 +1,6 @@
 //! Wires the parts into a running node and owns its lifecycle: start, serve, drain, exit.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,14 +114,13 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create storage.data_dir {}", data_dir.display()))?;
-    let capacity = match config.storage.capacity {
+    let filesystem = crate::storage::filesystem_space(data_dir)
+        .with_context(|| format!("cannot size the filesystem of {}", data_dir.display()))?;
+    let in_bytes = |amount: Capacity| match amount {
         Capacity::Bytes(bytes) => bytes.0,
-        Capacity::Percent(percent) => {
-            let total = filesystem_size(data_dir)
-                .with_context(|| format!("cannot size the filesystem of {}", data_dir.display()))?;
-            (total as f64 * percent / 100.0) as u64
-        }
+        Capacity::Percent(percent) => (filesystem.total as f64 * percent / 100.0) as u64,
     };
+    let capacity = in_bytes(config.storage.capacity);
     let low_watermark = (capacity as f64 * config.storage.low_watermark / 100.0) as u64;
     Store::open(StoreOptions {
         data_dir: data_dir.clone(),
@@ -130,21 +128,10 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
         capacity,
         low_watermark,
         inline_max: config.storage.inline_max.0 as usize,
+        min_free: in_bytes(config.storage.min_free),
         node_id: config.node.id.clone(),
     })
     .with_context(|| format!("cannot open storage.data_dir {}", data_dir.display()))
-}
-
-fn filesystem_size(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stats a valid out-pointer.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stats.f_blocks as u64 * stats.f_frsize as u64)
 }
 
 fn build_authorizer(config: &Config) -> anyhow::Result<(Authorizer, Option<Arc<StaticTokens>>)> {

@@ -6,7 +6,7 @@ use crate::common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Node, client, payload};
+use common::{Node, body_files, client, flip_byte, payload};
 use reqwest::StatusCode;
 
 const ROUNDS: u64 = 10;
@@ -122,31 +122,6 @@ async fn kill_9_during_uploads_loses_nothing_acknowledged() {
     }
     let status = node.status().await;
     assert!(status["artifacts"].as_u64().unwrap() >= acknowledged.len() as u64);
-}
-
-/// The body files on disk (there is one per file-backed artifact).
-fn body_files(node: &Node) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for shard in std::fs::read_dir(node.data_dir().join("bodies")).unwrap() {
-        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
-            files.push(file.unwrap().path());
-        }
-    }
-    files
-}
-
-fn flip_byte(path: &std::path::Path, offset: u64) {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.seek(SeekFrom::Start(offset)).unwrap();
-    file.read_exact(&mut byte).unwrap();
-    file.seek(SeekFrom::Start(offset)).unwrap();
-    file.write_all(&[byte[0] ^ 0x40]).unwrap();
 }
 
 #[tokio::test]

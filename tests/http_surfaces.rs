@@ -385,7 +385,10 @@ async fn project_clean_removes_only_that_project() {
     );
     let status = node.status().await;
     assert_eq!(status["artifacts"], 1);
-    assert_eq!(status["disk"]["used_bytes"], 4);
+    assert_eq!(
+        status["disk"]["used_bytes"],
+        common::artifact_charge(4, "android", "gradle", "k")
+    );
 }
 
 #[tokio::test]
@@ -533,16 +536,18 @@ async fn probes_and_metrics() {
     let status = node.status().await;
     assert_eq!(status["state"], "serving");
     assert_eq!(status["artifacts"], 1);
-    assert_eq!(status["disk"]["used_bytes"], 5);
+    let used = common::artifact_charge(5, "", "gradle", "m");
+    assert_eq!(status["disk"]["used_bytes"], used);
     assert!(status["peers"].is_array());
 
     let metrics = node.metrics().await;
+    let used_line = format!("kura_storage_used_bytes {used}");
     for expected in [
         "kura_http_requests_total{protocol=\"http\",route=\"/api/cache/gradle/{key}\",method=\"PUT\",status=\"201\"} 1",
         "kura_cache_hits_total{kind=\"gradle\"} 1",
         "kura_cache_misses_total{kind=\"gradle\"} 1",
         "kura_storage_bytes_written_total{kind=\"gradle\"} 5",
-        "kura_storage_used_bytes 5",
+        used_line.as_str(),
         "kura_storage_artifacts 1",
         "kura_http_request_duration_seconds_bucket",
         "kura_process_resident_memory_bytes",

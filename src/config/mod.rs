@@ -81,6 +81,9 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// Bodies up to this size live inside their metadata record.
     pub inline_max: ByteSize,
+    /// Writes get 507 while the filesystem has less free space than this (bytes or a
+    /// percentage of the filesystem), so the metadata store never runs out of space.
+    pub min_free: Capacity,
 }
 
 impl Default for StorageConfig {
@@ -91,6 +94,7 @@ impl Default for StorageConfig {
             low_watermark: 90.0,
             durability: Durability::Process,
             inline_max: ByteSize(crate::storage::DEFAULT_INLINE_MAX as u64),
+            min_free: Capacity::Percent(1.0),
         }
     }
 }
@@ -214,6 +218,8 @@ impl Default for LimitsConfig {
 pub struct UploadsConfig {
     /// Module multipart uploads in flight at once; more → 429.
     pub max_in_flight: usize,
+    /// Highest part number of an upload; more → 400.
+    pub max_parts: u32,
     /// Unfinished uploads are deleted after this long.
     pub expiry: HumanDuration,
 }
@@ -222,6 +228,7 @@ impl Default for UploadsConfig {
     fn default() -> Self {
         UploadsConfig {
             max_in_flight: 128,
+            max_parts: 10_000,
             expiry: HumanDuration(std::time::Duration::from_secs(24 * 3600)),
         }
     }
@@ -441,6 +448,9 @@ impl Config {
         }
         if self.uploads.max_in_flight == 0 {
             return fail("uploads.max_in_flight", "must be at least 1");
+        }
+        if self.uploads.max_parts == 0 {
+            return fail("uploads.max_parts", "must be at least 1");
         }
         Ok(())
     }

@@ -3,11 +3,11 @@
 //! (`/bazel/{account}/{project}/ac|cas/{key}`, also ccache's `layout=bazel`).
 
 use axum::routing::get;
-use axum::{Extension, Router, middleware};
+use axum::{Extension, Router};
 
+use super::AppState;
 use super::access::ScopeRule;
 use super::artifacts::{self, KeyRule, Stored, Surface};
-use super::{AppState, layers};
 use crate::storage::{Kind, WriteMode};
 
 const OCTET_STREAM: &str = "application/octet-stream";
@@ -43,8 +43,7 @@ pub fn routes() -> Router<AppState> {
     let nx = Router::new()
         .route("/v1/cache/{key}", blob())
         .route_layer(Extension(NX))
-        .route_layer(Extension(ScopeRule::Fixed("nx")))
-        .route_layer(middleware::from_fn(layers::plain_text_errors));
+        .route_layer(Extension(ScopeRule::Fixed("nx")));
     let metro = Router::new()
         .route("/api/metro/cache/{key}", blob())
         .route_layer(Extension(METRO))

@@ -139,6 +139,22 @@ impl From<StoreError> for ApiError {
                 "insufficient_storage",
                 "The node's storage is full and eviction cannot free room",
             ),
+            StoreError::DiskFull { .. } => {
+                tracing::error!(%error, "refusing writes: the data dir's disk is nearly full");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "The node's disk is nearly full; writes resume once space is freed",
+                )
+            }
+            StoreError::DuplicatePart(n) => ApiError::bad_request(
+                "duplicate_part",
+                format!("Part {n} is listed more than once"),
+            ),
+            StoreError::BadPartNumber(max) => ApiError::bad_request(
+                "bad_part_number",
+                format!("part_number must be an integer from 1 to {max}"),
+            ),
             StoreError::UploadNotFound => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "upload_not_found",

@@ -47,13 +47,10 @@ fn is_sane_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// Counts and times every request by route template and status, and logs it at debug.
+/// Counts and times every request by route template and status, and logs it at debug. Every
+/// label comes from a closed set (see [`labels`]), so no request can add a series.
 pub async fn observe(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route = labels::route(request.extensions().get::<MatchedPath>());
     let method = request.method().clone();
     let request_id = request
         .extensions()
@@ -65,9 +62,9 @@ pub async fn observe(request: Request, next: Next) -> Response {
     let status = response.status();
     let elapsed = started.elapsed();
     metrics::counter!(crate::metrics::HTTP_REQUESTS_TOTAL,
-        "protocol" => "http", "route" => route.clone(), "method" => method.to_string(), "status" => status.as_u16().to_string())
+        "protocol" => "http", "route" => route, "method" => labels::method(&method), "status" => labels::status(status))
     .increment(1);
-    metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION_SECONDS, "route" => route.clone())
+    metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION_SECONDS, "route" => route)
         .record(elapsed.as_secs_f64());
     if status.is_server_error() {
         tracing::warn!(request_id, %method, route, status = status.as_u16(), "request failed");
@@ -136,9 +133,15 @@ pub async fn uniform_errors(request: Request, next: Next) -> Response {
     answer
 }
 
-/// Nx reports JSON error bodies as a misconfigured endpoint: re-render errors as `text/plain`.
+/// Nx reports JSON error bodies as a misconfigured endpoint: re-render errors on its routes as
+/// `text/plain`. Applied outside every layer that can answer an error (drain, overload, 405),
+/// so none of them reaches Nx as JSON.
 pub async fn plain_text_errors(request: Request, next: Next) -> Response {
+    let is_nx = request.uri().path().starts_with("/v1/cache/");
     let response = next.run(request).await;
+    if !is_nx {
+        return response;
+    }
     match response.extensions().get::<ErrorBody>().cloned() {
         Some(error) => {
             let (mut parts, _) = response.into_parts();
@@ -156,9 +159,89 @@ pub async fn plain_text_errors(request: Request, next: Next) -> Response {
     }
 }
 
+/// Metric label values: each from a closed set, and none allocated per request.
+mod labels {
+    use std::collections::HashSet;
+    use std::sync::{OnceLock, RwLock};
+
+    use axum::extract::MatchedPath;
+    use http::{Method, StatusCode};
+
+    /// The route template a request matched, or `unmatched`. Templates are the router's own
+    /// (a closed set), each interned once for the life of the process.
+    pub(super) fn route(matched: Option<&MatchedPath>) -> &'static str {
+        let Some(template) = matched.map(MatchedPath::as_str) else {
+            return "unmatched";
+        };
+        static TEMPLATES: OnceLock<RwLock<HashSet<&'static str>>> = OnceLock::new();
+        let templates = TEMPLATES.get_or_init(Default::default);
+        if let Some(known) = templates
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(template)
+        {
+            return known;
+        }
+        let mut templates = templates.write().unwrap_or_else(|p| p.into_inner());
+        match templates.get(template) {
+            Some(known) => known,
+            None => {
+                let interned: &'static str = Box::leak(template.into());
+                templates.insert(interned);
+                interned
+            }
+        }
+    }
+
+    /// The method, or `other` for anything outside the standard ones.
+    pub(super) fn method(method: &Method) -> &'static str {
+        match *method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            Method::PUT => "PUT",
+            Method::POST => "POST",
+            Method::DELETE => "DELETE",
+            Method::OPTIONS => "OPTIONS",
+            Method::PATCH => "PATCH",
+            Method::TRACE => "TRACE",
+            Method::CONNECT => "CONNECT",
+            _ => "other",
+        }
+    }
+
+    /// The status code as text; codes outside the registered ones are `other`.
+    pub(super) fn status(status: StatusCode) -> &'static str {
+        // `canonical_reason` is known exactly for the registered codes.
+        if status.canonical_reason().is_none() {
+            return "other";
+        }
+        static CODES: OnceLock<Vec<&'static str>> = OnceLock::new();
+        let codes = CODES.get_or_init(|| {
+            (0..1000u16)
+                .map(|n| &*Box::leak(n.to_string().into_boxed_str()))
+                .collect()
+        });
+        codes[usize::from(status.as_u16())]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
+
+    #[test]
+    fn metric_labels_come_from_closed_sets() {
+        let odd = Method::from_bytes(b"XYZZY").unwrap();
+        assert_eq!(labels::method(&odd), "other");
+        assert_eq!(labels::method(&Method::PUT), "PUT");
+        assert_eq!(labels::status(http::StatusCode::NOT_FOUND), "404");
+        assert_eq!(
+            labels::status(http::StatusCode::from_u16(599).unwrap()),
+            "other"
+        );
+        assert_eq!(labels::route(None), "unmatched");
+    }
 
     #[test]
     fn request_ids_must_be_plain_tokens() {

@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
             layers::admission,
         ))
         .layer(middleware::from_fn(layers::uniform_errors))
+        .layer(middleware::from_fn(layers::plain_text_errors))
         .layer(middleware::from_fn(layers::observe))
         .layer(middleware::from_fn(layers::request_id))
         .with_state(state)

@@ -20,7 +20,7 @@ use super::access::{Authorized, invalid_key, query_params};
 use super::error::ApiError;
 use super::transfer::{self, ServeOptions};
 use crate::names;
-use crate::storage::{ArtifactKey, Kind};
+use crate::storage::{ArtifactKey, Kind, StoreError, UploadLimits};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -100,10 +100,17 @@ async fn start(
     if app.store.head(&key)?.is_some() {
         return Ok(Json(serde_json::json!({ "upload_id": null })).into_response());
     }
-    let id = app
-        .store
-        .start_upload(&key, app.config.uploads.max_in_flight)?;
+    let id = app.store.start_upload(&key, &upload_limits(&app))?;
     Ok(Json(serde_json::json!({ "upload_id": id })).into_response())
+}
+
+/// The bounds of a module upload, from the config.
+fn upload_limits(app: &AppState) -> UploadLimits {
+    UploadLimits {
+        max_in_flight: app.config.uploads.max_in_flight,
+        max_parts: app.config.uploads.max_parts,
+        max_bytes: app.config.limits.module_assembled.0,
+    }
 }
 
 /// Checks that an upload exists and belongs to the project the caller is authorized for.
@@ -126,21 +133,18 @@ async fn part(
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = params.upload_id()?;
+    let limits = upload_limits(&app);
+    // Checked before the body is read: a bad part number costs the client no upload.
     let number: u32 = params
         .required("part_number")?
         .parse()
         .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "bad_part_number",
-                "part_number must be an integer of at least 1",
-            )
-        })?;
+        .filter(|n| (1..=limits.max_parts).contains(n))
+        .ok_or(StoreError::BadPartNumber(limits.max_parts))?;
     owned_upload(&app, id, &auth)?;
     let staged =
         transfer::receive(&app, &headers, body, app.config.limits.module_part.0, false).await?;
-    app.store.put_part(id, number, staged).await?;
+    app.store.put_part(id, number, staged, &limits).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -171,10 +175,19 @@ async fn complete(
             format!("Expected {{\"parts\": [1, 2, ...]}}: {e}"),
         )
     })?;
-    if request.parts.is_empty() || request.parts.contains(&0) {
+    let limits = upload_limits(&app);
+    if request.parts.is_empty()
+        || request
+            .parts
+            .iter()
+            .any(|n| !(1..=limits.max_parts).contains(n))
+    {
         return Err(ApiError::bad_request(
             "bad_parts",
-            "parts must list part numbers of at least 1",
+            format!(
+                "parts must list part numbers from 1 to {}",
+                limits.max_parts
+            ),
         ));
     }
     let checksum = request
@@ -191,12 +204,7 @@ async fn complete(
         .transpose()?;
     let committed = app
         .store
-        .complete_upload(
-            id,
-            &request.parts,
-            checksum,
-            app.config.limits.module_assembled.0,
-        )
+        .complete_upload(id, &request.parts, checksum, &limits)
         .await?;
     metrics::counter!(crate::metrics::BYTES_WRITTEN_TOTAL, "kind" => Kind::Module.as_str())
         .increment(committed.info.size);

@@ -48,8 +48,13 @@ async fn status(State(app): State<AppState>) -> Response {
         "node_id": app.store.node_id(),
         "account": app.account,
         "region": app.config.node.region,
-        "disk": { "used_bytes": stats.used_bytes, "capacity_bytes": stats.capacity },
+        "disk": {
+            "used_bytes": stats.used_bytes,
+            "staged_bytes": stats.staged_bytes,
+            "capacity_bytes": stats.capacity,
+        },
         "artifacts": stats.artifacts,
+        "uploads_in_flight": app.store.uploads_in_flight(),
         "requests_in_flight": app.lifecycle.in_flight(),
         // Replication is not part of this release: no peers yet.
         "peers": [],

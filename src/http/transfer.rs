@@ -123,6 +123,10 @@ pub struct ServeOptions {
 }
 
 /// Answers GET/HEAD for `key`: 200/206/304/404/416 with ETag, ranges and the checksum header.
+///
+/// HEAD and a matching `If-None-Match` are answered from metadata alone: a client that holds
+/// the bytes of that ETag needs none from disk. Only a body read verifies the body; when it
+/// finds it corrupt the artifact is dropped, so HEAD misses from then on too.
 pub async fn serve(
     app: &AppState,
     key: &ArtifactKey,
@@ -130,11 +134,22 @@ pub async fn serve(
     options: ServeOptions,
 ) -> Result<Response, ApiError> {
     let kind = key.kind.as_str();
+    let Some(info) = app.store.head(key)? else {
+        metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
+        return Err(ApiError::not_found());
+    };
+    let etag = format!("\"{}\"", info.blake3_hex());
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| etag_matches(v, &etag))
+    {
+        metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
+        return Ok(response);
+    }
     if options.head {
-        let Some(info) = app.store.head(key)? else {
-            metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
-            return Err(ApiError::not_found());
-        };
         metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
         let mut response = StatusCode::OK.into_response();
         set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
@@ -143,6 +158,7 @@ pub async fn serve(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
         return Ok(response);
     }
+    // The artifact may have been replaced since the metadata above: serve what is read now.
     let Some(artifact) = app.store.read(key).await? else {
         metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
         return Err(ApiError::not_found());
@@ -150,15 +166,6 @@ pub async fn serve(
     metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
     let info = artifact.info.clone();
     let etag = format!("\"{}\"", info.blake3_hex());
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| etag_matches(v, &etag))
-    {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
-        return Ok(response);
-    }
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     // If-Range: honour the range only while the client's validator is still current.
     let range_header = match headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
@@ -211,6 +218,16 @@ fn set_artifact_headers(
         headers.insert(header::ETAG, etag);
     }
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // Anyone with a write grant chooses the content type: never let a browser sniff or run an
+    // artifact as active content on the cache's origin.
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'"),
+    );
     let content_type = info
         .content_type
         .as_deref()

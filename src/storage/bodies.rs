@@ -237,16 +237,20 @@ pub(super) fn publish_file(temp: &TempFileHandle, dest: &Path, fsync: bool) -> i
     Ok(())
 }
 
-/// Reads a whole small body file and checks it against its BLAKE3; `None` when it does not match
-/// (or is missing), so the caller answers a miss instead of serving bad bytes.
-pub(super) fn read_verified(
-    path: &Path,
-    size: u64,
-    blake3: &[u8; 32],
-) -> io::Result<Option<Bytes>> {
+/// What reading a small body file whole found.
+pub(super) enum Verified {
+    Intact(Bytes),
+    /// The bytes do not match the record: the caller answers a miss instead of serving them.
+    Corrupt,
+    /// No such file (replaced since the record was read, or lost).
+    Missing,
+}
+
+/// Reads a whole small body file and checks it against its BLAKE3.
+pub(super) fn read_verified(path: &Path, size: u64, blake3: &[u8; 32]) -> io::Result<Verified> {
     let mut file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Verified::Missing),
         Err(e) => return Err(e),
     };
     let mut bytes = Vec::with_capacity(size as usize);
@@ -255,9 +259,9 @@ pub(super) fn read_verified(
         .take(size + 1)
         .read_to_end(&mut bytes)?;
     if bytes.len() as u64 != size || blake3::hash(&bytes).as_bytes() != blake3 {
-        return Ok(None);
+        return Ok(Verified::Corrupt);
     }
-    Ok(Some(Bytes::from(bytes)))
+    Ok(Verified::Intact(Bytes::from(bytes)))
 }
 
 /// What a verified stream does when the bytes on disk do not match.

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use rocksdb::WriteBatch;
 
 use super::meta::{self, ArtifactRecord};
-use super::{Store, StoreError, now_ms};
+use super::{Reservation, Store, StoreError, now_ms};
 
 /// An access is recorded only when the stored one is older than this: bounds the writes a hot
 /// key causes (at most four a second) while keeping the eviction order accurate.
@@ -39,26 +39,48 @@ impl PendingTouches {
 }
 
 impl Store {
-    /// Makes room for `bytes` more, evicting if needed. Fails with
-    /// [`StoreError::InsufficientStorage`] when eviction cannot free enough.
-    pub(super) async fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
+    /// Makes room for `bytes` more, evicting if needed; `credit` is what the write gives back
+    /// when it lands (the version it overwrites, the parts it assembles), counted already. Fails
+    /// with [`StoreError::InsufficientStorage`] when eviction cannot free enough.
+    pub(super) async fn reserve(&self, bytes: u64, credit: u64) -> Result<Reservation, StoreError> {
         let capacity = self.inner.options.capacity;
-        if bytes > capacity {
+        let needed = bytes.saturating_sub(credit);
+        if needed > capacity {
             return Err(StoreError::InsufficientStorage);
         }
+        // A pass that frees nothing may have been beaten to it by a concurrent one: look once
+        // more before giving up.
+        let mut stalled = false;
         loop {
-            {
+            let target = {
                 let mut accounting = self.accounting();
-                if accounting.usage.bytes + accounting.reserved + bytes <= capacity {
+                let counted = accounting.counted();
+                if counted + needed <= capacity {
                     accounting.reserved += bytes;
-                    return Ok(());
+                    return Ok(Reservation {
+                        store: self.clone(),
+                        bytes,
+                    });
                 }
-            }
-            let target = self.inner.options.low_watermark.min(capacity - bytes);
+                // Published artifacts are all eviction can shrink: how far they must go, and
+                // the low watermark below that so that eviction runs in batches, not per write.
+                let excess = counted + needed - capacity;
+                let others = counted - accounting.usage.bytes;
+                accounting
+                    .usage
+                    .bytes
+                    .saturating_sub(excess)
+                    .min(self.inner.options.low_watermark.saturating_sub(others))
+            };
             let freed = self.evict_until(target).await?;
             if freed == 0 {
-                // Nothing left to evict: what is left is reserved by writes in flight.
-                return Err(StoreError::InsufficientStorage);
+                if stalled {
+                    // Nothing left to evict: the rest is staged or reserved by writes in flight.
+                    return Err(StoreError::InsufficientStorage);
+                }
+                stalled = true;
+            } else {
+                stalled = false;
             }
         }
     }
@@ -97,7 +119,7 @@ impl Store {
                 match self.record(encoded)? {
                     Some(record) if record.accessed_ms == accessed_ms => {
                         usage = self.batch_remove(&mut batch, encoded, &record, usage);
-                        freed += record.size;
+                        freed += record.charge(encoded.len());
                         bodies.push(record.body);
                     }
                     // A stale queue entry (its artifact was rewritten or touched since).

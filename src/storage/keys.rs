@@ -111,6 +111,12 @@ pub fn project_prefix(project: &str) -> Vec<u8> {
     out
 }
 
+/// The project of an encoded key, without decoding the rest.
+pub fn project_of(encoded: &[u8]) -> Option<&str> {
+    let end = encoded.iter().position(|b| *b == 0)?;
+    std::str::from_utf8(&encoded[..end]).ok()
+}
+
 impl fmt::Display for ArtifactKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}/{}", self.project, self.kind, self.key)
@@ -139,5 +145,6 @@ mod tests {
         let key = ArtifactKey::new("ios-app", Kind::Gradle, "k").encode();
         assert!(!key.starts_with(&project_prefix("ios")));
         assert!(key.starts_with(&project_prefix("ios-app")));
+        assert_eq!(project_of(&key), Some("ios-app"));
     }
 }

@@ -51,6 +51,25 @@ pub struct ArtifactRecord {
     pub body: BodyRef,
 }
 
+/// What every artifact costs beside its body: its record's fixed fields and RocksDB's own
+/// per-entry overhead in the record and in the eviction queue (an estimate, on the high side).
+pub const RECORD_OVERHEAD: u64 = 160;
+
+/// What an artifact costs against capacity: its body, its key (stored twice: the record and
+/// the eviction-queue entry), its content type and [`RECORD_OVERHEAD`]. Counting metadata keeps
+/// many small artifacts bounded like large ones.
+pub fn charge(size: u64, encoded_key_len: usize, content_type_len: usize) -> u64 {
+    size + 2 * encoded_key_len as u64 + content_type_len as u64 + RECORD_OVERHEAD
+}
+
+impl ArtifactRecord {
+    /// See [`charge`].
+    pub fn charge(&self, encoded_key_len: usize) -> u64 {
+        let content_type_len = self.content_type.as_ref().map_or(0, String::len);
+        charge(self.size, encoded_key_len, content_type_len)
+    }
+}
+
 /// A module multipart upload in flight.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadRecord {

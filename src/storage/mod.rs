@@ -13,8 +13,14 @@
 //! the moment the artifact becomes visible, so readers never see half of it. A crash between the
 //! rename and the batch leaves an unreferenced body file (bounded by the uploads in flight); see
 //! `docs/storage.md`.
+//!
+//! Capacity counts what an artifact costs ([`meta::charge`]: body, key and record), the bytes
+//! staged by module uploads, and space promised to writes about to commit. Writes also stop
+//! (507) while the filesystem's free space is under `storage.min_free`, so RocksDB itself never
+//! runs out of space.
 
 pub mod bodies;
+mod clean;
 mod evict;
 pub mod keys;
 pub mod meta;
@@ -23,7 +29,6 @@ mod uploads;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,9 +38,12 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 pub use bodies::{BodyWriter, StagedBody};
 pub use keys::{ArtifactKey, Kind};
 use meta::{ArtifactRecord, BodyRef, Usage};
+pub use uploads::UploadLimits;
 
 /// Bodies up to this size are stored inside their metadata record.
 pub const DEFAULT_INLINE_MAX: usize = 32 * 1024;
+/// How often a read looks again when the body file it was about to open was replaced.
+const READ_ATTEMPTS: usize = 4;
 /// File bodies up to this size are read whole and verified before a response starts, so a
 /// corrupted one is answered as a miss rather than an aborted response.
 const VERIFY_BEFORE_SERVING_MAX: u64 = 1024 * 1024;
@@ -61,8 +69,34 @@ pub struct StoreOptions {
     /// Eviction frees space down to this many bytes.
     pub low_watermark: u64,
     pub inline_max: usize,
+    /// Writes are refused while the filesystem has fewer free bytes than this.
+    pub min_free: u64,
     /// Overrides the generated node id when set.
     pub node_id: Option<String>,
+}
+
+impl StoreOptions {
+    /// Defaults for a store in `data_dir`: ample capacity, `process` durability.
+    pub fn new(data_dir: &Path) -> Self {
+        StoreOptions {
+            data_dir: data_dir.to_path_buf(),
+            durability: Durability::Process,
+            capacity: 1 << 40,
+            low_watermark: 9 << 37,
+            inline_max: DEFAULT_INLINE_MAX,
+            min_free: 0,
+            node_id: None,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(data_dir: &Path) -> Self {
+        StoreOptions {
+            inline_max: 1024,
+            node_id: Some("test".into()),
+            ..StoreOptions::new(data_dir)
+        }
+    }
 }
 
 /// Everything that can go wrong in the store. Each variant maps to one client-visible status in
@@ -77,10 +111,16 @@ pub enum StoreError {
     AlreadyExists,
     #[error("not enough storage: eviction cannot free room for this artifact")]
     InsufficientStorage,
+    #[error("the data dir's filesystem has {free} bytes free, under storage.min_free ({min_free})")]
+    DiskFull { free: u64, min_free: u64 },
     #[error("unknown upload")]
     UploadNotFound,
     #[error("part {0} was not uploaded")]
     MissingPart(u32),
+    #[error("part {0} is listed more than once")]
+    DuplicatePart(u32),
+    #[error("part numbers run from 1 to {0}")]
+    BadPartNumber(u32),
     #[error("too many uploads in flight (limit {0})")]
     TooManyUploads(usize),
     #[error("data dir {path} is in use by another kura process (lock file {path}/LOCK is held)")]
@@ -88,7 +128,18 @@ pub enum StoreError {
     #[error("storage I/O error: {0}")]
     Io(#[from] io::Error),
     #[error("metadata store error: {0}")]
-    Db(#[from] rocksdb::Error),
+    Db(rocksdb::Error),
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(error: rocksdb::Error) -> Self {
+        // RocksDB reports a full disk as an I/O error whose text is the OS's.
+        if error.as_ref().contains("No space left on device") {
+            StoreError::InsufficientStorage
+        } else {
+            StoreError::Db(error)
+        }
+    }
 }
 
 impl StoreError {
@@ -159,6 +210,15 @@ pub struct Artifact {
     body: ReadBody,
 }
 
+/// What opening a body found.
+enum Opened {
+    Body(ReadBody),
+    /// The bytes do not match the record.
+    Corrupt,
+    /// The body file is not there (replaced since the record was read, or lost).
+    Vanished,
+}
+
 enum ReadBody {
     /// Already verified, in memory.
     Verified(Bytes),
@@ -199,7 +259,10 @@ impl Artifact {
 /// Counters the store keeps for `/status` and metrics.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreStats {
+    /// Everything counted against capacity: artifacts (bodies and metadata) and staged parts.
     pub used_bytes: u64,
+    /// Of which bytes staged by module uploads in flight.
+    pub staged_bytes: u64,
     pub artifacts: u64,
     pub capacity: u64,
 }
@@ -223,15 +286,25 @@ struct Inner {
     /// One eviction pass at a time.
     evicting: tokio::sync::Mutex<()>,
     touches: evict::PendingTouches,
-    uploads_in_flight: AtomicUsize,
+    uploads: uploads::OpenUploads,
+    tombstones: clean::Tombstones,
     /// Held open for the life of the store: the OS releases the lock if the process dies.
     _lock: File,
 }
 
-/// Usage as committed, plus space promised to writes that are about to commit.
+/// Usage as committed, plus space promised to writes that are about to commit and bytes
+/// staged by module uploads.
 struct Accounting {
     usage: Usage,
     reserved: u64,
+    staged: u64,
+}
+
+impl Accounting {
+    /// Bytes counted against capacity.
+    fn counted(&self) -> u64 {
+        self.usage.bytes + self.reserved + self.staged
+    }
 }
 
 impl Store {
@@ -265,6 +338,7 @@ impl Store {
             Some(bytes) => meta::decode(&bytes).unwrap_or_default(),
             None => Usage::default(),
         };
+        let tombstones = clean::Tombstones::load(&db)?;
         let store = Store {
             inner: Arc::new(Inner {
                 db,
@@ -272,15 +346,21 @@ impl Store {
                 tmp_dir,
                 bodies_dir,
                 uploads_dir,
-                commit: Mutex::new(Accounting { usage, reserved: 0 }),
+                commit: Mutex::new(Accounting {
+                    usage,
+                    reserved: 0,
+                    staged: 0,
+                }),
                 evicting: tokio::sync::Mutex::new(()),
                 touches: evict::PendingTouches::default(),
-                uploads_in_flight: AtomicUsize::new(0),
+                uploads: uploads::OpenUploads::default(),
+                tombstones,
                 options,
                 _lock: lock,
             }),
         };
-        store.recover_uploads()?;
+        let staged = store.recover_uploads()?;
+        store.accounting().staged = staged;
         Ok(store)
     }
 
@@ -291,7 +371,8 @@ impl Store {
     pub fn stats(&self) -> StoreStats {
         let accounting = self.accounting();
         StoreStats {
-            used_bytes: accounting.usage.bytes,
+            used_bytes: accounting.usage.bytes + accounting.staged,
+            staged_bytes: accounting.staged,
             artifacts: accounting.usage.artifacts,
             capacity: self.inner.options.capacity,
         }
@@ -318,11 +399,34 @@ impl Store {
         attributes: NewArtifact,
         mode: WriteMode,
     ) -> Result<Committed, StoreError> {
+        self.commit_crediting(key, staged, attributes, mode, 0)
+            .await
+    }
+
+    /// [`Store::commit`] for a write whose room is partly counted already (`credit` bytes, e.g.
+    /// the staged parts an assembled upload replaces).
+    async fn commit_crediting(
+        &self,
+        key: &ArtifactKey,
+        staged: StagedBody,
+        attributes: NewArtifact,
+        mode: WriteMode,
+        credit: u64,
+    ) -> Result<Committed, StoreError> {
         // `WriteOnce` is decided in `publish_record`, under the commit lock.
         let encoded = key.encode();
-        self.reserve(staged.size).await?;
+        self.check_free_space()?;
+        let content_type_len = attributes.content_type.as_ref().map_or(0, String::len);
+        let charge = meta::charge(staged.size, encoded.len(), content_type_len);
+        // An overwrite gives back what the version it replaces costs.
+        let replaced = self
+            .record(&encoded)?
+            .map_or(0, |old| old.charge(encoded.len()));
+        let reservation = self.reserve(charge, credit + replaced).await?;
         let store = self.clone();
         let result = tokio::task::spawn_blocking(move || {
+            // Give the reservation back whatever happens below.
+            let _reservation = reservation;
             store.commit_blocking(encoded, staged, attributes, mode)
         })
         .await
@@ -339,12 +443,7 @@ impl Store {
     ) -> Result<Committed, StoreError> {
         let inner = &self.inner;
         let size = staged.size;
-        // Give the reservation back whatever happens below.
-        let _reservation = Reservation {
-            store: self,
-            bytes: size,
-        };
-        let fsync = inner.options.durability == Durability::Fsync;
+        let fsync = self.fsyncs();
         let body = match staged.content {
             bodies::StagedContent::Inline(bytes) => BodyRef::Inline(bytes),
             bodies::StagedContent::File { id, temp } => {
@@ -354,7 +453,7 @@ impl Store {
             }
         };
         let now = now_ms();
-        let record = ArtifactRecord {
+        let mut record = ArtifactRecord {
             size,
             blake3: staged.blake3,
             sha256: staged.sha256,
@@ -364,34 +463,43 @@ impl Store {
             accessed_ms: now,
             body,
         };
-        let previous = match self.publish_record(&encoded, &record, mode) {
-            Ok(previous) => previous,
+        let published = match self.publish_record(&encoded, &mut record, mode) {
+            Ok(published) => published,
             Err(error) => {
                 // Not published: the body just moved into place belongs to nobody.
                 self.remove_body(&record.body);
                 return Err(error);
             }
         };
-        if let Some(old) = &previous {
+        if let Some(old) = &published.previous {
             self.remove_body(&old.body);
         }
         Ok(Committed {
-            created: previous.is_none(),
+            created: !published.live,
             info: ArtifactInfo::from_record(&record),
         })
     }
 
     /// The publish point: one batch writes the record, its eviction-queue entry and the usage
-    /// counter, replacing any previous record (which it returns).
+    /// counter, replacing any previous record (which it returns; `created` in the receipt is
+    /// whether a live one existed). Under the commit lock a local write is stamped after its
+    /// project's last clean, so a clean is one instant in the order of writes.
     fn publish_record(
         &self,
         encoded: &[u8],
-        record: &ArtifactRecord,
+        record: &mut ArtifactRecord,
         mode: WriteMode,
-    ) -> Result<Option<ArtifactRecord>, StoreError> {
+    ) -> Result<Published, StoreError> {
         let mut accounting = self.accounting();
+        let cleaned_at = keys::project_of(encoded).and_then(|p| self.inner.tombstones.of(p));
+        if let Some(cleaned_at) = cleaned_at {
+            record.version_ms = record.version_ms.max(cleaned_at + 1);
+        }
         let previous = self.record(encoded)?;
-        if mode == WriteMode::WriteOnce && previous.is_some() {
+        let live = previous
+            .as_ref()
+            .is_some_and(|old| cleaned_at.is_none_or(|t| old.version_ms > t));
+        if mode == WriteMode::WriteOnce && live {
             return Err(StoreError::AlreadyExists);
         }
         let mut batch = WriteBatch::default();
@@ -399,10 +507,10 @@ impl Store {
         if let Some(old) = &previous {
             let old_entry = meta::access_key(old.accessed_ms, encoded);
             batch.delete_cf(self.cf(meta::CF_ACCESS), old_entry);
-            usage.bytes = usage.bytes.saturating_sub(old.size);
+            usage.bytes = usage.bytes.saturating_sub(old.charge(encoded.len()));
             usage.artifacts = usage.artifacts.saturating_sub(1);
         }
-        usage.bytes += record.size;
+        usage.bytes += record.charge(encoded.len());
         usage.artifacts += 1;
         let new_entry = meta::access_key(record.accessed_ms, encoded);
         batch.put_cf(self.cf(meta::CF_ARTIFACTS), encoded, meta::encode(record));
@@ -414,46 +522,75 @@ impl Store {
         );
         self.write(batch)?;
         accounting.usage = usage;
-        Ok(previous)
+        Ok(Published { previous, live })
     }
 
     /// Metadata of an artifact, without touching its body.
     pub fn head(&self, key: &ArtifactKey) -> Result<Option<ArtifactInfo>, StoreError> {
         let encoded = key.encode();
-        Ok(self.record(&encoded)?.map(|record| {
+        Ok(self.visible_record(key, &encoded)?.map(|record| {
             self.inner.touches.note(&encoded, record.accessed_ms);
             ArtifactInfo::from_record(&record)
         }))
     }
 
-    /// Opens an artifact for reading. A body that fails verification (or whose file is gone)
-    /// is dropped and reported as missing.
+    /// The record under `key` unless a clean of its project hides it.
+    fn visible_record(
+        &self,
+        key: &ArtifactKey,
+        encoded: &[u8],
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        Ok(self
+            .record(encoded)?
+            .filter(|record| !self.inner.tombstones.hides(&key.project, record.version_ms)))
+    }
+
+    /// Opens an artifact for reading. A body that fails verification is dropped, counted and
+    /// reported as missing. A body file that vanished because a newer write, an eviction or a
+    /// clean replaced it is no corruption: the record is read again and its current version
+    /// served (or the miss answered).
     pub async fn read(&self, key: &ArtifactKey) -> Result<Option<Artifact>, StoreError> {
         let encoded = key.encode();
-        let Some(record) = self.record(&encoded)? else {
-            return Ok(None);
-        };
-        self.inner.touches.note(&encoded, record.accessed_ms);
-        let info = ArtifactInfo::from_record(&record);
-        let body = match record.body {
-            BodyRef::Inline(bytes) => {
-                if bytes.len() as u64 != record.size
-                    || blake3::hash(&bytes).as_bytes() != &record.blake3
-                {
-                    self.drop_corrupt(&encoded, &BodyRef::Inline(bytes));
-                    return Ok(None);
-                }
-                ReadBody::Verified(Bytes::from(bytes))
+        let mut vanished: Option<BodyRef> = None;
+        for _ in 0..READ_ATTEMPTS {
+            let Some(record) = self.visible_record(key, &encoded)? else {
+                return Ok(None);
+            };
+            if vanished.as_ref() == Some(&record.body) {
+                // The record still names the file that is not there: the body is lost.
+                self.drop_corrupt(&encoded, &record.body, "body file missing");
+                return Ok(None);
             }
-            BodyRef::File(id) => match self.open_file_body(&encoded, id, &record).await? {
-                Some(body) => body,
-                None => {
-                    self.drop_corrupt(&encoded, &BodyRef::File(id));
-                    return Ok(None);
+            self.inner.touches.note(&encoded, record.accessed_ms);
+            let info = ArtifactInfo::from_record(&record);
+            let body = match record.body {
+                BodyRef::Inline(bytes) => {
+                    if bytes.len() as u64 != record.size
+                        || blake3::hash(&bytes).as_bytes() != &record.blake3
+                    {
+                        let body = BodyRef::Inline(bytes);
+                        self.drop_corrupt(&encoded, &body, "stored body failed verification");
+                        return Ok(None);
+                    }
+                    ReadBody::Verified(Bytes::from(bytes))
                 }
-            },
-        };
-        Ok(Some(Artifact { info, body }))
+                BodyRef::File(id) => match self.open_file_body(&encoded, id, &record).await? {
+                    Opened::Body(body) => body,
+                    Opened::Corrupt => {
+                        let body = BodyRef::File(id);
+                        self.drop_corrupt(&encoded, &body, "stored body failed verification");
+                        return Ok(None);
+                    }
+                    Opened::Vanished => {
+                        vanished = Some(BodyRef::File(id));
+                        continue;
+                    }
+                },
+            };
+            return Ok(Some(Artifact { info, body }));
+        }
+        // Overwritten again and again while we looked: answer as a miss, nothing is wrong.
+        Ok(None)
     }
 
     async fn open_file_body(
@@ -461,34 +598,46 @@ impl Store {
         encoded: &[u8],
         id: u128,
         record: &ArtifactRecord,
-    ) -> Result<Option<ReadBody>, StoreError> {
+    ) -> Result<Opened, StoreError> {
         let path = bodies::body_path(&self.inner.bodies_dir, id);
         let (size, blake3) = (record.size, record.blake3);
         if size <= VERIFY_BEFORE_SERVING_MAX {
-            let bytes =
+            let read =
                 tokio::task::spawn_blocking(move || bodies::read_verified(&path, size, &blake3))
                     .await
                     .map_err(|e| StoreError::Io(io::Error::other(e)))??;
-            return Ok(bytes.map(ReadBody::Verified));
+            return Ok(match read {
+                bodies::Verified::Intact(bytes) => Opened::Body(ReadBody::Verified(bytes)),
+                bodies::Verified::Corrupt => Opened::Corrupt,
+                bodies::Verified::Missing => Opened::Vanished,
+            });
         }
         let file = match File::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Opened::Vanished),
             Err(e) => return Err(e.into()),
         };
+        // The open file keeps its bytes even if a newer write unlinks it, so from here on a
+        // mismatch is real corruption.
         let store = self.clone();
         let encoded = encoded.to_vec();
-        let on_corrupt: bodies::OnCorrupt =
-            Arc::new(move || store.drop_corrupt(&encoded, &BodyRef::File(id)));
-        Ok(Some(ReadBody::File { file, on_corrupt }))
+        let on_corrupt: bodies::OnCorrupt = Arc::new(move || {
+            store.drop_corrupt(
+                &encoded,
+                &BodyRef::File(id),
+                "stored body failed verification",
+            )
+        });
+        Ok(Opened::Body(ReadBody::File { file, on_corrupt }))
     }
 
-    /// Removes an artifact whose stored bytes no longer match, if it still points at that body.
-    fn drop_corrupt(&self, encoded: &[u8], body: &BodyRef) {
+    /// Removes an artifact whose stored bytes no longer match (or are gone), if it still points
+    /// at that body, and counts it.
+    fn drop_corrupt(&self, encoded: &[u8], body: &BodyRef, what: &'static str) {
         metrics::counter!(crate::metrics::STORAGE_CORRUPT_TOTAL).increment(1);
         tracing::error!(
             key = %String::from_utf8_lossy(encoded).replace('\0', "/"),
-            "stored body failed verification; dropping it"
+            "{what}; dropping the artifact"
         );
         let result = self.remove_if(encoded, |record| &record.body == body);
         if let Err(error) = result {
@@ -531,7 +680,7 @@ impl Store {
             self.cf(meta::CF_ACCESS),
             meta::access_key(record.accessed_ms, encoded),
         );
-        usage.bytes = usage.bytes.saturating_sub(record.size);
+        usage.bytes = usage.bytes.saturating_sub(record.charge(encoded.len()));
         usage.artifacts = usage.artifacts.saturating_sub(1);
         batch.put_cf(
             self.cf(meta::CF_STATE),
@@ -541,57 +690,16 @@ impl Store {
         usage
     }
 
-    /// Deletes every artifact of `project` on this node; returns how many went.
-    pub async fn delete_project(&self, project: &str) -> Result<u64, StoreError> {
-        let store = self.clone();
-        let prefix = keys::project_prefix(project);
-        tokio::task::spawn_blocking(move || store.delete_prefix(&prefix))
-            .await
-            .map_err(|e| StoreError::Io(io::Error::other(e)))?
-    }
-
-    fn delete_prefix(&self, prefix: &[u8]) -> Result<u64, StoreError> {
-        let mut removed = 0;
-        loop {
-            let mut accounting = self.accounting();
-            let mut batch = WriteBatch::default();
-            let mut usage = accounting.usage;
-            let mut bodies = Vec::new();
-            let iter = self.inner.db.iterator_cf(
-                self.cf(meta::CF_ARTIFACTS),
-                rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
-            );
-            for item in iter.take(512) {
-                let (key, value) = item?;
-                if !key.starts_with(prefix) {
-                    break;
-                }
-                let Some(record) = meta::decode::<ArtifactRecord>(&value) else {
-                    batch.delete_cf(self.cf(meta::CF_ARTIFACTS), &key);
-                    continue;
-                };
-                usage = self.batch_remove(&mut batch, &key, &record, usage);
-                bodies.push(record.body);
-            }
-            if batch.is_empty() {
-                return Ok(removed);
-            }
-            self.write(batch)?;
-            accounting.usage = usage;
-            drop(accounting);
-            removed += bodies.len() as u64;
-            for body in &bodies {
-                self.remove_body(body);
-            }
-        }
-    }
-
     /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
     pub async fn maintain(&self) -> Result<(), StoreError> {
         self.flush_touches().await?;
-        let stats = self.stats();
-        if stats.used_bytes > stats.capacity {
-            self.evict_until(self.inner.options.low_watermark).await?;
+        let (counted, staged) = {
+            let accounting = self.accounting();
+            (accounting.counted(), accounting.staged)
+        };
+        if counted > self.inner.options.capacity {
+            let target = self.inner.options.low_watermark.saturating_sub(staged);
+            self.evict_until(target).await?;
         }
         Ok(())
     }
@@ -617,8 +725,37 @@ impl Store {
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut options = WriteOptions::default();
-        options.set_sync(self.inner.options.durability == Durability::Fsync);
+        options.set_sync(self.fsyncs());
         self.inner.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    /// Whether writes are synced before they are acknowledged (durability `fsync`).
+    fn fsyncs(&self) -> bool {
+        self.inner.options.durability == Durability::Fsync
+    }
+
+    /// Makes a directory's entries durable (new or renamed files in it), in `fsync` durability.
+    fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        if self.fsyncs() {
+            File::open(dir)?
+                .sync_all()
+                .map_err(StoreError::from_write)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses writes while the filesystem is nearly full, before RocksDB or a body file finds
+    /// out the hard way: RocksDB cannot take writes again after its log failed on a full disk.
+    fn check_free_space(&self) -> Result<(), StoreError> {
+        let min_free = self.inner.options.min_free;
+        if min_free == 0 {
+            return Ok(());
+        }
+        let free = filesystem_space(&self.inner.options.data_dir)?.available;
+        if free < min_free {
+            return Err(StoreError::DiskFull { free, min_free });
+        }
         Ok(())
     }
 
@@ -633,13 +770,21 @@ impl Store {
     }
 }
 
-/// Space promised to a commit; returned when the commit ends either way.
-struct Reservation<'a> {
-    store: &'a Store,
+/// What a publish replaced: the previous record under the key, if any, and whether it was live
+/// (not hidden by a project clean).
+struct Published {
+    previous: Option<ArtifactRecord>,
+    live: bool,
+}
+
+/// Space promised to a write; returned when the write ends either way (by then a published
+/// artifact or a placed part counts in its place).
+struct Reservation {
+    store: Store,
     bytes: u64,
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         let mut accounting = self.store.accounting();
         accounting.reserved = accounting.reserved.saturating_sub(self.bytes);
@@ -697,6 +842,22 @@ fn load_or_create_node_id(dir: &Path) -> Result<String, StoreError> {
     File::open(&temp)?.sync_all()?;
     std::fs::rename(&temp, &path)?;
     Ok(id)
+}
+
+/// The size of a filesystem and the bytes an unprivileged writer can still use on it.
+#[derive(Clone, Copy, Debug)]
+pub struct FilesystemSpace {
+    pub total: u64,
+    pub available: u64,
+}
+
+/// The space of the filesystem holding `path`.
+pub fn filesystem_space(path: &Path) -> io::Result<FilesystemSpace> {
+    let stats = rustix::fs::statvfs(path)?;
+    Ok(FilesystemSpace {
+        total: stats.f_blocks.saturating_mul(stats.f_frsize),
+        available: stats.f_bavail.saturating_mul(stats.f_frsize),
+    })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -3,13 +3,20 @@
 //! An upload is a record in the `uploads` column family (what it will become, when it started)
 //! and a directory `uploads/<id>/` holding one file per part. Parts are staged in `tmp/` and
 //! renamed into place, so re-sending a part replaces it atomically. Completing streams the listed
-//! parts, in order, through a normal [`BodyWriter`], so the assembled artifact is hashed and
-//! published exactly like any other upload.
+//! parts, in order, through a normal [`super::BodyWriter`], so the assembled artifact is hashed
+//! and published exactly like any other upload.
+//!
+//! [`OpenUploads`] mirrors the records in memory with the bytes each part stages. It is rebuilt
+//! from the records and the part files at start, and every change to a record happens under its
+//! lock together with the change to the mirror, so the count of uploads in flight is the number
+//! of records, always. Staged bytes count against `storage.capacity` like published ones.
 
+use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
+use rocksdb::WriteBatch;
 use tokio::io::AsyncReadExt;
 
 use super::meta::{self, EncodedKey, UploadRecord};
@@ -17,92 +24,230 @@ use super::{
     ArtifactKey, Committed, NewArtifact, StagedBody, Store, StoreError, WriteMode, bodies, now_ms,
 };
 
+/// The bounds an upload works within (`uploads.*` and `limits.module_*` in the config).
+#[derive(Clone, Copy, Debug)]
+pub struct UploadLimits {
+    /// Uploads open at once.
+    pub max_in_flight: usize,
+    /// Highest part number.
+    pub max_parts: u32,
+    /// Bytes staged by one upload, and the size of the assembled artifact.
+    pub max_bytes: u64,
+}
+
+/// The uploads in flight, as the records say, with what their parts stage.
+#[derive(Default)]
+pub(super) struct OpenUploads(Mutex<HashMap<String, OpenUpload>>);
+
+#[derive(Default)]
+struct OpenUpload {
+    created_ms: u64,
+    /// Part number → bytes staged.
+    parts: HashMap<u32, u64>,
+    /// A `complete` is assembling this upload: other completions and new parts are refused.
+    completing: bool,
+}
+
+impl OpenUpload {
+    fn staged(&self) -> u64 {
+        self.parts.values().sum()
+    }
+}
+
+impl OpenUploads {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, OpenUpload>> {
+        // Every change under this lock is complete before it is released or fails before it
+        // starts, so a poisoned lock holds consistent data.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Marks an upload as being completed; clears the mark when dropped unless the upload went.
+struct CompletionClaim<'a> {
+    store: &'a Store,
+    id: &'a str,
+}
+
+impl Drop for CompletionClaim<'_> {
+    fn drop(&mut self) {
+        if let Some(upload) = self.store.inner.uploads.lock().get_mut(self.id) {
+            upload.completing = false;
+        }
+    }
+}
+
 impl Store {
     /// Registers a new upload that will become `target`; returns its id.
     pub fn start_upload(
         &self,
         target: &ArtifactKey,
-        max_in_flight: usize,
+        limits: &UploadLimits,
     ) -> Result<String, StoreError> {
-        let counter = &self.inner.uploads_in_flight;
-        if counter.fetch_add(1, Ordering::SeqCst) >= max_in_flight {
-            counter.fetch_sub(1, Ordering::SeqCst);
-            return Err(StoreError::TooManyUploads(max_in_flight));
+        let mut open = self.inner.uploads.lock();
+        if open.len() >= limits.max_in_flight {
+            return Err(StoreError::TooManyUploads(limits.max_in_flight));
         }
+        self.check_free_space()?;
         let id = format!("{:032x}", rand::random::<u128>());
-        let created = std::fs::create_dir(self.upload_dir(&id))
-            .map_err(StoreError::from_write)
-            .and_then(|()| {
-                let record = UploadRecord {
-                    target: EncodedKey(target.encode()),
-                    created_ms: now_ms(),
-                };
-                self.inner
-                    .db
-                    .put_cf(self.cf(meta::CF_UPLOADS), &id, meta::encode(&record))?;
-                Ok(())
-            });
-        if let Err(error) = created {
-            counter.fetch_sub(1, Ordering::SeqCst);
+        let dir = self.upload_dir(&id);
+        std::fs::create_dir(&dir).map_err(StoreError::from_write)?;
+        let created_ms = now_ms();
+        let record = UploadRecord {
+            target: EncodedKey(target.encode()),
+            created_ms,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(meta::CF_UPLOADS), &id, meta::encode(&record));
+        let written = self
+            .sync_dir(&self.inner.uploads_dir)
+            .and_then(|()| self.write(batch));
+        if let Err(error) = written {
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(error);
         }
+        open.insert(
+            id.clone(),
+            OpenUpload {
+                created_ms,
+                ..OpenUpload::default()
+            },
+        );
         Ok(id)
     }
 
     /// The artifact an upload will become, or `None` for an unknown (or expired) upload.
     pub fn upload_target(&self, id: &str) -> Result<Option<ArtifactKey>, StoreError> {
-        Ok(self
-            .upload_record(id)?
+        let value = self.inner.db.get_pinned_cf(self.cf(meta::CF_UPLOADS), id)?;
+        Ok(value
+            .and_then(|bytes| meta::decode::<UploadRecord>(&bytes))
             .and_then(|record| record.target.decode()))
     }
 
-    fn upload_record(&self, id: &str) -> Result<Option<UploadRecord>, StoreError> {
-        let value = self.inner.db.get_pinned_cf(self.cf(meta::CF_UPLOADS), id)?;
-        Ok(value.and_then(|bytes| meta::decode(&bytes)))
-    }
-
-    /// Stores (or replaces) part `number` of an upload.
+    /// Stores (or replaces) part `number` of an upload. The part's bytes count against capacity
+    /// (evicting to make room) and against `limits.max_bytes` for the upload.
     pub async fn put_part(
         &self,
         id: &str,
         number: u32,
         part: StagedBody,
+        limits: &UploadLimits,
     ) -> Result<(), StoreError> {
-        if self.upload_record(id)?.is_none() {
-            return Err(StoreError::UploadNotFound);
+        if number == 0 || number > limits.max_parts {
+            return Err(StoreError::BadPartNumber(limits.max_parts));
         }
-        let dest = self.upload_dir(id).join(number.to_string());
-        tokio::task::spawn_blocking(move || match part.content {
-            bodies::StagedContent::Inline(bytes) => write_atomically(&dest, &bytes),
-            bodies::StagedContent::File { temp, .. } => std::fs::rename(temp.path(), &dest),
+        let replaced = {
+            let open = self.inner.uploads.lock();
+            let upload = open
+                .get(id)
+                .filter(|u| !u.completing)
+                .ok_or(StoreError::UploadNotFound)?;
+            let replaced = upload.parts.get(&number).copied().unwrap_or(0);
+            if upload.staged() - replaced + part.size > limits.max_bytes {
+                return Err(StoreError::TooLarge {
+                    limit: limits.max_bytes,
+                });
+            }
+            replaced
+        };
+        let reservation = self.reserve(part.size, replaced).await?;
+        let store = self.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _reservation = reservation;
+            store.place_part(&id, number, part)
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)))?
-        .map_err(|e| match e.kind() {
-            // The upload completed or expired while this part was arriving.
-            io::ErrorKind::NotFound => StoreError::UploadNotFound,
-            _ => StoreError::from_write(e),
-        })
+    }
+
+    /// Moves a received part into its upload's directory and accounts for it, all under the
+    /// uploads lock, so a part never lands in an upload that completed or expired meanwhile.
+    fn place_part(&self, id: &str, number: u32, part: StagedBody) -> Result<(), StoreError> {
+        let dest = self.upload_dir(id).join(number.to_string());
+        let fsync = self.fsyncs();
+        let size = part.size;
+        let mut open = self.inner.uploads.lock();
+        let upload = open
+            .get_mut(id)
+            .filter(|u| !u.completing)
+            .ok_or(StoreError::UploadNotFound)?;
+        match part.content {
+            bodies::StagedContent::Inline(bytes) => write_atomically(&dest, &bytes, fsync),
+            bodies::StagedContent::File { temp, .. } => std::fs::rename(temp.path(), &dest),
+        }
+        .map_err(StoreError::from_write)?;
+        let replaced = upload.parts.insert(number, size).unwrap_or(0);
+        {
+            let mut accounting = self.accounting();
+            accounting.staged = accounting.staged - replaced + size;
+        }
+        drop(open);
+        // The part's bytes were synced before the rename (durability `fsync`); this makes the
+        // rename itself durable before the 204.
+        self.sync_dir(&self.upload_dir(id))
     }
 
     /// Assembles `parts` in the order given and publishes the result. Nothing is published
-    /// unless every part is present and the checksum (when given) matches.
+    /// unless every part is present and the checksum (when given) matches. Of concurrent
+    /// completions of one upload exactly one proceeds; the others find no upload.
     pub async fn complete_upload(
         &self,
         id: &str,
         parts: &[u32],
         expected_sha256: Option<[u8; 32]>,
-        limit: u64,
+        limits: &UploadLimits,
     ) -> Result<Committed, StoreError> {
-        let record = self.upload_record(id)?.ok_or(StoreError::UploadNotFound)?;
-        let target = record.target.decode().ok_or(StoreError::UploadNotFound)?;
-        let dir = self.upload_dir(id);
-        for &number in parts {
-            if !tokio::fs::try_exists(dir.join(number.to_string())).await? {
-                return Err(StoreError::MissingPart(number));
-            }
+        if let Some(number) = first_duplicate(parts) {
+            return Err(StoreError::DuplicatePart(number));
         }
-        let mut writer = self.writer(limit, expected_sha256.is_some());
+        let (claim, staged_bytes) = self.claim_completion(id, parts)?;
+        let target = self.upload_target(id)?.ok_or(StoreError::UploadNotFound)?;
+        let assembled = self
+            .assemble(&self.upload_dir(id), parts, expected_sha256, limits)
+            .await?;
+        // The parts' bytes are already accounted; the artifact replaces them.
+        let committed = self
+            .commit_crediting(
+                &target,
+                assembled,
+                NewArtifact::default(),
+                WriteMode::Overwrite,
+                staged_bytes,
+            )
+            .await?;
+        self.remove_upload(id)?;
+        drop(claim);
+        Ok(committed)
+    }
+
+    /// Takes the right to complete an upload; returns it with the bytes the upload stages.
+    fn claim_completion<'a>(
+        &'a self,
+        id: &'a str,
+        parts: &[u32],
+    ) -> Result<(CompletionClaim<'a>, u64), StoreError> {
+        let mut open = self.inner.uploads.lock();
+        let upload = open
+            .get_mut(id)
+            .filter(|u| !u.completing)
+            .ok_or(StoreError::UploadNotFound)?;
+        if let Some(&missing) = parts.iter().find(|n| !upload.parts.contains_key(n)) {
+            return Err(StoreError::MissingPart(missing));
+        }
+        upload.completing = true;
+        let staged = upload.staged();
+        Ok((CompletionClaim { store: self, id }, staged))
+    }
+
+    /// Streams the listed part files, in order, into one staged body.
+    async fn assemble(
+        &self,
+        dir: &Path,
+        parts: &[u32],
+        expected_sha256: Option<[u8; 32]>,
+        limits: &UploadLimits,
+    ) -> Result<StagedBody, StoreError> {
+        let mut writer = self.writer(limits.max_bytes, expected_sha256.is_some());
         let mut buffer = vec![0u8; bodies::READ_CHUNK];
         for &number in parts {
             let mut file = tokio::fs::File::open(dir.join(number.to_string()))
@@ -119,73 +264,90 @@ impl Store {
                 writer.write(&buffer[..n]).await?;
             }
         }
-        let staged = writer.finish(expected_sha256).await?;
-        let committed = self
-            .commit(
-                &target,
-                staged,
-                NewArtifact::default(),
-                WriteMode::Overwrite,
-            )
-            .await?;
-        self.remove_upload(id)?;
-        Ok(committed)
+        writer.finish(expected_sha256).await
     }
 
-    /// Deletes uploads started more than `max_age_ms` ago, with their parts.
+    /// Deletes uploads started more than `max_age_ms` ago, with their parts. An upload being
+    /// completed is left to its completion.
     pub fn expire_uploads(&self, max_age_ms: u64) -> Result<usize, StoreError> {
         let cutoff = now_ms().saturating_sub(max_age_ms);
-        let mut expired = Vec::new();
+        let expired: Vec<String> = self
+            .inner
+            .uploads
+            .lock()
+            .iter()
+            .filter(|(_, upload)| upload.created_ms < cutoff && !upload.completing)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut removed = 0;
+        for id in &expired {
+            if self.remove_upload(id)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes an upload's record, its parts and their accounting, once: `false` when it was
+    /// already gone.
+    fn remove_upload(&self, id: &str) -> Result<bool, StoreError> {
+        let mut open = self.inner.uploads.lock();
+        let Some(staged) = open.get(id).map(OpenUpload::staged) else {
+            return Ok(false);
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(meta::CF_UPLOADS), id);
+        self.write(batch)?;
+        open.remove(id);
+        {
+            let mut accounting = self.accounting();
+            accounting.staged = accounting.staged.saturating_sub(staged);
+        }
+        drop(open);
+        match std::fs::remove_dir_all(self.upload_dir(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(true),
+        }
+    }
+
+    /// Rebuilds the uploads in flight from their records and part files after a restart, and
+    /// removes part directories without a record. Returns the bytes the parts stage.
+    pub(super) fn recover_uploads(&self) -> Result<u64, StoreError> {
+        let mut open = HashMap::new();
         for item in self
             .inner
             .db
             .iterator_cf(self.cf(meta::CF_UPLOADS), rocksdb::IteratorMode::Start)
         {
             let (id, value) = item?;
-            let stale = meta::decode::<UploadRecord>(&value).is_none_or(|r| r.created_ms < cutoff);
-            if stale {
-                expired.push(String::from_utf8_lossy(&id).into_owned());
-            }
-        }
-        for id in &expired {
-            self.remove_upload(id)?;
-        }
-        Ok(expired.len())
-    }
-
-    fn remove_upload(&self, id: &str) -> Result<(), StoreError> {
-        if self.upload_record(id)?.is_some() {
-            self.inner.db.delete_cf(self.cf(meta::CF_UPLOADS), id)?;
-            self.inner.uploads_in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
-        match std::fs::remove_dir_all(self.upload_dir(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts uploads in flight after a restart and removes part directories without a record.
-    pub(super) fn recover_uploads(&self) -> Result<(), StoreError> {
-        let mut known = std::collections::HashSet::new();
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(meta::CF_UPLOADS), rocksdb::IteratorMode::Start)
-        {
-            let (id, _) = item?;
-            known.insert(String::from_utf8_lossy(&id).into_owned());
+            let id = String::from_utf8_lossy(&id).into_owned();
+            // An unreadable record expires at the next pass (created at the epoch).
+            let created_ms = meta::decode::<UploadRecord>(&value).map_or(0, |r| r.created_ms);
+            let parts = staged_parts(&self.upload_dir(&id))?;
+            open.insert(
+                id,
+                OpenUpload {
+                    created_ms,
+                    parts,
+                    completing: false,
+                },
+            );
         }
         for entry in std::fs::read_dir(&self.inner.uploads_dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !known.contains(&name) {
+            if !open.contains_key(&name) {
                 std::fs::remove_dir_all(entry.path())?;
             }
         }
-        self.inner
-            .uploads_in_flight
-            .store(known.len(), Ordering::SeqCst);
-        Ok(())
+        let staged = open.values().map(OpenUpload::staged).sum();
+        *self.inner.uploads.lock() = open;
+        Ok(staged)
+    }
+
+    /// Uploads in flight (the number of upload records).
+    pub fn uploads_in_flight(&self) -> usize {
+        self.inner.uploads.lock().len()
     }
 
     fn upload_dir(&self, id: &str) -> PathBuf {
@@ -193,10 +355,46 @@ impl Store {
     }
 }
 
+/// The part files of an upload directory with their sizes (none when it is missing). Leftover
+/// `.partial` files of a crash mid-write are removed.
+fn staged_parts(dir: &Path) -> Result<HashMap<u32, u64>, StoreError> {
+    let mut parts = HashMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(parts),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        match entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            Some(number) => {
+                parts.insert(number, entry.metadata()?.len());
+            }
+            None => std::fs::remove_file(entry.path())?,
+        }
+    }
+    Ok(parts)
+}
+
+/// The first part number listed twice.
+fn first_duplicate(parts: &[u32]) -> Option<u32> {
+    let mut seen = std::collections::HashSet::with_capacity(parts.len());
+    parts.iter().copied().find(|n| !seen.insert(*n))
+}
+
 /// Writes a small part through a temp file so a reader never sees half of it.
-fn write_atomically(dest: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+fn write_atomically(dest: &Path, bytes: &[u8], fsync: bool) -> io::Result<()> {
+    use std::io::Write as _;
     let temp = dest.with_extension("partial");
-    std::fs::write(&temp, bytes)?;
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    if fsync {
+        file.sync_all()?;
+    }
     std::fs::rename(&temp, dest)
 }
 
@@ -207,18 +405,25 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::storage::{Durability, Kind, StoreOptions};
+    use crate::storage::{Kind, StoreOptions};
 
-    fn store(dir: &std::path::Path) -> Store {
+    const LIMITS: UploadLimits = UploadLimits {
+        max_in_flight: 4,
+        max_parts: 10_000,
+        max_bytes: u64::MAX,
+    };
+
+    fn store_with_capacity(dir: &std::path::Path, capacity: u64) -> Store {
         Store::open(StoreOptions {
-            data_dir: dir.to_path_buf(),
-            durability: Durability::Process,
-            capacity: 1 << 30,
-            low_watermark: 1 << 29,
-            inline_max: 1024,
-            node_id: Some("test".into()),
+            capacity,
+            low_watermark: capacity / 2,
+            ..StoreOptions::for_tests(dir)
         })
         .unwrap()
+    }
+
+    fn store(dir: &std::path::Path) -> Store {
+        store_with_capacity(dir, 1 << 30)
     }
 
     async fn staged(store: &Store, bytes: &[u8]) -> StagedBody {
@@ -235,21 +440,22 @@ mod tests {
         #[test]
         fn assembly_matches_a_model(
             writes in proptest::collection::vec((1u32..6, any::<u8>(), 0usize..3000), 1..16),
-            listed in proptest::collection::vec(1u32..6, 1..6),
+            listed in proptest::collection::hash_set(1u32..6, 1..6),
         ) {
+            let listed: Vec<u32> = listed.into_iter().collect();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
                 let store = store(dir.path());
                 let target = ArtifactKey::new("p", Kind::Module, "builds/h/n");
-                let id = store.start_upload(&target, 4).unwrap();
+                let id = store.start_upload(&target, &LIMITS).unwrap();
                 let mut model: HashMap<u32, Vec<u8>> = HashMap::new();
                 for (number, byte, len) in &writes {
                     let body = vec![*byte; *len];
-                    store.put_part(&id, *number, staged(&store, &body).await).await.unwrap();
+                    store.put_part(&id, *number, staged(&store, &body).await, &LIMITS).await.unwrap();
                     model.insert(*number, body);
                 }
-                let result = store.complete_upload(&id, &listed, None, u64::MAX).await;
+                let result = store.complete_upload(&id, &listed, None, &LIMITS).await;
                 match listed.iter().find(|n| !model.contains_key(n)) {
                     Some(missing) => {
                         assert!(matches!(result, Err(StoreError::MissingPart(n)) if n == *missing));
@@ -264,7 +470,127 @@ mod tests {
                         assert_eq!(artifact.info.blake3, *blake3::hash(&expected).as_bytes());
                         assert!(store.upload_target(&id).unwrap().is_none(), "a completed upload is gone");
                         assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+                        assert_eq!(store.stats().staged_bytes, 0);
                     }
+                }
+            });
+        }
+    }
+
+    /// One step of the interleaving model.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Start,
+        Part {
+            upload: usize,
+            number: u32,
+            len: usize,
+        },
+        Complete {
+            upload: usize,
+            parts: Vec<u32>,
+        },
+        /// Two completions of one upload at once.
+        RacingCompletes {
+            upload: usize,
+            parts: Vec<u32>,
+        },
+        Expire,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            2 => Just(Step::Start),
+            5 => (0usize..6, 1u32..5, 0usize..40_000)
+                .prop_map(|(upload, number, len)| Step::Part { upload, number, len }),
+            2 => (0usize..6, proptest::collection::vec(1u32..5, 1..4))
+                .prop_map(|(upload, parts)| Step::Complete { upload, parts }),
+            1 => (0usize..6, proptest::collection::vec(1u32..5, 1..3))
+                .prop_map(|(upload, parts)| Step::RacingCompletes { upload, parts }),
+            1 => Just(Step::Expire),
+        ]
+    }
+
+    /// Upload records, counted in RocksDB itself.
+    fn records(store: &Store) -> usize {
+        store
+            .inner
+            .db
+            .iterator_cf(store.cf(meta::CF_UPLOADS), rocksdb::IteratorMode::Start)
+            .count()
+    }
+
+    /// Bytes of every part file on disk.
+    fn bytes_on_disk(dir: &std::path::Path) -> u64 {
+        let mut total = 0;
+        for upload in std::fs::read_dir(dir.join("uploads")).unwrap() {
+            for part in std::fs::read_dir(upload.unwrap().path()).unwrap() {
+                total += part.unwrap().metadata().unwrap().len();
+            }
+        }
+        total
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Random interleavings of start, part, complete (alone and racing) and expiry on many
+        /// uploads, against a small capacity: after every step the count of uploads in flight is
+        /// the number of records, what the accounting stages is what the part files hold, and
+        /// everything counted stays within capacity.
+        #[test]
+        fn upload_bookkeeping_never_drifts(steps in proptest::collection::vec(step(), 1..40)) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2).enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let capacity = 256 * 1024;
+                let store = store_with_capacity(dir.path(), capacity);
+                let limits = UploadLimits { max_in_flight: 5, max_parts: 4, max_bytes: 100_000 };
+                let mut ids: Vec<String> = Vec::new();
+                for (i, step) in steps.iter().enumerate() {
+                    match step {
+                        Step::Start => {
+                            let target = ArtifactKey::new("p", Kind::Module, format!("builds/h{i}/n"));
+                            match store.start_upload(&target, &limits) {
+                                Ok(id) => ids.push(id),
+                                Err(StoreError::TooManyUploads(5)) => assert_eq!(store.uploads_in_flight(), 5),
+                                Err(other) => panic!("start: {other}"),
+                            }
+                        }
+                        Step::Part { upload, number, len } => {
+                            let Some(id) = ids.get(*upload) else { continue };
+                            let body = staged(&store, &vec![*number as u8; *len]).await;
+                            match store.put_part(id, *number, body, &limits).await {
+                                Ok(()) | Err(StoreError::UploadNotFound)
+                                | Err(StoreError::TooLarge { .. }) | Err(StoreError::InsufficientStorage) => {}
+                                Err(other) => panic!("part: {other}"),
+                            }
+                        }
+                        Step::Complete { upload, parts } => {
+                            let Some(id) = ids.get(*upload) else { continue };
+                            match store.complete_upload(id, parts, None, &limits).await {
+                                Ok(_) | Err(StoreError::UploadNotFound) | Err(StoreError::MissingPart(_))
+                                | Err(StoreError::DuplicatePart(_)) | Err(StoreError::InsufficientStorage) => {}
+                                Err(other) => panic!("complete: {other}"),
+                            }
+                        }
+                        Step::RacingCompletes { upload, parts } => {
+                            let Some(id) = ids.get(*upload) else { continue };
+                            let (a, b) = tokio::join!(
+                                store.complete_upload(id, parts, None, &limits),
+                                store.complete_upload(id, parts, None, &limits),
+                            );
+                            assert!(!(a.is_ok() && b.is_ok()), "two completions of one upload succeeded");
+                        }
+                        Step::Expire => {
+                            store.expire_uploads(0).unwrap();
+                        }
+                    }
+                    assert_eq!(store.uploads_in_flight(), records(&store), "after {step:?}");
+                    let stats = store.stats();
+                    assert_eq!(stats.staged_bytes, bytes_on_disk(dir.path()), "after {step:?}");
+                    assert!(stats.used_bytes <= capacity, "after {step:?}: {stats:?}");
                 }
             });
         }
@@ -274,24 +600,70 @@ mod tests {
     async fn in_flight_uploads_are_bounded_and_counted_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let target = ArtifactKey::new("p", Kind::Module, "builds/h/n");
+        let limits = UploadLimits {
+            max_in_flight: 2,
+            ..LIMITS
+        };
         {
             let store = store(dir.path());
-            store.start_upload(&target, 2).unwrap();
-            store.start_upload(&target, 2).unwrap();
+            let id = store.start_upload(&target, &limits).unwrap();
+            store
+                .put_part(&id, 1, staged(&store, b"abc").await, &limits)
+                .await
+                .unwrap();
+            store.start_upload(&target, &limits).unwrap();
             assert!(matches!(
-                store.start_upload(&target, 2),
+                store.start_upload(&target, &limits),
                 Err(StoreError::TooManyUploads(2))
             ));
         }
         let store = store(dir.path());
         assert!(
             matches!(
-                store.start_upload(&target, 2),
+                store.start_upload(&target, &limits),
                 Err(StoreError::TooManyUploads(2))
             ),
             "the count survives a restart"
         );
+        assert_eq!(store.stats().staged_bytes, 3, "staged bytes survive too");
         assert_eq!(store.expire_uploads(0).unwrap(), 2);
-        store.start_upload(&target, 2).unwrap();
+        assert_eq!(store.stats().staged_bytes, 0);
+        store.start_upload(&target, &limits).unwrap();
+    }
+
+    #[tokio::test]
+    async fn part_numbers_are_bounded_and_listed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let target = ArtifactKey::new("p", Kind::Module, "builds/h/n");
+        let limits = UploadLimits {
+            max_parts: 3,
+            max_bytes: 10,
+            ..LIMITS
+        };
+        let id = store.start_upload(&target, &limits).unwrap();
+        let part = staged(&store, b"x").await;
+        assert!(matches!(
+            store.put_part(&id, 4, part, &limits).await,
+            Err(StoreError::BadPartNumber(3))
+        ));
+        store
+            .put_part(&id, 1, staged(&store, b"123456").await, &limits)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .put_part(&id, 2, staged(&store, b"12345").await, &limits)
+                .await,
+            Err(StoreError::TooLarge { limit: 10 })
+        ));
+        assert!(matches!(
+            store.complete_upload(&id, &[1, 1], None, &limits).await,
+            Err(StoreError::DuplicatePart(1))
+        ));
+        store
+            .complete_upload(&id, &[1], None, &limits)
+            .await
+            .unwrap();
     }
 }

@@ -20,6 +20,7 @@ pub struct Node {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
     logs: Arc<Mutex<Vec<String>>>,
     _temp: Option<tempfile::TempDir>,
 }
@@ -31,11 +32,19 @@ pub struct NodeOptions {
     pub env: Vec<(String, String)>,
     /// Reuse this data dir instead of a fresh temp one.
     pub data_dir: Option<PathBuf>,
+    /// Run the node under this command (e.g. `strace -f -o log`), which gets the node's path
+    /// and arguments appended.
+    pub wrapper: Vec<String>,
 }
 
 impl NodeOptions {
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    pub fn wrapped_in(mut self, command: &[&str]) -> Self {
+        self.wrapper = command.iter().map(|s| s.to_string()).collect();
         self
     }
 }
@@ -69,6 +78,7 @@ impl Node {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             env,
+            wrapper: options.wrapper,
             logs: Arc::new(Mutex::new(Vec::new())),
             _temp: temp,
         };
@@ -77,7 +87,15 @@ impl Node {
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kura"));
+        let binary = env!("CARGO_BIN_EXE_kura");
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .arg("serve")
             .stdin(Stdio::null())
@@ -135,6 +153,17 @@ impl Node {
     /// kill -9, then wait for the process to be gone.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // Under a wrapper the node is the wrapper's child: kill it first.
+            let pid = child.id();
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            for grandchild in children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a process the test started.
+                unsafe { libc::kill(grandchild, libc::SIGKILL) };
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -230,6 +259,39 @@ fn json_field(line: &str, field: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = value.get("fields").unwrap_or(&value);
     fields.get(field)?.as_str().map(str::to_owned)
+}
+
+/// What one artifact without a content type counts against capacity (docs/storage.md): its
+/// body, its encoded key (`project \0 kind \0 key`) twice, and 160 bytes for the record.
+pub fn artifact_charge(body_len: u64, project: &str, kind: &str, key: &str) -> u64 {
+    let encoded = project.len() + 1 + kind.len() + 1 + key.len();
+    body_len + 2 * encoded as u64 + 160
+}
+
+/// The body files on disk (there is one per file-backed artifact).
+pub fn body_files(node: &Node) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for shard in std::fs::read_dir(node.data_dir().join("bodies")).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            files.push(file.unwrap().path());
+        }
+    }
+    files
+}
+
+/// Flips bits of one byte of a file in place (simulated disk corruption).
+pub fn flip_byte(path: &Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(&[byte[0] ^ 0x40]).unwrap();
 }
 
 /// A reqwest client that never reuses connections (the node closes some after early answers)

@@ -1,0 +1,140 @@
+//! Project clean: one decision at one instant.
+//!
+//! A clean first writes a tombstone `project → t` into the `state` column family, under the
+//! commit lock, where `t` is the clean's time. From that batch on, every record of the project
+//! with `version_ms <= t` is dead: reads miss it, and a write that replaces it counts as new.
+//! Every write published after the tombstone is stamped with a `version_ms` after `t` (see
+//! `publish_record`), so what was written before the clean is gone and what came after stays,
+//! whatever the deletion batches below meet on their way. The tombstone is kept: the mesh will
+//! carry it, so that a peer's older copy cannot bring an artifact back.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use rocksdb::{DB, WriteBatch};
+
+use super::meta::{self, ArtifactRecord};
+use super::{Store, StoreError, keys, now_ms};
+
+/// Prefix of tombstone keys in the `state` column family (followed by the project).
+const TOMBSTONE_PREFIX: &[u8] = b"tombstone\0";
+/// Records examined per deletion batch.
+const CLEAN_BATCH: usize = 512;
+
+/// The time of each project's last clean, mirrored from the `state` column family.
+pub(super) struct Tombstones(RwLock<HashMap<String, u64>>);
+
+impl Tombstones {
+    pub(super) fn load(db: &DB) -> Result<Tombstones, StoreError> {
+        let mut map = HashMap::new();
+        let state = super::cf(db, meta::CF_STATE);
+        let iter = db.iterator_cf(
+            state,
+            rocksdb::IteratorMode::From(TOMBSTONE_PREFIX, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            let Some(project) = key.strip_prefix(TOMBSTONE_PREFIX) else {
+                break;
+            };
+            if let (Ok(project), Some(at)) = (std::str::from_utf8(project), meta::decode(&value)) {
+                map.insert(project.to_owned(), at);
+            }
+        }
+        Ok(Tombstones(RwLock::new(map)))
+    }
+
+    /// When `project` was last cleaned.
+    pub(super) fn of(&self, project: &str) -> Option<u64> {
+        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.get(project).copied()
+    }
+
+    /// Whether a record of `project` written at `version_ms` is gone by a clean.
+    pub(super) fn hides(&self, project: &str, version_ms: u64) -> bool {
+        self.of(project).is_some_and(|at| version_ms <= at)
+    }
+
+    fn set(&self, project: &str, at: u64) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(project.to_owned(), at);
+    }
+}
+
+impl Store {
+    /// Deletes every artifact of `project` written before now; returns how many went.
+    pub async fn delete_project(&self, project: &str) -> Result<u64, StoreError> {
+        let store = self.clone();
+        let project = project.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let at = store.write_tombstone(&project)?;
+            store.delete_older(&keys::project_prefix(&project), at)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// The instant of the clean: durable, and ordered with publishes by the commit lock.
+    fn write_tombstone(&self, project: &str) -> Result<u64, StoreError> {
+        let _accounting = self.accounting();
+        // Never earlier than a previous clean of the project, even if the clock stepped back.
+        let at = now_ms().max(self.inner.tombstones.of(project).unwrap_or(0));
+        let mut key = TOMBSTONE_PREFIX.to_vec();
+        key.extend_from_slice(project.as_bytes());
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(meta::CF_STATE), key, meta::encode(&at));
+        self.write(batch)?;
+        self.inner.tombstones.set(project, at);
+        Ok(at)
+    }
+
+    /// Deletes the records under `prefix` written at or before `at`, in batches.
+    fn delete_older(&self, prefix: &[u8], at: u64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut from = prefix.to_vec();
+        loop {
+            let mut accounting = self.accounting();
+            let mut batch = WriteBatch::default();
+            let mut usage = accounting.usage;
+            let mut bodies = Vec::new();
+            let mut last = None;
+            let iter = self.inner.db.iterator_cf(
+                self.cf(meta::CF_ARTIFACTS),
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            );
+            for item in iter.take(CLEAN_BATCH) {
+                let (key, value) = item?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                match meta::decode::<ArtifactRecord>(&value) {
+                    Some(record) if record.version_ms <= at => {
+                        usage = self.batch_remove(&mut batch, &key, &record, usage);
+                        bodies.push(record.body);
+                    }
+                    Some(_) => {}
+                    None => batch.delete_cf(self.cf(meta::CF_ARTIFACTS), &key),
+                }
+                last = Some(key);
+            }
+            let Some(last) = last else {
+                return Ok(removed);
+            };
+            if !batch.is_empty() {
+                self.write(batch)?;
+                accounting.usage = usage;
+            }
+            drop(accounting);
+            removed += bodies.len() as u64;
+            for body in &bodies {
+                self.remove_body(body);
+            }
+            // Continue after the last key looked at.
+            from = last.into_vec();
+            from.push(0);
+        }
+    }
+}
