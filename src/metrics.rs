@@ -1,6 +1,6 @@
 //! Metric names (all in one place) and the Prometheus exporter.
 //!
-//! Labels are bounded: protocol, route template, status, kind, result. Never keys, tokens or
+//! Labels are bounded: protocol, route template, status, kind, result, state. Never keys, tokens or
 //! callers' account handles.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -20,6 +20,7 @@ pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
 pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
 pub const AUTH_BACKEND_CALLS_TOTAL: &str = "kura_auth_backend_calls_total";
 pub const AUTH_BACKEND_DURATION_SECONDS: &str = "kura_auth_backend_duration_seconds";
+pub const AUTH_STATIC_TOKENS_STATE: &str = "kura_auth_static_tokens_state";
 pub const PROCESS_RSS_BYTES: &str = "kura_process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "kura_process_open_fds";
 pub const BUILD_INFO: &str = "kura_build_info";
@@ -85,6 +86,10 @@ fn describe() {
         AUTH_BACKEND_DURATION_SECONDS,
         Unit::Seconds,
         "Introspection call latency."
+    );
+    describe_gauge!(
+        AUTH_STATIC_TOKENS_STATE,
+        "Static tokens file: 1 for the current state, 0 for the others (ok; missing: every static token revoked; invalid: the last good tokens kept)."
     );
     describe_gauge!(
         PROCESS_RSS_BYTES,

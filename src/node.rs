@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::auth::Authorizer;
 use crate::auth::cache::{CacheSettings, DecisionCache};
 use crate::auth::introspection::IntrospectionClient;
-use crate::auth::static_tokens::StaticTokens;
+use crate::auth::static_tokens::{Reloaded, StaticTokens};
 use crate::config::{AuthMode, Capacity, Config};
 use crate::http::{self, App, AppState};
 use crate::lifecycle::Lifecycle;
@@ -189,14 +189,22 @@ fn spawn_tokens_watch(tokens: Arc<StaticTokens>) {
     });
 }
 
-fn log_reload(tokens: &StaticTokens, outcome: Option<Result<usize, String>>) {
+fn log_reload(tokens: &StaticTokens, outcome: Option<Reloaded>) {
+    let file = tokens.path().display();
     match outcome {
-        Some(Ok(count)) => {
-            tracing::info!(file = %tokens.path().display(), tokens = count, "static tokens reloaded")
+        Some(Reloaded::Loaded(count)) => {
+            tracing::info!(file = %file, tokens = count, "static tokens reloaded")
         }
-        Some(Err(error)) => {
-            tracing::error!(%error, "static tokens not reloaded; the previous ones stay in force")
-        }
+        // Both degraded states are errors: one locks every static token out, the other leaves
+        // tokens in force that the file on disk no longer says.
+        Some(Reloaded::Revoked) => tracing::error!(
+            file = %file,
+            "static tokens file is missing: every static token is revoked until it is back"
+        ),
+        Some(Reloaded::Kept { error, tokens }) => tracing::error!(
+            %error, tokens,
+            "static tokens not reloaded; the previous ones stay in force"
+        ),
         None => {}
     }
 }

@@ -7,6 +7,8 @@ use axum::{Json, Router};
 use http::{HeaderValue, StatusCode, header};
 
 use super::AppState;
+use crate::auth::Authorizer;
+use crate::auth::static_tokens::Health;
 use crate::lifecycle::State as NodeState;
 
 pub fn routes() -> Router<AppState> {
@@ -42,7 +44,7 @@ async fn ready(State(app): State<AppState>) -> Response {
 
 async fn status(State(app): State<AppState>) -> Response {
     let stats = app.store.stats();
-    Json(serde_json::json!({
+    let mut body = serde_json::json!({
         "state": app.lifecycle.state().as_str(),
         "version": env!("CARGO_PKG_VERSION"),
         "node_id": app.store.node_id(),
@@ -58,8 +60,21 @@ async fn status(State(app): State<AppState>) -> Response {
         "requests_in_flight": app.lifecycle.in_flight(),
         // Replication is not part of this release: no peers yet.
         "peers": [],
-    }))
-    .into_response()
+    });
+    if let Authorizer::Static(tokens) = &app.auth {
+        body["static_tokens"] = static_tokens_status(tokens.health());
+    }
+    Json(body).into_response()
+}
+
+/// `ok`, or why not: `missing` (every static token revoked) or `invalid` (the last good tokens
+/// kept while the file on disk says otherwise).
+fn static_tokens_status(health: Health) -> serde_json::Value {
+    serde_json::json!({
+        "state": health.state.label(),
+        "tokens": health.tokens,
+        "error": health.error,
+    })
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
