@@ -1,8 +1,10 @@
 //! Authorization: may this credential perform this action on this account/project?
 //!
-//! Every cache request, whatever its protocol, asks [`Authorizer::authorize`] and gets a
-//! transport-neutral [`Decision`]. The HTTP layer maps it to a status in one place
-//! (`http::error`); the gRPC layer will map it to its codes the same way.
+//! Every cache request, whatever its protocol, describes itself as an [`AccessRequest`] (the
+//! account and project it names, read or write, and the raw `authorization` value its header or
+//! metadata carried) and asks [`Authorizer::decide`], which returns a transport-neutral
+//! [`Decision`]. The HTTP layer maps it to a status in one place (`http::error`); the gRPC layer
+//! maps it to its codes the same way. No protocol checks accounts or tokens itself.
 
 pub mod cache;
 pub mod grants;
@@ -27,9 +29,34 @@ pub enum Action {
 #[derive(Clone)]
 pub struct Token(String);
 
+/// An `authorization` value that is neither `Bearer <token>` nor Basic credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MalformedCredentials;
+
 impl Token {
     pub fn new(token: impl Into<String>) -> Self {
         Token(token.into())
+    }
+
+    /// The token of an `authorization` value (HTTP header or gRPC metadata): `Bearer <token>`,
+    /// or Basic credentials whose password is the token (stock Gradle sends those). An empty
+    /// token is no token.
+    pub fn from_authorization(value: &str) -> Result<Option<Token>, MalformedCredentials> {
+        use base64::Engine as _;
+        let (scheme, rest) = value.trim().split_once(' ').ok_or(MalformedCredentials)?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Ok((!rest.is_empty()).then(|| Token::new(rest)));
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .map_err(|_| MalformedCredentials)?;
+            let decoded = String::from_utf8(decoded).map_err(|_| MalformedCredentials)?;
+            let (_, password) = decoded.split_once(':').ok_or(MalformedCredentials)?;
+            return Ok((!password.is_empty()).then(|| Token::new(password)));
+        }
+        Err(MalformedCredentials)
     }
 
     pub fn expose(&self) -> &str {
@@ -74,6 +101,20 @@ pub struct Resource<'a> {
     pub project: Option<&'a str>,
 }
 
+/// What a request asks for, as any protocol describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessRequest<'a> {
+    /// The account the request names, lowercased.
+    pub account: &'a str,
+    /// The project it names, lowercased; `None` for account-scoped requests.
+    pub project: Option<&'a str>,
+    pub action: Action,
+    /// The raw `authorization` value (header or metadata), if the request carried one.
+    pub authorization: Option<&'a str>,
+    /// Forwarded to the control plane when it is asked.
+    pub request_id: Option<&'a str>,
+}
+
 /// The outcome of an authorization check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -81,8 +122,10 @@ pub enum Decision {
     Allow {
         principal: Arc<str>,
     },
+    /// The request names an account other than the node's.
+    WrongAccount,
     MissingToken,
-    /// Unknown, inactive or expired token.
+    /// Unknown, inactive, expired or malformed token.
     InvalidToken,
     /// A valid token without a grant for this resource and action.
     Forbidden,
@@ -95,6 +138,7 @@ impl Decision {
     pub fn label(&self) -> &'static str {
         match self {
             Decision::Allow { .. } => "allow",
+            Decision::WrongAccount => "wrong_account",
             Decision::MissingToken => "missing_token",
             Decision::InvalidToken => "invalid_token",
             Decision::Forbidden => "forbidden",
@@ -115,6 +159,36 @@ pub enum Authorizer {
 }
 
 impl Authorizer {
+    /// Decides a request to a node serving `node_account`: the account first (a node serves
+    /// one), then the credentials and their grants.
+    pub async fn decide(&self, node_account: &str, request: &AccessRequest<'_>) -> Decision {
+        if request.account != node_account {
+            metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => Decision::WrongAccount.label())
+                .increment(1);
+            return Decision::WrongAccount;
+        }
+        let token = match request.authorization.map(Token::from_authorization) {
+            None => None,
+            Some(Ok(token)) => token,
+            Some(Err(MalformedCredentials)) => {
+                metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => Decision::InvalidToken.label())
+                    .increment(1);
+                return Decision::InvalidToken;
+            }
+        };
+        let resource = Resource {
+            account: request.account,
+            project: request.project,
+        };
+        self.authorize(
+            token.as_ref(),
+            &resource,
+            request.action,
+            request.request_id,
+        )
+        .await
+    }
+
     /// Decides whether `token` may perform `action` on `resource`. `request_id` is forwarded
     /// to the control plane when it is asked.
     pub async fn authorize(
@@ -140,5 +214,28 @@ impl Authorizer {
         metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => decision.label())
             .increment(1);
         decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_bearer_or_basic_password() {
+        let token = |value: &str| {
+            Token::from_authorization(value).map(|t| t.map(|t| t.expose().to_owned()))
+        };
+        assert_eq!(token("Bearer abc"), Ok(Some("abc".into())));
+        // "x:s3cret"
+        assert_eq!(token("Basic eDpzM2NyZXQ="), Ok(Some("s3cret".into())));
+        assert_eq!(
+            token("Basic eDo="),
+            Ok(None),
+            "an empty password is no token"
+        );
+        assert_eq!(token("Bearer "), Err(MalformedCredentials));
+        assert_eq!(token("Digest abc"), Err(MalformedCredentials));
+        assert_eq!(token("Basic !!!"), Err(MalformedCredentials));
     }
 }

@@ -8,14 +8,13 @@
 use std::collections::HashMap;
 
 use axum::extract::{FromRequestParts, Query, RawPathParams};
-use base64::Engine as _;
 use http::request::Parts;
-use http::{HeaderMap, Method, header};
+use http::{Method, header};
 
 use super::AppState;
 use super::error::ApiError;
 use super::layers::RequestId;
-use crate::auth::{Action, Decision, Resource, Token};
+use crate::auth::{AccessRequest, Action, Decision};
 use crate::names;
 
 /// Where a route finds its account and project.
@@ -55,33 +54,29 @@ impl FromRequestParts<AppState> for Authorized {
             ScopeRule::Path => scope_from_path(parts, app).await?,
             ScopeRule::Fixed(project) => (app.account.clone(), Some(project.to_string())),
         };
-        if account != app.account {
-            return Err(ApiError::new(
-                http::StatusCode::FORBIDDEN,
-                "wrong_account",
-                format!("This node serves account {:?}", app.account),
-            ));
-        }
-        let action = match parts.method {
-            Method::GET | Method::HEAD => Action::Read,
-            _ => Action::Write,
-        };
-        let token = token_from_headers(&parts.headers)?;
-        let resource = Resource {
+        let request = AccessRequest {
             account: &account,
             project: project.as_deref(),
+            action: match parts.method {
+                Method::GET | Method::HEAD => Action::Read,
+                _ => Action::Write,
+            },
+            // A value that is not text cannot be valid credentials.
+            authorization: parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap_or("")),
+            request_id: parts.extensions.get::<RequestId>().map(|id| id.0.as_str()),
         };
-        let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.as_str());
-        match app
-            .auth
-            .authorize(token.as_ref(), &resource, action, request_id)
-            .await
-        {
+        match app.auth.decide(&app.account, &request).await {
             Decision::Allow { principal } => Ok(Authorized {
                 project: project.unwrap_or_default(),
                 principal,
             }),
-            refused => Err(ApiError::from_decision(&refused).unwrap_or_else(ApiError::internal)),
+            refused => {
+                Err(ApiError::from_decision(&refused, &app.account)
+                    .unwrap_or_else(ApiError::internal))
+            }
         }
     }
 }
@@ -176,35 +171,6 @@ pub fn invalid_key() -> ApiError {
     )
 }
 
-/// The token of a request: `Authorization: Bearer <token>` or Basic with the token as password.
-fn token_from_headers(headers: &HeaderMap) -> Result<Option<Token>, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Ok(None);
-    };
-    let malformed = || {
-        ApiError::new(
-            http::StatusCode::UNAUTHORIZED,
-            "invalid_token",
-            "Invalid or expired token",
-        )
-    };
-    let value = value.to_str().map_err(|_| malformed())?.trim();
-    let (scheme, rest) = value.split_once(' ').ok_or_else(malformed)?;
-    let rest = rest.trim();
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Ok((!rest.is_empty()).then(|| Token::new(rest)));
-    }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest)
-            .map_err(|_| malformed())?;
-        let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
-        let (_, password) = decoded.split_once(':').ok_or_else(malformed)?;
-        return Ok((!password.is_empty()).then(|| Token::new(password)));
-    }
-    Err(malformed())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,23 +222,123 @@ mod tests {
         }
     }
 
-    fn headers(value: &str) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        map.insert(header::AUTHORIZATION, value.parse().unwrap());
-        map
-    }
+    /// Every row of the decision table, through the HTTP extractor and through a plain call of
+    /// `Authorizer::decide` standing in for a gRPC front end: the same answers.
+    #[tokio::test]
+    async fn http_and_a_second_front_end_get_the_same_decisions() {
+        use std::sync::Arc;
 
-    #[test]
-    fn tokens_come_from_bearer_or_basic_password() {
-        let bearer = token_from_headers(&headers("Bearer abc")).unwrap().unwrap();
-        assert_eq!(bearer.expose(), "abc");
-        // "x:s3cret"
-        let basic = token_from_headers(&headers("Basic eDpzM2NyZXQ="))
-            .unwrap()
-            .unwrap();
-        assert_eq!(basic.expose(), "s3cret");
-        assert!(token_from_headers(&HeaderMap::new()).unwrap().is_none());
-        assert!(token_from_headers(&headers("Digest abc")).is_err());
-        assert!(token_from_headers(&headers("Basic !!!")).is_err());
+        use crate::auth::Authorizer;
+        use crate::auth::static_tokens::StaticTokens;
+        use crate::http::App;
+
+        let dir = tempfile::tempdir().unwrap();
+        let hash = |token: &str| crate::auth::Token::new(token).sha256();
+        let entry = |name: &str, token: &str, grants: &str| {
+            format!(
+                "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\n[tokens.cache_grants]\n{grants}\n",
+                hex::encode(hash(token))
+            )
+        };
+        let file = dir.path().join("tokens.toml");
+        let text = [
+            entry(
+                "w",
+                "writer",
+                r#"account = { read = ["acme"], write = ["acme"] }"#,
+            ),
+            entry(
+                "r",
+                "reader",
+                r#"account = { read = ["acme"], write = [] }"#,
+            ),
+            entry(
+                "i",
+                "ios",
+                r#"project = { read = ["acme/ios"], write = ["acme/ios"] }"#,
+            ),
+            entry(
+                "g",
+                "globex",
+                r#"account = { read = ["globex"], write = ["globex"] }"#,
+            ),
+        ]
+        .concat();
+        std::fs::write(&file, text).unwrap();
+        let app = AppState(Arc::new(App {
+            store: crate::storage::Store::open(crate::storage::StoreOptions::for_tests(
+                &dir.path().join("data"),
+            ))
+            .unwrap(),
+            auth: Authorizer::Static(Arc::new(StaticTokens::load(&file).unwrap())),
+            config: Arc::new(crate::config::Config::default()),
+            lifecycle: crate::lifecycle::Lifecycle::default(),
+            metrics: None,
+            account: "acme".into(),
+        }));
+        let credentials = [
+            None,
+            Some("Bearer writer".to_string()),
+            Some("Bearer reader".to_string()),
+            Some("Bearer ios".to_string()),
+            Some("Bearer globex".to_string()),
+            Some("Bearer nobody".to_string()),
+            Some("Digest writer".to_string()),
+            // "gradle:writer"
+            Some("Basic Z3JhZGxlOndyaXRlcg==".to_string()),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for authorization in &credentials {
+            for account in ["acme", "globex"] {
+                for project in [None, Some("ios"), Some("android")] {
+                    for (method, action) in
+                        [(Method::GET, Action::Read), (Method::PUT, Action::Write)]
+                    {
+                        let mut uri = format!("/x?account_handle={account}");
+                        if let Some(project) = project {
+                            uri.push_str(&format!("&project_handle={project}"));
+                        }
+                        let mut request = http::Request::builder().method(method.clone()).uri(uri);
+                        if let Some(value) = authorization {
+                            request = request.header(header::AUTHORIZATION, value);
+                        }
+                        let (mut parts, ()) = request.body(()).unwrap().into_parts();
+                        let through_http =
+                            match Authorized::from_request_parts(&mut parts, &app).await {
+                                Ok(_) => "allow",
+                                Err(error) => error.code,
+                            };
+                        let direct = app
+                            .auth
+                            .decide(
+                                "acme",
+                                &AccessRequest {
+                                    account,
+                                    project,
+                                    action,
+                                    authorization: authorization.as_deref(),
+                                    request_id: None,
+                                },
+                            )
+                            .await;
+                        let direct =
+                            ApiError::from_decision(&direct, "acme").map_or("allow", |e| e.code);
+                        assert_eq!(
+                            through_http, direct,
+                            "{authorization:?} {account} {project:?} {method}"
+                        );
+                        seen.insert(direct);
+                    }
+                }
+            }
+        }
+        let every_row = [
+            "allow",
+            "forbidden",
+            "invalid_token",
+            "missing_token",
+            "wrong_account",
+        ];
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), every_row);
     }
 }

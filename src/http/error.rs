@@ -93,9 +93,14 @@ impl ApiError {
     }
 
     /// The error for a decision that does not allow the request; `None` for `Allow`.
-    pub fn from_decision(decision: &Decision) -> Option<ApiError> {
+    pub fn from_decision(decision: &Decision, node_account: &str) -> Option<ApiError> {
         Some(match decision {
             Decision::Allow { .. } => return None,
+            Decision::WrongAccount => Self::new(
+                StatusCode::FORBIDDEN,
+                "wrong_account",
+                format!("This node serves account {node_account:?}"),
+            ),
             Decision::MissingToken => Self::new(
                 StatusCode::UNAUTHORIZED,
                 "missing_token",
