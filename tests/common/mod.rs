@@ -20,6 +20,7 @@ pub struct Node {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
+    nofile: Option<u64>,
     logs: Arc<Mutex<Vec<String>>>,
     _temp: Option<tempfile::TempDir>,
 }
@@ -31,11 +32,18 @@ pub struct NodeOptions {
     pub env: Vec<(String, String)>,
     /// Reuse this data dir instead of a fresh temp one.
     pub data_dir: Option<PathBuf>,
+    /// Run the node with this file descriptor limit (RLIMIT_NOFILE).
+    pub nofile: Option<u64>,
 }
 
 impl NodeOptions {
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
         self
     }
 }
@@ -69,6 +77,7 @@ impl Node {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             env,
+            nofile: options.nofile,
             logs: Arc::new(Mutex::new(Vec::new())),
             _temp: temp,
         };
@@ -90,6 +99,9 @@ impl Node {
             }
         }
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(limit) = self.nofile {
+            limit_descriptors(&mut command, limit);
+        }
         let mut child = command.spawn().expect("start kura");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
@@ -213,6 +225,24 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Sets RLIMIT_NOFILE in the child before it runs.
+fn limit_descriptors(command: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit(2) is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
