@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod lifecycle;
+mod listener;
 pub mod metrics;
 pub mod names;
 pub mod node;

@@ -25,6 +25,7 @@ pub const PROCESS_RSS_BYTES: &str = "kura_process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "kura_process_open_fds";
 pub const BUILD_INFO: &str = "kura_build_info";
 pub const INFLIGHT_REQUESTS: &str = "kura_http_requests_in_flight";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "kura_connections_closed_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders from.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -101,6 +102,10 @@ fn describe() {
     describe_gauge!(
         INFLIGHT_REQUESTS,
         "HTTP requests being served (bodies included)."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED_TOTAL,
+        "Connections closed or refused by the node, by listener and reason (idle, header_timeout, evicted, refused, drain, stop)."
     );
 }
 

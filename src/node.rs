@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::auth::Authorizer;
 use crate::auth::cache::{CacheSettings, DecisionCache};
@@ -15,6 +16,7 @@ use crate::auth::static_tokens::{Reloaded, StaticTokens};
 use crate::config::{AuthMode, Capacity, Config};
 use crate::http::{self, App, AppState};
 use crate::lifecycle::Lifecycle;
+use crate::listener::{self, ListenerLimits, Phase};
 use crate::storage::{Store, StoreOptions};
 
 /// How often background maintenance (access flush, eviction) runs.
@@ -60,11 +62,11 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         artifacts = stats.artifacts, used_bytes = stats.used_bytes, capacity_bytes = stats.capacity,
         "kura is serving"
     );
-    let server = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().notified_owned());
-    // Drained: give idle keep-alive connections a moment to close, then exit regardless.
+    let phase = spawn_phase_updates(lifecycle, shutdown.clone());
+    let server = listener::serve(listener, http::router(state), http_limits(&config), phase);
+    // Drained: give open connections a moment to close, then exit regardless.
     tokio::select! {
-        result = server => result.context("HTTP server failed")?,
+        () = server => {}
         _ = async { shutdown.notified().await; tokio::time::sleep(Duration::from_secs(5)).await } => {
             tracing::warn!("connections still open 5s after the drain; closing them");
         }
@@ -86,9 +88,55 @@ impl Shutdown {
         let mut receiver = self.0.subscribe();
         let _ = receiver.wait_for(|done| *done).await;
     }
+}
 
-    async fn notified_owned(self) {
-        self.notified().await
+/// Tells the listeners the node's phase: draining once a drain starts (SIGTERM, SIGINT,
+/// SIGUSR1), stopped once it is over.
+fn spawn_phase_updates(lifecycle: Lifecycle, shutdown: Shutdown) -> watch::Receiver<Phase> {
+    let (phase, receiver) = watch::channel(Phase::Serving);
+    tokio::spawn(async move {
+        lifecycle.draining().await;
+        phase.send_replace(Phase::Draining);
+        shutdown.notified().await;
+        phase.send_replace(Phase::Stopped);
+    });
+    receiver
+}
+
+fn http_limits(config: &Config) -> ListenerLimits {
+    let limits = ListenerLimits {
+        name: "http",
+        header_timeout: config.server.header_timeout.0,
+        idle_timeout: config.server.idle_timeout.0,
+        max_connections: config.server.max_connections,
+    };
+    warn_if_descriptors_run_short(limits.max_connections);
+    limits
+}
+
+/// Descriptors the process needs besides client connections (RocksDB, bodies being written or
+/// read, the runtime), roughly.
+const DESCRIPTOR_RESERVE: u64 = 1024;
+
+/// Past the process's descriptor limit `accept()` fails (EMFILE) before `max_connections` is
+/// reached. The listener copes (it closes idle connections to make room), but the operator
+/// should know that the limit in force is not the configured one.
+fn warn_if_descriptors_run_short(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) with a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let wanted = max_connections as u64 + DESCRIPTOR_RESERVE;
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            nofile = limit.rlim_cur,
+            max_connections,
+            "the file descriptor limit is below server.max_connections plus {DESCRIPTOR_RESERVE}; raise it (ulimit -n, LimitNOFILE) or lower server.max_connections"
+        );
     }
 }
 

@@ -38,7 +38,17 @@ pub struct ServerConfig {
     pub grpc: SocketAddr,
     /// Peer plane listener (replication; not served by this release yet).
     pub internal: SocketAddr,
+    /// An HTTP/1 request's line and headers must arrive within this of its first byte.
+    pub header_timeout: HumanDuration,
+    /// Connections with no request in flight for this long are closed.
+    pub idle_timeout: HumanDuration,
+    /// Connections open at once on the HTTP listener; at the limit the longest-idle one is
+    /// closed to make room.
+    pub max_connections: usize,
 }
+
+/// Upper bound of `server.max_connections`: more on one listener is a typo.
+const MAX_CONNECTIONS_CEILING: usize = 1_000_000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -46,6 +56,9 @@ impl Default for ServerConfig {
             http: SocketAddr::from(([127, 0, 0, 1], 4000)),
             grpc: SocketAddr::from(([127, 0, 0, 1], 50051)),
             internal: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            header_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+            idle_timeout: HumanDuration(std::time::Duration::from_secs(60)),
+            max_connections: 10_000,
         }
     }
 }
@@ -386,6 +399,15 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let fail =
             |key: &str, what: &str| Err(ConfigError(format!("invalid config: {key}: {what}")));
+        if self.server.header_timeout.0.is_zero() {
+            return fail("server.header_timeout", "must be longer than 0s");
+        }
+        if self.server.idle_timeout.0.is_zero() {
+            return fail("server.idle_timeout", "must be longer than 0s");
+        }
+        if !(1..=MAX_CONNECTIONS_CEILING).contains(&self.server.max_connections) {
+            return fail("server.max_connections", "must be between 1 and 1000000");
+        }
         if crate::names::normalize_handle(&self.node.account).is_none() {
             return fail(
                 "node.account",
@@ -628,6 +650,30 @@ mod tests {
             err.to_string().contains("KURA_REPLICATION_INSECURE"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn connection_limits_override_from_env_and_must_be_nonzero() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("KURA_SERVER_HEADER_TIMEOUT", "2s"),
+                ("KURA_SERVER_IDLE_TIMEOUT", "90s"),
+                ("KURA_SERVER_MAX_CONNECTIONS", "64"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.header_timeout.0.as_secs(), 2);
+        assert_eq!(config.server.idle_timeout.0.as_secs(), 90);
+        assert_eq!(config.server.max_connections, 64);
+        for (name, key) in [
+            ("KURA_SERVER_HEADER_TIMEOUT", "server.header_timeout"),
+            ("KURA_SERVER_IDLE_TIMEOUT", "server.idle_timeout"),
+            ("KURA_SERVER_MAX_CONNECTIONS", "server.max_connections"),
+        ] {
+            let err = Config::load(None, env(&[(name, "0")])).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

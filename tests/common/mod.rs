@@ -21,6 +21,7 @@ pub struct Node {
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
+    nofile: Option<u64>,
     logs: Arc<Mutex<Vec<String>>>,
     _temp: Option<tempfile::TempDir>,
 }
@@ -35,6 +36,8 @@ pub struct NodeOptions {
     /// Run the node under this command (e.g. `strace -f -o log`), which gets the node's path
     /// and arguments appended.
     pub wrapper: Vec<String>,
+    /// Run the node with this file descriptor limit (RLIMIT_NOFILE).
+    pub nofile: Option<u64>,
 }
 
 impl NodeOptions {
@@ -45,6 +48,11 @@ impl NodeOptions {
 
     pub fn wrapped_in(mut self, command: &[&str]) -> Self {
         self.wrapper = command.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
         self
     }
 }
@@ -79,6 +87,7 @@ impl Node {
             data_dir,
             env,
             wrapper: options.wrapper,
+            nofile: options.nofile,
             logs: Arc::new(Mutex::new(Vec::new())),
             _temp: temp,
         };
@@ -108,6 +117,9 @@ impl Node {
             }
         }
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(limit) = self.nofile {
+            limit_descriptors(&mut command, limit);
+        }
         let mut child = command.spawn().expect("start kura");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
@@ -242,6 +254,24 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Sets RLIMIT_NOFILE in the child before it runs.
+fn limit_descriptors(command: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit(2) is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

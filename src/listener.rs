@@ -1,0 +1,1117 @@
+//! Accepting connections on one listener, with per-listener limits and a graceful drain.
+//!
+//! [`serve`] runs the accept loop of one TCP listener for one service: today the public HTTP
+//! router, later the gRPC and internal listeners with services of their own. Connections are
+//! served by hyper-util's auto builder (HTTP/1.1, and HTTP/2 with prior knowledge: h2c), and each
+//! is watched by a small clock of its own ([`decide`]) that enforces the [`ListenerLimits`]:
+//!
+//! - **Header timeout.** Once the first byte of an HTTP/1 request arrives on a connection with no
+//!   request in flight, the rest of the request line and headers must follow within
+//!   `header_timeout`, or the connection is cut (slow-header clients, "slowloris").
+//! - **Idle timeout.** A connection with no request in flight for `idle_timeout` is closed
+//!   (HTTP/2 with GOAWAY). A request is in flight from the moment hyper hands it to the service
+//!   until hyper drops its response body (last byte written, or the peer gone), so a long
+//!   download is never idle, however slowly the client reads.
+//! - **Connection limit.** At most `max_connections` connections are open (a semaphore; each
+//!   connection task holds a permit). At the limit the connection idle the longest is closed to
+//!   make room, so idle sockets never lock out probes or real clients; only when every
+//!   connection has a request in flight is a newcomer refused with a short 503. Running out of
+//!   file descriptors in `accept()` is handled the same way: close the longest-idle connection,
+//!   then retry.
+//! - **Drain** ([`Phase`]). While draining the listener keeps accepting (probes must answer), but
+//!   every connection closes once its current request is done: HTTP/1 without keep-alive,
+//!   HTTP/2 with GOAWAY; idle ones close at once. When stopped it accepts no more and waits for
+//!   the open connections to finish.
+//!
+//! Why our own clock rather than hyper's `http1::Builder::header_read_timeout`: hyper arms that
+//! timer as soon as a keep-alive connection goes back to reading, so it would also close every
+//! idle keep-alive connection after `header_timeout`, and it does not run while hyper-util is
+//! still reading the first bytes to pick the protocol. And why not hyper-util's
+//! `GracefulShutdown`: it takes ownership of each connection future to call
+//! `graceful_shutdown` on its own signal, while the idle timer and evictions need to call it on
+//! the same connection; the per-connection loop below calls it for all three, and the semaphore
+//! tells when every connection is gone.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::{Instant, timeout};
+use tower::ServiceExt;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The limits of one listener.
+#[derive(Clone, Debug)]
+pub(crate) struct ListenerLimits {
+    /// Names the listener in logs and metrics (`http`; later `grpc`, `internal`).
+    pub name: &'static str,
+    /// An HTTP/1 request's line and headers must arrive within this of its first byte.
+    pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}
+
+/// Where the node is in its shutdown, as a listener sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Serving,
+    /// Keep accepting, but close each connection once its current request is done.
+    Draining,
+    /// Accept no more; close every connection once its requests are done.
+    Stopped,
+}
+
+/// A connection asked to close gets this long to say so (GOAWAY, flush) before it is cut.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
+/// ...and at least this long after its last response, which may still sit in hyper's buffers.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
+/// How long the accept loop waits for an evicted connection to give back its slot.
+const EVICTION_WAIT: Duration = Duration::from_millis(1250);
+/// Pause after an accept error that is not about one connection (out of descriptors or memory)
+/// when no idle connection can be closed to make room, so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Refusals in progress at once (each writes a short 503 and waits up to `REFUSAL_LINGER` for
+/// the client to read it); beyond that a refused connection is closed without an answer.
+const REFUSALS_AT_ONCE: usize = 64;
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Over HTTP/2, a request body the service dropped unread is still read and thrown away, up to
+/// this much and this long, so that the stream ends cleanly (see [`RequestBody`]).
+const DISCARD_MAX_BYTES: usize = 4 << 20;
+const DISCARD_MAX_TIME: Duration = Duration::from_secs(5);
+/// The first bytes of every HTTP/2 prior-knowledge connection.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves `service` on `listener` until `phase` reaches [`Phase::Stopped`] and every connection
+/// has closed. Never fails: accept errors are logged and retried.
+pub(crate) async fn serve<S, B>(
+    listener: TcpListener,
+    service: S,
+    limits: ListenerLimits,
+    mut phase: watch::Receiver<Phase>,
+) where
+    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let shared = Arc::new(Shared::new(limits));
+    let mut acceptor = Acceptor {
+        shared: shared.clone(),
+        accept_errors: RateLimited::default(),
+        refusals: RateLimited::default(),
+    };
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&mut phase) => break,
+        };
+        match accepted {
+            Ok((stream, _peer)) => acceptor.admit(stream, &service, &phase).await,
+            Err(error) => acceptor.accept_failed(error).await,
+        }
+    }
+    drop(listener);
+    shared.all_closed().await;
+}
+
+/// What the accept loop and every connection task of one listener share.
+struct Shared {
+    limits: ListenerLimits,
+    builder: auto::Builder<TokioExecutor>,
+    /// For connections accepted while draining: HTTP/1 without keep-alive, so the one response
+    /// they get says `connection: close` (HTTP/2 gets GOAWAY after its first request).
+    builder_draining: auto::Builder<TokioExecutor>,
+    /// One permit per open connection.
+    slots: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+    registry: Registry,
+}
+
+impl Shared {
+    fn new(limits: ListenerLimits) -> Shared {
+        Shared {
+            builder: builder(&limits, true),
+            builder_draining: builder(&limits, false),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
+            registry: Registry::default(),
+            limits,
+        }
+    }
+
+    /// Resolves once every connection task has ended (given back its slot).
+    async fn all_closed(&self) {
+        let all = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
+        let _ = self.slots.acquire_many(all).await;
+    }
+
+    fn count_close(&self, reason: &'static str) {
+        metrics::counter!(crate::metrics::CONNECTIONS_CLOSED_TOTAL,
+            "listener" => self.limits.name, "reason" => reason)
+        .increment(1);
+    }
+}
+
+fn builder(limits: &ListenerLimits, keep_alive: bool) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Header reads are timed by our own clock (module docs): hyper's timer would also cut idle
+    // keep-alive connections after `header_timeout`. Disabled explicitly so that giving HTTP/1
+    // a timer one day does not silently turn on hyper's 30 s default.
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .keep_alive(keep_alive);
+    // HTTP/2 has no header timeout; a peer that stops answering pings is dropped instead, so a
+    // vanished client cannot pin a stream (and its slot) forever. Idle connections, including
+    // ones that trickle a request's headers in, are closed by the idle timer.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
+    builder
+}
+
+/// The accept loop's side: admission, refusal and accept errors.
+struct Acceptor {
+    shared: Arc<Shared>,
+    accept_errors: RateLimited,
+    refusals: RateLimited,
+}
+
+impl Acceptor {
+    async fn admit<S, B>(&mut self, stream: TcpStream, service: &S, phase: &watch::Receiver<Phase>)
+    where
+        S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // Small exchanges (probes, HEADs, 404s) must not wait on Nagle's algorithm.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let Some(slot) = self.slot().await else {
+            self.refuse(stream);
+            return;
+        };
+        let task = connection_task(
+            self.shared.clone(),
+            stream,
+            service.clone(),
+            phase.clone(),
+            slot,
+        );
+        tokio::spawn(task);
+    }
+
+    /// A free slot, or one made by closing the connection idle the longest; `None` when every
+    /// connection has a request in flight.
+    async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.shared.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        self.shared.registry.evict_longest_idle()?;
+        let freed = self.shared.slots.clone().acquire_owned();
+        timeout(EVICTION_WAIT, freed).await.ok()?.ok()
+    }
+
+    /// At the limit with every connection busy: a short 503 rather than a silent hang.
+    fn refuse(&mut self, mut stream: TcpStream) {
+        self.shared.count_close("refused");
+        if self.refusals.due() {
+            tracing::warn!(
+                listener = self.shared.limits.name,
+                max_connections = self.shared.limits.max_connections,
+                "every connection has a request in flight; refusing new ones with 503"
+            );
+        }
+        let Ok(permit) = self.shared.refusals.clone().try_acquire_owned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = timeout(REFUSAL_LINGER, answer_busy(&mut stream)).await;
+        });
+    }
+
+    async fn accept_failed(&mut self, error: io::Error) {
+        // The peer gave up between SYN and accept: nothing is wrong with the listener.
+        if matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionRefused
+        ) {
+            return;
+        }
+        if self.accept_errors.due() {
+            tracing::warn!(listener = self.shared.limits.name, %error,
+                "cannot accept connections; closing idle ones and retrying");
+        }
+        // Usually EMFILE/ENFILE: closing the longest-idle connection frees a descriptor.
+        match self.shared.registry.evict_longest_idle() {
+            Some(evicted) => {
+                let _ = timeout(EVICTION_WAIT, evicted.gone()).await;
+            }
+            None => tokio::time::sleep(ACCEPT_ERROR_PAUSE).await,
+        }
+    }
+}
+
+/// Writes a 503 without reading the request, then reads and drops what the client sent until it
+/// closes, so that our close does not turn into a reset that destroys the answer unread.
+async fn answer_busy(stream: &mut TcpStream) -> io::Result<()> {
+    let body = r#"{"error":"too_many_connections","message":"The node is at its connection limit; retry shortly"}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
+}
+
+/// Logs a recurring condition at most once a second.
+#[derive(Default)]
+struct RateLimited(Option<Instant>);
+
+impl RateLimited {
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .0
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1));
+        if due {
+            self.0 = Some(now);
+        }
+        due
+    }
+}
+
+async fn stopped(phase: &mut watch::Receiver<Phase>) {
+    if phase.wait_for(|p| *p == Phase::Stopped).await.is_err() {
+        // The owner went away without stopping us: keep serving.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Serves one connection, closing it when [`decide`] says so.
+async fn connection_task<S, B>(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    service: S,
+    mut phase: watch::Receiver<Phase>,
+    _slot: OwnedSemaphorePermit,
+) where
+    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::new(Activity::new());
+    let _registration = shared.registry.register(activity.clone());
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let service = Tracked {
+        inner: service,
+        activity: activity.clone(),
+    };
+    let first_phase = *phase.borrow_and_update();
+    let builder = match first_phase {
+        Phase::Serving => &shared.builder,
+        Phase::Draining | Phase::Stopped => &shared.builder_draining,
+    };
+    let mut connection = std::pin::pin!(builder.serve_connection(io, service));
+    let mut situation = Situation {
+        phase: first_phase,
+        opened_while_draining: first_phase != Phase::Serving,
+        closing_since: None,
+    };
+    let mut phase_open = true;
+    loop {
+        let now = Instant::now();
+        let wake_at = match decide(&activity.snapshot(), &situation, &shared.limits, now) {
+            Step::Wait(at) => at,
+            Step::Close(reason) => {
+                shared.count_close(reason.as_str());
+                tracing::debug!(
+                    listener = shared.limits.name,
+                    reason = reason.as_str(),
+                    "closing connection"
+                );
+                connection.as_mut().graceful_shutdown();
+                situation.closing_since = Some(now);
+                continue;
+            }
+            Step::Cut(reason) => {
+                if let Some(reason) = reason {
+                    shared.count_close(reason.as_str());
+                    tracing::debug!(
+                        listener = shared.limits.name,
+                        reason = reason.as_str(),
+                        "cutting connection"
+                    );
+                }
+                return;
+            }
+        };
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(listener = shared.limits.name, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = activity.changed() => {}
+            changed = phase.changed(), if phase_open => match changed {
+                Ok(()) => situation.phase = *phase.borrow_and_update(),
+                Err(_) => phase_open = false,
+            },
+            () = sleep_until(wake_at) => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a connection's clock knows about the connection's requests.
+#[derive(Clone, Copy, Debug)]
+struct Snapshot {
+    in_flight: usize,
+    /// At least one request was started on this connection.
+    served: bool,
+    /// The accept loop wants this connection's slot (or descriptor).
+    evict: bool,
+    /// When the last request ended (or the connection was accepted).
+    idle_since: Instant,
+    /// When the first byte of an HTTP/1 request head arrived, while it is still arriving.
+    head_since: Option<Instant>,
+}
+
+/// What the connection task knows beyond its requests.
+#[derive(Clone, Copy, Debug)]
+struct Situation {
+    phase: Phase,
+    opened_while_draining: bool,
+    /// When `graceful_shutdown` was called.
+    closing_since: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Nothing to do until something changes or this instant passes.
+    Wait(Option<Instant>),
+    /// Call `graceful_shutdown`: HTTP/1 closes after the response in progress (at once when
+    /// idle), HTTP/2 sends GOAWAY and closes when its streams are done.
+    Close(Reason),
+    /// Drop the connection now (counted under the reason, if any).
+    Cut(Option<Reason>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    Idle,
+    HeaderTimeout,
+    Evicted,
+    Drain,
+    Stop,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Idle => "idle",
+            Reason::HeaderTimeout => "header_timeout",
+            Reason::Evicted => "evicted",
+            Reason::Drain => "drain",
+            Reason::Stop => "stop",
+        }
+    }
+}
+
+/// The per-connection clock: what to do with a connection now, and when to look again.
+fn decide(s: &Snapshot, c: &Situation, limits: &ListenerLimits, now: Instant) -> Step {
+    if s.in_flight > 0 {
+        // Never cut a running request. Draining: let it finish, then close.
+        return match (c.phase, c.closing_since) {
+            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(None),
+            (Phase::Draining, None) => Step::Close(Reason::Drain),
+            (Phase::Stopped, None) => Step::Close(Reason::Stop),
+        };
+    }
+    let head_deadline = s.head_since.map(|since| since + limits.header_timeout);
+    if head_deadline.is_some_and(|deadline| now >= deadline) {
+        return Step::Cut(Some(Reason::HeaderTimeout));
+    }
+    if let Some(asked) = c.closing_since {
+        return after_close_asked(s, asked, head_deadline, now);
+    }
+    if let Some(reason) = close_reason(s, c, limits, now) {
+        // An evicted connection that never had a request has nothing to flush or say goodbye
+        // to; cutting it at once keeps the accept loop quick under a slow-header flood.
+        if reason == Reason::Evicted && !s.served {
+            return Step::Cut(Some(reason));
+        }
+        return Step::Close(reason);
+    }
+    // A head arriving is timed by the header clock, not the idle one.
+    Step::Wait(Some(
+        head_deadline.unwrap_or(s.idle_since + limits.idle_timeout),
+    ))
+}
+
+/// Why an idle connection (no request in flight) should close now, if it should.
+fn close_reason(
+    s: &Snapshot,
+    c: &Situation,
+    limits: &ListenerLimits,
+    now: Instant,
+) -> Option<Reason> {
+    if s.evict {
+        Some(Reason::Evicted)
+    } else if c.phase == Phase::Stopped {
+        Some(Reason::Stop)
+    } else if c.phase == Phase::Draining && (s.served || !c.opened_while_draining) {
+        // A connection opened while draining serves one request first (a probe, say).
+        Some(Reason::Drain)
+    } else if s.head_since.is_none() && now >= s.idle_since + limits.idle_timeout {
+        Some(Reason::Idle)
+    } else {
+        None
+    }
+}
+
+/// An idle connection asked to close: hyper ends it by itself, but not one still waiting for
+/// its first HTTP/1 request, so cut it after a grace that lets the goodbye (and the last
+/// response) be flushed. A request head still arriving may finish, unless we were evicted.
+fn after_close_asked(
+    s: &Snapshot,
+    asked: Instant,
+    head_deadline: Option<Instant>,
+    now: Instant,
+) -> Step {
+    if let Some(deadline) = head_deadline.filter(|_| !s.evict) {
+        return Step::Wait(Some(deadline));
+    }
+    let mut cut_at = asked + CLOSE_GRACE;
+    if s.served {
+        cut_at = cut_at.max(s.idle_since + FLUSH_GRACE);
+    }
+    if now >= cut_at {
+        Step::Cut(None)
+    } else {
+        Step::Wait(Some(cut_at))
+    }
+}
+
+/// A connection's requests as they come and go; shared by the connection task, its IO and its
+/// service.
+struct Activity {
+    in_flight: AtomicUsize,
+    served: AtomicBool,
+    evict: AtomicBool,
+    times: Mutex<Times>,
+    /// Wakes the connection task to look at its clock again.
+    changed: Notify,
+    gone: AtomicBool,
+    gone_notify: Notify,
+}
+
+struct Times {
+    idle_since: Instant,
+    head_since: Option<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            evict: AtomicBool::new(false),
+            times: Mutex::new(Times {
+                idle_since: Instant::now(),
+                head_since: None,
+            }),
+            changed: Notify::new(),
+            gone: AtomicBool::new(false),
+            gone_notify: Notify::new(),
+        }
+    }
+
+    fn times(&self) -> MutexGuard<'_, Times> {
+        // The data stays consistent even if a holder panicked: two plain fields.
+        self.times
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let times = self.times();
+        Snapshot {
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            served: self.served.load(Ordering::SeqCst),
+            evict: self.evict.load(Ordering::SeqCst),
+            idle_since: times.idle_since,
+            head_since: times.head_since,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Bytes of a request head arrived on an HTTP/1 connection (or one not yet known).
+    fn head_bytes(&self) {
+        if !self.is_idle() {
+            return;
+        }
+        let mut times = self.times();
+        if times.head_since.is_none() {
+            times.head_since = Some(Instant::now());
+            drop(times);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The connection turned out to be HTTP/2: it has no HTTP/1 head to time.
+    fn not_http1(&self) {
+        self.times().head_since = None;
+        self.changed.notify_one();
+    }
+
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.served.store(true, Ordering::SeqCst);
+        self.times().head_since = None;
+        self.changed.notify_one();
+        InFlight(self.clone())
+    }
+
+    fn evict(&self) {
+        self.evict.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    /// Resolves once the connection task has ended.
+    async fn gone(&self) {
+        loop {
+            let notified = self.gone_notify.notified();
+            if self.gone.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A request in flight, until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let mut times = activity.times();
+            times.idle_since = Instant::now();
+            times.head_since = None;
+            drop(times);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// The open connections of a listener, to find the one idle the longest.
+#[derive(Default)]
+struct Registry {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+impl Registry {
+    fn open(&self) -> MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn register(&self, activity: Arc<Activity>) -> Registration<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open().insert(id, activity.clone());
+        Registration {
+            registry: self,
+            id,
+            activity,
+        }
+    }
+
+    /// Asks the connection with no request in flight for the longest time to close; `None`
+    /// when every connection has a request in flight. O(open connections), only at the limit.
+    fn evict_longest_idle(&self) -> Option<Arc<Activity>> {
+        let open = self.open();
+        let victim = open
+            .values()
+            .filter(|a| a.is_idle() && !a.evict.load(Ordering::SeqCst))
+            .min_by_key(|a| a.times().idle_since)?
+            .clone();
+        drop(open);
+        victim.evict();
+        Some(victim)
+    }
+}
+
+/// Keeps a connection in the registry while its task runs.
+struct Registration<'a> {
+    registry: &'a Registry,
+    id: u64,
+    activity: Arc<Activity>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.open().remove(&self.id);
+        self.activity.gone.store(true, Ordering::SeqCst);
+        self.activity.gone_notify.notify_waiters();
+    }
+}
+
+/// Which protocol a connection speaks, from its first bytes (as hyper-util's auto builder
+/// decides it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// The first `matched` bytes agree with the HTTP/2 preface.
+    Detecting {
+        matched: usize,
+    },
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    fn after(self, bytes: &[u8]) -> Protocol {
+        let Protocol::Detecting { matched } = self else {
+            return self;
+        };
+        let wanted = &H2_PREFACE[matched..];
+        let n = wanted.len().min(bytes.len());
+        if bytes[..n] != wanted[..n] {
+            Protocol::Http1
+        } else if matched + n == H2_PREFACE.len() {
+            Protocol::Http2
+        } else {
+            Protocol::Detecting {
+                matched: matched + n,
+            }
+        }
+    }
+}
+
+/// The accepted socket, telling the connection's clock when request bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    protocol: Protocol,
+}
+
+impl Watched {
+    fn new(stream: TcpStream, activity: Arc<Activity>) -> Watched {
+        Watched {
+            stream,
+            activity,
+            protocol: Protocol::Detecting { matched: 0 },
+        }
+    }
+
+    fn bytes_read(&mut self, bytes: &[u8]) {
+        let before = self.protocol;
+        self.protocol = before.after(bytes);
+        match self.protocol {
+            Protocol::Http2 if before != Protocol::Http2 => self.activity.not_http1(),
+            Protocol::Http2 => {}
+            Protocol::Http1 | Protocol::Detecting { .. } => self.activity.head_bytes(),
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            this.bytes_read(read);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The service as hyper calls it: counts each request in flight until its response body is
+/// dropped, and hands the inner service a [`RequestBody`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send + 'static>>;
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Error>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let in_flight = self.activity.request_started();
+        let discard_unread = request.version() == http::Version::HTTP_2;
+        let request = request.map(|body| Body::new(RequestBody::new(body, discard_unread)));
+        let service = self.inner.clone();
+        Box::pin(async move {
+            let response = service.oneshot(request).await?;
+            // The guard rides in the body: a streaming download counts until its last byte.
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _in_flight = &in_flight;
+                    frame
+                }))
+            }))
+        })
+    }
+}
+
+/// The request body handed to the service.
+///
+/// Over HTTP/2, when the service answers early (403, 413) and drops the body unread, hyper's h2
+/// ends the stream with RST_STREAM once the response is sent: NO_ERROR, as RFC 9113 §8.1
+/// allows, but curl (7.88 at least) is still uploading at that point and fails the whole
+/// transfer (error 92, "stream was not closed cleanly") without reporting the status. So a body
+/// dropped unread is read on in the background and thrown away, up to [`DISCARD_MAX_BYTES`] and
+/// [`DISCARD_MAX_TIME`]: for ordinary bodies the client finishes sending, the stream ends
+/// cleanly and the client sees the answer; past the bound the reset happens as before.
+/// HTTP/1 is left to hyper: reading on there would send `100 Continue` to a client that asked
+/// for it, which an early answer is meant to avoid.
+struct RequestBody {
+    incoming: Option<Incoming>,
+    discard_unread: bool,
+}
+
+impl RequestBody {
+    fn new(incoming: Incoming, discard_unread: bool) -> RequestBody {
+        RequestBody {
+            incoming: Some(incoming),
+            discard_unread,
+        }
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut().incoming.as_mut() {
+            Some(incoming) => Pin::new(incoming).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint)
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let Some(incoming) = self.incoming.take() else {
+            return;
+        };
+        if !self.discard_unread || http_body::Body::is_end_stream(&incoming) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(discard(incoming));
+        }
+    }
+}
+
+async fn discard(mut incoming: Incoming) {
+    let read_to_end = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = incoming.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > DISCARD_MAX_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = timeout(DISCARD_MAX_TIME, read_to_end).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ListenerLimits {
+        ListenerLimits {
+            name: "test",
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4,
+        }
+    }
+
+    fn idle_since(at: Instant) -> Snapshot {
+        Snapshot {
+            in_flight: 0,
+            served: true,
+            evict: false,
+            idle_since: at,
+            head_since: None,
+        }
+    }
+
+    fn serving() -> Situation {
+        Situation {
+            phase: Phase::Serving,
+            opened_while_draining: false,
+            closing_since: None,
+        }
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_request_in_flight_is_never_cut() {
+        let t0 = Instant::now();
+        let busy = Snapshot {
+            in_flight: 1,
+            evict: true,
+            head_since: Some(t0),
+            ..idle_since(t0)
+        };
+        let late = t0 + 3600 * S;
+        assert_eq!(decide(&busy, &serving(), &limits(), late), Step::Wait(None));
+        let draining = Situation {
+            phase: Phase::Draining,
+            ..serving()
+        };
+        assert_eq!(
+            decide(&busy, &draining, &limits(), late),
+            Step::Close(Reason::Drain),
+            "finish the request, then close"
+        );
+        let closing = Situation {
+            closing_since: Some(t0),
+            ..draining
+        };
+        assert_eq!(decide(&busy, &closing, &limits(), late), Step::Wait(None));
+    }
+
+    #[test]
+    fn idle_connections_close_after_the_idle_timeout() {
+        let t0 = Instant::now();
+        let idle = idle_since(t0);
+        assert_eq!(
+            decide(&idle, &serving(), &limits(), t0 + 59 * S),
+            Step::Wait(Some(t0 + 60 * S))
+        );
+        assert_eq!(
+            decide(&idle, &serving(), &limits(), t0 + 60 * S),
+            Step::Close(Reason::Idle)
+        );
+    }
+
+    #[test]
+    fn a_slow_head_is_cut_at_the_header_timeout_not_the_idle_one() {
+        let t0 = Instant::now();
+        let slow = Snapshot {
+            head_since: Some(t0 + 55 * S),
+            ..idle_since(t0)
+        };
+        assert_eq!(
+            decide(&slow, &serving(), &limits(), t0 + 61 * S),
+            Step::Wait(Some(t0 + 65 * S)),
+            "bytes of a head arriving: the idle clock does not apply"
+        );
+        assert_eq!(
+            decide(&slow, &serving(), &limits(), t0 + 65 * S),
+            Step::Cut(Some(Reason::HeaderTimeout))
+        );
+    }
+
+    #[test]
+    fn closing_waits_for_the_last_response_to_flush_then_cuts() {
+        let t0 = Instant::now();
+        let just_answered = idle_since(t0);
+        let asked = Situation {
+            closing_since: Some(t0),
+            ..serving()
+        };
+        assert_eq!(
+            decide(&just_answered, &asked, &limits(), t0),
+            Step::Wait(Some(t0 + FLUSH_GRACE))
+        );
+        assert_eq!(
+            decide(&just_answered, &asked, &limits(), t0 + FLUSH_GRACE),
+            Step::Cut(None)
+        );
+        let never_used = Snapshot {
+            served: false,
+            ..just_answered
+        };
+        assert_eq!(
+            decide(&never_used, &asked, &limits(), t0),
+            Step::Wait(Some(t0 + CLOSE_GRACE))
+        );
+    }
+
+    #[test]
+    fn draining_closes_idle_connections_but_lets_a_new_one_make_its_request() {
+        let t0 = Instant::now();
+        let draining = Situation {
+            phase: Phase::Draining,
+            ..serving()
+        };
+        assert_eq!(
+            decide(&idle_since(t0), &draining, &limits(), t0),
+            Step::Close(Reason::Drain)
+        );
+        let new_one = Snapshot {
+            served: false,
+            ..idle_since(t0)
+        };
+        let opened_while_draining = Situation {
+            opened_while_draining: true,
+            ..draining
+        };
+        assert_eq!(
+            decide(&new_one, &opened_while_draining, &limits(), t0),
+            Step::Wait(Some(t0 + 60 * S))
+        );
+    }
+
+    #[test]
+    fn eviction_cuts_a_head_in_progress_at_once_and_lets_a_last_response_flush() {
+        let t0 = Instant::now();
+        let slowloris = Snapshot {
+            served: false,
+            evict: true,
+            head_since: Some(t0),
+            ..idle_since(t0)
+        };
+        assert_eq!(
+            decide(&slowloris, &serving(), &limits(), t0),
+            Step::Cut(Some(Reason::Evicted))
+        );
+        let just_answered = Snapshot {
+            evict: true,
+            ..idle_since(t0)
+        };
+        assert_eq!(
+            decide(&just_answered, &serving(), &limits(), t0),
+            Step::Close(Reason::Evicted)
+        );
+        let asked = Situation {
+            closing_since: Some(t0),
+            ..serving()
+        };
+        assert_eq!(
+            decide(&just_answered, &asked, &limits(), t0),
+            Step::Wait(Some(t0 + FLUSH_GRACE))
+        );
+    }
+
+    #[test]
+    fn the_protocol_is_told_by_the_preface() {
+        let start = Protocol::Detecting { matched: 0 };
+        assert_eq!(start.after(b"GET / HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(start.after(H2_PREFACE), Protocol::Http2);
+        let partial = start.after(b"PRI * HT");
+        assert_eq!(partial, Protocol::Detecting { matched: 8 });
+        assert_eq!(partial.after(&H2_PREFACE[8..]), Protocol::Http2);
+        assert_eq!(partial.after(b"XX"), Protocol::Http1);
+    }
+}
