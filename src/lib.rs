@@ -1,10 +1,13 @@
 //! Kura: a content-addressed build-cache node.
 //!
-//! Reading order: [`node`] wires everything; [`http`] is the public listener and its surfaces;
-//! [`auth`] decides who may do what; [`storage`] is the only code that touches disk.
+//! Reading order: [`node`] wires everything; [`context`] is what every listener shares; the
+//! listener module accepts connections; [`http`] is the public surfaces; [`auth`] decides who
+//! may do what; [`storage`] is the only code that touches disk. `docs/architecture.md` is the
+//! one-page map.
 
 pub mod auth;
 pub mod config;
+pub mod context;
 pub mod http;
 pub mod lifecycle;
 mod listener;

@@ -14,7 +14,8 @@ use crate::auth::cache::{CacheSettings, DecisionCache};
 use crate::auth::introspection::IntrospectionClient;
 use crate::auth::static_tokens::{Reloaded, StaticTokens};
 use crate::config::{AuthMode, Capacity, Config};
-use crate::http::{self, App, AppState};
+use crate::context::NodeContext;
+use crate::http::{self, AppState};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{self, ListenerLimits, Phase};
 use crate::storage::{Store, StoreOptions};
@@ -37,14 +38,13 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (server.http)", config.server.http))?;
     let address = listener.local_addr()?;
 
-    let state = AppState(Arc::new(App {
-        account: config.node.account.to_ascii_lowercase(),
-        store: store.clone(),
+    let context = NodeContext::new(
+        config.clone(),
+        store.clone(),
         auth,
-        config: Arc::new(config.clone()),
-        lifecycle: lifecycle.clone(),
-        metrics: Some(metrics),
-    }));
+        lifecycle.clone(),
+        Some(metrics),
+    );
     spawn_maintenance(store.clone(), &config);
     if let Some(tokens) = &static_tokens {
         spawn_tokens_watch(tokens.clone());
@@ -63,7 +63,12 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         "kura is serving"
     );
     let phase = spawn_phase_updates(lifecycle, shutdown.clone());
-    let server = listener::serve(listener, http::router(state), http_limits(&config), phase);
+    let server = listener::serve(
+        listener,
+        http::router(AppState(context)),
+        http_limits(&config),
+        phase,
+    );
     // Drained: give open connections a moment to close, then exit regardless.
     tokio::select! {
         () = server => {}

@@ -230,7 +230,6 @@ mod tests {
 
         use crate::auth::Authorizer;
         use crate::auth::static_tokens::StaticTokens;
-        use crate::http::App;
 
         let dir = tempfile::tempdir().unwrap();
         let hash = |token: &str| crate::auth::Token::new(token).sha256();
@@ -265,17 +264,20 @@ mod tests {
         ]
         .concat();
         std::fs::write(&file, text).unwrap();
-        let app = AppState(Arc::new(App {
-            store: crate::storage::Store::open(crate::storage::StoreOptions::for_tests(
-                &dir.path().join("data"),
-            ))
-            .unwrap(),
-            auth: Authorizer::Static(Arc::new(StaticTokens::load(&file).unwrap())),
-            config: Arc::new(crate::config::Config::default()),
-            lifecycle: crate::lifecycle::Lifecycle::default(),
-            metrics: None,
-            account: "acme".into(),
-        }));
+        let mut config = crate::config::Config::default();
+        config.node.account = "acme".into();
+        let store = crate::storage::Store::open(crate::storage::StoreOptions::for_tests(
+            &dir.path().join("data"),
+        ))
+        .unwrap();
+        let auth = Authorizer::Static(Arc::new(StaticTokens::load(&file).unwrap()));
+        let app = AppState(crate::context::NodeContext::new(
+            config,
+            store,
+            auth,
+            crate::lifecycle::Lifecycle::default(),
+            None,
+        ));
         let credentials = [
             None,
             Some("Bearer writer".to_string()),

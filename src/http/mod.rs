@@ -21,32 +21,17 @@ use std::sync::Arc;
 
 use axum::response::IntoResponse;
 use axum::{Router, middleware};
-use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::auth::Authorizer;
-use crate::config::Config;
-use crate::lifecycle::Lifecycle;
-use crate::storage::Store;
+use crate::context::NodeContext;
 
-/// What every handler can reach.
-pub struct App {
-    pub store: Store,
-    pub auth: Authorizer,
-    pub config: Arc<Config>,
-    pub lifecycle: Lifecycle,
-    pub metrics: Option<PrometheusHandle>,
-    /// The node's account, lowercased.
-    pub account: String,
-}
-
-/// Shared handle to [`App`] used as the router state.
+/// The router state: the node's shared context (see `context.rs`).
 #[derive(Clone)]
-pub struct AppState(pub Arc<App>);
+pub struct AppState(pub Arc<NodeContext>);
 
 impl Deref for AppState {
-    type Target = App;
+    type Target = NodeContext;
 
-    fn deref(&self) -> &App {
+    fn deref(&self) -> &NodeContext {
         &self.0
     }
 }

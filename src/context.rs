@@ -1,0 +1,45 @@
+//! What every listener of a node shares: the configuration, the store, the authorizer, the
+//! lifecycle (drain) and the metrics handle.
+//!
+//! Built once in `node.rs` and handed to each plane: the public HTTP router today, the gRPC and
+//! peer listeners next. Protocol code reads it; none of it belongs to one protocol.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::Authorizer;
+use crate::config::Config;
+use crate::lifecycle::Lifecycle;
+use crate::storage::Store;
+
+/// The shared state of a running node; cheap to share behind an `Arc`.
+pub struct NodeContext {
+    pub store: Store,
+    pub auth: Authorizer,
+    pub config: Arc<Config>,
+    pub lifecycle: Lifecycle,
+    /// Renders `/metrics`; `None` when no recorder is installed (unit tests).
+    pub metrics: Option<PrometheusHandle>,
+    /// The node's account, lowercased.
+    pub account: String,
+}
+
+impl NodeContext {
+    pub fn new(
+        config: Config,
+        store: Store,
+        auth: Authorizer,
+        lifecycle: Lifecycle,
+        metrics: Option<PrometheusHandle>,
+    ) -> Arc<NodeContext> {
+        Arc::new(NodeContext {
+            account: config.node.account.to_ascii_lowercase(),
+            store,
+            auth,
+            config: Arc::new(config),
+            lifecycle,
+            metrics,
+        })
+    }
+}
