@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
+use crate::memory::BodyMemory;
 use crate::storage::Store;
 
 /// The shared state of a running node; cheap to share behind an `Arc`.
@@ -19,6 +20,8 @@ pub struct NodeContext {
     pub auth: Authorizer,
     pub config: Arc<Config>,
     pub lifecycle: Lifecycle,
+    /// What transfers may hold in memory, together (`limits.body_memory`).
+    pub body_memory: BodyMemory,
     /// Renders `/metrics`; `None` when no recorder is installed (unit tests).
     pub metrics: Option<PrometheusHandle>,
     /// The node's account, lowercased.
@@ -33,8 +36,13 @@ impl NodeContext {
         lifecycle: Lifecycle,
         metrics: Option<PrometheusHandle>,
     ) -> Arc<NodeContext> {
+        let body_memory = BodyMemory::new(
+            config.limits.body_memory.0,
+            config.limits.body_memory_wait.0,
+        );
         Arc::new(NodeContext {
             account: config.node.account.to_ascii_lowercase(),
+            body_memory,
             store,
             auth,
             config: Arc::new(config),

@@ -11,6 +11,7 @@ pub mod context;
 pub mod http;
 pub mod lifecycle;
 mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod node;

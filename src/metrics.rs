@@ -25,6 +25,7 @@ pub const PROCESS_RSS_BYTES: &str = "kura_process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "kura_process_open_fds";
 pub const BUILD_INFO: &str = "kura_build_info";
 pub const INFLIGHT_REQUESTS: &str = "kura_http_requests_in_flight";
+pub const BODY_MEMORY_BYTES: &str = "kura_body_memory_bytes";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "kura_connections_closed_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders from.
@@ -99,6 +100,11 @@ fn describe() {
     );
     describe_gauge!(PROCESS_OPEN_FDS, "Open file descriptors.");
     describe_gauge!(BUILD_INFO, "Always 1; labels carry version and git sha.");
+    describe_gauge!(
+        BODY_MEMORY_BYTES,
+        Unit::Bytes,
+        "Body bytes leased by transfers from limits.body_memory."
+    );
     describe_gauge!(
         INFLIGHT_REQUESTS,
         "HTTP requests being served (bodies included)."

@@ -84,3 +84,72 @@ async fn peak_rss_stays_flat_for_gigabyte_artifacts() {
         LIMIT >> 20
     );
 }
+
+/// Transfers lease what they hold in memory from `limits.body_memory`: with the budget spent by
+/// stalled uploads, a new upload waits `limits.body_memory_wait` and then gets 429 with
+/// `Retry-After`; small transfers that still fit go on, and the room comes back when an upload
+/// ends.
+#[tokio::test]
+async fn a_spent_body_memory_budget_makes_new_transfers_wait_then_429() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_LIMITS_BODY_MEMORY", "64MiB")
+            .env("KURA_LIMITS_BODY_MEMORY_WAIT", "1s"),
+    );
+    let http = client();
+    let small = node.url("/api/cache/gradle/small?account_handle=dev");
+    http.put(&small).body("fits").send().await.unwrap();
+    // An upload that declared 2 MiB and sends its first KiB, then nothing.
+    let stalled_upload = |key: &str| {
+        let mut stream = TcpStream::connect(node.addr).unwrap();
+        let head = format!(
+            "PUT /api/cache/gradle/{key}?account_handle=dev HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            2 * MIB
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&[7u8; 1024]).unwrap();
+        stream
+    };
+    // Each upload leases 640 KiB: 102 of them spend 63.75 MiB of the 64.
+    let mut uploads: Vec<TcpStream> = (0..102).map(|i| stalled_upload(&format!("s{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.metric("kura_body_memory_bytes").await < 102 * 640 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the uploads never leased their memory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut refused = stalled_upload("one-too-many");
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = [0u8; 512];
+    let n = refused.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 429"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "answered before waiting for room"
+    );
+    // Small transfers still fit in what is left.
+    assert_eq!(
+        http.get(&small).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    // One upload ends (its client goes away): its room serves the next one.
+    drop(uploads.pop());
+    let next = http
+        .put(node.url("/api/cache/gradle/next?account_handle=dev"))
+        .body(payload(3, 2 * MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), StatusCode::CREATED);
+}

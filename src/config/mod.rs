@@ -210,6 +210,10 @@ pub struct LimitsConfig {
     pub blob: ByteSize,
     /// Cache requests served at once (bodies included); more are answered 429.
     pub max_in_flight_requests: usize,
+    /// Body bytes all transfers together may hold in memory.
+    pub body_memory: ByteSize,
+    /// How long a transfer waits for room in `body_memory` before it is answered 429.
+    pub body_memory_wait: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -222,6 +226,8 @@ impl Default for LimitsConfig {
             module_assembled: ByteSize(2 << 30),
             blob: ByteSize(2 << 30),
             max_in_flight_requests: 4096,
+            body_memory: ByteSize(256 << 20),
+            body_memory_wait: HumanDuration(std::time::Duration::from_secs(10)),
         }
     }
 }
@@ -470,6 +476,9 @@ impl Config {
         }
         if self.uploads.max_in_flight == 0 {
             return fail("uploads.max_in_flight", "must be at least 1");
+        }
+        if self.limits.body_memory.0 < 1 << 20 {
+            return fail("limits.body_memory", "must be at least 1MiB");
         }
         if self.uploads.max_parts == 0 {
             return fail("uploads.max_parts", "must be at least 1");

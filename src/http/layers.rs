@@ -8,7 +8,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, header};
-use http_body_util::BodyExt;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
@@ -99,12 +98,7 @@ pub async fn admission(State(app): State<AppState>, request: Request, next: Next
     }
     let response = next.run(request).await;
     // The guard moves into the body, so a streaming download counts until its last byte.
-    response.map(move |body| {
-        Body::new(body.map_frame(move |frame| {
-            let _still_in_flight = &in_flight;
-            frame
-        }))
-    })
+    response.map(move |body| super::transfer::hold_until_sent(body, in_flight))
 }
 
 /// Gives the framework's own bare error answers (405 for a known route with another method,

@@ -9,12 +9,38 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use super::AppState;
 use super::error::ApiError;
 use super::range::{self, RangeAnswer};
+use crate::memory::MemoryLease;
 use crate::storage::{
     ArtifactInfo, ArtifactKey, BodyStream, Committed, NewArtifact, StagedBody, WriteMode,
 };
 
 /// Header carrying a client's SHA-256 of an upload (and returned on later reads).
 pub const CHECKSUM_HEADER: &str = "tuist-checksum-sha256";
+
+/// What an upload holds in memory at most: the store's write buffer (512 KiB) and one chunk
+/// from the network.
+const UPLOAD_FOOTPRINT: u64 = 640 * 1024;
+/// Bodies up to this size are read and verified whole before sending (the store's rule); larger
+/// ones stream with two read chunks in hand.
+const WHOLE_READ_MAX: u64 = 1 << 20;
+
+/// Leases room for `bytes` from the node's body memory budget, or answers 429.
+async fn lease_memory(app: &AppState, bytes: u64) -> Result<MemoryLease, ApiError> {
+    app.body_memory.lease(bytes).await.ok_or_else(|| {
+        ApiError::overloaded(
+            "The node holds as many transfers in memory as it may; retry shortly",
+            1,
+        )
+    })
+}
+
+/// Keeps `guard` alive until the last frame of `body` was sent (or the body was dropped).
+pub fn hold_until_sent<G: Send + Sync + 'static>(body: Body, guard: G) -> Body {
+    Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+        let _held = &guard;
+        frame
+    }))
+}
 
 /// Rejects an upload whose declared length is over `limit` before a byte of it is read.
 pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, ApiError> {
@@ -62,6 +88,7 @@ pub async fn receive(
 ) -> Result<StagedBody, ApiError> {
     let declared = check_declared_length(headers, limit)?;
     let expected = client_checksum(headers)?;
+    let _lease = lease_memory(app, declared.unwrap_or(limit).min(UPLOAD_FOOTPRINT)).await?;
     let mut writer = app
         .store
         .writer(limit, sha256_of_body || expected.is_some());
@@ -158,6 +185,12 @@ pub async fn serve(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
         return Ok(response);
     }
+    let footprint = if info.size <= WHOLE_READ_MAX {
+        info.size
+    } else {
+        2 * crate::storage::bodies::READ_CHUNK as u64
+    };
+    let lease = lease_memory(app, footprint).await?;
     // The artifact may have been replaced since the metadata above: serve what is read now.
     let Some(artifact) = app.store.read(key).await? else {
         metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
@@ -195,6 +228,7 @@ pub async fn serve(
         BodyStream::Bytes(bytes) => Body::from(bytes),
         BodyStream::Stream(stream) => Body::from_stream(stream),
     };
+    let body = hold_until_sent(body, lease);
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let response_headers = response.headers_mut();
