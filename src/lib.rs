@@ -7,13 +7,13 @@
 
 pub mod auth;
 pub mod config;
-pub mod context;
+pub(crate) mod context;
 pub mod http;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 mod listener;
-pub mod memory;
-pub mod metrics;
-pub mod names;
+pub(crate) mod memory;
+pub(crate) mod metrics;
+pub(crate) mod names;
 pub mod node;
 pub mod storage;
 

@@ -6,10 +6,10 @@
 //! [`Decision`]. The HTTP layer maps it to a status in one place (`http::error`); the gRPC layer
 //! maps it to its codes the same way. No protocol checks accounts or tokens itself.
 
-pub mod cache;
-pub mod grants;
-pub mod introspection;
-pub mod static_tokens;
+pub(crate) mod cache;
+pub(crate) mod grants;
+pub(crate) mod introspection;
+pub(crate) mod static_tokens;
 
 use std::sync::Arc;
 

@@ -3,17 +3,17 @@
 //! A request flows: `request_id` → `observe` (metrics, logs) → `drain` → route →
 //! [`access::Authorized`] (account/project/token check) → handler → [`transfer`] → storage.
 
-pub mod access;
+pub(crate) mod access;
 mod artifacts;
 mod blobs;
 mod clean;
-pub mod error;
+pub(crate) mod error;
 mod gradle;
-pub mod layers;
+pub(crate) mod layers;
 mod module;
 mod probes;
 pub mod range;
-pub mod transfer;
+pub(crate) mod transfer;
 mod xcode;
 
 use std::ops::Deref;
