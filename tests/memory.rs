@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{Node, NodeOptions, client, payload};
+use common::{Node, NodeOptions, StatusOf, client, payload};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 
@@ -139,10 +139,7 @@ async fn a_spent_body_memory_budget_makes_new_transfers_wait_then_429() {
         "answered before waiting for room"
     );
     // Small transfers still fit in what is left.
-    assert_eq!(
-        http.get(&small).send().await.unwrap().status(),
-        StatusCode::OK
-    );
+    assert_eq!(http.get(&small).status_of().await, StatusCode::OK);
     // One upload ends (its client goes away): its room serves the next one.
     drop(uploads.pop());
     let next = http

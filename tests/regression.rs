@@ -12,7 +12,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::common::{
-    self, Node, NodeOptions, artifact_charge, body_files, client, flip_byte, payload,
+    self, Node, NodeOptions, StatusOf, artifact_charge, body_files, client, flip_byte, payload,
 };
 
 const MIB: usize = 1 << 20;
@@ -50,7 +50,7 @@ async fn put_part(node: &Node, id: &str, number: u64, body: Vec<u8>) -> StatusCo
         node,
         &format!("/api/cache/module/part?upload_id={id}&part_number={number}"),
     );
-    client().post(url).body(body).send().await.unwrap().status()
+    client().post(url).body(body).status_of().await
 }
 
 async fn complete(node: &Node, id: &str, parts: Value) -> StatusCode {
@@ -58,10 +58,8 @@ async fn complete(node: &Node, id: &str, parts: Value) -> StatusCode {
     client()
         .post(url)
         .json(&json!({ "parts": parts }))
-        .send()
+        .status_of()
         .await
-        .unwrap()
-        .status()
 }
 
 /// Item 1: concurrent `complete` calls used to all succeed and decrement the in-flight count
@@ -226,7 +224,7 @@ async fn many_empty_artifacts_with_long_keys_are_bounded_by_capacity() {
         let puts = (0..32).map(|j| {
             let url = gradle(&node, &key_of(batch * 32 + j));
             let http = http.clone();
-            async move { http.put(url).body("").send().await.unwrap().status() }
+            async move { http.put(url).body("").status_of().await }
         });
         for status in join_all(puts).await {
             assert!(status.is_success(), "{status}");
@@ -277,11 +275,7 @@ async fn a_full_disk_answers_507_and_writes_resume_once_space_is_freed() {
         assert!(body["message"].as_str().unwrap().contains("disk"), "{body}");
     }
     assert_eq!(
-        http.get(gradle(&node, "kept"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        http.get(gradle(&node, "kept")).status_of().await,
         StatusCode::OK,
         "reads go on"
     );
@@ -308,11 +302,7 @@ async fn a_full_disk_answers_507_and_writes_resume_once_space_is_freed() {
         assert_eq!(response.status(), StatusCode::INSUFFICIENT_STORAGE);
     }
     assert_eq!(
-        http.get(gradle(&node, "kept"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        http.get(gradle(&node, "kept")).status_of().await,
         StatusCode::OK
     );
     assert!(!node.logs().contains("\"status\":500"));
@@ -491,12 +481,9 @@ async fn conditional_and_head_requests_answer_from_metadata_and_agree_after_corr
         0,
         "a 304 read no body"
     );
+    assert_eq!(http.get(&url).status_of().await, StatusCode::NOT_FOUND);
     assert_eq!(
-        http.get(&url).send().await.unwrap().status(),
-        StatusCode::NOT_FOUND
-    );
-    assert_eq!(
-        http.head(&url).send().await.unwrap().status(),
+        http.head(&url).status_of().await,
         StatusCode::NOT_FOUND,
         "HEAD agrees with GET once the corrupt body is dropped"
     );
@@ -555,7 +542,7 @@ async fn a_project_clean_is_one_instant_in_the_order_of_writes() {
     let clean = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let sent = Instant::now();
-        let status = http.delete(&clean_url).send().await.unwrap().status();
+        let status = http.delete(&clean_url).status_of().await;
         let answered = (status, sent.elapsed(), Instant::now());
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -572,17 +559,13 @@ async fn a_project_clean_is_one_instant_in_the_order_of_writes() {
             node.restart();
         }
         assert_eq!(
-            http.get(url(&node, "m-00-000"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
+            http.get(url(&node, "m-00-000")).status_of().await,
             StatusCode::NOT_FOUND
         );
         for keys in &written {
             let mut survived = Vec::new();
             for key in keys {
-                let status = http.get(url(&node, key)).send().await.unwrap().status();
+                let status = http.get(url(&node, key)).status_of().await;
                 survived.push(status == StatusCode::OK);
             }
             // Each writer wrote one key after the other: what survived is a suffix.
@@ -614,10 +597,8 @@ async fn overwriting_near_capacity_evicts_nothing_else() {
         let status = http
             .put(gradle(&node, key))
             .body(payload(1, 3 * MIB))
-            .send()
-            .await
-            .unwrap()
-            .status();
+            .status_of()
+            .await;
         assert_eq!(status, StatusCode::CREATED);
     }
     let overwrite = http
@@ -628,11 +609,7 @@ async fn overwriting_near_capacity_evicts_nothing_else() {
         .unwrap();
     assert_eq!(overwrite.status(), StatusCode::OK);
     assert_eq!(
-        http.head(gradle(&node, "first"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        http.head(gradle(&node, "first")).status_of().await,
         StatusCode::OK,
         "the overwrite evicted an unrelated artifact"
     );
@@ -784,7 +761,7 @@ async fn deleting_the_static_tokens_file_revokes_every_token_and_a_broken_edit_k
     let state_metric = |state: &str| format!("kura_auth_static_tokens_state{{state=\"{state}\"}}");
 
     let put = http.put(url).bearer_auth(TOKEN).body("artifact");
-    assert_eq!(put.send().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(put.status_of().await, StatusCode::CREATED);
     assert_eq!(get().await, StatusCode::OK);
     assert_eq!(file_state().await, ("ok".into(), 1.into()));
     assert_eq!(node.metric(&state_metric("ok")).await, 1);

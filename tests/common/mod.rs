@@ -334,6 +334,17 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// Sends a request and gives its status (for tests that need nothing else of the answer).
+pub trait StatusOf {
+    fn status_of(self) -> impl std::future::Future<Output = reqwest::StatusCode>;
+}
+
+impl StatusOf for reqwest::RequestBuilder {
+    async fn status_of(self) -> reqwest::StatusCode {
+        self.send().await.expect("request").status()
+    }
+}
+
 /// Deterministic pseudo-random bytes for `seed` (so a test can regenerate what it uploaded).
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
