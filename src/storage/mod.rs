@@ -14,6 +14,15 @@
 //! rename and the batch leaves an unreferenced body file (bounded by the uploads in flight); see
 //! `docs/storage.md`.
 //!
+//! There is no global write lock: writers of different keys reach RocksDB concurrently, so
+//! synced batches share device flushes (group commit). What keeps them consistent:
+//! - one key's read-modify-writes are serialised by its stripe of [`locks::KeyLocks`];
+//! - the usage counter is changed by merge operands (deltas), never read back by writers;
+//! - the in-memory accounting is updated after each write under a lock never held across I/O;
+//! - project cleans are ordered against publishes by `publish_order` (see `clean.rs`).
+//!
+//! Lock order: key stripe(s) → `publish_order` → `accounting`; `uploads` → `accounting`.
+//!
 //! Capacity counts what an artifact costs ([`meta::charge`]: body, key and record), the bytes
 //! staged by module uploads, and space promised to writes about to commit. Writes also stop
 //! (507) while the filesystem's free space is under `storage.min_free`, so RocksDB itself never
@@ -23,13 +32,16 @@ pub mod bodies;
 mod clean;
 mod evict;
 pub mod keys;
+mod locks;
 pub mod meta;
+#[cfg(test)]
+mod tests;
 mod uploads;
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -37,7 +49,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
 pub use bodies::{BodyWriter, StagedBody};
 pub use keys::{ArtifactKey, Kind};
-use meta::{ArtifactRecord, BodyRef, Usage};
+use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
 pub use uploads::UploadLimits;
 
 /// Bodies up to this size are stored inside their metadata record.
@@ -280,9 +292,15 @@ struct Inner {
     tmp_dir: PathBuf,
     bodies_dir: PathBuf,
     uploads_dir: PathBuf,
-    /// Serializes read-modify-write of records and the usage counter. Held only around RocksDB
-    /// batches, never while bodies stream.
-    commit: Mutex<Accounting>,
+    /// The usage mirror, reservations and staged bytes. Held for a few instructions, never
+    /// across I/O: writers update it after their batch is written.
+    accounting: Mutex<Accounting>,
+    /// Serialises read-modify-writes of one key (see `locks.rs`).
+    keys: locks::KeyLocks,
+    /// Publishes hold it shared from reading their project's tombstone to writing their batch;
+    /// a clean's tombstone write holds it exclusively. So every publish is wholly before or
+    /// wholly after a clean (see `clean.rs`).
+    publish_order: RwLock<()>,
     /// One eviction pass at a time.
     evicting: tokio::sync::Mutex<()>,
     touches: evict::PendingTouches,
@@ -292,8 +310,9 @@ struct Inner {
     _lock: File,
 }
 
-/// Usage as committed, plus space promised to writes that are about to commit and bytes
-/// staged by module uploads.
+/// Usage as committed (the mirror of the `state` counter: every batch that changes it applies
+/// the same delta here after it is written), plus space promised to writes that are about to
+/// commit and bytes staged by module uploads.
 struct Accounting {
     usage: Usage,
     reserved: u64,
@@ -346,11 +365,13 @@ impl Store {
                 tmp_dir,
                 bodies_dir,
                 uploads_dir,
-                commit: Mutex::new(Accounting {
+                accounting: Mutex::new(Accounting {
                     usage,
                     reserved: 0,
                     staged: 0,
                 }),
+                keys: locks::KeyLocks::new(),
+                publish_order: RwLock::new(()),
                 evicting: tokio::sync::Mutex::new(()),
                 touches: evict::PendingTouches::default(),
                 uploads: uploads::OpenUploads::default(),
@@ -413,7 +434,7 @@ impl Store {
         mode: WriteMode,
         credit: u64,
     ) -> Result<Committed, StoreError> {
-        // `WriteOnce` is decided in `publish_record`, under the commit lock.
+        // `WriteOnce` is decided in `publish_record`, under the key's lock.
         let encoded = key.encode();
         self.check_free_space()?;
         let content_type_len = attributes.content_type.as_ref().map_or(0, String::len);
@@ -482,15 +503,21 @@ impl Store {
 
     /// The publish point: one batch writes the record, its eviction-queue entry and the usage
     /// counter, replacing any previous record (which it returns; `created` in the receipt is
-    /// whether a live one existed). Under the commit lock a local write is stamped after its
-    /// project's last clean, so a clean is one instant in the order of writes.
+    /// whether a live one existed). Under the key's lock the previous record cannot change, and
+    /// under `publish_order` a local write is stamped after its project's last clean, so a clean
+    /// is one instant in the order of writes.
     fn publish_record(
         &self,
         encoded: &[u8],
         record: &mut ArtifactRecord,
         mode: WriteMode,
     ) -> Result<Published, StoreError> {
-        let mut accounting = self.accounting();
+        let _key = self.inner.keys.lock(encoded);
+        let _order = self
+            .inner
+            .publish_order
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let cleaned_at = keys::project_of(encoded).and_then(|p| self.inner.tombstones.of(p));
         if let Some(cleaned_at) = cleaned_at {
             record.version_ms = record.version_ms.max(cleaned_at + 1);
@@ -503,25 +530,17 @@ impl Store {
             return Err(StoreError::AlreadyExists);
         }
         let mut batch = WriteBatch::default();
-        let mut usage = accounting.usage;
+        let mut delta = UsageDelta::default();
         if let Some(old) = &previous {
             let old_entry = meta::access_key(old.accessed_ms, encoded);
             batch.delete_cf(self.cf(meta::CF_ACCESS), old_entry);
-            usage.bytes = usage.bytes.saturating_sub(old.charge(encoded.len()));
-            usage.artifacts = usage.artifacts.saturating_sub(1);
+            delta.remove(old.charge(encoded.len()));
         }
-        usage.bytes += record.charge(encoded.len());
-        usage.artifacts += 1;
+        delta.add(record.charge(encoded.len()));
         let new_entry = meta::access_key(record.accessed_ms, encoded);
         batch.put_cf(self.cf(meta::CF_ARTIFACTS), encoded, meta::encode(record));
         batch.put_cf(self.cf(meta::CF_ACCESS), new_entry, []);
-        batch.put_cf(
-            self.cf(meta::CF_STATE),
-            meta::USAGE_KEY,
-            meta::encode(&usage),
-        );
-        self.write(batch)?;
-        accounting.usage = usage;
+        self.write_accounted(batch, delta)?;
         Ok(Published { previous, live })
     }
 
@@ -651,7 +670,7 @@ impl Store {
         encoded: &[u8],
         predicate: impl FnOnce(&ArtifactRecord) -> bool,
     ) -> Result<bool, StoreError> {
-        let mut accounting = self.accounting();
+        let key = self.inner.keys.lock(encoded);
         let Some(record) = self.record(encoded)? else {
             return Ok(false);
         };
@@ -659,35 +678,40 @@ impl Store {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        let usage = self.batch_remove(&mut batch, encoded, &record, accounting.usage);
-        self.write(batch)?;
-        accounting.usage = usage;
-        drop(accounting);
+        let mut delta = UsageDelta::default();
+        self.batch_remove(&mut batch, encoded, &record, &mut delta);
+        self.write_accounted(batch, delta)?;
+        drop(key);
         self.remove_body(&record.body);
         Ok(true)
     }
 
-    /// Adds the deletion of one artifact to `batch` and returns the usage after it.
+    /// Adds the deletion of one artifact to `batch` and its cost to `delta`. The caller holds
+    /// the key's lock and read `record` under it.
     fn batch_remove(
         &self,
         batch: &mut WriteBatch,
         encoded: &[u8],
         record: &ArtifactRecord,
-        mut usage: Usage,
-    ) -> Usage {
+        delta: &mut UsageDelta,
+    ) {
         batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
         batch.delete_cf(
             self.cf(meta::CF_ACCESS),
             meta::access_key(record.accessed_ms, encoded),
         );
-        usage.bytes = usage.bytes.saturating_sub(record.charge(encoded.len()));
-        usage.artifacts = usage.artifacts.saturating_sub(1);
-        batch.put_cf(
-            self.cf(meta::CF_STATE),
-            meta::USAGE_KEY,
-            meta::encode(&usage),
-        );
-        usage
+        delta.remove(record.charge(encoded.len()));
+    }
+
+    /// Writes a batch that changes usage by `delta`: the change travels in the batch as a merge
+    /// operand, and the in-memory mirror takes it once the batch is written.
+    fn write_accounted(&self, mut batch: WriteBatch, delta: UsageDelta) -> Result<(), StoreError> {
+        if !delta.is_zero() {
+            batch.merge_cf(self.cf(meta::CF_STATE), meta::USAGE_KEY, delta.encode());
+        }
+        self.write(batch)?;
+        self.accounting().usage.apply(delta);
+        Ok(())
     }
 
     /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
@@ -723,9 +747,15 @@ impl Store {
         }
     }
 
+    /// Writes a batch, synced in `fsync` durability. Concurrent callers are grouped by RocksDB
+    /// into one log write (and one sync), which is why no lock is held around this.
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write_synced(batch, self.fsyncs())
+    }
+
+    fn write_synced(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut options = WriteOptions::default();
-        options.set_sync(self.fsyncs());
+        options.set_sync(sync);
         self.inner.db.write_opt(batch, &options)?;
         Ok(())
     }
@@ -764,9 +794,12 @@ impl Store {
     }
 
     fn accounting(&self) -> MutexGuard<'_, Accounting> {
-        // A panic while holding the lock leaves consistent data (batches are atomic), so a
-        // poisoned lock is safe to keep using.
-        self.inner.commit.lock().unwrap_or_else(|p| p.into_inner())
+        // Every change under this lock is a few plain additions, complete or not started, so a
+        // poisoned lock holds consistent data.
+        self.inner
+            .accounting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -808,6 +841,13 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     let families = meta::ALL_CFS.iter().map(|name| {
         let mut family = Options::default();
         family.set_write_buffer_size(8 << 20);
+        if *name == meta::CF_STATE {
+            family.set_merge_operator(
+                meta::STATE_MERGE_OPERATOR,
+                meta::merge_state,
+                meta::merge_state_operands,
+            );
+        }
         ColumnFamilyDescriptor::new(*name, family)
     });
     Ok(DB::open_cf_descriptors(&options, path, families)?)
