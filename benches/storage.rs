@@ -6,7 +6,9 @@
 //! where `/tmp` is a tmpfs, on which an fsync would cost nothing and prove nothing.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kura::storage::{ArtifactKey, Durability, Kind, NewArtifact, Store, StoreOptions, WriteMode};
+use kura::storage::{
+    ArtifactKey, Durability, Kind, NewArtifact, Provenance, Store, StoreOptions, WriteMode,
+};
 
 fn open(durability: Durability, dir: &std::path::Path) -> Store {
     Store::open(StoreOptions {
@@ -24,7 +26,13 @@ async fn put(store: &Store, key: &ArtifactKey, body: &[u8]) {
     }
     let staged = writer.finish(None).await.expect("finish");
     store
-        .commit(key, staged, NewArtifact::default(), WriteMode::Overwrite)
+        .commit(
+            key,
+            staged,
+            NewArtifact::default(),
+            WriteMode::Overwrite,
+            Provenance::local(store),
+        )
         .await
         .expect("commit");
 }

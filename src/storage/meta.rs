@@ -5,8 +5,10 @@
 //! - `access`: `last_access_ms (8 bytes BE) ++ encoded key` → empty; ordered oldest first, it
 //!   is the eviction queue
 //! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
-//! - `state`: node-wide counters such as [`Usage`] (kept by merge operands, see
-//!   [`merge_state`])
+//! - `state`: node-wide counters such as [`Usage`] and the last publish sequence number (both
+//!   kept by merge operands, see [`merge_state`]), project tombstones
+//! - `outbox`: records callers add to publish batches (the replication log); the store itself
+//!   never reads it
 //!
 //! Records are `postcard`-encoded behind a one-byte format version so a later release can read
 //! what this one wrote.
@@ -19,10 +21,30 @@ pub const CF_ARTIFACTS: &str = "artifacts";
 pub const CF_ACCESS: &str = "access";
 pub const CF_UPLOADS: &str = "uploads";
 pub const CF_STATE: &str = "state";
-pub const ALL_CFS: [&str; 4] = [CF_ARTIFACTS, CF_ACCESS, CF_UPLOADS, CF_STATE];
+pub const CF_OUTBOX: &str = "outbox";
+pub const ALL_CFS: [&str; 5] = [CF_ARTIFACTS, CF_ACCESS, CF_UPLOADS, CF_STATE, CF_OUTBOX];
 
 /// Key of the [`Usage`] record in `state`.
 pub const USAGE_KEY: &[u8] = b"usage";
+/// Key of the highest publish sequence number committed, in `state` (8 bytes, big-endian).
+pub const SEQ_KEY: &[u8] = b"seq";
+
+/// A sequence number as stored under [`SEQ_KEY`] (value and merge operands alike).
+pub(crate) fn encode_seq(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub(crate) fn decode_seq(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// The highest sequence number among a stored value and merge operands.
+fn max_seq<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    values
+        .filter_map(decode_seq)
+        .max()
+        .map(|seq| encode_seq(seq).to_vec())
+}
 
 const FORMAT_V1: u8 = 1;
 
@@ -168,8 +190,8 @@ impl UsageDelta {
 /// Name of the `state` family's merge operator (RocksDB records it; never rename it).
 pub(crate) const STATE_MERGE_OPERATOR: &str = "kura.state.v1";
 
-/// Full merge of the `state` family: the usage counter adds its deltas to the stored total.
-/// An operand this version cannot read is skipped rather than failing the read (which would make
+/// Full merge of the `state` family: the usage counter adds its deltas to the stored total, and
+/// the sequence number keeps the highest (batches may land in any order). An operand this version cannot read is skipped rather than failing the read (which would make
 /// RocksDB report corruption and refuse the key): the counter is an estimate that eviction and
 /// the next writes correct, not a ledger.
 pub(crate) fn merge_state(
@@ -185,6 +207,9 @@ pub(crate) fn merge_state(
             }
         }
         return Some(encode(&usage));
+    }
+    if key == SEQ_KEY {
+        return Some(max_seq(existing.into_iter().chain(operands)).unwrap_or_default());
     }
     // No other key takes merges; keep the newest value rather than fail.
     operands.iter().last().or(existing).map(<[u8]>::to_vec)
@@ -202,6 +227,9 @@ pub(crate) fn merge_state_operands(
             sum = sum.combine(UsageDelta::decode(operand)?);
         }
         return Some(sum.encode().to_vec());
+    }
+    if key == SEQ_KEY {
+        return max_seq(operands.iter());
     }
     // `None`: RocksDB keeps the operands as they are.
     None
