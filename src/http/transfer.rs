@@ -11,7 +11,8 @@ use super::error::ApiError;
 use super::range::{self, RangeAnswer};
 use crate::memory::MemoryLease;
 use crate::storage::{
-    ArtifactInfo, ArtifactKey, BodyStream, Committed, NewArtifact, StagedBody, WriteMode,
+    ArtifactInfo, ArtifactKey, BodyStream, Committed, NewArtifact, Provenance, StagedBody,
+    WriteMode,
 };
 
 /// Header carrying a client's SHA-256 of an upload (and returned on later reads).
@@ -126,7 +127,13 @@ pub async fn commit(
 ) -> Result<Committed, ApiError> {
     let committed = app
         .store
-        .commit(key, staged, NewArtifact { content_type }, mode)
+        .commit(
+            key,
+            staged,
+            NewArtifact { content_type },
+            mode,
+            Provenance::local(&app.store),
+        )
         .await?;
     metrics::counter!(crate::metrics::BYTES_WRITTEN_TOTAL, "kind" => key.kind.as_str())
         .increment(committed.info.size);

@@ -1,19 +1,28 @@
 //! Project clean: one decision at one instant.
 //!
-//! A clean first writes a tombstone `project → t` into the `state` column family, under the
-//! commit lock, where `t` is the clean's time. From that batch on, every record of the project
-//! with `version_ms <= t` is dead: reads miss it, and a write that replaces it counts as new.
-//! Every write published after the tombstone is stamped with a `version_ms` after `t` (see
-//! `publish_record`), so what was written before the clean is gone and what came after stays,
-//! whatever the deletion batches below meet on their way. The tombstone is kept: the mesh will
-//! carry it, so that a peer's older copy cannot bring an artifact back.
+//! A clean first writes a tombstone `project → t` into the `state` column family, where `t` is
+//! the clean's time. From that batch on, every record of the project with `version_ms <= t` is
+//! dead: reads miss it, and a write that replaces it counts as new. Every write published after
+//! the tombstone is stamped with a `version_ms` after `t` (see `publish_record`), so what was
+//! written before the clean is gone and what came after stays, whatever the deletion batches
+//! below meet on their way. The tombstone is kept: the mesh will carry it, so that a peer's older
+//! copy cannot bring an artifact back.
+//!
+//! Why this holds without a global write lock: a publish holds `publish_order` shared from the
+//! moment it reads its project's tombstone until its batch is written, and the tombstone is
+//! written (and mirrored in memory) under `publish_order` held exclusively. So each publish
+//! either wrote its batch before the tombstone was taken — its `version_ms` was read from the
+//! clock before `t` was, so it is `<= t` and the clean removes it — or read the new tombstone
+//! and was stamped after `t`. The deletion batches lock the stripes of the keys they delete and
+//! read each record again under them, so a publish racing a batch is either deleted whole
+//! (older) or kept whole (newer), never half of each.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 
 use rocksdb::{DB, WriteBatch};
 
-use super::meta::{self, ArtifactRecord};
+use super::meta::{self, ArtifactRecord, UsageDelta};
 use super::{Store, StoreError, keys, now_ms};
 
 /// Prefix of tombstone keys in the `state` column family (followed by the project).
@@ -77,9 +86,13 @@ impl Store {
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
-    /// The instant of the clean: durable, and ordered with publishes by the commit lock.
+    /// The instant of the clean: durable, and ordered with publishes by `publish_order`.
     fn write_tombstone(&self, project: &str) -> Result<u64, StoreError> {
-        let _accounting = self.accounting();
+        let _order = self
+            .inner
+            .publish_order
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         // Never earlier than a previous clean of the project, even if the clock stepped back.
         let at = now_ms().max(self.inner.tombstones.of(project).unwrap_or(0));
         let mut key = TOMBSTONE_PREFIX.to_vec();
@@ -96,38 +109,48 @@ impl Store {
         let mut removed = 0;
         let mut from = prefix.to_vec();
         loop {
-            let mut accounting = self.accounting();
-            let mut batch = WriteBatch::default();
-            let mut usage = accounting.usage;
-            let mut bodies = Vec::new();
-            let mut last = None;
+            // Look ahead without locks, then lock the batch's keys and decide on what the
+            // records say under them.
+            let mut candidates = Vec::new();
             let iter = self.inner.db.iterator_cf(
                 self.cf(meta::CF_ARTIFACTS),
                 rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
             );
             for item in iter.take(CLEAN_BATCH) {
-                let (key, value) = item?;
+                let (key, _) = item?;
                 if !key.starts_with(prefix) {
                     break;
                 }
+                candidates.push(key);
+            }
+            let Some(last) = candidates.last().cloned() else {
+                return Ok(removed);
+            };
+            let keys = self.inner.keys.lock_all(candidates.iter().map(|k| &k[..]));
+            let mut batch = WriteBatch::default();
+            let mut delta = UsageDelta::default();
+            let mut bodies = Vec::new();
+            for key in &candidates {
+                let Some(value) = self
+                    .inner
+                    .db
+                    .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), key)?
+                else {
+                    continue;
+                };
                 match meta::decode::<ArtifactRecord>(&value) {
                     Some(record) if record.version_ms <= at => {
-                        usage = self.batch_remove(&mut batch, &key, &record, usage);
+                        self.batch_remove(&mut batch, key, &record, &mut delta);
                         bodies.push(record.body);
                     }
                     Some(_) => {}
-                    None => batch.delete_cf(self.cf(meta::CF_ARTIFACTS), &key),
+                    None => batch.delete_cf(self.cf(meta::CF_ARTIFACTS), key),
                 }
-                last = Some(key);
             }
-            let Some(last) = last else {
-                return Ok(removed);
-            };
             if !batch.is_empty() {
-                self.write(batch)?;
-                accounting.usage = usage;
+                self.write_accounted(batch, delta)?;
             }
-            drop(accounting);
+            drop(keys);
             removed += bodies.len() as u64;
             for body in &bodies {
                 self.remove_body(body);

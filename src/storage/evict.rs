@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use rocksdb::WriteBatch;
 
-use super::meta::{self, ArtifactRecord};
+use super::meta::{self, ArtifactRecord, UsageDelta};
 use super::{Reservation, Store, StoreError, now_ms};
 
 /// An access is recorded only when the stored one is older than this: bounds the writes a hot
@@ -17,6 +17,8 @@ use super::{Reservation, Store, StoreError, now_ms};
 const TOUCH_RESOLUTION_MS: u64 = 250;
 /// Artifacts examined per eviction batch.
 const EVICT_BATCH: usize = 256;
+/// Records rewritten per access-time flush batch.
+const TOUCH_BATCH: usize = 256;
 
 /// Accesses noted since the last flush: encoded key → access time.
 #[derive(Default)]
@@ -99,42 +101,53 @@ impl Store {
     fn evict_blocking(&self, target: u64) -> Result<u64, StoreError> {
         let mut freed = 0;
         loop {
-            let mut accounting = self.accounting();
-            if accounting.usage.bytes <= target {
+            let mut usage = self.accounting().usage.bytes;
+            if usage <= target {
                 return Ok(freed);
             }
-            let mut usage = accounting.usage;
-            let mut batch = WriteBatch::default();
-            let mut bodies = Vec::new();
+            // The oldest entries, read without locks; each is decided on again below, under the
+            // lock of its key, against the record as it is then.
+            let mut entries = Vec::new();
             let oldest = self
                 .inner
                 .db
                 .iterator_cf(self.cf(meta::CF_ACCESS), rocksdb::IteratorMode::Start);
             for item in oldest.take(EVICT_BATCH) {
-                let (access_key, _) = item?;
-                let Some((accessed_ms, encoded)) = meta::split_access_key(&access_key) else {
-                    batch.delete_cf(self.cf(meta::CF_ACCESS), &access_key);
+                entries.push(item?.0);
+            }
+            if entries.is_empty() {
+                return Ok(freed);
+            }
+            let keys = self.inner.keys.lock_all(
+                entries
+                    .iter()
+                    .filter_map(|entry| meta::split_access_key(entry).map(|(_, key)| key)),
+            );
+            let mut batch = WriteBatch::default();
+            let mut delta = UsageDelta::default();
+            let mut bodies = Vec::new();
+            for access_key in &entries {
+                let Some((accessed_ms, encoded)) = meta::split_access_key(access_key) else {
+                    batch.delete_cf(self.cf(meta::CF_ACCESS), access_key);
                     continue;
                 };
                 match self.record(encoded)? {
                     Some(record) if record.accessed_ms == accessed_ms => {
-                        usage = self.batch_remove(&mut batch, encoded, &record, usage);
-                        freed += record.charge(encoded.len());
+                        self.batch_remove(&mut batch, encoded, &record, &mut delta);
+                        let charge = record.charge(encoded.len());
+                        freed += charge;
+                        usage = usage.saturating_sub(charge);
                         bodies.push(record.body);
                     }
                     // A stale queue entry (its artifact was rewritten or touched since).
-                    _ => batch.delete_cf(self.cf(meta::CF_ACCESS), &access_key),
+                    _ => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
                 }
-                if usage.bytes <= target {
+                if usage <= target {
                     break;
                 }
             }
-            if batch.is_empty() {
-                return Ok(freed);
-            }
-            self.write(batch)?;
-            accounting.usage = usage;
-            drop(accounting);
+            self.write_accounted(batch, delta)?;
+            drop(keys);
             metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
                 .increment(bodies.len() as u64);
             for body in &bodies {
@@ -151,34 +164,49 @@ impl Store {
         }
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
-            let _accounting = store.accounting();
-            let mut batch = WriteBatch::default();
-            for (encoded, accessed_ms) in touches {
-                let Some(mut record) = store.record(&encoded)? else {
-                    continue;
-                };
-                if record.accessed_ms >= accessed_ms {
-                    continue;
-                }
-                batch.delete_cf(
-                    store.cf(meta::CF_ACCESS),
-                    meta::access_key(record.accessed_ms, &encoded),
-                );
-                record.accessed_ms = accessed_ms;
-                batch.put_cf(
-                    store.cf(meta::CF_ACCESS),
-                    meta::access_key(accessed_ms, &encoded),
-                    [],
-                );
-                batch.put_cf(
-                    store.cf(meta::CF_ARTIFACTS),
-                    &encoded,
-                    meta::encode::<ArtifactRecord>(&record),
-                );
+            let touches: Vec<(Vec<u8>, u64)> = touches.into_iter().collect();
+            for chunk in touches.chunks(TOUCH_BATCH) {
+                store.flush_touch_batch(chunk)?;
             }
-            store.write(batch)
+            Ok(())
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Rewrites the records of one batch of touched keys under their locks, so a publish of one
+    /// of them meanwhile is never overwritten by the older record.
+    fn flush_touch_batch(&self, touches: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
+        let _keys = self
+            .inner
+            .keys
+            .lock_all(touches.iter().map(|(k, _)| k.as_slice()));
+        let mut batch = WriteBatch::default();
+        for (encoded, accessed_ms) in touches {
+            let Some(mut record) = self.record(encoded)? else {
+                continue;
+            };
+            if record.accessed_ms >= *accessed_ms {
+                continue;
+            }
+            batch.delete_cf(
+                self.cf(meta::CF_ACCESS),
+                meta::access_key(record.accessed_ms, encoded),
+            );
+            record.accessed_ms = *accessed_ms;
+            batch.put_cf(
+                self.cf(meta::CF_ACCESS),
+                meta::access_key(*accessed_ms, encoded),
+                [],
+            );
+            batch.put_cf(
+                self.cf(meta::CF_ARTIFACTS),
+                encoded,
+                meta::encode::<ArtifactRecord>(&record),
+            );
+        }
+        // Not synced even in `fsync` durability: an access time lost to a power cut only makes
+        // eviction a little less exact, and the next synced write carries this one to disk.
+        self.write_synced(batch, false)
     }
 }

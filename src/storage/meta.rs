@@ -5,7 +5,10 @@
 //! - `access`: `last_access_ms (8 bytes BE) ++ encoded key` → empty; ordered oldest first, it
 //!   is the eviction queue
 //! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
-//! - `state`: node-wide counters such as [`Usage`]
+//! - `state`: node-wide counters such as [`Usage`] and the last publish sequence number (both
+//!   kept by merge operands, see [`merge_state`]), project tombstones
+//! - `outbox`: records callers add to publish batches (the replication log); the store itself
+//!   never reads it
 //!
 //! Records are `postcard`-encoded behind a one-byte format version so a later release can read
 //! what this one wrote.
@@ -18,10 +21,30 @@ pub const CF_ARTIFACTS: &str = "artifacts";
 pub const CF_ACCESS: &str = "access";
 pub const CF_UPLOADS: &str = "uploads";
 pub const CF_STATE: &str = "state";
-pub const ALL_CFS: [&str; 4] = [CF_ARTIFACTS, CF_ACCESS, CF_UPLOADS, CF_STATE];
+pub const CF_OUTBOX: &str = "outbox";
+pub const ALL_CFS: [&str; 5] = [CF_ARTIFACTS, CF_ACCESS, CF_UPLOADS, CF_STATE, CF_OUTBOX];
 
 /// Key of the [`Usage`] record in `state`.
 pub const USAGE_KEY: &[u8] = b"usage";
+/// Key of the highest publish sequence number committed, in `state` (8 bytes, big-endian).
+pub const SEQ_KEY: &[u8] = b"seq";
+
+/// A sequence number as stored under [`SEQ_KEY`] (value and merge operands alike).
+pub(crate) fn encode_seq(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub(crate) fn decode_seq(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// The highest sequence number among a stored value and merge operands.
+fn max_seq<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    values
+        .filter_map(decode_seq)
+        .max()
+        .map(|seq| encode_seq(seq).to_vec())
+}
 
 const FORMAT_V1: u8 = 1;
 
@@ -93,6 +116,123 @@ impl EncodedKey {
 pub struct Usage {
     pub bytes: u64,
     pub artifacts: u64,
+}
+
+impl Usage {
+    /// Adds a change (saturating: a counter never wraps, whatever an old bug left behind).
+    pub(crate) fn apply(&mut self, delta: UsageDelta) {
+        self.bytes = self.bytes.saturating_add_signed(delta.bytes);
+        self.artifacts = self.artifacts.saturating_add_signed(delta.artifacts);
+    }
+}
+
+/// A change of [`Usage`] made by one batch. Batches carry it as a merge operand instead of the
+/// new total, so writers need not read the counter (and serialise on it) to update it: RocksDB
+/// adds the operands up, in any order, since addition commutes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UsageDelta {
+    pub bytes: i64,
+    pub artifacts: i64,
+}
+
+/// Format byte of an encoded [`UsageDelta`] (distinct from [`FORMAT_V1`], which a full
+/// [`Usage`] carries).
+const FORMAT_USAGE_DELTA: u8 = 0x81;
+
+impl UsageDelta {
+    /// An artifact costing `charge` comes in.
+    pub(crate) fn add(&mut self, charge: u64) {
+        self.bytes = self
+            .bytes
+            .saturating_add(charge.min(i64::MAX as u64) as i64);
+        self.artifacts += 1;
+    }
+
+    /// An artifact costing `charge` goes.
+    pub(crate) fn remove(&mut self, charge: u64) {
+        self.bytes = self
+            .bytes
+            .saturating_sub(charge.min(i64::MAX as u64) as i64);
+        self.artifacts -= 1;
+    }
+
+    pub(crate) fn is_zero(&self) -> bool {
+        self.bytes == 0 && self.artifacts == 0
+    }
+
+    fn combine(self, other: UsageDelta) -> UsageDelta {
+        UsageDelta {
+            bytes: self.bytes.saturating_add(other.bytes),
+            artifacts: self.artifacts.saturating_add(other.artifacts),
+        }
+    }
+
+    /// Fixed-width encoding: format byte, then both fields little-endian.
+    pub(crate) fn encode(&self) -> [u8; 17] {
+        let mut out = [0u8; 17];
+        out[0] = FORMAT_USAGE_DELTA;
+        out[1..9].copy_from_slice(&self.bytes.to_le_bytes());
+        out[9..17].copy_from_slice(&self.artifacts.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<UsageDelta> {
+        match bytes.split_first() {
+            Some((&FORMAT_USAGE_DELTA, rest)) if rest.len() == 16 => Some(UsageDelta {
+                bytes: i64::from_le_bytes(rest[..8].try_into().ok()?),
+                artifacts: i64::from_le_bytes(rest[8..].try_into().ok()?),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Name of the `state` family's merge operator (RocksDB records it; never rename it).
+pub(crate) const STATE_MERGE_OPERATOR: &str = "kura.state.v1";
+
+/// Full merge of the `state` family: the usage counter adds its deltas to the stored total, and
+/// the sequence number keeps the highest (batches may land in any order). An operand this version cannot read is skipped rather than failing the read (which would make
+/// RocksDB report corruption and refuse the key): the counter is an estimate that eviction and
+/// the next writes correct, not a ledger.
+pub(crate) fn merge_state(
+    key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    if key == USAGE_KEY {
+        let mut usage = existing.and_then(decode::<Usage>).unwrap_or_default();
+        for operand in operands {
+            if let Some(delta) = UsageDelta::decode(operand) {
+                usage.apply(delta);
+            }
+        }
+        return Some(encode(&usage));
+    }
+    if key == SEQ_KEY {
+        return Some(max_seq(existing.into_iter().chain(operands)).unwrap_or_default());
+    }
+    // No other key takes merges; keep the newest value rather than fail.
+    operands.iter().last().or(existing).map(<[u8]>::to_vec)
+}
+
+/// Partial merge of the `state` family: operands combined without the stored value.
+pub(crate) fn merge_state_operands(
+    key: &[u8],
+    _existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    if key == USAGE_KEY {
+        let mut sum = UsageDelta::default();
+        for operand in operands {
+            sum = sum.combine(UsageDelta::decode(operand)?);
+        }
+        return Some(sum.encode().to_vec());
+    }
+    if key == SEQ_KEY {
+        return max_seq(operands.iter());
+    }
+    // `None`: RocksDB keeps the operands as they are.
+    None
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

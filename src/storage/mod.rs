@@ -14,6 +14,15 @@
 //! rename and the batch leaves an unreferenced body file (bounded by the uploads in flight); see
 //! `docs/storage.md`.
 //!
+//! There is no global write lock: writers of different keys reach RocksDB concurrently, so
+//! synced batches share device flushes (group commit). What keeps them consistent:
+//! - one key's read-modify-writes are serialised by its stripe of [`locks::KeyLocks`];
+//! - the usage counter is changed by merge operands (deltas), never read back by writers;
+//! - the in-memory accounting is updated after each write under a lock never held across I/O;
+//! - project cleans are ordered against publishes by `publish_order` (see `clean.rs`).
+//!
+//! Lock order: key stripe(s) → `publish_order` → `accounting`; `uploads` → `accounting`.
+//!
 //! Capacity counts what an artifact costs ([`meta::charge`]: body, key and record), the bytes
 //! staged by module uploads, and space promised to writes about to commit. Writes also stop
 //! (507) while the filesystem's free space is under `storage.min_free`, so RocksDB itself never
@@ -23,13 +32,17 @@ pub mod bodies;
 mod clean;
 mod evict;
 pub mod keys;
+mod locks;
 pub mod meta;
+mod seq;
+#[cfg(test)]
+mod tests;
 mod uploads;
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -37,7 +50,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 
 pub use bodies::{BodyWriter, StagedBody};
 pub use keys::{ArtifactKey, Kind};
-use meta::{ArtifactRecord, BodyRef, Usage};
+use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
 pub use uploads::UploadLimits;
 
 /// Bodies up to this size are stored inside their metadata record.
@@ -169,12 +182,115 @@ pub struct NewArtifact {
     pub content_type: Option<String>,
 }
 
-/// Receipt of a successful, durable write. Replication and metrics hang off this.
+/// Who wrote a version of an artifact, and when: what last-writer-wins compares across the mesh,
+/// as `(version_ms, origin)` in that order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Provenance {
+    /// Wall-clock write time at the origin node.
+    pub version_ms: u64,
+    /// The node id of the node the write was made on.
+    pub origin: String,
+}
+
+impl Provenance {
+    /// A write made on this node, now. Its version is raised at publish, if needed, past the
+    /// version it replaces and past its project's last clean, so that a local write wins here
+    /// and on every node that has seen either.
+    pub fn local(store: &Store) -> Provenance {
+        Provenance {
+            version_ms: now_ms(),
+            origin: store.node_id().to_owned(),
+        }
+    }
+
+    /// A version received from another node: published only if it is newer than the stored one
+    /// and than its project's last clean (see [`Outcome`]).
+    pub fn remote(version_ms: u64, origin: impl Into<String>) -> Provenance {
+        Provenance {
+            version_ms,
+            origin: origin.into(),
+        }
+    }
+}
+
+/// What became of a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Published with this sequence number (see `seq.rs` for what it promises).
+    Published { seq: u64 },
+    /// A remote version not newer, by `(version_ms, origin)`, than the stored one: ignored.
+    Stale,
+    /// A remote version at or before its project's last clean: ignored.
+    Tombstoned,
+}
+
+/// Receipt of a write: durable when published, a no-op when a remote version lost.
+/// Replication and metrics hang off this.
 #[derive(Clone, Debug)]
 pub struct Committed {
-    /// `false` when the key already held an artifact (which this write replaced).
+    /// `false` when the key already held an artifact (which this write replaced), and for a
+    /// write that was not published.
     pub created: bool,
+    /// The version written (or, when not published, the version offered).
     pub info: ArtifactInfo,
+    pub outcome: Outcome,
+}
+
+impl Committed {
+    /// The publish's sequence number; `None` when the write was not published.
+    pub fn seq(&self) -> Option<u64> {
+        match self.outcome {
+            Outcome::Published { seq } => Some(seq),
+            Outcome::Stale | Outcome::Tombstoned => None,
+        }
+    }
+}
+
+/// A caller's addition to a publish's batch (the replication log will append its record here).
+/// Called under the key's lock once the publish is decided, with what is being published; the
+/// records it adds commit atomically with the artifact: visible if and only if it is.
+pub type BatchHook = Box<dyn FnOnce(&Publication<'_>, &mut ExtraRecords) + Send>;
+
+/// What a [`BatchHook`] is told about the publish it joins.
+pub struct Publication<'a> {
+    pub seq: u64,
+    pub key: &'a ArtifactKey,
+    /// The version as stored (a local write's version may have been raised).
+    pub info: &'a ArtifactInfo,
+    pub origin: &'a str,
+}
+
+/// The column families a caller may write in a publish's batch. The store's own families are
+/// not among them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// The replication log.
+    Outbox,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Outbox => meta::CF_OUTBOX,
+        }
+    }
+}
+
+/// Records a [`BatchHook`] adds to a publish's batch.
+#[derive(Default)]
+pub struct ExtraRecords(Vec<(Family, Vec<u8>, Vec<u8>)>);
+
+impl ExtraRecords {
+    pub fn put(&mut self, family: Family, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.0.push((family, key.into(), value.into()));
+    }
+}
+
+/// How a write is to be published: its mode, provenance and batch hook.
+struct Intent {
+    mode: WriteMode,
+    provenance: Provenance,
+    hook: Option<BatchHook>,
 }
 
 /// The metadata of an artifact, as the protocol layers see it.
@@ -280,20 +396,28 @@ struct Inner {
     tmp_dir: PathBuf,
     bodies_dir: PathBuf,
     uploads_dir: PathBuf,
-    /// Serializes read-modify-write of records and the usage counter. Held only around RocksDB
-    /// batches, never while bodies stream.
-    commit: Mutex<Accounting>,
+    /// The usage mirror, reservations and staged bytes. Held for a few instructions, never
+    /// across I/O: writers update it after their batch is written.
+    accounting: Mutex<Accounting>,
+    /// Serialises read-modify-writes of one key (see `locks.rs`).
+    keys: locks::KeyLocks,
+    /// Publishes hold it shared from reading their project's tombstone to writing their batch;
+    /// a clean's tombstone write holds it exclusively. So every publish is wholly before or
+    /// wholly after a clean (see `clean.rs`).
+    publish_order: RwLock<()>,
     /// One eviction pass at a time.
     evicting: tokio::sync::Mutex<()>,
     touches: evict::PendingTouches,
     uploads: uploads::OpenUploads,
     tombstones: clean::Tombstones,
+    sequencer: seq::Sequencer,
     /// Held open for the life of the store: the OS releases the lock if the process dies.
     _lock: File,
 }
 
-/// Usage as committed, plus space promised to writes that are about to commit and bytes
-/// staged by module uploads.
+/// Usage as committed (the mirror of the `state` counter: every batch that changes it applies
+/// the same delta here after it is written), plus space promised to writes that are about to
+/// commit and bytes staged by module uploads.
 struct Accounting {
     usage: Usage,
     reserved: u64,
@@ -339,6 +463,7 @@ impl Store {
             None => Usage::default(),
         };
         let tombstones = clean::Tombstones::load(&db)?;
+        let sequencer = seq::Sequencer::recover(&db)?;
         let store = Store {
             inner: Arc::new(Inner {
                 db,
@@ -346,15 +471,18 @@ impl Store {
                 tmp_dir,
                 bodies_dir,
                 uploads_dir,
-                commit: Mutex::new(Accounting {
+                accounting: Mutex::new(Accounting {
                     usage,
                     reserved: 0,
                     staged: 0,
                 }),
+                keys: locks::KeyLocks::new(),
+                publish_order: RwLock::new(()),
                 evicting: tokio::sync::Mutex::new(()),
                 touches: evict::PendingTouches::default(),
                 uploads: uploads::OpenUploads::default(),
                 tombstones,
+                sequencer,
                 options,
                 _lock: lock,
             }),
@@ -366,6 +494,12 @@ impl Store {
 
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
+    }
+
+    /// The highest sequence number at or below which every publish has finished: a reader of
+    /// the replication log reads up to here, never past it (a lower number may still commit).
+    pub fn stable_seq(&self) -> u64 {
+        self.inner.sequencer.stable()
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -390,16 +524,43 @@ impl Store {
         )
     }
 
-    /// Publishes a staged body under `key`. Returns once the artifact is durable per the
-    /// durability setting.
+    /// Publishes a staged body under `key` as written by `provenance` (a local write passes
+    /// [`Provenance::local`]). Returns once the artifact is durable per the durability setting,
+    /// or, for a remote version that lost to the stored one or to a clean, at once with an
+    /// [`Outcome`] that says so (not an error: the mesh's copy is simply older).
     pub async fn commit(
         &self,
         key: &ArtifactKey,
         staged: StagedBody,
         attributes: NewArtifact,
         mode: WriteMode,
+        provenance: Provenance,
     ) -> Result<Committed, StoreError> {
-        self.commit_crediting(key, staged, attributes, mode, 0)
+        let intent = Intent {
+            mode,
+            provenance,
+            hook: None,
+        };
+        self.commit_crediting(key, staged, attributes, intent, 0)
+            .await
+    }
+
+    /// [`Store::commit`] with records of the caller's own (`hook`) in the same atomic batch.
+    pub async fn commit_with(
+        &self,
+        key: &ArtifactKey,
+        staged: StagedBody,
+        attributes: NewArtifact,
+        mode: WriteMode,
+        provenance: Provenance,
+        hook: BatchHook,
+    ) -> Result<Committed, StoreError> {
+        let intent = Intent {
+            mode,
+            provenance,
+            hook: Some(hook),
+        };
+        self.commit_crediting(key, staged, attributes, intent, 0)
             .await
     }
 
@@ -410,10 +571,10 @@ impl Store {
         key: &ArtifactKey,
         staged: StagedBody,
         attributes: NewArtifact,
-        mode: WriteMode,
+        intent: Intent,
         credit: u64,
     ) -> Result<Committed, StoreError> {
-        // `WriteOnce` is decided in `publish_record`, under the commit lock.
+        // `WriteOnce` and last-writer-wins are decided in `publish_record`, under the key's lock.
         let encoded = key.encode();
         self.check_free_space()?;
         let content_type_len = attributes.content_type.as_ref().map_or(0, String::len);
@@ -424,10 +585,11 @@ impl Store {
             .map_or(0, |old| old.charge(encoded.len()));
         let reservation = self.reserve(charge, credit + replaced).await?;
         let store = self.clone();
+        let key = key.clone();
         let result = tokio::task::spawn_blocking(move || {
             // Give the reservation back whatever happens below.
             let _reservation = reservation;
-            store.commit_blocking(encoded, staged, attributes, mode)
+            store.commit_blocking(&key, encoded, staged, attributes, intent)
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)));
@@ -436,10 +598,11 @@ impl Store {
 
     fn commit_blocking(
         &self,
+        key: &ArtifactKey,
         encoded: Vec<u8>,
         staged: StagedBody,
         attributes: NewArtifact,
-        mode: WriteMode,
+        intent: Intent,
     ) -> Result<Committed, StoreError> {
         let inner = &self.inner;
         let size = staged.size;
@@ -452,18 +615,22 @@ impl Store {
                 BodyRef::File(id)
             }
         };
-        let now = now_ms();
+        let Intent {
+            mode,
+            provenance,
+            hook,
+        } = intent;
         let mut record = ArtifactRecord {
             size,
             blake3: staged.blake3,
             sha256: staged.sha256,
             content_type: attributes.content_type,
-            version_ms: now,
-            origin: inner.node_id.clone(),
-            accessed_ms: now,
+            version_ms: provenance.version_ms,
+            origin: provenance.origin,
+            accessed_ms: now_ms(),
             body,
         };
-        let published = match self.publish_record(&encoded, &mut record, mode) {
+        let published = match self.publish_record(key, &encoded, &mut record, mode, hook) {
             Ok(published) => published,
             Err(error) => {
                 // Not published: the body just moved into place belongs to nobody.
@@ -471,58 +638,111 @@ impl Store {
                 return Err(error);
             }
         };
-        if let Some(old) = &published.previous {
+        let outcome = published.outcome;
+        if !matches!(outcome, Outcome::Published { .. }) {
+            // A remote version that lost: nothing refers to its body.
+            self.remove_body(&record.body);
+        } else if let Some(old) = &published.previous {
             self.remove_body(&old.body);
         }
         Ok(Committed {
-            created: !published.live,
+            created: matches!(outcome, Outcome::Published { .. }) && !published.live,
             info: ArtifactInfo::from_record(&record),
+            outcome,
         })
     }
 
-    /// The publish point: one batch writes the record, its eviction-queue entry and the usage
-    /// counter, replacing any previous record (which it returns; `created` in the receipt is
-    /// whether a live one existed). Under the commit lock a local write is stamped after its
-    /// project's last clean, so a clean is one instant in the order of writes.
+    /// The publish point: one batch writes the record, its eviction-queue entry, the usage
+    /// counter, the sequence number and the hook's records, replacing any previous record (which
+    /// it returns; `created` in the receipt is whether a live one existed). Under the key's lock
+    /// the previous record cannot change, and under `publish_order` the project's last clean
+    /// cannot either (see `clean.rs`). A local write's version is raised past both, so it wins
+    /// here and everywhere its replaced version or the clean reached; a remote version is
+    /// published only if it is newer than both.
     fn publish_record(
         &self,
+        key: &ArtifactKey,
         encoded: &[u8],
         record: &mut ArtifactRecord,
         mode: WriteMode,
+        hook: Option<BatchHook>,
     ) -> Result<Published, StoreError> {
-        let mut accounting = self.accounting();
-        let cleaned_at = keys::project_of(encoded).and_then(|p| self.inner.tombstones.of(p));
-        if let Some(cleaned_at) = cleaned_at {
-            record.version_ms = record.version_ms.max(cleaned_at + 1);
-        }
+        let _key = self.inner.keys.lock(encoded);
+        let _order = self
+            .inner
+            .publish_order
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let cleaned_at = self.inner.tombstones.of(&key.project);
         let previous = self.record(encoded)?;
         let live = previous
             .as_ref()
             .is_some_and(|old| cleaned_at.is_none_or(|t| old.version_ms > t));
+        if record.origin == self.inner.node_id {
+            if let Some(cleaned_at) = cleaned_at {
+                record.version_ms = record.version_ms.max(cleaned_at + 1);
+            }
+            if let Some(old) = previous.as_ref().filter(|_| live) {
+                record.version_ms = record.version_ms.max(old.version_ms + 1);
+            }
+        } else {
+            let not_published = |outcome| {
+                Ok(Published {
+                    previous: None,
+                    live,
+                    outcome,
+                })
+            };
+            if cleaned_at.is_some_and(|t| record.version_ms <= t) {
+                return not_published(Outcome::Tombstoned);
+            }
+            if let Some(old) = previous.as_ref().filter(|_| live)
+                && (record.version_ms, record.origin.as_str())
+                    <= (old.version_ms, old.origin.as_str())
+            {
+                return not_published(Outcome::Stale);
+            }
+        }
         if mode == WriteMode::WriteOnce && live {
             return Err(StoreError::AlreadyExists);
         }
+        let ticket = self.inner.sequencer.take();
         let mut batch = WriteBatch::default();
-        let mut usage = accounting.usage;
+        let mut delta = UsageDelta::default();
         if let Some(old) = &previous {
             let old_entry = meta::access_key(old.accessed_ms, encoded);
             batch.delete_cf(self.cf(meta::CF_ACCESS), old_entry);
-            usage.bytes = usage.bytes.saturating_sub(old.charge(encoded.len()));
-            usage.artifacts = usage.artifacts.saturating_sub(1);
+            delta.remove(old.charge(encoded.len()));
         }
-        usage.bytes += record.charge(encoded.len());
-        usage.artifacts += 1;
+        delta.add(record.charge(encoded.len()));
         let new_entry = meta::access_key(record.accessed_ms, encoded);
         batch.put_cf(self.cf(meta::CF_ARTIFACTS), encoded, meta::encode(record));
         batch.put_cf(self.cf(meta::CF_ACCESS), new_entry, []);
-        batch.put_cf(
+        batch.merge_cf(
             self.cf(meta::CF_STATE),
-            meta::USAGE_KEY,
-            meta::encode(&usage),
+            meta::SEQ_KEY,
+            meta::encode_seq(ticket.seq),
         );
-        self.write(batch)?;
-        accounting.usage = usage;
-        Ok(Published { previous, live })
+        if let Some(hook) = hook {
+            let info = ArtifactInfo::from_record(record);
+            let publication = Publication {
+                seq: ticket.seq,
+                key,
+                info: &info,
+                origin: &record.origin,
+            };
+            let mut extra = ExtraRecords::default();
+            hook(&publication, &mut extra);
+            for (family, key, value) in extra.0 {
+                batch.put_cf(self.cf(family.name()), key, value);
+            }
+        }
+        self.write_accounted(batch, delta)?;
+        Ok(Published {
+            previous,
+            live,
+            outcome: Outcome::Published { seq: ticket.seq },
+        })
     }
 
     /// Metadata of an artifact, without touching its body.
@@ -651,7 +871,7 @@ impl Store {
         encoded: &[u8],
         predicate: impl FnOnce(&ArtifactRecord) -> bool,
     ) -> Result<bool, StoreError> {
-        let mut accounting = self.accounting();
+        let key = self.inner.keys.lock(encoded);
         let Some(record) = self.record(encoded)? else {
             return Ok(false);
         };
@@ -659,35 +879,40 @@ impl Store {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        let usage = self.batch_remove(&mut batch, encoded, &record, accounting.usage);
-        self.write(batch)?;
-        accounting.usage = usage;
-        drop(accounting);
+        let mut delta = UsageDelta::default();
+        self.batch_remove(&mut batch, encoded, &record, &mut delta);
+        self.write_accounted(batch, delta)?;
+        drop(key);
         self.remove_body(&record.body);
         Ok(true)
     }
 
-    /// Adds the deletion of one artifact to `batch` and returns the usage after it.
+    /// Adds the deletion of one artifact to `batch` and its cost to `delta`. The caller holds
+    /// the key's lock and read `record` under it.
     fn batch_remove(
         &self,
         batch: &mut WriteBatch,
         encoded: &[u8],
         record: &ArtifactRecord,
-        mut usage: Usage,
-    ) -> Usage {
+        delta: &mut UsageDelta,
+    ) {
         batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
         batch.delete_cf(
             self.cf(meta::CF_ACCESS),
             meta::access_key(record.accessed_ms, encoded),
         );
-        usage.bytes = usage.bytes.saturating_sub(record.charge(encoded.len()));
-        usage.artifacts = usage.artifacts.saturating_sub(1);
-        batch.put_cf(
-            self.cf(meta::CF_STATE),
-            meta::USAGE_KEY,
-            meta::encode(&usage),
-        );
-        usage
+        delta.remove(record.charge(encoded.len()));
+    }
+
+    /// Writes a batch that changes usage by `delta`: the change travels in the batch as a merge
+    /// operand, and the in-memory mirror takes it once the batch is written.
+    fn write_accounted(&self, mut batch: WriteBatch, delta: UsageDelta) -> Result<(), StoreError> {
+        if !delta.is_zero() {
+            batch.merge_cf(self.cf(meta::CF_STATE), meta::USAGE_KEY, delta.encode());
+        }
+        self.write(batch)?;
+        self.accounting().usage.apply(delta);
+        Ok(())
     }
 
     /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
@@ -723,9 +948,15 @@ impl Store {
         }
     }
 
+    /// Writes a batch, synced in `fsync` durability. Concurrent callers are grouped by RocksDB
+    /// into one log write (and one sync), which is why no lock is held around this.
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write_synced(batch, self.fsyncs())
+    }
+
+    fn write_synced(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut options = WriteOptions::default();
-        options.set_sync(self.fsyncs());
+        options.set_sync(sync);
         self.inner.db.write_opt(batch, &options)?;
         Ok(())
     }
@@ -764,17 +995,21 @@ impl Store {
     }
 
     fn accounting(&self) -> MutexGuard<'_, Accounting> {
-        // A panic while holding the lock leaves consistent data (batches are atomic), so a
-        // poisoned lock is safe to keep using.
-        self.inner.commit.lock().unwrap_or_else(|p| p.into_inner())
+        // Every change under this lock is a few plain additions, complete or not started, so a
+        // poisoned lock holds consistent data.
+        self.inner
+            .accounting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// What a publish replaced: the previous record under the key, if any, and whether it was live
-/// (not hidden by a project clean).
+/// What a publish replaced: the previous record under the key, if any (`None` when nothing
+/// was published), whether it was live (not hidden by a project clean), and the outcome.
 struct Published {
     previous: Option<ArtifactRecord>,
     live: bool,
+    outcome: Outcome,
 }
 
 /// Space promised to a write; returned when the write ends either way (by then a published
@@ -808,6 +1043,13 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     let families = meta::ALL_CFS.iter().map(|name| {
         let mut family = Options::default();
         family.set_write_buffer_size(8 << 20);
+        if *name == meta::CF_STATE {
+            family.set_merge_operator(
+                meta::STATE_MERGE_OPERATOR,
+                meta::merge_state,
+                meta::merge_state_operands,
+            );
+        }
         ColumnFamilyDescriptor::new(*name, family)
     });
     Ok(DB::open_cf_descriptors(&options, path, families)?)

@@ -21,7 +21,8 @@ use tokio::io::AsyncReadExt;
 
 use super::meta::{self, EncodedKey, UploadRecord};
 use super::{
-    ArtifactKey, Committed, NewArtifact, StagedBody, Store, StoreError, WriteMode, bodies, now_ms,
+    ArtifactKey, Committed, Intent, NewArtifact, Provenance, StagedBody, Store, StoreError,
+    WriteMode, bodies, now_ms,
 };
 
 /// The bounds an upload works within (`uploads.*` and `limits.module_*` in the config).
@@ -211,7 +212,11 @@ impl Store {
                 &target,
                 assembled,
                 NewArtifact::default(),
-                WriteMode::Overwrite,
+                Intent {
+                    mode: WriteMode::Overwrite,
+                    provenance: Provenance::local(self),
+                    hook: None,
+                },
                 staged_bytes,
             )
             .await?;

@@ -1,0 +1,493 @@
+//! Tests of the store as a whole: concurrency of writers, evictions and cleans.
+
+use std::collections::HashSet;
+
+use super::*;
+
+pub(super) fn store_with(dir: &Path, capacity: u64) -> Store {
+    Store::open(StoreOptions {
+        capacity,
+        low_watermark: capacity / 2,
+        ..StoreOptions::for_tests(dir)
+    })
+    .unwrap()
+}
+
+pub(super) async fn put(store: &Store, key: &ArtifactKey, body: &[u8]) -> Committed {
+    let mut writer = store.writer(u64::MAX, false);
+    writer.write(body).await.unwrap();
+    let staged = writer.finish(None).await.unwrap();
+    store
+        .commit(
+            key,
+            staged,
+            NewArtifact::default(),
+            WriteMode::Overwrite,
+            Provenance::local(store),
+        )
+        .await
+        .unwrap()
+}
+
+/// What the column families say, recounted: usage, records, queue entries, file bodies named.
+struct Recount {
+    usage: Usage,
+    access_entries: usize,
+    file_bodies: HashSet<u128>,
+}
+
+fn recount(store: &Store) -> Recount {
+    let mut usage = Usage::default();
+    let mut file_bodies = HashSet::new();
+    for item in store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_ARTIFACTS), rocksdb::IteratorMode::Start)
+    {
+        let (key, value) = item.unwrap();
+        let record: ArtifactRecord = meta::decode(&value).unwrap();
+        usage.bytes += record.charge(key.len());
+        usage.artifacts += 1;
+        if let BodyRef::File(id) = record.body {
+            file_bodies.insert(id);
+        }
+    }
+    let access_entries = store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_ACCESS), rocksdb::IteratorMode::Start)
+        .count();
+    Recount {
+        usage,
+        access_entries,
+        file_bodies,
+    }
+}
+
+pub(super) fn body_ids_on_disk(dir: &Path) -> HashSet<u128> {
+    let mut ids = HashSet::new();
+    for shard in std::fs::read_dir(dir.join("bodies")).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let name = file.unwrap().file_name();
+            ids.insert(u128::from_str_radix(name.to_str().unwrap(), 16).unwrap());
+        }
+    }
+    ids
+}
+
+/// Many writers of overlapping keys, reads, evictions (a small capacity) and cleans, all at
+/// once: afterwards the usage mirror, the persisted counter and a recount agree, every record
+/// has exactly one queue entry, and the body files are exactly those the records name.
+#[test]
+fn accounting_stays_exact_under_concurrent_writers_evictions_and_cleans() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .max_blocking_threads(32)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 200 * 1024;
+    runtime.block_on(async {
+        let store = store_with(dir.path(), capacity);
+        let mut tasks = Vec::new();
+        for writer in 0..16u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..60u64 {
+                    let project = if (writer + i) % 3 == 0 { "a" } else { "b" };
+                    let key = ArtifactKey::new(
+                        project,
+                        Kind::Gradle,
+                        format!("k{}", (writer * 7 + i) % 40),
+                    );
+                    let size = ((writer * 131 + i * 977) % 6000) as usize;
+                    let body = vec![(writer + i) as u8; size];
+                    match i % 4 {
+                        3 => {
+                            let _ = store.read(&key).await.unwrap();
+                        }
+                        _ => match store
+                            .commit(
+                                &key,
+                                {
+                                    let mut w = store.writer(u64::MAX, false);
+                                    w.write(&body).await.unwrap();
+                                    w.finish(None).await.unwrap()
+                                },
+                                NewArtifact::default(),
+                                WriteMode::Overwrite,
+                                Provenance::local(&store),
+                            )
+                            .await
+                        {
+                            Ok(_) | Err(StoreError::InsufficientStorage) => {}
+                            Err(other) => panic!("{other}"),
+                        },
+                    }
+                }
+            }));
+        }
+        let cleaner = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+                cleaner.delete_project("a").await.unwrap();
+                cleaner.maintain().await.unwrap();
+            }
+        }));
+        for task in tasks {
+            task.await.unwrap();
+        }
+        store.maintain().await.unwrap();
+        let counted = recount(&store);
+        let stats = store.stats();
+        assert_eq!(stats.used_bytes, counted.usage.bytes);
+        assert_eq!(stats.artifacts, counted.usage.artifacts);
+        assert_eq!(counted.access_entries as u64, counted.usage.artifacts);
+        assert!(stats.used_bytes <= capacity, "{stats:?}");
+        assert_eq!(body_ids_on_disk(dir.path()), counted.file_bodies);
+    });
+    drop(runtime);
+    let store = store_with(dir.path(), capacity);
+    let counted = recount(&store);
+    let stats = store.stats();
+    assert_eq!(
+        (stats.used_bytes, stats.artifacts),
+        (counted.usage.bytes, counted.usage.artifacts),
+        "the persisted counter (merged deltas) matches after reopening"
+    );
+}
+
+#[tokio::test]
+async fn usage_counter_reads_totals_written_before_merges_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = store_with(dir.path(), 1 << 30);
+        // What an older release left: a plain total, no merge operands.
+        store
+            .inner
+            .db
+            .put_cf(
+                store.cf(meta::CF_STATE),
+                meta::USAGE_KEY,
+                meta::encode(&Usage {
+                    bytes: 1000,
+                    artifacts: 3,
+                }),
+            )
+            .unwrap();
+    }
+    let store = store_with(dir.path(), 1 << 30);
+    assert_eq!(store.stats().used_bytes, 1000);
+    let committed = put(&store, &ArtifactKey::new("p", Kind::Gradle, "k"), b"abc").await;
+    drop(store);
+    let store = store_with(dir.path(), 1 << 30);
+    let charge = meta::charge(committed.info.size, "p\0gradle\0k".len(), 0);
+    assert_eq!(store.stats().used_bytes, 1000 + charge);
+    assert_eq!(store.stats().artifacts, 4);
+}
+
+async fn staged(store: &Store, body: &[u8]) -> StagedBody {
+    let mut writer = store.writer(u64::MAX, false);
+    writer.write(body).await.unwrap();
+    writer.finish(None).await.unwrap()
+}
+
+async fn put_as(
+    store: &Store,
+    key: &ArtifactKey,
+    body: &[u8],
+    provenance: Provenance,
+) -> Result<Committed, StoreError> {
+    let staged = staged(store, body).await;
+    store
+        .commit(
+            key,
+            staged,
+            NewArtifact::default(),
+            WriteMode::Overwrite,
+            provenance,
+        )
+        .await
+}
+
+async fn body_of(store: &Store, key: &ArtifactKey) -> Option<Vec<u8>> {
+    let artifact = store.read(key).await.unwrap()?;
+    let size = artifact.info.size;
+    match artifact.into_body(0, size) {
+        BodyStream::Bytes(bytes) => Some(bytes.to_vec()),
+        BodyStream::Stream(_) => panic!("test bodies are small"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_numbers_strictly_increase_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let store = store_with(dir.path(), 1 << 30);
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    // Some bodies inline, some in files; several writers per key.
+                    let key = ArtifactKey::new("p", Kind::Gradle, format!("k{}", i % 5));
+                    put(&store, &key, &vec![i as u8; 600 * (i % 4)]).await
+                })
+            })
+            .collect();
+        let mut numbers = Vec::new();
+        for task in tasks {
+            numbers.push(task.await.unwrap().seq().unwrap());
+        }
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(
+            numbers.len(),
+            24,
+            "round {round}: every publish has its own number"
+        );
+        assert_eq!(store.stable_seq(), *numbers.last().unwrap());
+        if let Some(before) = seen.last() {
+            assert!(
+                numbers[0] > *before,
+                "round {round}: {numbers:?} after {before}"
+            );
+        }
+        seen.extend(numbers);
+    }
+    // A failed publish takes no number that a later one could see again.
+    let store = store_with(dir.path(), 1 << 30);
+    let key = ArtifactKey::new("p", Kind::Nx, "once");
+    let first = store
+        .commit(
+            &key,
+            staged(&store, b"a").await,
+            NewArtifact::default(),
+            WriteMode::WriteOnce,
+            Provenance::local(&store),
+        )
+        .await
+        .unwrap();
+    assert!(first.seq().unwrap() > *seen.last().unwrap());
+}
+
+#[test]
+fn the_stored_sequence_number_is_the_highest_whatever_the_order_of_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = store_with(dir.path(), 1 << 30);
+        // Batches of concurrent publishes may reach the log in any order.
+        for seq in [5u64, 9, 7] {
+            let mut batch = WriteBatch::default();
+            batch.merge_cf(
+                store.cf(meta::CF_STATE),
+                meta::SEQ_KEY,
+                meta::encode_seq(seq),
+            );
+            store.write(batch).unwrap();
+        }
+    }
+    let store = store_with(dir.path(), 1 << 30);
+    assert_eq!(store.stable_seq(), 9);
+}
+
+#[tokio::test]
+async fn last_writer_wins_for_remote_versions_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = ArtifactKey::new("p", Kind::Gradle, "k");
+    let first = put_as(&store, &key, b"v1000", Provenance::remote(1000, "peer-b"))
+        .await
+        .unwrap();
+    assert!(first.created && first.seq().is_some());
+
+    // Older, and equal with a smaller origin: ignored, not errors; the stored version stays.
+    for (version, origin) in [(999, "peer-z"), (1000, "peer-a"), (1000, "peer-b")] {
+        let late = put_as(&store, &key, b"old", Provenance::remote(version, origin))
+            .await
+            .unwrap();
+        assert_eq!(late.outcome, Outcome::Stale, "{version} {origin}");
+        assert!(!late.created);
+        assert_eq!(body_of(&store, &key).await.unwrap(), b"v1000");
+    }
+    // Newer by origin at the same instant, then newer by time: applied.
+    let tie = put_as(&store, &key, b"tie", Provenance::remote(1000, "peer-c"))
+        .await
+        .unwrap();
+    assert!(tie.seq().is_some() && !tie.created);
+    assert_eq!(body_of(&store, &key).await.unwrap(), b"tie");
+    put_as(&store, &key, b"v2000", Provenance::remote(2000, "peer-a"))
+        .await
+        .unwrap();
+    assert_eq!(store.head(&key).unwrap().unwrap().version_ms, 2000);
+
+    // A local write always replaces, and is stamped past what it replaced, so peers take it
+    // even when the remote version came from a clock ahead of ours.
+    let future = now_ms() + 60_000;
+    put_as(&store, &key, b"ahead", Provenance::remote(future, "peer-a"))
+        .await
+        .unwrap();
+    let local = put(&store, &key, b"local").await;
+    assert_eq!(local.info.version_ms, future + 1);
+    assert_eq!(body_of(&store, &key).await.unwrap(), b"local");
+    let echo = put_as(&store, &key, b"ahead", Provenance::remote(future, "peer-a"))
+        .await
+        .unwrap();
+    assert_eq!(echo.outcome, Outcome::Stale);
+}
+
+#[tokio::test]
+async fn a_stale_remote_version_leaves_no_body_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = ArtifactKey::new("p", Kind::Gradle, "big");
+    let big = vec![1u8; 5000];
+    put_as(&store, &key, &big, Provenance::remote(2000, "peer"))
+        .await
+        .unwrap();
+    let before = body_ids_on_disk(dir.path());
+    assert_eq!(before.len(), 1);
+    let stale = put_as(&store, &key, &[2u8; 5000], Provenance::remote(1000, "peer"))
+        .await
+        .unwrap();
+    assert_eq!(stale.outcome, Outcome::Stale);
+    assert_eq!(body_ids_on_disk(dir.path()), before);
+    assert_eq!(store.stats().artifacts, 1);
+}
+
+#[tokio::test]
+async fn a_clean_refuses_remote_versions_from_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = ArtifactKey::new("ios", Kind::Gradle, "k");
+    let before = now_ms();
+    put_as(
+        &store,
+        &key,
+        b"old",
+        Provenance::remote(before - 10, "peer"),
+    )
+    .await
+    .unwrap();
+    store.delete_project("ios").await.unwrap();
+    assert!(store.head(&key).unwrap().is_none());
+    let cleaned_at = store.inner.tombstones.of("ios").unwrap();
+
+    for version in [before - 5, cleaned_at] {
+        let late = put_as(&store, &key, b"late", Provenance::remote(version, "peer"))
+            .await
+            .unwrap();
+        assert_eq!(late.outcome, Outcome::Tombstoned, "version {version}");
+        assert!(store.head(&key).unwrap().is_none());
+    }
+    assert_eq!(store.stats().artifacts, 0);
+    let newer = put_as(
+        &store,
+        &key,
+        b"new",
+        Provenance::remote(cleaned_at + 1, "peer"),
+    )
+    .await
+    .unwrap();
+    assert!(newer.created && newer.seq().is_some());
+    assert_eq!(body_of(&store, &key).await.unwrap(), b"new");
+    // Another project is not affected.
+    let other = ArtifactKey::new("android", Kind::Gradle, "k");
+    let applied = put_as(&store, &other, b"x", Provenance::remote(1, "peer"))
+        .await
+        .unwrap();
+    assert!(applied.seq().is_some());
+}
+
+fn outbox(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_OUTBOX), rocksdb::IteratorMode::Start)
+        .map(|item| {
+            let (k, v) = item.unwrap();
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+fn outbox_hook() -> BatchHook {
+    Box::new(|publication: &Publication<'_>, extra: &mut ExtraRecords| {
+        let value = format!(
+            "{}@{}:{}",
+            publication.key, publication.info.version_ms, publication.origin
+        );
+        extra.put(Family::Outbox, publication.seq.to_be_bytes(), value);
+    })
+}
+
+#[tokio::test]
+async fn a_hooks_records_commit_if_and_only_if_the_artifact_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = ArtifactKey::new("p", Kind::Nx, "k");
+    let commit = |body: &'static [u8], mode, provenance| {
+        let store = store.clone();
+        let key = key.clone();
+        async move {
+            let staged = staged(&store, body).await;
+            store
+                .commit_with(
+                    &key,
+                    staged,
+                    NewArtifact::default(),
+                    mode,
+                    provenance,
+                    outbox_hook(),
+                )
+                .await
+        }
+    };
+    let committed = commit(b"one", WriteMode::WriteOnce, Provenance::local(&store))
+        .await
+        .unwrap();
+    let seq = committed.seq().unwrap();
+    let expected = format!("p/nx/k@{}:test", committed.info.version_ms);
+    assert_eq!(
+        outbox(&store),
+        vec![(seq.to_be_bytes().to_vec(), expected.into_bytes())]
+    );
+    // Refused (write-once) and stale writes add nothing.
+    assert!(matches!(
+        commit(b"two", WriteMode::WriteOnce, Provenance::local(&store)).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    let stale = commit(
+        b"three",
+        WriteMode::Overwrite,
+        Provenance::remote(1, "peer"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale.outcome, Outcome::Stale);
+    assert_eq!(outbox(&store).len(), 1);
+    // A publish refused on its way to the batch (the disk is full) commits neither.
+    drop(store);
+    let store = Store::open(StoreOptions {
+        min_free: u64::MAX,
+        ..StoreOptions::for_tests(dir.path())
+    })
+    .unwrap();
+    let other = ArtifactKey::new("p", Kind::Gradle, "other");
+    let refused = store
+        .commit_with(
+            &other,
+            staged(&store, b"x").await,
+            NewArtifact::default(),
+            WriteMode::Overwrite,
+            Provenance::local(&store),
+            outbox_hook(),
+        )
+        .await;
+    assert!(matches!(refused, Err(StoreError::DiskFull { .. })));
+    assert!(store.head(&other).unwrap().is_none());
+    assert_eq!(outbox(&store).len(), 1);
+    assert_eq!(body_of(&store, &key).await.unwrap(), b"one");
+}
