@@ -16,6 +16,7 @@ pub const STORAGE_CAPACITY_BYTES: &str = "kura_storage_capacity_bytes";
 pub const STORAGE_ARTIFACTS: &str = "kura_storage_artifacts";
 pub const STORAGE_EVICTIONS_TOTAL: &str = "kura_storage_evictions_total";
 pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
+pub const STORAGE_ORPHANS_REMOVED_TOTAL: &str = "kura_storage_orphans_removed_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
 pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
 pub const AUTH_BACKEND_CALLS_TOTAL: &str = "kura_auth_backend_calls_total";
@@ -77,6 +78,10 @@ fn describe() {
     describe_counter!(
         STORAGE_CORRUPT_TOTAL,
         "Bodies that failed verification and were dropped."
+    );
+    describe_counter!(
+        STORAGE_ORPHANS_REMOVED_TOTAL,
+        "Files no record referenced (left by a crash), removed by the orphan sweep."
     );
     describe_counter!(AUTH_DECISIONS_TOTAL, "Authorization decisions by result.");
     describe_counter!(

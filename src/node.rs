@@ -22,6 +22,8 @@ use crate::storage::{Store, StoreOptions};
 
 /// How often background maintenance (access flush, eviction) runs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often files no record references are looked for (also once at start).
+const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 /// How often the static tokens file is checked for changes.
 const TOKENS_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -46,6 +48,7 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         Some(metrics),
     );
     spawn_maintenance(store.clone(), &config);
+    spawn_orphan_sweep(store.clone(), config.storage.orphan_grace.0);
     if let Some(tokens) = &static_tokens {
         spawn_tokens_watch(tokens.clone());
     }
@@ -227,6 +230,27 @@ fn spawn_maintenance(store: Store, config: &Config) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "expired unfinished module uploads"),
                 Err(error) => tracing::error!(%error, "could not expire uploads"),
+            }
+        }
+    });
+}
+
+/// Sweeps at start, in the background (start-up and `/ready` do not wait for it), then hourly.
+fn spawn_orphan_sweep(store: Store, grace: Duration) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(ORPHAN_SWEEP_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let sweeper = store.clone();
+            match tokio::task::spawn_blocking(move || sweeper.sweep_orphans(grace)).await {
+                Ok(Ok(report)) => tracing::info!(
+                    bodies = report.bodies,
+                    temps = report.temps,
+                    uploads = report.uploads,
+                    "orphan sweep finished"
+                ),
+                Ok(Err(error)) => tracing::error!(%error, "orphan sweep failed"),
+                Err(error) => tracing::error!(%error, "orphan sweep panicked"),
             }
         }
     });

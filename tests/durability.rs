@@ -6,7 +6,7 @@ use crate::common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Node, body_files, client, flip_byte, payload};
+use common::{Node, NodeOptions, body_files, client, flip_byte, payload};
 use reqwest::StatusCode;
 
 const ROUNDS: u64 = 10;
@@ -122,6 +122,118 @@ async fn kill_9_during_uploads_loses_nothing_acknowledged() {
     }
     let status = node.status().await;
     assert!(status["artifacts"].as_u64().unwrap() >= acknowledged.len() as u64);
+}
+
+/// Waits until the node has logged `count` finished orphan sweeps (over all its starts).
+async fn wait_for_sweeps(node: &Node, count: usize) {
+    for _ in 0..300 {
+        if node.logs().matches("orphan sweep finished").count() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no orphan sweep finished; logs:\n{}", node.logs());
+}
+
+/// kill -9 at random points of uploads (staged, mid-publish, published), round after round, with
+/// the orphan sweep's grace period at zero: after each restart and its sweep, no body file is
+/// left that no record references (one planted per round, as a crash between the rename and the
+/// publish batch leaves it, goes too), and every acknowledged artifact is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_kill_9_and_a_sweep_every_body_file_belongs_to_an_artifact() {
+    const ROUNDS: u64 = 6;
+    const UPLOADS: u64 = 16;
+    let mut node = Node::start_with(NodeOptions::default().env("KURA_STORAGE_ORPHAN_GRACE", "0s"));
+    wait_for_sweeps(&node, 1).await;
+    let http = client();
+    let mut acknowledged: HashMap<String, (u64, usize)> = HashMap::new();
+    let mut interrupted = 0;
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        let (finished, mut first_finished) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..UPLOADS {
+            // 40 KiB to 4 MiB: every body is a file (inline_max is 32 KiB).
+            let seed = 50_000 + round * 1000 + i;
+            let size = 40 * 1024 + (seed as usize * 7919) % (4 * MIB);
+            let key = format!("sweep-{round}-{i}");
+            let (http, url, finished) = (http.clone(), key_url(&node, &key), finished.clone());
+            tasks.push(tokio::spawn(async move {
+                let status = http
+                    .put(url)
+                    .body(payload(seed, size))
+                    .send()
+                    .await
+                    .map(|r| r.status());
+                let _ = finished.send(());
+                (key, seed, size, status)
+            }));
+        }
+        // Kill once the first upload is answered, so the others are at every stage: streaming,
+        // publishing, just published.
+        first_finished.recv().await;
+        tokio::time::sleep(Duration::from_millis(round % 3 * 4)).await;
+        node.kill9();
+        let mut cut = 0;
+        for task in tasks {
+            let (key, seed, size, status) = task.await.unwrap();
+            match status {
+                Ok(StatusCode::CREATED) => {
+                    acknowledged.insert(key, (seed, size));
+                }
+                _ => cut += 1,
+            }
+        }
+        eprintln!("round {round}: {cut} uploads interrupted by kill -9");
+        interrupted += cut;
+        let planted = node
+            .data_dir()
+            .join("bodies/ab")
+            .join(format!("ab{:030x}", 7 + round));
+        std::fs::write(&planted, b"renamed into place, never published").unwrap();
+
+        node.restart();
+        wait_for_sweeps(&node, round as usize + 2).await;
+        assert!(
+            !planted.exists(),
+            "round {round}: the planted orphan is swept"
+        );
+        assert!(
+            node.metric("kura_storage_orphans_removed_total").await >= 1,
+            "round {round}: sweeps are counted"
+        );
+        let artifacts = node.status().await["artifacts"].as_u64().unwrap();
+        assert_eq!(
+            body_files(&node).len() as u64,
+            artifacts,
+            "round {round}: one body file per artifact, none unreferenced"
+        );
+        for (key, (seed, size)) in &acknowledged {
+            if key.starts_with(&format!("sweep-{round}-")) {
+                assert_eq!(
+                    matches(&http, &node, key, *seed, *size).await,
+                    Some(true),
+                    "round {round}: acknowledged {key}"
+                );
+            }
+        }
+    }
+    assert!(
+        !acknowledged.is_empty() && interrupted > 0,
+        "the kills must land among the uploads ({} acknowledged, {interrupted} interrupted)",
+        acknowledged.len()
+    );
+    for (key, (seed, size)) in &acknowledged {
+        assert_eq!(
+            matches(&http, &node, key, *seed, *size).await,
+            Some(true),
+            "after all rounds: {key}"
+        );
+    }
+    assert_eq!(
+        node.metric("kura_storage_corrupt_bodies_total").await,
+        0,
+        "no referenced body was swept"
+    );
 }
 
 #[tokio::test]

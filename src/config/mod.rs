@@ -97,6 +97,9 @@ pub struct StorageConfig {
     /// Writes get 507 while the filesystem has less free space than this (bytes or a
     /// percentage of the filesystem), so the metadata store never runs out of space.
     pub min_free: Capacity,
+    /// The orphan sweep leaves files younger than this alone (a second guard: files of writes
+    /// in flight are known to the process and never swept).
+    pub orphan_grace: HumanDuration,
 }
 
 impl Default for StorageConfig {
@@ -108,6 +111,7 @@ impl Default for StorageConfig {
             durability: Durability::Process,
             inline_max: ByteSize(crate::storage::DEFAULT_INLINE_MAX as u64),
             min_free: Capacity::Percent(1.0),
+            orphan_grace: HumanDuration(std::time::Duration::from_secs(600)),
         }
     }
 }

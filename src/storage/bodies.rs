@@ -6,10 +6,11 @@
 //! Reads hash what they send and withhold the final chunk until the whole body has verified, so a
 //! corrupted body never arrives as a complete, successful response.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -38,10 +39,75 @@ impl Digests {
     }
 }
 
-/// A temp file that is deleted unless it was published.
+/// Ids of the bodies this process is writing, publishing or removing: from the creation of the
+/// temp file until the publish batch is written (or the body is given up), and from before the
+/// batch that drops a record until its body file is deleted. A temp file and the body file it
+/// becomes share the id, so the orphan sweep can tell a file in flight from a leftover without
+/// relying on its age. Counted, since a body can be held twice (published by one write and
+/// replaced by the next before the first let go).
+#[derive(Default)]
+pub(super) struct LiveBodies(Mutex<HashMap<u128, u32>>);
+
+impl LiveBodies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, u32>> {
+        // Counts changed by single increments and decrements: poison is harmless.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh id, live until the guard is dropped.
+    fn register(self: &Arc<Self>) -> LiveGuard {
+        let mut ids = self.lock();
+        let id = loop {
+            let id = rand::random::<u128>();
+            if let std::collections::hash_map::Entry::Vacant(entry) = ids.entry(id) {
+                entry.insert(1);
+                break id;
+            }
+        };
+        LiveGuard {
+            live: self.clone(),
+            id,
+        }
+    }
+
+    /// Keeps an existing body's id live until the guard is dropped.
+    pub(super) fn hold(self: &Arc<Self>, id: u128) -> LiveGuard {
+        *self.lock().entry(id).or_insert(0) += 1;
+        LiveGuard {
+            live: self.clone(),
+            id,
+        }
+    }
+
+    pub(super) fn contains(&self, id: u128) -> bool {
+        self.lock().contains_key(&id)
+    }
+}
+
+/// Keeps an id in [`LiveBodies`] while it lives.
+pub(super) struct LiveGuard {
+    live: Arc<LiveBodies>,
+    id: u128,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut ids = self.live.lock();
+        if let Some(count) = ids.get_mut(&self.id) {
+            *count -= 1;
+            if *count == 0 {
+                ids.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// A temp file that is deleted unless it was published. Its id stays live until this is
+/// dropped (after the file is removed, fields drop after `drop`).
 struct TempFile {
     path: PathBuf,
     file: Option<File>,
+    live: LiveGuard,
 }
 
 impl Drop for TempFile {
@@ -55,6 +121,7 @@ impl Drop for TempFile {
 /// file, so an aborted upload leaves nothing behind.
 pub struct BodyWriter {
     tmp_dir: PathBuf,
+    live: Arc<LiveBodies>,
     inline_max: usize,
     limit: u64,
     size: u64,
@@ -89,6 +156,7 @@ impl TempFileHandle {
 impl BodyWriter {
     pub(super) fn new(
         tmp_dir: PathBuf,
+        live: Arc<LiveBodies>,
         inline_max: usize,
         limit: u64,
         want_sha256: bool,
@@ -96,6 +164,7 @@ impl BodyWriter {
     ) -> Self {
         BodyWriter {
             tmp_dir,
+            live,
             inline_max,
             limit,
             size: 0,
@@ -157,9 +226,8 @@ impl BodyWriter {
     }
 
     async fn create_temp(&self) -> Result<TempFile, StoreError> {
-        let path = self
-            .tmp_dir
-            .join(format!("{:032x}.body", rand::random::<u128>()));
+        let live = self.live.register();
+        let path = self.tmp_dir.join(temp_name(live.id));
         let open_path = path.clone();
         let file = tokio::task::spawn_blocking(move || File::create_new(&open_path))
             .await
@@ -168,6 +236,7 @@ impl BodyWriter {
         Ok(TempFile {
             path,
             file: Some(file),
+            live,
         })
     }
 
@@ -198,7 +267,7 @@ impl BodyWriter {
             .map_err(|e| StoreError::Io(io::Error::other(e)))?
             .map_err(StoreError::from_write)?;
             StagedContent::File {
-                id: rand::random::<u128>(),
+                id: temp.live.id,
                 temp: TempFileHandle(temp),
             }
         };
@@ -226,6 +295,28 @@ fn poisoned() -> StoreError {
 pub fn body_path(bodies_dir: &Path, id: u128) -> PathBuf {
     let name = format!("{id:032x}");
     bodies_dir.join(&name[..2]).join(name)
+}
+
+/// The id of a body file named by [`body_path`]; `None` for any other name.
+pub(super) fn body_id(name: &str) -> Option<u128> {
+    parse_id(name)
+}
+
+/// Name of the temp file a body with this id is staged in.
+fn temp_name(id: u128) -> String {
+    format!("{id:032x}.body")
+}
+
+/// The id of a temp file named by [`temp_name`].
+pub(super) fn temp_id(name: &str) -> Option<u128> {
+    parse_id(name.strip_suffix(".body")?)
+}
+
+fn parse_id(hex: &str) -> Option<u128> {
+    if hex.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(hex, 16).ok()
 }
 
 /// Moves a staged temp file to its final place (and makes the rename durable when asked).
@@ -459,7 +550,14 @@ mod tests {
     #[tokio::test]
     async fn writer_inlines_small_bodies_and_spills_large_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let mut small = BodyWriter::new(dir.path().into(), 1024, 1 << 30, true, false);
+        let mut small = BodyWriter::new(
+            dir.path().into(),
+            Arc::default(),
+            1024,
+            1 << 30,
+            true,
+            false,
+        );
         small.write(b"hello").await.unwrap();
         let staged = small.finish(None).await.unwrap();
         assert!(matches!(staged.content, StagedContent::Inline(ref b) if b == b"hello"));
@@ -467,7 +565,14 @@ mod tests {
         assert_eq!(staged.sha256, Some(Sha256::digest(b"hello").into()));
 
         let big = vec![7u8; WRITE_BUFFER * 2 + 3];
-        let mut writer = BodyWriter::new(dir.path().into(), 1024, 1 << 30, false, false);
+        let mut writer = BodyWriter::new(
+            dir.path().into(),
+            Arc::default(),
+            1024,
+            1 << 30,
+            false,
+            false,
+        );
         for chunk in big.chunks(10_000) {
             writer.write(chunk).await.unwrap();
         }
@@ -485,12 +590,12 @@ mod tests {
     #[tokio::test]
     async fn writer_enforces_limit_and_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = BodyWriter::new(dir.path().into(), 1024, 4, false, false);
+        let mut writer = BodyWriter::new(dir.path().into(), Arc::default(), 1024, 4, false, false);
         assert!(matches!(
             writer.write(b"12345").await,
             Err(StoreError::TooLarge { limit: 4 })
         ));
-        let mut writer = BodyWriter::new(dir.path().into(), 1024, 100, true, false);
+        let mut writer = BodyWriter::new(dir.path().into(), Arc::default(), 1024, 100, true, false);
         writer.write(b"abc").await.unwrap();
         assert!(matches!(
             writer.finish(Some([0; 32])).await,

@@ -141,7 +141,7 @@ impl Store {
                 match meta::decode::<ArtifactRecord>(&value) {
                     Some(record) if record.version_ms <= at => {
                         self.batch_remove(&mut batch, key, &record, &mut delta);
-                        bodies.push(record.body);
+                        bodies.push(self.doom(record.body));
                     }
                     Some(_) => {}
                     None => batch.delete_cf(self.cf(meta::CF_ARTIFACTS), key),
@@ -152,8 +152,8 @@ impl Store {
             }
             drop(keys);
             removed += bodies.len() as u64;
-            for body in &bodies {
-                self.remove_body(body);
+            for body in bodies {
+                self.remove_doomed(body);
             }
             // Continue after the last key looked at.
             from = last.into_vec();

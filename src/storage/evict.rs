@@ -137,7 +137,7 @@ impl Store {
                         let charge = record.charge(encoded.len());
                         freed += charge;
                         usage = usage.saturating_sub(charge);
-                        bodies.push(record.body);
+                        bodies.push(self.doom(record.body));
                     }
                     // A stale queue entry (its artifact was rewritten or touched since).
                     _ => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
@@ -150,8 +150,8 @@ impl Store {
             drop(keys);
             metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
                 .increment(bodies.len() as u64);
-            for body in &bodies {
-                self.remove_body(body);
+            for body in bodies {
+                self.remove_doomed(body);
             }
         }
     }

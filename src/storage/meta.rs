@@ -7,6 +7,8 @@
 //! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
 //! - `state`: node-wide counters such as [`Usage`] and the last publish sequence number (both
 //!   kept by merge operands, see [`merge_state`]), project tombstones
+//! - `bodies`: body file id (16 bytes BE) → encoded key of the record naming it; the reverse
+//!   index that lets the orphan sweep tell a leftover body file from a referenced one
 //! - `outbox`: records callers add to publish batches (the replication log); the store itself
 //!   never reads it
 //!
@@ -21,11 +23,28 @@ pub const CF_ARTIFACTS: &str = "artifacts";
 pub const CF_ACCESS: &str = "access";
 pub const CF_UPLOADS: &str = "uploads";
 pub const CF_STATE: &str = "state";
+pub const CF_BODIES: &str = "bodies";
 pub const CF_OUTBOX: &str = "outbox";
-pub const ALL_CFS: [&str; 5] = [CF_ARTIFACTS, CF_ACCESS, CF_UPLOADS, CF_STATE, CF_OUTBOX];
+pub const ALL_CFS: [&str; 6] = [
+    CF_ARTIFACTS,
+    CF_ACCESS,
+    CF_UPLOADS,
+    CF_STATE,
+    CF_BODIES,
+    CF_OUTBOX,
+];
 
 /// Key of the [`Usage`] record in `state`.
 pub const USAGE_KEY: &[u8] = b"usage";
+/// Present in `state` once `bodies` indexes every file body (data dirs from before the index
+/// get it by a backfill; until then the orphan sweep deletes nothing in `bodies/`).
+pub const BODIES_INDEXED_KEY: &[u8] = b"bodies_indexed";
+
+/// Key of a body file in the `bodies` family.
+pub fn body_index_key(id: u128) -> [u8; 16] {
+    id.to_be_bytes()
+}
+
 /// Key of the highest publish sequence number committed, in `state` (8 bytes, big-endian).
 pub const SEQ_KEY: &[u8] = b"seq";
 

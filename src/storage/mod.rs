@@ -35,6 +35,7 @@ pub mod keys;
 mod locks;
 pub mod meta;
 mod seq;
+mod sweep;
 #[cfg(test)]
 mod tests;
 mod uploads;
@@ -51,6 +52,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 pub use bodies::{BodyWriter, StagedBody};
 pub use keys::{ArtifactKey, Kind};
 use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
+pub use sweep::SweepReport;
 pub use uploads::UploadLimits;
 
 /// Bodies up to this size are stored inside their metadata record.
@@ -411,6 +413,8 @@ struct Inner {
     uploads: uploads::OpenUploads,
     tombstones: clean::Tombstones,
     sequencer: seq::Sequencer,
+    /// Bodies being written or published (see `sweep.rs`).
+    live_bodies: Arc<bodies::LiveBodies>,
     /// Held open for the life of the store: the OS releases the lock if the process dies.
     _lock: File,
 }
@@ -483,6 +487,7 @@ impl Store {
                 uploads: uploads::OpenUploads::default(),
                 tombstones,
                 sequencer,
+                live_bodies: Arc::default(),
                 options,
                 _lock: lock,
             }),
@@ -517,6 +522,7 @@ impl Store {
     pub fn writer(&self, limit: u64, want_sha256: bool) -> BodyWriter {
         BodyWriter::new(
             self.inner.tmp_dir.clone(),
+            self.inner.live_bodies.clone(),
             self.inner.options.inline_max,
             limit,
             want_sha256,
@@ -607,12 +613,14 @@ impl Store {
         let inner = &self.inner;
         let size = staged.size;
         let fsync = self.fsyncs();
-        let body = match staged.content {
-            bodies::StagedContent::Inline(bytes) => BodyRef::Inline(bytes),
+        // The staged file's handle keeps its id live (safe from the orphan sweep) until the
+        // batch that indexes it is written, or the body is given up: it drops at the end.
+        let (body, _live) = match staged.content {
+            bodies::StagedContent::Inline(bytes) => (BodyRef::Inline(bytes), None),
             bodies::StagedContent::File { id, temp } => {
                 let dest = bodies::body_path(&inner.bodies_dir, id);
                 bodies::publish_file(&temp, &dest, fsync).map_err(StoreError::from_write)?;
-                BodyRef::File(id)
+                (BodyRef::File(id), Some(temp))
             }
         };
         let Intent {
@@ -645,6 +653,7 @@ impl Store {
         } else if let Some(old) = &published.previous {
             self.remove_body(&old.body);
         }
+        drop(published.held);
         Ok(Committed {
             created: matches!(outcome, Outcome::Published { .. }) && !published.live,
             info: ArtifactInfo::from_record(&record),
@@ -689,6 +698,7 @@ impl Store {
             let not_published = |outcome| {
                 Ok(Published {
                     previous: None,
+                    held: None,
                     live,
                     outcome,
                 })
@@ -707,17 +717,23 @@ impl Store {
             return Err(StoreError::AlreadyExists);
         }
         let ticket = self.inner.sequencer.take();
+        // The replaced body stays live from before the batch until its file is deleted.
+        let held = previous.as_ref().and_then(|old| self.hold(&old.body));
         let mut batch = WriteBatch::default();
         let mut delta = UsageDelta::default();
         if let Some(old) = &previous {
             let old_entry = meta::access_key(old.accessed_ms, encoded);
             batch.delete_cf(self.cf(meta::CF_ACCESS), old_entry);
+            self.batch_unindex_body(&mut batch, &old.body);
             delta.remove(old.charge(encoded.len()));
         }
         delta.add(record.charge(encoded.len()));
         let new_entry = meta::access_key(record.accessed_ms, encoded);
         batch.put_cf(self.cf(meta::CF_ARTIFACTS), encoded, meta::encode(record));
         batch.put_cf(self.cf(meta::CF_ACCESS), new_entry, []);
+        if let BodyRef::File(id) = record.body {
+            batch.put_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id), encoded);
+        }
         batch.merge_cf(
             self.cf(meta::CF_STATE),
             meta::SEQ_KEY,
@@ -740,6 +756,7 @@ impl Store {
         self.write_accounted(batch, delta)?;
         Ok(Published {
             previous,
+            held,
             live,
             outcome: Outcome::Published { seq: ticket.seq },
         })
@@ -881,9 +898,10 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut delta = UsageDelta::default();
         self.batch_remove(&mut batch, encoded, &record, &mut delta);
+        let doomed = self.doom(record.body);
         self.write_accounted(batch, delta)?;
         drop(key);
-        self.remove_body(&record.body);
+        self.remove_doomed(doomed);
         Ok(true)
     }
 
@@ -901,7 +919,16 @@ impl Store {
             self.cf(meta::CF_ACCESS),
             meta::access_key(record.accessed_ms, encoded),
         );
+        self.batch_unindex_body(batch, &record.body);
         delta.remove(record.charge(encoded.len()));
+    }
+
+    /// Removes a body file from the reverse index, in the batch that drops its record (the file
+    /// itself is deleted after the batch; if the process dies first, the sweep finds it).
+    fn batch_unindex_body(&self, batch: &mut WriteBatch, body: &BodyRef) {
+        if let BodyRef::File(id) = body {
+            batch.delete_cf(self.cf(meta::CF_BODIES), meta::body_index_key(*id));
+        }
     }
 
     /// Writes a batch that changes usage by `delta`: the change travels in the batch as a merge
@@ -935,6 +962,27 @@ impl Store {
             .db
             .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), encoded)?;
         Ok(value.and_then(|bytes| meta::decode(&bytes)))
+    }
+
+    /// Holds a body file's id live (see `sweep.rs`); `None` for an inline body.
+    fn hold(&self, body: &BodyRef) -> Option<bodies::LiveGuard> {
+        match body {
+            BodyRef::File(id) => Some(self.inner.live_bodies.hold(*id)),
+            BodyRef::Inline(_) => None,
+        }
+    }
+
+    /// Marks a body whose record the next batch drops; call before writing the batch.
+    fn doom(&self, body: BodyRef) -> Doomed {
+        Doomed {
+            _live: self.hold(&body),
+            body,
+        }
+    }
+
+    /// Deletes a doomed body's file, then lets its id go.
+    fn remove_doomed(&self, doomed: Doomed) {
+        self.remove_body(&doomed.body);
     }
 
     fn remove_body(&self, body: &BodyRef) {
@@ -1008,8 +1056,17 @@ impl Store {
 /// was published), whether it was live (not hidden by a project clean), and the outcome.
 struct Published {
     previous: Option<ArtifactRecord>,
+    /// Keeps the previous body's id live until its file is deleted (see `sweep.rs`).
+    held: Option<bodies::LiveGuard>,
     live: bool,
     outcome: Outcome,
+}
+
+/// A body whose record a batch drops: its id is held live from before the batch until this is
+/// removed, so the orphan sweep never counts a body on its way out as an orphan.
+struct Doomed {
+    body: BodyRef,
+    _live: Option<bodies::LiveGuard>,
 }
 
 /// Space promised to a write; returned when the write ends either way (by then a published

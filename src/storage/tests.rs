@@ -1,6 +1,7 @@
 //! Tests of the store as a whole: concurrency of writers, evictions and cleans.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
 
 use super::*;
 
@@ -490,4 +491,174 @@ async fn a_hooks_records_commit_if_and_only_if_the_artifact_does() {
     assert!(store.head(&other).unwrap().is_none());
     assert_eq!(outbox(&store).len(), 1);
     assert_eq!(body_of(&store, &key).await.unwrap(), b"one");
+}
+
+/// Sets a file's mtime `age` in the past.
+fn age_file(path: &Path, age: std::time::Duration) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_modified(SystemTime::now() - age).unwrap();
+}
+
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+const GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+#[tokio::test]
+async fn the_sweep_removes_orphans_past_the_grace_period_and_keeps_referenced_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let mut kept = Vec::new();
+    for i in 0..5u8 {
+        let key = ArtifactKey::new("p", Kind::Gradle, format!("k{i}"));
+        put(&store, &key, &vec![i; 3000]).await;
+        kept.push(key);
+    }
+    // Overwritten and evicted-by-clean bodies leave the index with their records.
+    put(&store, &kept[0], &[9; 4000]).await;
+    let referenced = body_ids_on_disk(dir.path());
+    assert_eq!(referenced.len(), 5);
+    for id in &referenced {
+        age_file(&bodies::body_path(&dir.path().join("bodies"), *id), HOUR);
+    }
+    // What a crash leaves: a body renamed into place whose batch never ran, a temp file, a
+    // part being written; and an orphan too young to be touched yet.
+    let orphan = bodies::body_path(&dir.path().join("bodies"), 0xabc);
+    std::fs::write(&orphan, b"orphan").unwrap();
+    age_file(&orphan, HOUR);
+    let young = bodies::body_path(&dir.path().join("bodies"), 0xdef);
+    std::fs::write(&young, b"young").unwrap();
+    let temp = dir.path().join("tmp").join(format!("{:032x}.body", 7));
+    std::fs::write(&temp, b"temp").unwrap();
+    age_file(&temp, HOUR);
+    let limits = UploadLimits {
+        max_in_flight: 4,
+        max_parts: 10,
+        max_bytes: 1 << 20,
+    };
+    let upload = store
+        .start_upload(&ArtifactKey::new("p", Kind::Module, "m"), &limits)
+        .unwrap();
+    let partial = dir.path().join("uploads").join(&upload).join("1.partial");
+    std::fs::write(&partial, b"half").unwrap();
+    age_file(&partial, HOUR);
+
+    let report = store.sweep_orphans(GRACE).unwrap();
+    assert_eq!(
+        report,
+        SweepReport {
+            bodies: 1,
+            temps: 1,
+            uploads: 1
+        }
+    );
+    assert!(!orphan.exists() && !temp.exists() && !partial.exists());
+    assert!(young.exists(), "younger than the grace period");
+    let mut expected = referenced.clone();
+    expected.insert(0xdef);
+    assert_eq!(body_ids_on_disk(dir.path()), expected);
+    for key in &kept {
+        assert!(store.read(key).await.unwrap().is_some(), "{key}");
+    }
+    assert_eq!(store.sweep_orphans(GRACE).unwrap().total(), 0);
+    assert_eq!(store.uploads_in_flight(), 1, "the upload itself stays");
+}
+
+#[tokio::test]
+async fn a_data_dir_from_before_the_index_is_backfilled_before_anything_is_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ArtifactKey::new("p", Kind::Gradle, "k");
+    {
+        let store = store_with(dir.path(), 1 << 30);
+        put(&store, &key, &[1; 5000]).await;
+        // What an older release left: no index, no flag.
+        let db = &store.inner.db;
+        let ids: Vec<_> = db
+            .iterator_cf(store.cf(meta::CF_BODIES), rocksdb::IteratorMode::Start)
+            .map(|item| item.unwrap().0)
+            .collect();
+        assert_eq!(ids.len(), 1);
+        for id in ids {
+            db.delete_cf(store.cf(meta::CF_BODIES), id).unwrap();
+        }
+    }
+    let store = store_with(dir.path(), 1 << 30);
+    for id in body_ids_on_disk(dir.path()) {
+        age_file(&bodies::body_path(&dir.path().join("bodies"), id), HOUR);
+    }
+    assert_eq!(
+        store
+            .sweep_orphans(std::time::Duration::ZERO)
+            .unwrap()
+            .total(),
+        0
+    );
+    assert_eq!(body_of(&store, &key).await.unwrap(), vec![1; 5000]);
+}
+
+/// Sweeps with no grace period at all, over and over, while writers publish and overwrite file
+/// bodies: no body of a write in flight is ever taken, and nothing is left over.
+#[test]
+fn sweeps_never_race_publishes_in_flight() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let store = store_with(dir.path(), 1 << 30);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut removed = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    removed += store
+                        .sweep_orphans(std::time::Duration::ZERO)
+                        .unwrap()
+                        .total();
+                }
+                removed
+            })
+        };
+        let writers: Vec<_> = (0..8u8)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..40u8 {
+                        let key = ArtifactKey::new("p", Kind::Gradle, format!("k{}", i % 10));
+                        let body = vec![w ^ i; 2000 + 37 * i as usize];
+                        put(&store, &key, &body).await;
+                        // What we just wrote (or a newer write) is whole.
+                        assert!(body_of_any(&store, &key).await);
+                    }
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for writer in writers {
+            results.push(writer.await);
+        }
+        // Stop the sweeper before asserting, so a failure fails rather than hangs the test.
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let removed = sweeper.await.unwrap();
+        for result in results {
+            result.unwrap();
+        }
+        assert_eq!(removed, 0, "nothing was an orphan");
+        let counted = recount(&store);
+        assert_eq!(counted.usage.artifacts, 10);
+        assert_eq!(body_ids_on_disk(dir.path()), counted.file_bodies);
+    });
+}
+
+/// Whether `key` reads back whole (any version).
+async fn body_of_any(store: &Store, key: &ArtifactKey) -> bool {
+    let Some(artifact) = store.read(key).await.unwrap() else {
+        return false;
+    };
+    let size = artifact.info.size;
+    match artifact.into_body(0, size) {
+        BodyStream::Bytes(bytes) => bytes.len() as u64 == size,
+        BodyStream::Stream(_) => true,
+    }
 }

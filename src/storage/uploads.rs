@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use rocksdb::WriteBatch;
 use tokio::io::AsyncReadExt;
@@ -348,6 +349,43 @@ impl Store {
         let staged = open.values().map(OpenUpload::staged).sum();
         *self.inner.uploads.lock() = open;
         Ok(staged)
+    }
+
+    /// Under the uploads lock nothing is placing a part, so a `.partial` file is a leftover of a
+    /// failed write, and a directory without an upload is one whose removal failed.
+    pub(super) fn sweep_upload_leftovers(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
+        let open = self.inner.uploads.lock();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.inner.uploads_dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !open.contains_key(&name) {
+                if super::sweep::older_than(&path, cutoff)? {
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                continue;
+            }
+            let parts = match std::fs::read_dir(&path) {
+                Ok(parts) => parts,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for part in parts {
+                let part = part?.path();
+                if part.extension().is_some_and(|e| e == "partial")
+                    && super::sweep::older_than(&part, cutoff)?
+                    && super::sweep::remove_file(&part)?
+                {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Uploads in flight (the number of upload records).

@@ -1,0 +1,193 @@
+//! The orphan sweep: files no record references, left by a crash, are found and deleted.
+//!
+//! A body file is renamed into `bodies/` just before the batch that publishes its record; a
+//! crash in between leaves a file nobody references. The `bodies` column family indexes every
+//! file body (id → key), written and deleted in the same batches as the records, so "referenced"
+//! is one point lookup rather than a scan of every record. A file in `bodies/` is deleted when:
+//! - it is older (by mtime) than the grace period,
+//! - its id is not live (see [`super::bodies::LiveBodies`]: being written, published or removed
+//!   by this process), checked before the index *and* after it, and
+//! - the index has no entry for it.
+//!
+//! Why a publish is never raced: the file exists in `bodies/` only after the rename, and its id
+//! was made live before its temp file was created. So when the sweep finds the file and then
+//! finds the id not live, the publish has finished: either its batch (and index entry) was
+//! written before the id was released, which the index lookup that follows sees, or it failed
+//! and deleted the file itself. The grace period is a second guard, not the first.
+//!
+//! Why a removal is not counted as an orphan: a batch that drops a record holds its body's id
+//! live from before the batch (which deletes the index entry) until the file is deleted. So if
+//! the index lookup found no entry because of that batch, the second live check either sees the
+//! id held (and skips) or sees it released, when the file is gone already and deleting it finds
+//! nothing to count.
+//!
+//! The sweep also deletes stale files in `tmp/` (not live, older than the grace period) and, under
+//! the uploads lock, `.partial` leftovers and directories of uploads that have no record.
+//!
+//! Data dirs written before the index existed are backfilled from `artifacts` first (once; a
+//! flag in `state` records it). Until the flag is set, nothing in `bodies/` is deleted.
+
+use std::io;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rocksdb::WriteBatch;
+
+use super::meta::{self, ArtifactRecord, BodyRef};
+use super::{Store, StoreError, bodies};
+
+/// Records re-read per backfill batch.
+const BACKFILL_BATCH: usize = 512;
+
+/// What one sweep removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Body files no record referenced.
+    pub bodies: u64,
+    /// Stale temp files.
+    pub temps: u64,
+    /// `.partial` part files and upload directories without a record.
+    pub uploads: u64,
+}
+
+impl SweepReport {
+    pub fn total(&self) -> u64 {
+        self.bodies + self.temps + self.uploads
+    }
+}
+
+impl Store {
+    /// Deletes the files no record references that are older than `grace`, and counts them in
+    /// `kura_storage_orphans_removed_total`. Blocking: run it on a blocking thread.
+    pub fn sweep_orphans(&self, grace: Duration) -> Result<SweepReport, StoreError> {
+        self.backfill_body_index()?;
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let report = SweepReport {
+            bodies: self.sweep_bodies(cutoff)?,
+            temps: self.sweep_temps(cutoff)?,
+            uploads: self.sweep_upload_leftovers(cutoff)?,
+        };
+        metrics::counter!(crate::metrics::STORAGE_ORPHANS_REMOVED_TOTAL).increment(report.total());
+        Ok(report)
+    }
+
+    /// Indexes every file body of records written before the index existed, once.
+    fn backfill_body_index(&self) -> Result<(), StoreError> {
+        let state = self.cf(meta::CF_STATE);
+        if self
+            .inner
+            .db
+            .get_pinned_cf(state, meta::BODIES_INDEXED_KEY)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut indexed = 0u64;
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let mut keys = Vec::new();
+            let iter = self.inner.db.iterator_cf(
+                self.cf(meta::CF_ARTIFACTS),
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            );
+            for item in iter.take(BACKFILL_BATCH) {
+                keys.push(item?.0);
+            }
+            let Some(last) = keys.last().cloned() else {
+                break;
+            };
+            // Under the keys' locks the records cannot be replaced or removed meanwhile, so
+            // the entries written here are exactly those of the records as they stand.
+            let guards = self.inner.keys.lock_all(keys.iter().map(|k| &k[..]));
+            let mut batch = WriteBatch::default();
+            for key in &keys {
+                if let Some(ArtifactRecord {
+                    body: BodyRef::File(id),
+                    ..
+                }) = self.record(key)?
+                {
+                    batch.put_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id), key);
+                    indexed += 1;
+                }
+            }
+            self.write(batch)?;
+            drop(guards);
+            from = last.into_vec();
+            from.push(0);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(state, meta::BODIES_INDEXED_KEY, []);
+        self.write_synced(batch, true)?;
+        tracing::info!(indexed, "indexed the body files of existing artifacts");
+        Ok(())
+    }
+
+    fn sweep_bodies(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for shard in std::fs::read_dir(&self.inner.bodies_dir)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let Some(id) = entry.file_name().to_str().and_then(bodies::body_id) else {
+                    continue;
+                };
+                // The order matters (module docs): live, the index, live again.
+                if !older_than(&entry.path(), cutoff)?
+                    || self.inner.live_bodies.contains(id)
+                    || self
+                        .inner
+                        .db
+                        .get_pinned_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id))?
+                        .is_some()
+                    || self.inner.live_bodies.contains(id)
+                {
+                    continue;
+                }
+                if remove_file(&entry.path())? {
+                    tracing::warn!(id = %format!("{id:032x}"), "removed a body file no record references");
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn sweep_temps(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.inner.tmp_dir)? {
+            let entry = entry?;
+            let live = entry
+                .file_name()
+                .to_str()
+                .and_then(bodies::temp_id)
+                .is_some_and(|id| self.inner.live_bodies.contains(id));
+            if !live && older_than(&entry.path(), cutoff)? && remove_file(&entry.path())? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether the file was last modified before `cutoff` (a file gone meanwhile is not).
+pub(super) fn older_than(path: &Path, cutoff: SystemTime) -> Result<bool, StoreError> {
+    match std::fs::symlink_metadata(path).and_then(|m| m.modified()) {
+        Ok(modified) => Ok(modified <= cutoff),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a file; `false` when it was already gone.
+pub(super) fn remove_file(path: &Path) -> Result<bool, StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
