@@ -5,14 +5,14 @@
 //! - `node_id`: this node's stable identity, generated on first start
 //! - `meta/`: RocksDB (see [`meta`] for its column families)
 //! - `bodies/xx/<id>`: bodies too large to keep inline in their record
-//! - `tmp/`: bodies being received; emptied on start
+//! - `tmp/`: bodies being received (named by the id their body file will have); emptied on start
 //! - `uploads/<upload id>/<part>`: parts of module multipart uploads
 //!
 //! Publishing a body is: stage + hash ([`bodies::BodyWriter`]) → rename into `bodies/` → one
 //! RocksDB batch with the record, its eviction-queue entry and the usage counter. The batch is
 //! the moment the artifact becomes visible, so readers never see half of it. A crash between the
-//! rename and the batch leaves an unreferenced body file (bounded by the uploads in flight); see
-//! `docs/storage.md`.
+//! rename and the batch leaves an unreferenced body file, which the orphan sweep (`sweep.rs`)
+//! finds through the `bodies` reverse index and deletes; see `docs/storage.md`.
 //!
 //! There is no global write lock: writers of different keys reach RocksDB concurrently, so
 //! synced batches share device flushes (group commit). What keeps them consistent:
