@@ -168,11 +168,12 @@ pub async fn serve(
     options: ServeOptions,
 ) -> Result<Response, ApiError> {
     let kind = key.kind.as_str();
-    let Some(info) = app.store.head(key)? else {
+    let Some(found) = app.store.lookup(key)? else {
         metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
         return Err(ApiError::not_found());
     };
-    let etag = format!("\"{}\"", info.blake3_hex());
+    let info = &found.info;
+    let mut etag = format!("\"{}\"", info.blake3_hex());
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -180,13 +181,23 @@ pub async fn serve(
     {
         metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
         let mut response = StatusCode::NOT_MODIFIED.into_response();
-        set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
+        set_artifact_headers(
+            response.headers_mut(),
+            info,
+            &etag,
+            options.default_content_type,
+        );
         return Ok(response);
     }
     if options.head {
         metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
         let mut response = StatusCode::OK.into_response();
-        set_artifact_headers(response.headers_mut(), &info, options.default_content_type);
+        set_artifact_headers(
+            response.headers_mut(),
+            info,
+            &etag,
+            options.default_content_type,
+        );
         response
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
@@ -199,13 +210,16 @@ pub async fn serve(
     };
     let lease = lease_memory(app, footprint).await?;
     // The artifact may have been replaced since the metadata above: serve what is read now.
-    let Some(artifact) = app.store.read(key).await? else {
+    let stored_blake3 = info.blake3;
+    let Some(artifact) = app.store.open_found(key, found).await? else {
         metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
         return Err(ApiError::not_found());
     };
     metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
     let info = artifact.info.clone();
-    let etag = format!("\"{}\"", info.blake3_hex());
+    if info.blake3 != stored_blake3 {
+        etag = format!("\"{}\"", info.blake3_hex());
+    }
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     // If-Range: honour the range only while the client's validator is still current.
     let range_header = match headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
@@ -239,7 +253,7 @@ pub async fn serve(
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let response_headers = response.headers_mut();
-    set_artifact_headers(response_headers, &info, options.default_content_type);
+    set_artifact_headers(response_headers, &info, &etag, options.default_content_type);
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     if status == StatusCode::PARTIAL_CONTENT
         && let Ok(value) =
@@ -253,9 +267,10 @@ pub async fn serve(
 fn set_artifact_headers(
     headers: &mut HeaderMap,
     info: &ArtifactInfo,
+    etag: &str,
     default_content_type: &'static str,
 ) {
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", info.blake3_hex())) {
+    if let Ok(etag) = HeaderValue::from_str(etag) {
         headers.insert(header::ETAG, etag);
     }
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));

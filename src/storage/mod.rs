@@ -322,6 +322,13 @@ impl ArtifactInfo {
     }
 }
 
+/// An artifact's record as [`Store::lookup`] found it.
+pub struct Found {
+    pub info: ArtifactInfo,
+    encoded: Vec<u8>,
+    record: ArtifactRecord,
+}
+
 /// An artifact opened for reading.
 pub struct Artifact {
     pub info: ArtifactInfo,
@@ -764,10 +771,20 @@ impl Store {
 
     /// Metadata of an artifact, without touching its body.
     pub fn head(&self, key: &ArtifactKey) -> Result<Option<ArtifactInfo>, StoreError> {
+        Ok(self.lookup(key)?.map(|found| found.info))
+    }
+
+    /// Looks an artifact's record up once: enough to answer HEAD and conditional requests, and
+    /// what [`Store::open_found`] turns into a body without a second lookup (the GET hot path).
+    pub fn lookup(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
         let encoded = key.encode();
         Ok(self.visible_record(key, &encoded)?.map(|record| {
             self.inner.touches.note(&encoded, record.accessed_ms);
-            ArtifactInfo::from_record(&record)
+            Found {
+                info: ArtifactInfo::from_record(&record),
+                encoded,
+                record,
+            }
         }))
     }
 
@@ -787,18 +804,37 @@ impl Store {
     /// clean replaced it is no corruption: the record is read again and its current version
     /// served (or the miss answered).
     pub async fn read(&self, key: &ArtifactKey) -> Result<Option<Artifact>, StoreError> {
-        let encoded = key.encode();
+        match self.lookup(key)? {
+            Some(found) => self.open_found(key, found).await,
+            None => Ok(None),
+        }
+    }
+
+    /// [`Store::read`] of a record already looked up with [`Store::lookup`].
+    pub async fn open_found(
+        &self,
+        key: &ArtifactKey,
+        found: Found,
+    ) -> Result<Option<Artifact>, StoreError> {
+        let Found {
+            encoded,
+            mut record,
+            ..
+        } = found;
         let mut vanished: Option<BodyRef> = None;
-        for _ in 0..READ_ATTEMPTS {
-            let Some(record) = self.visible_record(key, &encoded)? else {
-                return Ok(None);
-            };
-            if vanished.as_ref() == Some(&record.body) {
-                // The record still names the file that is not there: the body is lost.
-                self.drop_corrupt(&encoded, &record.body, "body file missing");
-                return Ok(None);
+        for attempt in 0..READ_ATTEMPTS {
+            if attempt > 0 {
+                let Some(again) = self.visible_record(key, &encoded)? else {
+                    return Ok(None);
+                };
+                if vanished.as_ref() == Some(&again.body) {
+                    // The record still names the file that is not there: the body is lost.
+                    self.drop_corrupt(&encoded, &again.body, "body file missing");
+                    return Ok(None);
+                }
+                self.inner.touches.note(&encoded, again.accessed_ms);
+                record = again;
             }
-            self.inner.touches.note(&encoded, record.accessed_ms);
             let info = ArtifactInfo::from_record(&record);
             let body = match record.body {
                 BodyRef::Inline(bytes) => {
