@@ -185,6 +185,8 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
         low_watermark,
         inline_max: config.storage.inline_max.0 as usize,
         min_free: in_bytes(config.storage.min_free),
+        access_time_resolution: config.storage.access_time_resolution.0,
+        block_cache: config.storage.block_cache.0 as usize,
         node_id: config.node.id.clone(),
     })
     .with_context(|| format!("cannot open storage.data_dir {}", data_dir.display()))
@@ -217,7 +219,8 @@ fn build_authorizer(config: &Config) -> anyhow::Result<(Authorizer, Option<Arc<S
 }
 
 fn spawn_maintenance(store: Store, config: &Config) {
-    let upload_expiry = config.uploads.expiry.0.as_millis() as u64;
+    let expiry = config.uploads.expiry.0;
+    let upload_expiry = expiry.as_millis() as u64;
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
         loop {
@@ -230,6 +233,14 @@ fn spawn_maintenance(store: Store, config: &Config) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "expired unfinished module uploads"),
                 Err(error) => tracing::error!(%error, "could not expire uploads"),
+            }
+            // A directory scan of the resumable uploads in flight.
+            let staging = store.clone();
+            match tokio::task::spawn_blocking(move || staging.expire_resumable(expiry)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(expired = n, "expired unfinished resumable uploads"),
+                Ok(Err(error)) => tracing::error!(%error, "could not expire resumable uploads"),
+                Err(error) => tracing::error!(%error, "resumable upload expiry panicked"),
             }
         }
     });

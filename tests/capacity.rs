@@ -11,9 +11,15 @@ use reqwest::StatusCode;
 const MIB: usize = 1 << 20;
 const CAPACITY: u64 = 64 << 20;
 
+/// The cache turns over eight times within seconds here, so access times are kept exact
+/// (`storage.access_time_resolution` 0) instead of to the default minute.
 #[tokio::test]
 async fn writing_512_mib_into_64_mib_keeps_recently_read_artifacts() {
-    let node = Node::start_with(NodeOptions::default().env("KURA_STORAGE_CAPACITY", "64MiB"));
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_STORAGE_CAPACITY", "64MiB")
+            .env("KURA_STORAGE_ACCESS_TIME_RESOLUTION", "0s"),
+    );
     let http = client();
     let url = |key: &str| node.url(&format!("/api/cache/gradle/{key}?account_handle=dev"));
     for i in 0..8 {

@@ -100,6 +100,11 @@ pub struct StorageConfig {
     /// The orphan sweep leaves files younger than this alone (a second guard: files of writes
     /// in flight are known to the process and never swept).
     pub orphan_grace: HumanDuration,
+    /// An artifact's access time moves at most once per this interval: reads of a hot key cost
+    /// one small write per interval, and eviction order is exact to within it.
+    pub access_time_resolution: HumanDuration,
+    /// Memory for RocksDB's cache of metadata blocks (records and inline bodies).
+    pub block_cache: ByteSize,
 }
 
 impl Default for StorageConfig {
@@ -112,6 +117,8 @@ impl Default for StorageConfig {
             inline_max: ByteSize(crate::storage::DEFAULT_INLINE_MAX as u64),
             min_free: Capacity::Percent(1.0),
             orphan_grace: HumanDuration(std::time::Duration::from_secs(600)),
+            access_time_resolution: HumanDuration(crate::storage::DEFAULT_ACCESS_TIME_RESOLUTION),
+            block_cache: ByteSize(crate::storage::DEFAULT_BLOCK_CACHE as u64),
         }
     }
 }

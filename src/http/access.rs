@@ -222,13 +222,86 @@ mod tests {
         }
     }
 
-    /// Every row of the decision table, through the HTTP extractor and through a plain call of
-    /// `Authorizer::decide` standing in for a gRPC front end: the same answers.
+    /// A node context for `account` "acme" whose requests `auth` decides.
+    fn app_with(auth: crate::auth::Authorizer, dir: &std::path::Path) -> AppState {
+        let mut config = crate::config::Config::default();
+        config.node.account = "acme".into();
+        let store =
+            crate::storage::Store::open(crate::storage::StoreOptions::for_tests(dir)).unwrap();
+        AppState(crate::context::NodeContext::new(
+            config,
+            store,
+            auth,
+            crate::lifecycle::Lifecycle::default(),
+            None,
+        ))
+    }
+
+    /// Asks every combination of credentials, account, project and action through the HTTP
+    /// extractor and through a plain call of `Authorizer::decide` (standing in for a gRPC front
+    /// end), asserts they agree, and returns the answers seen.
+    async fn both_front_ends_agree(
+        app: &AppState,
+        credentials: &[Option<&str>],
+    ) -> std::collections::BTreeSet<&'static str> {
+        let mut seen = std::collections::BTreeSet::new();
+        for authorization in credentials {
+            for account in ["acme", "globex"] {
+                for project in [None, Some("ios"), Some("android")] {
+                    for (method, action) in
+                        [(Method::GET, Action::Read), (Method::PUT, Action::Write)]
+                    {
+                        let mut uri = format!("/x?account_handle={account}");
+                        if let Some(project) = project {
+                            uri.push_str(&format!("&project_handle={project}"));
+                        }
+                        let mut request = http::Request::builder().method(method.clone()).uri(uri);
+                        if let Some(value) = authorization {
+                            request = request.header(header::AUTHORIZATION, *value);
+                        }
+                        let (mut parts, ()) = request.body(()).unwrap().into_parts();
+                        let through_http =
+                            match Authorized::from_request_parts(&mut parts, app).await {
+                                Ok(_) => "allow",
+                                Err(error) => error.code,
+                            };
+                        let direct = app
+                            .auth
+                            .decide(
+                                "acme",
+                                &AccessRequest {
+                                    account,
+                                    project,
+                                    action,
+                                    authorization: *authorization,
+                                    request_id: None,
+                                },
+                            )
+                            .await;
+                        let direct =
+                            ApiError::from_decision(&direct, "acme").map_or("allow", |e| e.code);
+                        assert_eq!(
+                            through_http, direct,
+                            "{authorization:?} {account} {project:?} {method}"
+                        );
+                        seen.insert(direct);
+                    }
+                }
+            }
+        }
+        seen
+    }
+
+    /// Every row of the decision table (static tokens, and a control plane that cannot be
+    /// reached), through the HTTP extractor and through a plain call of `Authorizer::decide`
+    /// standing in for a gRPC front end: the same answers.
     #[tokio::test]
     async fn http_and_a_second_front_end_get_the_same_decisions() {
         use std::sync::Arc;
 
         use crate::auth::Authorizer;
+        use crate::auth::cache::{CacheSettings, DecisionCache};
+        use crate::auth::introspection::IntrospectionClient;
         use crate::auth::static_tokens::StaticTokens;
 
         let dir = tempfile::tempdir().unwrap();
@@ -264,78 +337,45 @@ mod tests {
         ]
         .concat();
         std::fs::write(&file, text).unwrap();
-        let mut config = crate::config::Config::default();
-        config.node.account = "acme".into();
-        let store = crate::storage::Store::open(crate::storage::StoreOptions::for_tests(
-            &dir.path().join("data"),
-        ))
-        .unwrap();
-        let auth = Authorizer::Static(Arc::new(StaticTokens::load(&file).unwrap()));
-        let app = AppState(crate::context::NodeContext::new(
-            config,
-            store,
-            auth,
-            crate::lifecycle::Lifecycle::default(),
-            None,
-        ));
         let credentials = [
             None,
-            Some("Bearer writer".to_string()),
-            Some("Bearer reader".to_string()),
-            Some("Bearer ios".to_string()),
-            Some("Bearer globex".to_string()),
-            Some("Bearer nobody".to_string()),
-            Some("Digest writer".to_string()),
+            Some("Bearer writer"),
+            Some("Bearer reader"),
+            Some("Bearer ios"),
+            Some("Bearer globex"),
+            Some("Bearer nobody"),
+            Some("Digest writer"),
             // "gradle:writer"
-            Some("Basic Z3JhZGxlOndyaXRlcg==".to_string()),
+            Some("Basic Z3JhZGxlOndyaXRlcg=="),
         ];
-        let mut seen = std::collections::BTreeSet::new();
-        for authorization in &credentials {
-            for account in ["acme", "globex"] {
-                for project in [None, Some("ios"), Some("android")] {
-                    for (method, action) in
-                        [(Method::GET, Action::Read), (Method::PUT, Action::Write)]
-                    {
-                        let mut uri = format!("/x?account_handle={account}");
-                        if let Some(project) = project {
-                            uri.push_str(&format!("&project_handle={project}"));
-                        }
-                        let mut request = http::Request::builder().method(method.clone()).uri(uri);
-                        if let Some(value) = authorization {
-                            request = request.header(header::AUTHORIZATION, value);
-                        }
-                        let (mut parts, ()) = request.body(()).unwrap().into_parts();
-                        let through_http =
-                            match Authorized::from_request_parts(&mut parts, &app).await {
-                                Ok(_) => "allow",
-                                Err(error) => error.code,
-                            };
-                        let direct = app
-                            .auth
-                            .decide(
-                                "acme",
-                                &AccessRequest {
-                                    account,
-                                    project,
-                                    action,
-                                    authorization: authorization.as_deref(),
-                                    request_id: None,
-                                },
-                            )
-                            .await;
-                        let direct =
-                            ApiError::from_decision(&direct, "acme").map_or("allow", |e| e.code);
-                        assert_eq!(
-                            through_http, direct,
-                            "{authorization:?} {account} {project:?} {method}"
-                        );
-                        seen.insert(direct);
-                    }
-                }
-            }
-        }
+        let static_tokens = Authorizer::Static(Arc::new(StaticTokens::load(&file).unwrap()));
+        let app = app_with(static_tokens, &dir.path().join("static"));
+        let mut seen = both_front_ends_agree(&app, &credentials).await;
+
+        // A control plane on a loopback port nobody listens on: the backend is down.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut auth = crate::config::AuthConfig {
+            control_plane_url: Some(format!("http://{}", closed.local_addr().unwrap())),
+            ..Default::default()
+        };
+        auth.timeout.0 = std::time::Duration::from_secs(2);
+        drop(closed);
+        let cache = DecisionCache::new(
+            IntrospectionClient::new(&auth).unwrap(),
+            CacheSettings {
+                fresh: auth.cache_fresh.0,
+                max_age: auth.cache_max_age.0,
+                negative_ttl: auth.negative_ttl.0,
+                capacity: auth.cache_size,
+            },
+        );
+        let introspection = Authorizer::Introspection(Arc::new(cache));
+        let app = app_with(introspection, &dir.path().join("introspection"));
+        seen.extend(both_front_ends_agree(&app, &credentials).await);
+
         let every_row = [
             "allow",
+            "auth_unavailable",
             "forbidden",
             "invalid_token",
             "missing_token",

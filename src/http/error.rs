@@ -160,6 +160,11 @@ impl From<StoreError> for ApiError {
                 "bad_part_number",
                 format!("part_number must be an integer from 1 to {max}"),
             ),
+            StoreError::UploadBusy => ApiError::new(
+                StatusCode::CONFLICT,
+                "upload_busy",
+                "Another request is writing this upload",
+            ),
             StoreError::UploadNotFound => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "upload_not_found",

@@ -25,13 +25,35 @@ pub const READ_CHUNK: usize = 256 * 1024;
 
 /// Hashes computed while a body streams in.
 #[derive(Clone)]
-struct Digests {
+pub(super) struct Digests {
     blake3: blake3::Hasher,
     sha256: Option<Sha256>,
 }
 
 impl Digests {
-    fn update(&mut self, bytes: &[u8]) {
+    pub(super) fn new(want_sha256: bool) -> Self {
+        Digests {
+            blake3: blake3::Hasher::new(),
+            sha256: want_sha256.then(Sha256::new),
+        }
+    }
+
+    /// The BLAKE3 and (when computed) SHA-256 of everything hashed, or
+    /// [`StoreError::ChecksumMismatch`] when the SHA-256 is not `expected_sha256`.
+    pub(super) fn finish(
+        self,
+        expected_sha256: Option<[u8; 32]>,
+    ) -> Result<([u8; 32], Option<[u8; 32]>), StoreError> {
+        let sha256: Option<[u8; 32]> = self.sha256.map(|s| s.finalize().into());
+        if let Some(expected) = expected_sha256
+            && sha256 != Some(expected)
+        {
+            return Err(StoreError::ChecksumMismatch);
+        }
+        Ok((*self.blake3.finalize().as_bytes(), sha256))
+    }
+
+    pub(super) fn update(&mut self, bytes: &[u8]) {
         self.blake3.update(bytes);
         if let Some(sha) = &mut self.sha256 {
             sha.update(bytes);
@@ -169,10 +191,7 @@ impl BodyWriter {
             limit,
             size: 0,
             pending: Vec::new(),
-            digests: Some(Digests {
-                blake3: blake3::Hasher::new(),
-                sha256: want_sha256.then(Sha256::new),
-            }),
+            digests: Some(Digests::new(want_sha256)),
             spill: None,
             fsync,
         }
@@ -272,18 +291,27 @@ impl BodyWriter {
             }
         };
         let digests = self.digests.take().ok_or_else(poisoned)?;
-        let sha256: Option<[u8; 32]> = digests.sha256.map(|s| s.finalize().into());
-        if let Some(expected) = expected_sha256
-            && sha256 != Some(expected)
-        {
-            return Err(StoreError::ChecksumMismatch);
-        }
+        let (blake3, sha256) = digests.finish(expected_sha256)?;
         Ok(StagedBody {
             size: self.size,
-            blake3: *digests.blake3.finalize().as_bytes(),
+            blake3,
             sha256,
             content,
         })
+    }
+}
+
+/// Stages a complete file written elsewhere (a resumable upload's) for publishing: it gets a
+/// fresh body id, live until published, and is deleted if it is not.
+pub(super) fn adopt_file(live: &Arc<LiveBodies>, path: PathBuf) -> StagedContent {
+    let live = live.register();
+    StagedContent::File {
+        id: live.id,
+        temp: TempFileHandle(TempFile {
+            path,
+            file: None,
+            live,
+        }),
     }
 }
 

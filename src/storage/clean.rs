@@ -140,7 +140,7 @@ impl Store {
                 };
                 match meta::decode::<ArtifactRecord>(&value) {
                     Some(record) if record.version_ms <= at => {
-                        self.batch_remove(&mut batch, key, &record, &mut delta);
+                        self.batch_remove(&mut batch, key, &record, &mut delta)?;
                         bodies.push(self.doom(record.body));
                     }
                     Some(_) => {}

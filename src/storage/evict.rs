@@ -1,42 +1,64 @@
 //! Capacity: reserving room for writes, least-recently-accessed eviction, and access tracking.
 //!
 //! Reads do not write to RocksDB. They note the access in memory ([`PendingTouches`]); a
-//! background pass (and every eviction pass, first) moves those notes into the `access` column
-//! family, which is the eviction queue ordered oldest first.
+//! background pass (and every eviction pass, first) moves those notes into the `atime` column
+//! family and the `access` family, which is the eviction queue ordered oldest first. A record
+//! is never rewritten for an access, and an artifact's access time moves at most once per
+//! `storage.access_time_resolution`, so a hot key costs one small write per interval.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use rocksdb::WriteBatch;
 
-use super::meta::{self, ArtifactRecord, UsageDelta};
+use super::meta::{self, UsageDelta};
 use super::{Reservation, Store, StoreError, now_ms};
 
-/// An access is recorded only when the stored one is older than this: bounds the writes a hot
-/// key causes (at most four a second) while keeping the eviction order accurate.
-const TOUCH_RESOLUTION_MS: u64 = 250;
+/// Default of `storage.access_time_resolution`.
+pub const DEFAULT_ACCESS_TIME_RESOLUTION: Duration = Duration::from_secs(60);
 /// Artifacts examined per eviction batch.
 const EVICT_BATCH: usize = 256;
-/// Records rewritten per access-time flush batch.
-const TOUCH_BATCH: usize = 256;
+/// Access times written per flush batch.
+const TOUCH_BATCH: usize = 1024;
+/// Independent maps of pending accesses, so concurrent readers rarely share a lock.
+const TOUCH_SHARDS: usize = 16;
 
-/// Accesses noted since the last flush: encoded key → access time.
+/// Accesses noted since the last flush: encoded key → access time, in shards chosen by a hash
+/// of the key.
 #[derive(Default)]
-pub(super) struct PendingTouches(Mutex<HashMap<Vec<u8>, u64>>);
+pub(super) struct PendingTouches {
+    shards: [Mutex<HashMap<Vec<u8>, u64>>; TOUCH_SHARDS],
+    hasher: RandomState,
+}
 
 impl PendingTouches {
-    /// Notes an access of the artifact whose record says it was last accessed at `recorded_ms`.
-    pub(super) fn note(&self, encoded: &[u8], recorded_ms: u64) {
+    /// Notes an access now of the artifact under `encoded` whose record was published at
+    /// `published_ms`. Accesses within `resolution` of the publish are not worth noting; a key
+    /// already pending costs a lookup, not an allocation.
+    pub(super) fn note(&self, encoded: &[u8], published_ms: u64, resolution: u64) {
         let now = now_ms();
-        if now.saturating_sub(recorded_ms) < TOUCH_RESOLUTION_MS {
+        if now.saturating_sub(published_ms) < resolution {
             return;
         }
-        let mut pending = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        pending.insert(encoded.to_vec(), now);
+        let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
+        let mut pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+        match pending.get_mut(encoded) {
+            Some(time) => *time = now,
+            None => {
+                pending.insert(encoded.to_vec(), now);
+            }
+        }
     }
 
-    fn take(&self) -> HashMap<Vec<u8>, u64> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    fn take(&self) -> Vec<(Vec<u8>, u64)> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|p| p.into_inner()));
+            all.extend(taken);
+        }
+        all
     }
 }
 
@@ -131,16 +153,23 @@ impl Store {
                     batch.delete_cf(self.cf(meta::CF_ACCESS), access_key);
                     continue;
                 };
-                match self.record(encoded)? {
-                    Some(record) if record.accessed_ms == accessed_ms => {
-                        self.batch_remove(&mut batch, encoded, &record, &mut delta);
+                let current = match self.record(encoded)? {
+                    Some(record) => {
+                        let last = self.last_access(encoded, record.accessed_ms)?;
+                        Some(record).filter(|_| last == accessed_ms)
+                    }
+                    None => None,
+                };
+                match current {
+                    Some(record) => {
+                        self.batch_remove(&mut batch, encoded, &record, &mut delta)?;
                         let charge = record.charge(encoded.len());
                         freed += charge;
                         usage = usage.saturating_sub(charge);
                         bodies.push(self.doom(record.body));
                     }
                     // A stale queue entry (its artifact was rewritten or touched since).
-                    _ => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
+                    None => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
                 }
                 if usage <= target {
                     break;
@@ -156,7 +185,7 @@ impl Store {
         }
     }
 
-    /// Writes the accesses noted by reads into records and the eviction queue.
+    /// Writes the accesses noted by reads into `atime` and the eviction queue.
     pub(super) async fn flush_touches(&self) -> Result<(), StoreError> {
         let touches = self.inner.touches.take();
         if touches.is_empty() {
@@ -164,7 +193,6 @@ impl Store {
         }
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
-            let touches: Vec<(Vec<u8>, u64)> = touches.into_iter().collect();
             for chunk in touches.chunks(TOUCH_BATCH) {
                 store.flush_touch_batch(chunk)?;
             }
@@ -174,39 +202,42 @@ impl Store {
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
-    /// Rewrites the records of one batch of touched keys under their locks, so a publish of one
-    /// of them meanwhile is never overwritten by the older record.
+    /// Moves the queue entries of one batch of touched keys, under their locks, so that a
+    /// publish or removal meanwhile always finds the entry it must delete.
     fn flush_touch_batch(&self, touches: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
         let _keys = self
             .inner
             .keys
             .lock_all(touches.iter().map(|(k, _)| k.as_slice()));
+        let resolution = self.access_resolution_ms();
         let mut batch = WriteBatch::default();
         for (encoded, accessed_ms) in touches {
-            let Some(mut record) = self.record(encoded)? else {
+            let Some(record) = self.record(encoded)? else {
                 continue;
             };
-            if record.accessed_ms >= *accessed_ms {
+            let last = self.last_access(encoded, record.accessed_ms)?;
+            // Not newer (noted before a rewrite of the key) or not enough newer to be worth it.
+            if *accessed_ms <= last || accessed_ms - last < resolution {
                 continue;
             }
-            batch.delete_cf(
-                self.cf(meta::CF_ACCESS),
-                meta::access_key(record.accessed_ms, encoded),
-            );
-            record.accessed_ms = *accessed_ms;
+            batch.delete_cf(self.cf(meta::CF_ACCESS), meta::access_key(last, encoded));
             batch.put_cf(
                 self.cf(meta::CF_ACCESS),
                 meta::access_key(*accessed_ms, encoded),
                 [],
             );
             batch.put_cf(
-                self.cf(meta::CF_ARTIFACTS),
+                self.cf(meta::CF_ATIME),
                 encoded,
-                meta::encode::<ArtifactRecord>(&record),
+                meta::encode_time(*accessed_ms),
             );
         }
         // Not synced even in `fsync` durability: an access time lost to a power cut only makes
         // eviction a little less exact, and the next synced write carries this one to disk.
         self.write_synced(batch, false)
+    }
+
+    pub(super) fn access_resolution_ms(&self) -> u64 {
+        self.inner.options.access_time_resolution.as_millis() as u64
     }
 }

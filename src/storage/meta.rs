@@ -4,6 +4,9 @@
 //! - `artifacts`: [`ArtifactKey::encode`] → [`ArtifactRecord`]
 //! - `access`: `last_access_ms (8 bytes BE) ++ encoded key` → empty; ordered oldest first, it
 //!   is the eviction queue
+//! - `atime`: encoded key → last access (8 bytes BE), for artifacts read since their publish
+//!   (until then the record's `accessed_ms` is the last access). Kept apart from the record so
+//!   that noting a read never rewrites a record, whose inline body can be 32 KiB
 //! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
 //! - `state`: node-wide counters such as [`Usage`] and the last publish sequence number (both
 //!   kept by merge operands, see [`merge_state`]), project tombstones
@@ -25,9 +28,11 @@ pub const CF_UPLOADS: &str = "uploads";
 pub const CF_STATE: &str = "state";
 pub const CF_BODIES: &str = "bodies";
 pub const CF_OUTBOX: &str = "outbox";
-pub const ALL_CFS: [&str; 6] = [
+pub const CF_ATIME: &str = "atime";
+pub const ALL_CFS: [&str; 7] = [
     CF_ARTIFACTS,
     CF_ACCESS,
+    CF_ATIME,
     CF_UPLOADS,
     CF_STATE,
     CF_BODIES,
@@ -88,9 +93,34 @@ pub struct ArtifactRecord {
     /// Wall-clock write time at the origin node (last writer wins across the mesh).
     pub version_ms: u64,
     pub origin: String,
-    /// Last read or write, for least-recently-accessed eviction.
+    /// Access time at publish, for least-recently-accessed eviction; reads since then are in
+    /// the `atime` family (see [`Store::last_access`](super::Store)).
     pub accessed_ms: u64,
     pub body: BodyRef,
+}
+
+/// An [`ArtifactRecord`] decoded without copying anything: what an existence check needs,
+/// without the cost of an inline body. Field for field the same encoding.
+#[derive(Debug, Deserialize)]
+pub struct RecordView<'a> {
+    pub size: u64,
+    pub blake3: [u8; 32],
+    pub sha256: Option<[u8; 32]>,
+    #[serde(borrow)]
+    pub content_type: Option<&'a str>,
+    pub version_ms: u64,
+    #[serde(borrow)]
+    pub origin: &'a str,
+    pub accessed_ms: u64,
+    #[serde(borrow)]
+    pub body: BodyView<'a>,
+}
+
+/// [`BodyRef`], borrowed.
+#[derive(Debug, Deserialize)]
+pub enum BodyView<'a> {
+    Inline(#[serde(borrow)] &'a [u8]),
+    File(u128),
 }
 
 /// What every artifact costs beside its body: its record's fixed fields and RocksDB's own
@@ -276,6 +306,15 @@ pub fn access_key(accessed_ms: u64, encoded: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An access time as stored in the `atime` family.
+pub fn encode_time(ms: u64) -> [u8; 8] {
+    ms.to_be_bytes()
+}
+
+pub fn decode_time(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 /// Splits an `access` key back into its time and encoded artifact key.
 pub fn split_access_key(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let (time, key) = bytes.split_at_checked(8)?;
@@ -299,6 +338,16 @@ mod tests {
             body: BodyRef::Inline(b"abc".to_vec()),
         };
         let bytes = encode(&record);
+        let view = decode::<RecordView>(&bytes).expect("a view decodes what a record encodes");
+        assert_eq!(
+            (view.size, view.version_ms, view.accessed_ms, view.origin),
+            (3, 11, 12, "n1")
+        );
+        assert_eq!(
+            (view.content_type, view.sha256),
+            (Some("text/plain"), Some([9; 32]))
+        );
+        assert!(matches!(view.body, BodyView::Inline(b"abc")));
         assert_eq!(decode::<ArtifactRecord>(&bytes), Some(record));
         let mut future = bytes.clone();
         future[0] = 99;

@@ -34,6 +34,7 @@ mod evict;
 pub mod keys;
 mod locks;
 pub mod meta;
+mod resumable;
 mod seq;
 mod sweep;
 #[cfg(test)]
@@ -44,19 +45,29 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DataBlockIndexType, Options, WriteBatch,
+    WriteOptions,
+};
 
 pub use bodies::{BodyWriter, StagedBody};
+pub use evict::DEFAULT_ACCESS_TIME_RESOLUTION;
 pub use keys::{ArtifactKey, Kind};
 use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
+pub use resumable::ResumableUpload;
 pub use sweep::SweepReport;
 pub use uploads::UploadLimits;
 
 /// Bodies up to this size are stored inside their metadata record.
 pub const DEFAULT_INLINE_MAX: usize = 32 * 1024;
+/// Default of `storage.block_cache`: holds the hot records of a busy node while keeping RSS low.
+pub const DEFAULT_BLOCK_CACHE: usize = 32 << 20;
+/// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
+/// it, a thread hop costs more than it saves.
+const PRESENT_CHUNK_MIN: usize = 1024;
 /// How often a read looks again when the body file it was about to open was replaced.
 const READ_ATTEMPTS: usize = 4;
 /// File bodies up to this size are read whole and verified before a response starts, so a
@@ -86,6 +97,10 @@ pub struct StoreOptions {
     pub inline_max: usize,
     /// Writes are refused while the filesystem has fewer free bytes than this.
     pub min_free: u64,
+    /// An artifact's access time moves at most once per this interval (see `evict.rs`).
+    pub access_time_resolution: Duration,
+    /// Bytes of RocksDB data blocks cached in memory (shared by all column families).
+    pub block_cache: usize,
     /// Overrides the generated node id when set.
     pub node_id: Option<String>,
 }
@@ -100,6 +115,8 @@ impl StoreOptions {
             low_watermark: 9 << 37,
             inline_max: DEFAULT_INLINE_MAX,
             min_free: 0,
+            access_time_resolution: DEFAULT_ACCESS_TIME_RESOLUTION,
+            block_cache: DEFAULT_BLOCK_CACHE,
             node_id: None,
         }
     }
@@ -108,6 +125,7 @@ impl StoreOptions {
     pub(crate) fn for_tests(data_dir: &Path) -> Self {
         StoreOptions {
             inline_max: 1024,
+            access_time_resolution: Duration::ZERO,
             node_id: Some("test".into()),
             ..StoreOptions::new(data_dir)
         }
@@ -136,6 +154,8 @@ pub enum StoreError {
     DuplicatePart(u32),
     #[error("part numbers run from 1 to {0}")]
     BadPartNumber(u32),
+    #[error("another request is writing this upload")]
+    UploadBusy,
     #[error("too many uploads in flight (limit {0})")]
     TooManyUploads(usize),
     #[error("data dir {path} is in use by another kura process (lock file {path}/LOCK is held)")]
@@ -405,6 +425,9 @@ struct Inner {
     tmp_dir: PathBuf,
     bodies_dir: PathBuf,
     uploads_dir: PathBuf,
+    /// Resumable uploads (see `resumable.rs`); unlike `tmp/`, kept across restarts.
+    staging_dir: PathBuf,
+    resumable: resumable::OpenResumable,
     /// The usage mirror, reservations and staged bytes. Held for a few instructions, never
     /// across I/O: writers update it after their batch is written.
     accounting: Mutex<Accounting>,
@@ -467,8 +490,10 @@ impl Store {
         }
         let uploads_dir = dir.join("uploads");
         std::fs::create_dir_all(&uploads_dir)?;
+        let staging_dir = dir.join("staging");
+        std::fs::create_dir_all(&staging_dir)?;
 
-        let db = open_db(&dir.join("meta"))?;
+        let db = open_db(&dir.join("meta"), options.block_cache)?;
         let usage = match db.get_cf(cf(&db, meta::CF_STATE), meta::USAGE_KEY)? {
             Some(bytes) => meta::decode(&bytes).unwrap_or_default(),
             None => Usage::default(),
@@ -482,6 +507,8 @@ impl Store {
                 tmp_dir,
                 bodies_dir,
                 uploads_dir,
+                staging_dir,
+                resumable: resumable::OpenResumable::default(),
                 accounting: Mutex::new(Accounting {
                     usage,
                     reserved: 0,
@@ -729,8 +756,12 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut delta = UsageDelta::default();
         if let Some(old) = &previous {
-            let old_entry = meta::access_key(old.accessed_ms, encoded);
-            batch.delete_cf(self.cf(meta::CF_ACCESS), old_entry);
+            let old_access = self.last_access(encoded, old.accessed_ms)?;
+            batch.delete_cf(
+                self.cf(meta::CF_ACCESS),
+                meta::access_key(old_access, encoded),
+            );
+            batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
             self.batch_unindex_body(&mut batch, &old.body);
             delta.remove(old.charge(encoded.len()));
         }
@@ -779,13 +810,66 @@ impl Store {
     pub fn lookup(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
         let encoded = key.encode();
         Ok(self.visible_record(key, &encoded)?.map(|record| {
-            self.inner.touches.note(&encoded, record.accessed_ms);
+            self.inner
+                .touches
+                .note(&encoded, record.accessed_ms, self.access_resolution_ms());
             Found {
                 info: ArtifactInfo::from_record(&record),
                 encoded,
                 record,
             }
         }))
+    }
+
+    /// Which of `keys` are stored (and not hidden by a clean), in order, noting an access of
+    /// each one present: what `FindMissingBlobs` vouches for must not be the next evicted. One
+    /// batched RocksDB lookup per chunk, and no body decoded. Runs off the async workers, a
+    /// large request split over the cores (the lookups are memory-bound CPU work).
+    pub async fn present(&self, keys: Vec<ArtifactKey>) -> Result<Vec<bool>, StoreError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = keys.len().div_ceil(cores).max(PRESENT_CHUNK_MIN);
+        let keys = Arc::new(keys);
+        let lookups: Vec<_> = (0..keys.len())
+            .step_by(chunk)
+            .map(|start| {
+                let (store, keys) = (self.clone(), keys.clone());
+                let end = (start + chunk).min(keys.len());
+                tokio::task::spawn_blocking(move || store.present_blocking(&keys[start..end]))
+            })
+            .collect();
+        let mut present = Vec::with_capacity(keys.len());
+        for lookup in lookups {
+            let part = lookup
+                .await
+                .map_err(|e| StoreError::Io(io::Error::other(e)))??;
+            present.extend(part);
+        }
+        Ok(present)
+    }
+
+    fn present_blocking(&self, keys: &[ArtifactKey]) -> Result<Vec<bool>, StoreError> {
+        let encoded: Vec<Vec<u8>> = keys.iter().map(ArtifactKey::encode).collect();
+        let values =
+            self.inner
+                .db
+                .batched_multi_get_cf(self.cf(meta::CF_ARTIFACTS), &encoded, false);
+        let resolution = self.access_resolution_ms();
+        let mut present = Vec::with_capacity(keys.len());
+        for ((key, encoded), value) in keys.iter().zip(&encoded).zip(values) {
+            let found = value?.is_some_and(|value| {
+                meta::decode::<meta::RecordView>(&value).is_some_and(|record| {
+                    let visible = !self.inner.tombstones.hides(&key.project, record.version_ms);
+                    if visible {
+                        self.inner
+                            .touches
+                            .note(encoded, record.accessed_ms, resolution);
+                    }
+                    visible
+                })
+            });
+            present.push(found);
+        }
+        Ok(present)
     }
 
     /// The record under `key` unless a clean of its project hides it.
@@ -832,7 +916,9 @@ impl Store {
                     self.drop_corrupt(&encoded, &again.body, "body file missing");
                     return Ok(None);
                 }
-                self.inner.touches.note(&encoded, again.accessed_ms);
+                self.inner
+                    .touches
+                    .note(&encoded, again.accessed_ms, self.access_resolution_ms());
                 record = again;
             }
             let info = ArtifactInfo::from_record(&record);
@@ -933,7 +1019,7 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         let mut delta = UsageDelta::default();
-        self.batch_remove(&mut batch, encoded, &record, &mut delta);
+        self.batch_remove(&mut batch, encoded, &record, &mut delta)?;
         let doomed = self.doom(record.body);
         self.write_accounted(batch, delta)?;
         drop(key);
@@ -949,14 +1035,30 @@ impl Store {
         encoded: &[u8],
         record: &ArtifactRecord,
         delta: &mut UsageDelta,
-    ) {
+    ) -> Result<(), StoreError> {
+        let accessed_ms = self.last_access(encoded, record.accessed_ms)?;
         batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
         batch.delete_cf(
             self.cf(meta::CF_ACCESS),
-            meta::access_key(record.accessed_ms, encoded),
+            meta::access_key(accessed_ms, encoded),
         );
+        batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
         self.batch_unindex_body(batch, &record.body);
         delta.remove(record.charge(encoded.len()));
+        Ok(())
+    }
+
+    /// When the artifact under `encoded`, whose record says `published_ms`, was last accessed:
+    /// its `atime` entry once a read was noted since the publish, else the record's time. The
+    /// caller holds the key's lock, so the answer names its current eviction-queue entry.
+    fn last_access(&self, encoded: &[u8], published_ms: u64) -> Result<u64, StoreError> {
+        let noted = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(meta::CF_ATIME), encoded)?;
+        Ok(noted
+            .and_then(|bytes| meta::decode_time(&bytes))
+            .map_or(published_ms, |ms| ms.max(published_ms)))
     }
 
     /// Removes a body file from the reverse index, in the batch that drops its record (the file
@@ -975,6 +1077,15 @@ impl Store {
         }
         self.write(batch)?;
         self.accounting().usage.apply(delta);
+        Ok(())
+    }
+
+    /// Writes RocksDB's memtables to SST files: what a read finds afterwards comes from the
+    /// files and the block cache, as on a node that has run for a while (benchmarks use it).
+    pub fn flush_memtables(&self) -> Result<(), StoreError> {
+        for name in meta::ALL_CFS {
+            self.inner.db.flush_cf(self.cf(name))?;
+        }
         Ok(())
     }
 
@@ -1125,7 +1236,7 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
         .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
 }
 
-fn open_db(path: &Path) -> Result<DB, StoreError> {
+fn open_db(path: &Path, block_cache: usize) -> Result<DB, StoreError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -1133,8 +1244,20 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     options.increase_parallelism(2);
     // Bound memtable memory across all families: the node's memory must stay flat.
     options.set_db_write_buffer_size(32 << 20);
+    // One block cache for every family, so its size bounds the memory all of them use for data
+    // blocks. Filters and indexes stay with their table readers (about 1.5 MB per million keys).
+    let cache = Cache::new_lru_cache(block_cache);
     let families = meta::ALL_CFS.iter().map(|name| {
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // A bloom filter answers most lookups of absent keys (half of a FindMissingBlobs, every
+        // cache miss) without reading a data block, and a hash index in each data block finds a
+        // present key without a binary search.
+        table.set_bloom_filter(10.0, false);
+        table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
+        table.set_data_block_hash_ratio(0.75);
         let mut family = Options::default();
+        family.set_block_based_table_factory(&table);
         family.set_write_buffer_size(8 << 20);
         if *name == meta::CF_STATE {
             family.set_merge_operator(

@@ -53,11 +53,33 @@ fn recount(store: &Store) -> Recount {
             file_bodies.insert(id);
         }
     }
-    let access_entries = store
+    // Every queue entry names an artifact at its last access, and every `atime` entry an artifact.
+    let mut access_entries = 0;
+    for item in store
         .inner
         .db
         .iterator_cf(store.cf(meta::CF_ACCESS), rocksdb::IteratorMode::Start)
-        .count();
+    {
+        let (entry, _) = item.unwrap();
+        let (time, key) = meta::split_access_key(&entry).unwrap();
+        let record = store
+            .record(key)
+            .unwrap()
+            .expect("a queue entry without a record");
+        assert_eq!(store.last_access(key, record.accessed_ms).unwrap(), time);
+        access_entries += 1;
+    }
+    for item in store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_ATIME), rocksdb::IteratorMode::Start)
+    {
+        let (key, _) = item.unwrap();
+        assert!(
+            store.record(&key).unwrap().is_some(),
+            "an atime without a record"
+        );
+    }
     Recount {
         usage,
         access_entries,
@@ -661,4 +683,119 @@ async fn body_of_any(store: &Store, key: &ArtifactKey) -> bool {
         BodyStream::Bytes(bytes) => bytes.len() as u64 == size,
         BodyStream::Stream(_) => true,
     }
+}
+
+fn raw_record(store: &Store, key: &ArtifactKey) -> Option<Vec<u8>> {
+    store
+        .inner
+        .db
+        .get_cf(store.cf(meta::CF_ARTIFACTS), key.encode())
+        .unwrap()
+}
+
+/// A store that evicts only what a write needs, so a test can tell which artifact went first.
+fn evicting_one_at_a_time(dir: &Path, capacity: u64) -> Store {
+    Store::open(StoreOptions {
+        capacity,
+        low_watermark: capacity,
+        ..StoreOptions::for_tests(dir)
+    })
+    .unwrap()
+}
+
+fn gradle(name: &str) -> ArtifactKey {
+    ArtifactKey::new("p", Kind::Gradle, name.to_string())
+}
+
+/// A read moves the artifact to the young end of the eviction queue through the `atime` family,
+/// leaving its record (and inline body) as written.
+#[tokio::test]
+async fn a_read_moves_the_access_time_without_rewriting_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![1u8; 600];
+    let charge = meta::charge(600, gradle("a").encode().len(), 0);
+    let store = evicting_one_at_a_time(dir.path(), 3 * charge);
+    let (old, young) = (gradle("a"), gradle("b"));
+    put(&store, &old, &body).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    put(&store, &young, &body).await;
+    let written = raw_record(&store, &old);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+
+    assert!(store.read(&old).await.unwrap().is_some());
+    store.maintain().await.unwrap();
+    assert_eq!(
+        raw_record(&store, &old),
+        written,
+        "the record was rewritten"
+    );
+    put(&store, &gradle("c"), &body).await;
+    put(&store, &gradle("d"), &body).await;
+
+    assert!(
+        raw_record(&store, &old).is_some(),
+        "the artifact read last was evicted"
+    );
+    assert!(
+        raw_record(&store, &young).is_none(),
+        "the one not read stayed"
+    );
+    let counted = recount(&store);
+    assert_eq!(counted.access_entries as u64, counted.usage.artifacts);
+}
+
+/// Accesses within `access_time_resolution` of the last one are not written.
+#[tokio::test]
+async fn access_times_move_at_most_once_per_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions {
+        access_time_resolution: std::time::Duration::from_secs(3600),
+        ..StoreOptions::for_tests(dir.path())
+    })
+    .unwrap();
+    let key = gradle("hot");
+    put(&store, &key, b"x").await;
+    for _ in 0..100 {
+        assert!(store.read(&key).await.unwrap().is_some());
+    }
+    store.maintain().await.unwrap();
+    let atime = store
+        .inner
+        .db
+        .get_cf(store.cf(meta::CF_ATIME), key.encode())
+        .unwrap();
+    assert_eq!(atime, None, "an access within the resolution was written");
+}
+
+/// The multi-key lookup answers in order, hides cleaned projects, and refreshes what it finds.
+#[tokio::test]
+async fn present_answers_in_order_and_refreshes_what_it_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![2u8; 600];
+    let charge = meta::charge(600, gradle("k0").encode().len(), 0);
+    let store = evicting_one_at_a_time(dir.path(), 4 * charge);
+    for name in ["k0", "k1", "k2"] {
+        put(&store, &gradle(name), &body).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let other = ArtifactKey::new("gone", Kind::Gradle, "k0".to_string());
+    put(&store, &other, b"y").await;
+    store.delete_project("gone").await.unwrap();
+    let asked = vec![gradle("k0"), gradle("missing"), gradle("k2"), other];
+    assert_eq!(
+        store.present(asked).await.unwrap(),
+        vec![true, false, true, false]
+    );
+
+    store.maintain().await.unwrap();
+    put(&store, &gradle("k3"), &body).await;
+    put(&store, &gradle("k4"), &body).await;
+    assert!(
+        raw_record(&store, &gradle("k0")).is_some(),
+        "k0 was vouched for"
+    );
+    assert!(
+        raw_record(&store, &gradle("k1")).is_none(),
+        "k1 was the oldest unvouched"
+    );
 }

@@ -1,0 +1,140 @@
+//! The multi-key existence check (`Store::present`, what `FindMissingBlobs` runs): 10,000 keys,
+//! half of them stored, against a store of 1,000,000 artifacts flushed to SST files, access-time
+//! notes included. Target: under 10 ms at p50. Run with `cargo bench --bench lookup`.
+//!
+//! The data set takes a minute or two to build; it is kept under cargo's target dir
+//! (`CARGO_TARGET_TMPDIR/lookup-1m`) and reused by later runs. Besides criterion's estimate of
+//! the mean, the bench prints p50 and p99 of 200 timed calls.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use kura::storage::{ArtifactKey, Kind, NewArtifact, Provenance, Store, StoreOptions, WriteMode};
+
+const STORED: u64 = 1_000_000;
+const ASKED: u64 = 10_000;
+const WRITERS: u64 = 32;
+
+/// The `n`th key of the data set: a SHA-256-shaped hex name, spread over the key space.
+fn key(n: u64) -> ArtifactKey {
+    let digest = blake3::hash(&n.to_le_bytes());
+    ArtifactKey::new("bench", Kind::CasSha256, hex::encode(digest.as_bytes()))
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(StoreOptions {
+        node_id: Some("bench".into()),
+        block_cache: std::env::var("KURA_BENCH_BLOCK_CACHE_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(kura::storage::DEFAULT_BLOCK_CACHE, |mb| mb << 20),
+        ..StoreOptions::new(dir)
+    })
+    .expect("open store")
+}
+
+async fn put(store: &Store, key: &ArtifactKey, body: &[u8]) {
+    let mut writer = store.writer(u64::MAX, false);
+    writer.write(body).await.expect("write");
+    let staged = writer.finish(None).await.expect("finish");
+    store
+        .commit(
+            key,
+            staged,
+            NewArtifact::default(),
+            WriteMode::Overwrite,
+            Provenance::local(store),
+        )
+        .await
+        .expect("commit");
+}
+
+/// Opens the data set, building it first if an earlier run did not finish it.
+fn data_set(runtime: &tokio::runtime::Runtime) -> Store {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lookup-1m");
+    let done = dir.join("complete");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        let started = Instant::now();
+        runtime.block_on(async {
+            let next = Arc::new(AtomicU64::new(0));
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|_| {
+                    let (store, next) = (store.clone(), next.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            if n >= STORED {
+                                break;
+                            }
+                            put(&store, &key(n), &n.to_le_bytes()).await;
+                        }
+                    })
+                })
+                .collect();
+            for writer in writers {
+                writer.await.expect("writer");
+            }
+        });
+        store.flush_memtables().expect("flush");
+        eprintln!("built {STORED} artifacts in {:?}", started.elapsed());
+        drop(store);
+        std::fs::write(&done, b"").expect("marker");
+    }
+    let store = open(&dir);
+    store.flush_memtables().expect("flush");
+    store
+}
+
+/// Half of the keys asked are stored (even n), half are not (n past the data set).
+fn asked(round: u64) -> Vec<ArtifactKey> {
+    (0..ASKED)
+        .map(|i| {
+            let n = (round * ASKED + i) % STORED;
+            if i % 2 == 0 { key(n) } else { key(STORED + n) }
+        })
+        .collect()
+}
+
+fn present(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = data_set(&runtime);
+    let rounds = AtomicU64::new(0);
+    let check = |keys: Vec<ArtifactKey>| {
+        let found = runtime.block_on(store.present(keys)).expect("present");
+        assert_eq!(found.iter().filter(|p| **p).count() as u64, ASKED / 2);
+    };
+    c.bench_function("present_10k_of_1m", |b| {
+        b.iter_batched(
+            || asked(rounds.fetch_add(1, Ordering::Relaxed)),
+            check,
+            criterion::BatchSize::PerIteration,
+        )
+    });
+
+    let mut times: Vec<Duration> = (0..200)
+        .map(|_| {
+            let keys = asked(rounds.fetch_add(1, Ordering::Relaxed));
+            let start = Instant::now();
+            check(keys);
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    eprintln!(
+        "present_10k_of_1m: p50 {:?}, p99 {:?} (target: p50 under 10 ms)",
+        times[times.len() / 2],
+        times[times.len() * 99 / 100]
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = present
+}
+criterion_main!(benches);

@@ -1,0 +1,492 @@
+//! Resumable uploads: a body streamed in under a caller-chosen name that survives a restart of
+//! the node, so the client resumes at the offset the node reports (ByteStream `Write` and
+//! `QueryWriteStatus`).
+//!
+//! Each upload is one file in `staging/`, named by the BLAKE3 of the upload's name, written by
+//! plain appends. Its length is the committed offset: every byte before it was handed to the
+//! kernel (and, in `fsync` durability, synced by [`ResumableUpload::sync`] before the offset
+//! is reported), so after a crash the file holds exactly the bytes acknowledged, possibly more.
+//! `staging/` is not emptied at start, unlike `tmp/`; uploads left alone past
+//! `uploads.expiry` are deleted by [`Store::expire_resumable`].
+//!
+//! Nothing here is published until [`ResumableUpload::finish`] has hashed the whole body (the
+//! part written before a restart is read back and hashed again) and the caller commits it
+//! through the one publish path, with its digest checks.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use super::bodies::{self, Digests, StagedBody, StagedContent};
+use super::{Store, StoreError};
+
+/// Bytes read per call when a resumed upload's existing part is hashed again.
+const REHASH_CHUNK: usize = 1024 * 1024;
+
+/// Names of the resumable uploads a writer holds open: one writer per upload at a time.
+#[derive(Default)]
+pub(super) struct OpenResumable(Mutex<HashSet<String>>);
+
+impl OpenResumable {
+    fn claim(&self, file_name: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file_name.to_string())
+    }
+
+    fn release(&self, file_name: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(file_name);
+    }
+
+    fn is_open(&self, file_name: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(file_name)
+    }
+}
+
+/// A resumable upload held open for writing. Dropping it keeps what was written, for a later
+/// [`Store::resume_upload`] of the same name; [`ResumableUpload::discard`] deletes it.
+pub struct ResumableUpload {
+    store: Store,
+    file_name: String,
+    path: PathBuf,
+    /// `None` only while a blocking write has it, or after a failed one.
+    file: Option<File>,
+    digests: Option<Digests>,
+    written: u64,
+    limit: u64,
+}
+
+impl Store {
+    /// Opens the resumable upload `name` for writing, creating it or resuming it where it
+    /// stopped (also after a restart). Fails with [`StoreError::UploadBusy`] while another
+    /// writer holds it, and with [`StoreError::TooLarge`] when what it holds passes `limit`.
+    pub async fn resume_upload(
+        &self,
+        name: &str,
+        limit: u64,
+        want_sha256: bool,
+    ) -> Result<ResumableUpload, StoreError> {
+        let file_name = staging_name(name);
+        if !self.inner.resumable.claim(&file_name) {
+            return Err(StoreError::UploadBusy);
+        }
+        // From here on the upload's drop releases the claim, whatever fails below.
+        let mut upload = ResumableUpload {
+            store: self.clone(),
+            path: self.inner.staging_dir.join(&file_name),
+            file_name,
+            file: None,
+            digests: None,
+            written: 0,
+            limit,
+        };
+        let (path, fsync) = (upload.path.clone(), self.fsyncs());
+        let staging_dir = self.inner.staging_dir.clone();
+        let (file, digests, written) = tokio::task::spawn_blocking(move || {
+            open_and_rehash(&path, &staging_dir, want_sha256, fsync)
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?
+        .map_err(StoreError::from_write)?;
+        if written > limit {
+            return Err(StoreError::TooLarge { limit });
+        }
+        upload.file = Some(file);
+        upload.digests = Some(digests);
+        upload.written = written;
+        Ok(upload)
+    }
+
+    /// The committed offset of the resumable upload `name` (0 when there is none): what
+    /// `QueryWriteStatus` reports.
+    pub fn resumable_offset(&self, name: &str) -> Result<u64, StoreError> {
+        let path = self.inner.staging_dir.join(staging_name(name));
+        match std::fs::metadata(path) {
+            Ok(metadata) => Ok(metadata.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes resumable uploads nobody wrote to for `max_age` and no writer holds open.
+    /// Blocking: a directory scan.
+    pub fn expire_resumable(&self, max_age: Duration) -> Result<usize, StoreError> {
+        let cutoff = SystemTime::now()
+            .checked_sub(max_age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.inner.staging_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if self.inner.resumable.is_open(name) {
+                continue;
+            }
+            if super::sweep::older_than(&entry.path(), cutoff)?
+                && super::sweep::remove_file(&entry.path())?
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl ResumableUpload {
+    /// Bytes the upload holds: where the next [`ResumableUpload::write`] appends.
+    pub fn committed(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends a chunk. Fails with [`StoreError::TooLarge`] before writing past the limit.
+    pub async fn write(&mut self, chunk: bytes::Bytes) -> Result<(), StoreError> {
+        let after = self.written + chunk.len() as u64;
+        if after > self.limit {
+            return Err(StoreError::TooLarge { limit: self.limit });
+        }
+        let mut file = self.file.take().ok_or_else(broken)?;
+        let mut digests = self.digests.take().ok_or_else(broken)?;
+        let (file, digests, result) = tokio::task::spawn_blocking(move || {
+            let result = file.write_all(&chunk);
+            if result.is_ok() {
+                digests.update(&chunk);
+            }
+            (file, digests, result)
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?;
+        // After a failed append the file's length is no longer known to match the hash: the
+        // writer stays broken, and a resume re-reads the file.
+        result.map_err(StoreError::from_write)?;
+        self.file = Some(file);
+        self.digests = Some(digests);
+        self.written = after;
+        Ok(())
+    }
+
+    /// Makes the bytes written so far survive a crash (in `fsync` durability, also a power
+    /// cut) and returns the committed offset, which may then be reported to the client.
+    pub async fn sync(&mut self) -> Result<u64, StoreError> {
+        if self.store.fsyncs() {
+            let file = self.file.take().ok_or_else(broken)?;
+            let (file, result) = tokio::task::spawn_blocking(move || {
+                let result = file.sync_data();
+                (file, result)
+            })
+            .await
+            .map_err(|e| StoreError::Io(io::Error::other(e)))?;
+            self.file = Some(file);
+            result.map_err(StoreError::from_write)?;
+        }
+        Ok(self.written)
+    }
+
+    /// The whole body, hashed, ready to commit. `expected_sha256`, when given, must match.
+    pub async fn finish(
+        mut self,
+        expected_sha256: Option<[u8; 32]>,
+    ) -> Result<StagedBody, StoreError> {
+        let file = self.file.take().ok_or_else(broken)?;
+        let digests = self.digests.take().ok_or_else(broken)?;
+        let (blake3, sha256) = digests.finish(expected_sha256)?;
+        let size = self.written;
+        let (path, fsync) = (self.path.clone(), self.store.fsyncs());
+        let inline_max = self.store.inner.options.inline_max as u64;
+        let live = self.store.inner.live_bodies.clone();
+        let content = tokio::task::spawn_blocking(move || -> io::Result<StagedContent> {
+            if size <= inline_max {
+                let mut bytes = Vec::with_capacity(size as usize);
+                File::open(&path)?.read_to_end(&mut bytes)?;
+                std::fs::remove_file(&path)?;
+                return Ok(StagedContent::Inline(bytes));
+            }
+            if fsync {
+                file.sync_all()?;
+            }
+            Ok(bodies::adopt_file(&live, path))
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?
+        .map_err(StoreError::from_write)?;
+        Ok(StagedBody {
+            size,
+            blake3,
+            sha256,
+            content,
+        })
+    }
+
+    /// Deletes the upload and what it holds.
+    pub fn discard(self) {
+        if let Err(error) = std::fs::remove_file(&self.path)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), %error, "could not delete an upload");
+        }
+    }
+}
+
+impl Drop for ResumableUpload {
+    fn drop(&mut self) {
+        self.store.inner.resumable.release(&self.file_name);
+    }
+}
+
+fn broken() -> StoreError {
+    StoreError::Io(io::Error::other(
+        "resumable upload used after a failed write",
+    ))
+}
+
+/// The file name of the upload called `name`: a hash, so any name is a safe file name.
+fn staging_name(name: &str) -> String {
+    format!("{}.upload", blake3::hash(name.as_bytes()).to_hex())
+}
+
+/// Opens (creating) an upload's file for appending, and hashes what it already holds.
+fn open_and_rehash(
+    path: &Path,
+    staging_dir: &Path,
+    want_sha256: bool,
+    fsync: bool,
+) -> io::Result<(File, Digests, u64)> {
+    let created = !path.exists();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)?;
+    if created && fsync {
+        File::open(staging_dir)?.sync_all()?;
+    }
+    let mut digests = Digests::new(want_sha256);
+    let mut written = 0u64;
+    let mut buffer = vec![0u8; REHASH_CHUNK];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        digests.update(&buffer[..n]);
+        written += n as u64;
+    }
+    Ok((file, digests, written))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::{ArtifactKey, Durability, Kind, NewArtifact, Provenance, StoreOptions};
+    use crate::storage::{BodyStream, WriteMode};
+
+    /// Set in the child process of the kill -9 test: the data dir it writes to.
+    const CHILD_DIR: &str = "KURA_TEST_RESUMABLE_CHILD_DIR";
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 64;
+
+    fn chunk(i: usize) -> Bytes {
+        Bytes::from(vec![(i * 7 + 1) as u8; CHUNK])
+    }
+
+    fn whole_body() -> Vec<u8> {
+        (0..CHUNKS).flat_map(|i| chunk(i).to_vec()).collect()
+    }
+
+    fn open(dir: &Path) -> Store {
+        Store::open(StoreOptions {
+            durability: Durability::Fsync,
+            ..StoreOptions::for_tests(dir)
+        })
+        .unwrap()
+    }
+
+    /// Sends the rest of the body from where the upload stands, then publishes it under `key`.
+    async fn complete(store: &Store, name: &str, key: &ArtifactKey) {
+        let body = whole_body();
+        let mut upload = store.resume_upload(name, u64::MAX, true).await.unwrap();
+        let from = upload.committed() as usize;
+        for piece in body[from..].chunks(CHUNK) {
+            upload.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        let sha256: [u8; 32] = sha2::Sha256::digest(&body).into();
+        let staged = upload.finish(Some(sha256)).await.unwrap();
+        store
+            .commit(
+                key,
+                staged,
+                NewArtifact::default(),
+                WriteMode::Overwrite,
+                Provenance::local(store),
+            )
+            .await
+            .unwrap();
+    }
+
+    use sha2::Digest as _;
+
+    /// The stored body under `key`, read (and verified) the way a GET reads it.
+    async fn body_of(store: &Store, key: &ArtifactKey) -> Option<Vec<u8>> {
+        use futures_util::StreamExt;
+        let artifact = store.read(key).await.unwrap()?;
+        let size = artifact.info.size;
+        match artifact.into_body(0, size) {
+            BodyStream::Bytes(bytes) => Some(bytes.to_vec()),
+            BodyStream::Stream(mut stream) => {
+                let mut body = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    body.extend_from_slice(&chunk.unwrap());
+                }
+                Some(body)
+            }
+        }
+    }
+
+    /// Not a test on its own: the writer process that
+    /// `an_upload_resumes_at_the_acknowledged_offset_after_kill_9` starts and kills. It
+    /// acknowledges half the body, then goes on writing slowly until it is killed.
+    #[tokio::test]
+    async fn resumable_writer_child_process() {
+        let Ok(dir) = std::env::var(CHILD_DIR) else {
+            return;
+        };
+        let store = open(Path::new(&dir));
+        let mut upload = store.resume_upload("blob-1", u64::MAX, true).await.unwrap();
+        for i in 0..CHUNKS / 2 {
+            upload.write(chunk(i)).await.unwrap();
+        }
+        let acknowledged = upload.sync().await.unwrap();
+        println!("ACK {acknowledged}");
+        for i in CHUNKS / 2..CHUNKS - 1 {
+            upload.write(chunk(i)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+
+    /// The path ByteStream uses: a writer process killed with SIGKILL mid-upload; after a
+    /// restart the upload holds at least what was acknowledged, the client sends the rest from
+    /// the offset the node reports, and the published bytes are the right ones.
+    #[tokio::test]
+    async fn an_upload_resumes_at_the_acknowledged_offset_after_kill_9() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "storage::resumable::tests::resumable_writer_child_process",
+                "--nocapture",
+            ])
+            .env(CHILD_DIR, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let acknowledged: u64 = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| line.strip_prefix("ACK ").map(|n| n.parse().unwrap()))
+            .expect("the writer never acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert_eq!(acknowledged, (CHUNKS / 2 * CHUNK) as u64);
+
+        let store = open(dir.path());
+        let offset = store.resumable_offset("blob-1").unwrap();
+        assert!(
+            offset >= acknowledged && offset < (CHUNKS * CHUNK) as u64,
+            "offset {offset} after kill -9, {acknowledged} acknowledged"
+        );
+        let key = ArtifactKey::new("p", Kind::CasSha256, "blob-1");
+        complete(&store, "blob-1", &key).await;
+        assert_eq!(body_of(&store, &key).await, Some(whole_body()));
+        assert_eq!(
+            store.resumable_offset("blob-1").unwrap(),
+            0,
+            "published: gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_writer_at_a_time_and_a_reopened_store_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut upload = store.resume_upload("u", u64::MAX, false).await.unwrap();
+        upload.write(chunk(0)).await.unwrap();
+        assert!(matches!(
+            store.resume_upload("u", u64::MAX, false).await,
+            Err(StoreError::UploadBusy)
+        ));
+        drop(upload);
+        drop(store);
+
+        let store = open(dir.path());
+        assert_eq!(store.resumable_offset("u").unwrap(), CHUNK as u64);
+        let key = ArtifactKey::new("p", Kind::CasSha256, "u");
+        complete(&store, "u", &key).await;
+        assert_eq!(body_of(&store, &key).await, Some(whole_body()));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_digest_publishes_nothing_and_limits_hold_across_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut upload = store
+            .resume_upload("u", 2 * CHUNK as u64, true)
+            .await
+            .unwrap();
+        upload.write(chunk(0)).await.unwrap();
+        upload.write(chunk(1)).await.unwrap();
+        assert!(matches!(
+            upload.write(chunk(2)).await,
+            Err(StoreError::TooLarge { .. })
+        ));
+        drop(upload);
+        assert!(matches!(
+            store.resume_upload("u", CHUNK as u64, true).await,
+            Err(StoreError::TooLarge { .. })
+        ));
+        let upload = store.resume_upload("u", u64::MAX, true).await.unwrap();
+        assert!(matches!(
+            upload.finish(Some([0; 32])).await,
+            Err(StoreError::ChecksumMismatch)
+        ));
+        let upload = store.resume_upload("u", u64::MAX, true).await.unwrap();
+        upload.discard();
+        assert_eq!(store.resumable_offset("u").unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_uploads_expire_and_open_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut idle = store.resume_upload("idle", u64::MAX, false).await.unwrap();
+        idle.write(chunk(0)).await.unwrap();
+        drop(idle);
+        let mut open = store.resume_upload("open", u64::MAX, false).await.unwrap();
+        open.write(chunk(0)).await.unwrap();
+        assert_eq!(
+            store.expire_resumable(Duration::from_secs(3600)).unwrap(),
+            0
+        );
+        assert_eq!(store.expire_resumable(Duration::ZERO).unwrap(), 1);
+        assert_eq!(store.resumable_offset("idle").unwrap(), 0);
+        assert_eq!(open.committed(), CHUNK as u64);
+        assert_eq!(store.resumable_offset("open").unwrap(), CHUNK as u64);
+    }
+}
