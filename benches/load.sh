@@ -3,19 +3,30 @@
 #
 #   benches/load.sh
 #
-# Builds the release binary, starts nginx (static files + WebDAV PUT) and Kura (Gradle surface,
-# static auth) on 127.0.0.1, checks both return identical bytes, then drives each with wrk:
-#   get-4k    GET of a 4 KiB body      wrk -t2 -c32
-#   get-64m   GET of a 64 MiB body     wrk -t1 -c4
-#   put-1m    PUT of a 1 MiB body      wrk -t2 -c8  (same key/path every time: overwrite)
-# and prints requests/sec for both, the kura/nginx ratio and whether it meets its target.
-# Then, for the auth cost: get-4k against Kura with auth "none" and with "introspection" (warm
-# decision cache, a fake control plane on loopback); target: introspection within 5 % of none.
+# Builds the release binary, starts nginx (config: benches/load/nginx.conf; static files and
+# WebDAV PUT) and Kura (Gradle surface, static auth, every GET verified as 00-overview.md says)
+# on 127.0.0.1, loads the same bodies into both and checks they return identical bytes, then
+# drives each with wrk, nginx and Kura alternating, three runs per scenario, median reported:
+#   get-4k    GET of 4 KiB bodies, 10,000 distinct keys     wrk -t2 -c32 --latency
+#   get-256k  GET of 256 KiB bodies, 10,000 distinct keys   wrk -t2 -c32 --latency
+#   get-64m   GET of one 64 MiB body                        wrk -t1 -c4
+#   put-1m    PUT of a 1 MiB body (same key: overwrite)     wrk -t2 -c8
+# and prints req/s, p50 and p99 for both, the kura/nginx ratio and whether it meets its target.
+# Then:
+#   durability  4 KiB PUTs to distinct keys, data dir on the disk of KURA_BENCH_DISK_DIR: 32
+#               writers in "fsync" durability against 32 in "process" (target >= 0.7: RocksDB's
+#               group commit), one writer in "fsync", and the disk's fsync latency
+#   auth        get-4k against Kura with auth "none" and "introspection" (warm decision cache,
+#               a fake control plane on loopback); target: introspection within 5 % of none
 # It reports; it is not a test: a missed target still exits 0. A server that does not start,
 # dies mid-run, or bytes that differ exit non-zero.
 #
 # Environment:
-#   KURA_BENCH_DURATION=10s   length of each wrk run
+#   KURA_BENCH_DURATION=30s   length of each wrk run
+#   KURA_BENCH_RUNS=3         runs per scenario and server (the median is reported)
+#   KURA_BENCH_KEYS=10000     distinct keys of the GET data sets
+#   KURA_BENCH_DISK_DIR=...   where the durability scenario's data dirs go (default: the work
+#                             dir); must be a real disk, not tmpfs, or fsync costs nothing
 #   KURA_BENCH_SKIP_BUILD=1   use the existing $CARGO_TARGET_DIR/release/kura (no cargo build)
 #   KURA_BENCH_KEEP=1         keep the work dir (logs, wrk outputs) and print its path
 #   KURA_BENCH_NGINX_EXTRA='client_body_buffer_size 1m;'
@@ -27,7 +38,9 @@ scripts/install-deps.sh bench
 # shellcheck source=scripts/env.sh
 . scripts/env.sh
 
-duration="${KURA_BENCH_DURATION:-10s}"
+duration="${KURA_BENCH_DURATION:-30s}"
+runs="${KURA_BENCH_RUNS:-3}"
+keys="${KURA_BENCH_KEYS:-10000}"
 nginx_bin=/usr/sbin/nginx
 bin="$CARGO_TARGET_DIR/release/kura"
 
@@ -130,38 +143,8 @@ head -c $((1024 * 1024)) /dev/urandom >"$work/put1m"
 nginx_port="$(free_port)"
 user_line=""
 [ "$(id -u)" -eq 0 ] && user_line="user root;" # workers must read and write the private work dir
-cat >"$work/nginx/nginx.conf" <<EOF
-$user_line
-worker_processes 2;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log warn;
-daemon off;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  default_type application/octet-stream;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  ${KURA_BENCH_NGINX_EXTRA:-}
-  server {
-    listen 127.0.0.1:$nginx_port;
-    root $work/www;
-    location = /up { return 200; }
-    location / { }
-    location /put/ {
-      dav_methods PUT;
-      client_max_body_size 2g;
-      create_full_put_path on;
-    }
-  }
-}
-EOF
+sed -e "s|@USER_LINE@|$user_line|" -e "s|@WORK@|$work|g" -e "s|@PORT@|$nginx_port|" \
+  -e "s|@EXTRA@|${KURA_BENCH_NGINX_EXTRA:-}|" benches/load/nginx.conf >"$work/nginx/nginx.conf"
 "$nginx_bin" -t -q -c "$work/nginx/nginx.conf" -p "$work/nginx/" 2>"$work/nginx/logs/test.log" ||
   { cat "$work/nginx/logs/test.log" >&2; die "nginx rejected its config"; }
 "$nginx_bin" -c "$work/nginx/nginx.conf" -p "$work/nginx/" >"$work/nginx/logs/stderr.log" 2>&1 &
@@ -227,6 +210,13 @@ rm -f "$work/out/"*
 echo "bytes identical on both servers: small4k, large64m, put1m"
 echo
 
+# The GET data sets: the same random bodies as files for nginx and as artifacts on Kura.
+python3 benches/load/preload.py "$work" "$kura_port" "$nginx_port" "$token" k4 4096 "$keys" ||
+  die "preloading the 4 KiB set failed"
+python3 benches/load/preload.py "$work" "$kura_port" "$nginx_port" "$token" k256 262144 "$keys" ||
+  die "preloading the 256 KiB set failed"
+echo
+
 # wrk script for the PUT scenario: the 1 MiB payload as the body of every request.
 cat >"$work/put.lua" <<EOF
 local f = assert(io.open([[$work/put1m]], "rb"))
@@ -236,68 +226,205 @@ f:close()
 wrk.headers["Content-Type"] = "application/octet-stream"
 EOF
 
+# random_keys file prefix suffix: a wrk script that requests prefix<random key>suffix.
+random_keys() {
+  cat >"$1" <<EOF
+math.randomseed(os.time())
+request = function()
+  return wrk.format(nil, "$2" .. math.random(0, $keys - 1) .. "$3")
+end
+EOF
+}
+random_keys "$work/k4-nginx.lua" "/k4/" ""
+random_keys "$work/k4-kura.lua" "/api/cache/gradle/k4-" "?account_handle=dev"
+random_keys "$work/k256-nginx.lua" "/k256/" ""
+random_keys "$work/k256-kura.lua" "/api/cache/gradle/k256-" "?account_handle=dev"
+
 # --- measure ---------------------------------------------------------------------------------
+# to_us "123.45ms": a wrk latency in microseconds.
+to_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    f = (u == "us" ? 1 : u == "ms" ? 1000 : u == "s" ? 1000000 : u == "m" ? 60000000 : 0)
+    printf "%.0f", n * f
+  }'
+}
+
 # run_wrk label server threads conns url [wrk args...]: writes $work/wrk-<label>-<server>.txt
+# and sets r_<label>_<server> to "req/s|transfer|non-2xx|socket errors|p50 us|p99 us".
 run_wrk() {
   local label="$1" server="$2" threads="$3" conns="$4" url="$5"
   shift 5
   local out="$work/wrk-$label-$server.txt"
-  wrk -t"$threads" -c"$conns" -d"$duration" --timeout 30s -H "$auth" "$@" "$url" >"$out" 2>&1 ||
+  wrk -t"$threads" -c"$conns" -d"$duration" --timeout 30s --latency -H "$auth" "$@" "$url" >"$out" 2>&1 ||
     { cat "$out" >&2; die "wrk failed for $label on $server"; }
   case "$server" in
     nginx) alive nginx "$nginx_pid" "$work/nginx/logs/error.log" ;;
     kura) alive kura "$kura_pid" "$work/kura.log" ;;
   esac
-  local rps xfer non2xx sockerr
+  local rps xfer non2xx sockerr p50 p99
   rps="$(awk '/^Requests\/sec:/ {print $2}' "$out")"
   xfer="$(awk '/^Transfer\/sec:/ {print $2}' "$out")"
   non2xx="$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")"
   sockerr="$(awk '/Socket errors:/ {gsub(/,/, ""); print $4 + $6 + $8 + $10}' "$out")"
+  p50="$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")"
+  p99="$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")"
   [ -n "$rps" ] || { cat "$out" >&2; die "could not read Requests/sec from wrk for $label on $server"; }
-  printf -v "r_${label//-/_}_$server" '%s|%s|%s|%s' "$rps" "${xfer:-?}" "${non2xx:-0}" "${sockerr:-0}"
-  printf '  %-8s %-6s %12s req/s  %10s/s (wrk Transfer/sec)  non-2xx %s  socket errors %s\n' \
-    "$label" "$server" "$rps" "${xfer:-?}" "${non2xx:-0}" "${sockerr:-0}"
+  printf -v "r_${label//-/_}_$server" '%s|%s|%s|%s|%s|%s' \
+    "$rps" "${xfer:-?}" "${non2xx:-0}" "${sockerr:-0}" "$p50" "$p99"
+  printf '  %-18s %-6s %12s req/s  p50 %8s us  p99 %8s us  non-2xx %s  socket errors %s\n' \
+    "$label" "$server" "$rps" "$p50" "$p99" "${non2xx:-0}" "${sockerr:-0}"
 }
 
-echo "running wrk ($duration each):"
-run_wrk get-4k nginx 2 32 "$nginx_url/small4k"
-run_wrk get-4k kura 2 32 "$kura_url$(kura_path small4k)"
-run_wrk get-64m nginx 1 4 "$nginx_url/large64m"
-run_wrk get-64m kura 1 4 "$kura_url$(kura_path large64m)"
-run_wrk put-1m nginx 2 8 "$nginx_url/put/put1m" -s "$work/put.lua"
-run_wrk put-1m kura 2 8 "$kura_url$(kura_path put1m)" -s "$work/put.lua"
+# scenario label threads conns nginx_url kura_url [nginx wrk args] -- [kura wrk args]: $runs
+# runs per server, alternating; each run's result is kept as r_<label>_<server>_<run>.
+scenario() {
+  local label="$1" threads="$2" conns="$3" nginx_target="$4" kura_target="$5" run var server
+  shift 5
+  local nginx_args=() kura_args=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do
+    nginx_args+=("$1")
+    shift
+  done
+  [ $# -gt 0 ] && shift
+  kura_args=("$@")
+  for ((run = 1; run <= runs; run++)); do
+    for server in nginx kura; do
+      if [ "$server" = nginx ]; then
+        run_wrk "$label" nginx "$threads" "$conns" "$nginx_target" "${nginx_args[@]}"
+      else
+        run_wrk "$label" kura "$threads" "$conns" "$kura_target" "${kura_args[@]}"
+      fi
+      var="r_${label//-/_}_$server"
+      printf -v "${var}_$run" '%s' "${!var}"
+    done
+  done
+}
+
+# median label server: the run with the median req/s, followed by "|" and every run's req/s.
+median() {
+  local label="$1" server="$2" run var all=""
+  for ((run = 1; run <= runs; run++)); do
+    var="r_${label//-/_}_${server}_$run"
+    all+="${!var}"$'\n'
+  done
+  local each
+  each="$(printf '%s' "$all" | cut -d'|' -f1 | paste -sd/)"
+  printf '%s' "$all" | sort -t'|' -k1,1g |
+    awk -v n="$runs" -v each="$each" 'NR == int((n + 1) / 2) {print $0 "|" each}'
+}
+
+echo "running wrk ($duration each, $runs alternating runs per server):"
+scenario get-4k 2 32 "$nginx_url/" "$kura_url/" -s "$work/k4-nginx.lua" -- -s "$work/k4-kura.lua"
+scenario get-256k 2 32 "$nginx_url/" "$kura_url/" -s "$work/k256-nginx.lua" -- -s "$work/k256-kura.lua"
+scenario get-64m 1 4 "$nginx_url/large64m" "$kura_url$(kura_path large64m)"
+scenario put-1m 2 8 "$nginx_url/put/put1m" "$kura_url$(kura_path put1m)" \
+  -s "$work/put.lua" -- -s "$work/put.lua"
 echo
 
 # --- report ----------------------------------------------------------------------------------
 flagged=0
-row() { printf '%-9s %12s %12s %10s %7s %-7s %12s %12s  %s\n' "$@"; }
-row scenario "nginx req/s" "kura req/s" kura/nginx target result "nginx MiB/s" "kura MiB/s" errors
-row --------- ----------- ---------- ---------- ------ ------ ----------- ---------- ------
-report() { # label target payload_bytes
-  local label="$1" target="$2" bytes="$3" n k
-  local nvar="r_${label//-/_}_nginx" kvar="r_${label//-/_}_kura"
-  IFS='|' read -r n_rps _ n_non2xx n_sock <<<"${!nvar}"
-  IFS='|' read -r k_rps _ k_non2xx k_sock <<<"${!kvar}"
-  local ratio result errors="none"
+row() { printf '%-9s %11s %11s %6s %6s %-6s %15s %15s  %s\n' "$@"; }
+echo "medians of $runs runs; p50/p99 latency in microseconds, from the median run"
+row scenario "nginx req/s" "kura req/s" ratio target result "nginx p50/p99" "kura p50/p99" "each run's req/s (nginx; kura)"
+row -------- ----------- ---------- ----- ------ ------ ------------- ------------ ------------------------------
+report() { # label target
+  local label="$1" target="$2"
+  local n_rps n_non2xx n_sock n_p50 n_p99 n_all k_rps k_non2xx k_sock k_p50 k_p99 k_all
+  IFS='|' read -r n_rps _ n_non2xx n_sock n_p50 n_p99 n_all <<<"$(median "$label" nginx)"
+  IFS='|' read -r k_rps _ k_non2xx k_sock k_p50 k_p99 k_all <<<"$(median "$label" kura)"
+  local ratio result
   ratio="$(awk -v k="$k_rps" -v n="$n_rps" 'BEGIN {printf "%.2f", (n > 0 ? k / n : 0)}')"
   result="$(awk -v k="$k_rps" -v n="$n_rps" -v t="$target" \
     'BEGIN {print (n > 0 && k / n >= t + 0 ? "PASS" : "MISS")}')"
-  n="$(awk -v r="$n_rps" -v b="$bytes" 'BEGIN {printf "%.1f", r * b / 1048576}')"
-  k="$(awk -v r="$k_rps" -v b="$bytes" 'BEGIN {printf "%.1f", r * b / 1048576}')"
   if [ "$n_non2xx" != 0 ] || [ "$n_sock" != 0 ] || [ "$k_non2xx" != 0 ] || [ "$k_sock" != 0 ]; then
-    errors="FLAG nginx non-2xx=$n_non2xx sock=$n_sock, kura non-2xx=$k_non2xx sock=$k_sock"
+    result="$result(errors: nginx non-2xx=$n_non2xx sock=$n_sock, kura non-2xx=$k_non2xx sock=$k_sock)"
     flagged=1
   fi
-  row "$label" "$n_rps" "$k_rps" "$ratio" ">=$target" "$result" "$n" "$k" "$errors"
+  row "$label" "$n_rps" "$k_rps" "$ratio" ">=$target" "$result" "$n_p50/$n_p99" "$k_p50/$k_p99" "$n_all; $k_all"
 }
-report get-4k 1.0 4096
-report get-64m 0.9 $((64 * 1024 * 1024))
-report put-1m 1.0 $((1024 * 1024))
+report get-4k 1.0
+report get-256k 0.9
+report get-64m 1.0
+report put-1m 1.0
 echo
-echo "MiB/s = req/s x payload size (for PUT: bytes uploaded). Ratio = kura req/s / nginx req/s."
+echo "Ratio = kura req/s / nginx req/s (medians)."
 if [ "$flagged" = 1 ]; then
   echo "WARNING: some runs had non-2xx responses or socket errors; their numbers are suspect." >&2
 fi
+
+# --- durability: group commit ----------------------------------------------------------------
+disk_dir="$(mktemp -d "${KURA_BENCH_DISK_DIR:-$work}/kura-durability.XXXXXX")"
+[ "$(stat -f -c %T "$disk_dir")" != tmpfs ] ||
+  echo "WARNING: $disk_dir is on tmpfs: fsync costs nothing there" >&2
+head -c 4096 /dev/urandom >"$work/put4k"
+# Distinct keys: each wrk thread numbers its own requests.
+cat >"$work/put4k.lua" <<EOF
+local f = assert(io.open([[$work/put4k]], "rb"))
+local body = f:read("*a")
+f:close()
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format("PUT", "/api/cache/gradle/gc-" .. id .. "-" .. n .. "?account_handle=dev", nil, body)
+end
+EOF
+# durability_node name durability: a node with its data dir under $disk_dir; sets $launched_url.
+durability_node() {
+  local name="$1" port pid
+  port="$(free_port)"
+  mkdir -p "$disk_dir/$name"
+  KURA_SERVER_HTTP="127.0.0.1:$port" KURA_STORAGE_DATA_DIR="$disk_dir/$name" \
+    KURA_STORAGE_DURABILITY="$2" KURA_AUTH_MODE=static \
+    KURA_AUTH_STATIC_TOKENS_FILE="$work/tokens.toml" \
+    KURA_LOG_FORMAT=json KURA_LOG_LEVEL=warn "$bin" serve >"$work/$name.log" 2>&1 &
+  pid=$!
+  extra_pids+=("$pid")
+  launched_url="http://127.0.0.1:$port"
+  wait_up "kura ($name)" "$pid" "$launched_url/up" "$work/$name.log"
+}
+echo
+echo "durability: 4 KiB PUTs to distinct keys ($duration each), data dirs in $disk_dir:"
+durability_node fsync fsync
+fsync_url="$launched_url"
+durability_node process process
+process_url="$launched_url"
+run_wrk put-4k-fsync-32 kura 2 32 "$fsync_url/" -s "$work/put4k.lua"
+run_wrk put-4k-process-32 kura 2 32 "$process_url/" -s "$work/put4k.lua"
+run_wrk put-4k-fsync-1 kura 1 1 "$fsync_url/" -s "$work/put4k.lua"
+fsync_latency="$(python3 - "$disk_dir" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "fsync-probe")
+block = os.urandom(4096)
+times = []
+with open(path, "wb") as f:
+    for _ in range(200):
+        f.write(block)
+        start = time.perf_counter()
+        os.fsync(f.fileno())
+        times.append((time.perf_counter() - start) * 1e6)
+os.remove(path)
+times.sort()
+print(f"p50 {times[len(times) // 2]:.0f} us, p99 {times[len(times) * 99 // 100]:.0f} us")
+PY
+)"
+# shellcheck disable=SC2154 # assigned by run_wrk through printf -v
+IFS='|' read -r gc_fsync _ <<<"$r_put_4k_fsync_32_kura"
+# shellcheck disable=SC2154
+IFS='|' read -r gc_process _ <<<"$r_put_4k_process_32_kura"
+# shellcheck disable=SC2154
+IFS='|' read -r gc_single _ <<<"$r_put_4k_fsync_1_kura"
+echo "fsync of a 4 KiB append on this disk: $fsync_latency"
+awk -v f="$gc_fsync" -v p="$gc_process" -v s="$gc_single" 'BEGIN {
+  r = (p > 0 ? f / p : 0)
+  printf "32 writers: fsync %.0f req/s, process %.0f req/s; 1 writer, fsync: %.0f req/s\n", f, p, s
+  printf "fsync/process = %.2f (target >= 0.7): %s\n", r, (r >= 0.7 ? "PASS" : "MISS")
+}'
 
 # --- auth modes: small GET with "introspection" (warm cache) against "none" -------------------
 # A fake control plane: every token is active with read/write on account "dev".
