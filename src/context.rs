@@ -24,6 +24,8 @@ pub struct NodeContext {
     pub body_memory: BodyMemory,
     /// Renders `/metrics`; `None` when no recorder is installed (unit tests).
     pub metrics: Option<PrometheusHandle>,
+    /// Per-kind cache counters, resolved at start (see [`crate::metrics::KindCounters`]).
+    pub counters: crate::metrics::KindCounters,
     /// The node's account, lowercased.
     pub account: String,
 }
@@ -48,6 +50,7 @@ impl NodeContext {
             config: Arc::new(config),
             lifecycle,
             metrics,
+            counters: crate::metrics::KindCounters::resolve(),
         })
     }
 }

@@ -84,11 +84,25 @@ fn load(path: Option<PathBuf>) -> Option<Config> {
     }
 }
 
+/// glibc gives each thread that allocates under contention an arena of its own, up to eight per
+/// core, and memory freed into one arena is not reused by another: with transfers hopping
+/// between the async workers and the blocking pool, resident memory grows with the number of
+/// arenas rather than with what is in use. Two arenas keep it flat (`tests/memory.rs`,
+/// `benches/soak.sh`); an operator's own `MALLOC_ARENA_MAX` wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only adjusts allocator parameters; called before other threads exist.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
+}
+
 fn serve(path: Option<PathBuf>, allow_insecure: bool) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(2);
     };
     init_logging(&config);
+    limit_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

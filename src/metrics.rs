@@ -3,7 +3,10 @@
 //! Labels are bounded: protocol, route template, status, kind, result, state. Never keys, tokens or
 //! callers' account handles.
 
+use metrics::Counter;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::storage::Kind;
 
 pub const HTTP_REQUESTS_TOTAL: &str = "kura_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "kura_http_request_duration_seconds";
@@ -142,4 +145,51 @@ pub fn resident_memory_bytes() -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page_size.max(4096) as u64)
+}
+
+/// Per-kind cache counters, resolved once when the node starts: a read or write increments a
+/// handle instead of looking its series up by name and labels (a hash and an allocation per
+/// call). Built after the recorder is installed (before that, handles are no-ops).
+pub struct KindCounters {
+    hits: Vec<Counter>,
+    misses: Vec<Counter>,
+    bytes_read: Vec<Counter>,
+    bytes_written: Vec<Counter>,
+}
+
+impl KindCounters {
+    pub fn resolve() -> KindCounters {
+        let each = |name: &'static str| {
+            Kind::ALL
+                .iter()
+                .map(|kind| metrics::counter!(name, "kind" => kind.as_str()))
+                .collect()
+        };
+        KindCounters {
+            hits: each(CACHE_HITS_TOTAL),
+            misses: each(CACHE_MISSES_TOTAL),
+            bytes_read: each(BYTES_READ_TOTAL),
+            bytes_written: each(BYTES_WRITTEN_TOTAL),
+        }
+    }
+
+    fn index(kind: Kind) -> usize {
+        Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0)
+    }
+
+    pub fn hit(&self, kind: Kind) {
+        self.hits[Self::index(kind)].increment(1);
+    }
+
+    pub fn miss(&self, kind: Kind) {
+        self.misses[Self::index(kind)].increment(1);
+    }
+
+    pub fn read(&self, kind: Kind, bytes: u64) {
+        self.bytes_read[Self::index(kind)].increment(bytes);
+    }
+
+    pub fn written(&self, kind: Kind, bytes: u64) {
+        self.bytes_written[Self::index(kind)].increment(bytes);
+    }
 }

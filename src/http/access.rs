@@ -66,7 +66,7 @@ impl FromRequestParts<AppState> for Authorized {
                 .headers
                 .get(header::AUTHORIZATION)
                 .map(|v| v.to_str().unwrap_or("")),
-            request_id: parts.extensions.get::<RequestId>().map(|id| id.0.as_str()),
+            request_id: parts.extensions.get::<RequestId>().map(|id| &*id.0),
         };
         match app.auth.decide(&app.account, &request).await {
             Decision::Allow { principal } => Ok(Authorized {

@@ -206,8 +206,7 @@ async fn complete(
         .store
         .complete_upload(id, &request.parts, checksum, &limits)
         .await?;
-    metrics::counter!(crate::metrics::BYTES_WRITTEN_TOTAL, "kind" => Kind::Module.as_str())
-        .increment(committed.info.size);
+    app.counters.written(Kind::Module, committed.info.size);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -135,8 +135,7 @@ pub async fn commit(
             Provenance::local(&app.store),
         )
         .await?;
-    metrics::counter!(crate::metrics::BYTES_WRITTEN_TOTAL, "kind" => key.kind.as_str())
-        .increment(committed.info.size);
+    app.counters.written(key.kind, committed.info.size);
     Ok(committed)
 }
 
@@ -167,9 +166,8 @@ pub async fn serve(
     headers: &HeaderMap,
     options: ServeOptions,
 ) -> Result<Response, ApiError> {
-    let kind = key.kind.as_str();
     let Some(found) = app.store.lookup(key)? else {
-        metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
+        app.counters.miss(key.kind);
         return Err(ApiError::not_found());
     };
     let info = &found.info;
@@ -179,7 +177,7 @@ pub async fn serve(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| etag_matches(v, &etag))
     {
-        metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
+        app.counters.hit(key.kind);
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         set_artifact_headers(
             response.headers_mut(),
@@ -190,7 +188,7 @@ pub async fn serve(
         return Ok(response);
     }
     if options.head {
-        metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
+        app.counters.hit(key.kind);
         let mut response = StatusCode::OK.into_response();
         set_artifact_headers(
             response.headers_mut(),
@@ -212,10 +210,10 @@ pub async fn serve(
     // The artifact may have been replaced since the metadata above: serve what is read now.
     let stored_blake3 = info.blake3;
     let Some(artifact) = app.store.open_found(key, found).await? else {
-        metrics::counter!(crate::metrics::CACHE_MISSES_TOTAL, "kind" => kind).increment(1);
+        app.counters.miss(key.kind);
         return Err(ApiError::not_found());
     };
-    metrics::counter!(crate::metrics::CACHE_HITS_TOTAL, "kind" => kind).increment(1);
+    app.counters.hit(key.kind);
     let info = artifact.info.clone();
     if info.blake3 != stored_blake3 {
         etag = format!("\"{}\"", info.blake3_hex());
@@ -244,7 +242,7 @@ pub async fn serve(
             return Ok(response);
         }
     };
-    metrics::counter!(crate::metrics::BYTES_READ_TOTAL, "kind" => kind).increment(end - start);
+    app.counters.read(key.kind, end - start);
     let body = match artifact.into_body(start, end) {
         BodyStream::Bytes(bytes) => Body::from(bytes),
         BodyStream::Stream(stream) => Body::from_stream(stream),
