@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub(crate) mod context;
 pub mod http;
+pub(crate) mod layers;
 pub(crate) mod lifecycle;
 mod listener;
 pub(crate) mod memory;

@@ -13,8 +13,8 @@ use http::{Method, header};
 
 use super::AppState;
 use super::error::ApiError;
-use super::layers::RequestId;
 use crate::auth::{AccessRequest, Action, Decision};
+use crate::layers::RequestId;
 use crate::names;
 
 /// Where a route finds its account and project.

@@ -1,7 +1,9 @@
 //! The public HTTP listener: one router per protocol surface, all on the same layers.
 //!
-//! A request flows: `request_id` → `observe` (metrics, logs) → `drain` → route →
-//! [`access::Authorized`] (account/project/token check) → handler → [`transfer`] → storage.
+//! A request flows through the shared layers of `crate::layers` and two of HTTP's own:
+//! request id → observe (metrics, logs) → plain-text errors (Nx) → uniform JSON errors →
+//! admission (drain, overload) → route → [`access::Authorized`] (account, project, token) →
+//! handler → [`transfer`] → storage.
 
 pub(crate) mod access;
 mod artifacts;
@@ -23,6 +25,7 @@ use axum::response::IntoResponse;
 use axum::{Router, middleware};
 
 use crate::context::NodeContext;
+use crate::layers::{AdmissionLayer, ObserveLayer, RequestIdLayer};
 
 /// The router state: the node's shared context (see `context.rs`).
 #[derive(Clone)]
@@ -49,13 +52,14 @@ pub fn router(state: AppState) -> Router {
             error::ApiError::new(http::StatusCode::NOT_FOUND, "no_route", "No such route")
                 .into_response()
         })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            layers::admission,
+        .layer(AdmissionLayer::new(
+            state.lifecycle.clone(),
+            state.config.limits.max_in_flight_requests,
+            layers::HttpRefusals,
         ))
         .layer(middleware::from_fn(layers::uniform_errors))
         .layer(middleware::from_fn(layers::plain_text_errors))
-        .layer(middleware::from_fn(layers::observe))
-        .layer(middleware::from_fn(layers::request_id))
+        .layer(ObserveLayer::new("http", layers::MatchedRoute))
+        .layer(RequestIdLayer)
         .with_state(state)
 }
