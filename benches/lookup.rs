@@ -2,21 +2,22 @@
 //! half of them stored, against a store of 1,000,000 artifacts flushed to SST files, access-time
 //! notes included. Target: under 10 ms at p50. Run with `cargo bench --bench lookup`.
 //!
-//! The data set takes a minute or two to build; it is kept under cargo's target dir
+//! The data set takes about 20 s to build; it is kept under cargo's target dir
 //! (`CARGO_TARGET_TMPDIR/lookup-1m`) and reused by later runs. Besides criterion's estimate of
 //! the mean, the bench prints p50 and p99 of 200 timed calls.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kura::storage::{ArtifactKey, Kind, NewArtifact, Provenance, Store, StoreOptions, WriteMode};
+use kura::storage::{ArtifactKey, Kind, Store, StoreOptions};
+
+#[path = "support/mod.rs"]
+mod support;
 
 const STORED: u64 = 1_000_000;
 const ASKED: u64 = 10_000;
-const WRITERS: u64 = 32;
 
 /// The `n`th key of the data set: a SHA-256-shaped hex name, spread over the key space.
 fn key(n: u64) -> ArtifactKey {
@@ -36,22 +37,6 @@ fn open(dir: &Path) -> Store {
     .expect("open store")
 }
 
-async fn put(store: &Store, key: &ArtifactKey, body: &[u8]) {
-    let mut writer = store.writer(u64::MAX, false);
-    writer.write(body).await.expect("write");
-    let staged = writer.finish(None).await.expect("finish");
-    store
-        .commit(
-            key,
-            staged,
-            NewArtifact::default(),
-            WriteMode::Overwrite,
-            Provenance::local(store),
-        )
-        .await
-        .expect("commit");
-}
-
 /// Opens the data set, building it first if an earlier run did not finish it.
 fn data_set(runtime: &tokio::runtime::Runtime) -> Store {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lookup-1m");
@@ -60,26 +45,9 @@ fn data_set(runtime: &tokio::runtime::Runtime) -> Store {
         let _ = std::fs::remove_dir_all(&dir);
         let store = open(&dir);
         let started = Instant::now();
-        runtime.block_on(async {
-            let next = Arc::new(AtomicU64::new(0));
-            let writers: Vec<_> = (0..WRITERS)
-                .map(|_| {
-                    let (store, next) = (store.clone(), next.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            let n = next.fetch_add(1, Ordering::Relaxed);
-                            if n >= STORED {
-                                break;
-                            }
-                            put(&store, &key(n), &n.to_le_bytes()).await;
-                        }
-                    })
-                })
-                .collect();
-            for writer in writers {
-                writer.await.expect("writer");
-            }
-        });
+        runtime.block_on(support::fill(&store, STORED, key, |n| {
+            n.to_le_bytes().to_vec()
+        }));
         store.flush_memtables().expect("flush");
         eprintln!("built {STORED} artifacts in {:?}", started.elapsed());
         drop(store);

@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kura::storage::{ArtifactKey, Kind, NewArtifact, Provenance, Store, StoreOptions, WriteMode};
+use kura::storage::{ArtifactKey, Kind, Store, StoreOptions};
+
+#[path = "support/mod.rs"]
+mod support;
 
 const STORED: u64 = 1_000_000;
 /// Every tenth artifact has a body larger than the data set's inline limit: a file under
@@ -24,7 +27,6 @@ const STORED: u64 = 1_000_000;
 const FILE_EVERY: u64 = 10;
 const BUILD_INLINE_MAX: usize = 1024;
 const ROUNDS: usize = 5;
-const WRITERS: u64 = 32;
 
 fn body(n: u64) -> Vec<u8> {
     let size = if n.is_multiple_of(FILE_EVERY) {
@@ -35,21 +37,8 @@ fn body(n: u64) -> Vec<u8> {
     vec![(n % 251) as u8; size]
 }
 
-async fn put(store: &Store, n: u64) {
-    let key = ArtifactKey::new("startup", Kind::Gradle, format!("k{n:07}"));
-    let mut writer = store.writer(u64::MAX, false);
-    writer.write(&body(n)).await.expect("write");
-    let staged = writer.finish(None).await.expect("finish");
-    store
-        .commit(
-            &key,
-            staged,
-            NewArtifact::default(),
-            WriteMode::Overwrite,
-            Provenance::local(store),
-        )
-        .await
-        .expect("commit");
+fn key(n: u64) -> ArtifactKey {
+    ArtifactKey::new("startup", Kind::Gradle, format!("k{n:07}"))
 }
 
 /// The data dir, built first if an earlier run did not finish it.
@@ -67,24 +56,7 @@ fn data_set() -> std::path::PathBuf {
             ..StoreOptions::new(&dir)
         })
         .expect("open store");
-        let next = Arc::new(AtomicU64::new(0));
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|_| {
-                let (store, next) = (store.clone(), next.clone());
-                tokio::spawn(async move {
-                    loop {
-                        let n = next.fetch_add(1, Ordering::Relaxed);
-                        if n >= STORED {
-                            break;
-                        }
-                        put(&store, n).await;
-                    }
-                })
-            })
-            .collect();
-        for writer in writers {
-            writer.await.expect("writer");
-        }
+        support::fill(&store, STORED, key, body).await;
     });
     eprintln!("built {STORED} artifacts in {:?}", started.elapsed());
     std::fs::write(dir.join("complete"), b"").expect("marker");

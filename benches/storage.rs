@@ -6,9 +6,7 @@
 //! where `/tmp` is a tmpfs, on which an fsync would cost nothing and prove nothing.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use kura::storage::{
-    ArtifactKey, Durability, Kind, NewArtifact, Provenance, Store, StoreOptions, WriteMode,
-};
+use kura::storage::{ArtifactKey, Durability, Kind, Store, StoreOptions};
 
 fn open(durability: Durability, dir: &std::path::Path) -> Store {
     Store::open(StoreOptions {
@@ -20,21 +18,7 @@ fn open(durability: Durability, dir: &std::path::Path) -> Store {
 }
 
 async fn put(store: &Store, key: &ArtifactKey, body: &[u8]) {
-    let mut writer = store.writer(u64::MAX, false);
-    for chunk in body.chunks(64 * 1024) {
-        writer.write(chunk).await.expect("write");
-    }
-    let staged = writer.finish(None).await.expect("finish");
-    store
-        .commit(
-            key,
-            staged,
-            NewArtifact::default(),
-            WriteMode::Overwrite,
-            Provenance::local(store),
-        )
-        .await
-        .expect("commit");
+    store.put_bytes(key, body).await.expect("put");
 }
 
 fn writes(c: &mut Criterion) {

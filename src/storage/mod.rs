@@ -586,6 +586,33 @@ impl Store {
     }
 
     /// [`Store::commit`] with records of the caller's own (`hook`) in the same atomic batch.
+    /// Commits `staged` under `key` as a local write replacing whatever is stored (the common
+    /// case of [`Store::commit`]).
+    pub async fn commit_local(
+        &self,
+        key: &ArtifactKey,
+        staged: StagedBody,
+    ) -> Result<Committed, StoreError> {
+        let local = Provenance::local(self);
+        self.commit(
+            key,
+            staged,
+            NewArtifact::default(),
+            WriteMode::Overwrite,
+            local,
+        )
+        .await
+    }
+
+    /// Writes a body held whole in memory under `key`, as a local overwrite: for small records,
+    /// tests and benchmarks. Client bodies stream through [`Store::writer`] instead.
+    pub async fn put_bytes(&self, key: &ArtifactKey, body: &[u8]) -> Result<Committed, StoreError> {
+        let mut writer = self.writer(u64::MAX, false);
+        writer.write(body).await?;
+        let staged = writer.finish(None).await?;
+        self.commit_local(key, staged).await
+    }
+
     pub async fn commit_with(
         &self,
         key: &ArtifactKey,

@@ -291,8 +291,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::storage::{ArtifactKey, Durability, Kind, NewArtifact, Provenance, StoreOptions};
-    use crate::storage::{BodyStream, WriteMode};
+    use crate::storage::{ArtifactKey, BodyStream, Durability, Kind, StoreOptions};
 
     /// Set in the child process of the kill -9 test: the data dir it writes to.
     const CHILD_DIR: &str = "KURA_TEST_RESUMABLE_CHILD_DIR";
@@ -325,16 +324,7 @@ mod tests {
         }
         let sha256: [u8; 32] = sha2::Sha256::digest(&body).into();
         let staged = upload.finish(Some(sha256)).await.unwrap();
-        store
-            .commit(
-                key,
-                staged,
-                NewArtifact::default(),
-                WriteMode::Overwrite,
-                Provenance::local(store),
-            )
-            .await
-            .unwrap();
+        store.commit_local(key, staged).await.unwrap();
     }
 
     use sha2::Digest as _;

@@ -15,19 +15,7 @@ pub(super) fn store_with(dir: &Path, capacity: u64) -> Store {
 }
 
 pub(super) async fn put(store: &Store, key: &ArtifactKey, body: &[u8]) -> Committed {
-    let mut writer = store.writer(u64::MAX, false);
-    writer.write(body).await.unwrap();
-    let staged = writer.finish(None).await.unwrap();
-    store
-        .commit(
-            key,
-            staged,
-            NewArtifact::default(),
-            WriteMode::Overwrite,
-            Provenance::local(store),
-        )
-        .await
-        .unwrap()
+    store.put_bytes(key, body).await.unwrap()
 }
 
 /// What the column families say, recounted: usage, records, queue entries, file bodies named.
