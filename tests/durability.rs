@@ -301,3 +301,62 @@ async fn a_large_corrupted_body_is_never_delivered_complete() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// A module multipart upload is state on disk, not in the process: parts acknowledged before a
+/// kill -9 are still there after the restart, and the upload completes with the right bytes.
+#[tokio::test]
+async fn a_module_upload_survives_kill_9_and_completes_after_the_restart() {
+    let mut node = Node::start();
+    let http = client();
+    let url = |node: &Node, path: &str| {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        node.url(&format!("{path}{sep}account_handle=dev&project_handle=ios"))
+    };
+    let started: serde_json::Value = http
+        .post(url(&node, "/api/cache/module/start?hash=k9&name=Lib.zip"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["upload_id"].as_str().unwrap().to_string();
+    let parts = [payload(901, 700_000), payload(902, 300_000)];
+    let part = |node: &Node, n: usize| {
+        let (url, body) = (
+            url(
+                node,
+                &format!("/api/cache/module/part?upload_id={id}&part_number={n}"),
+            ),
+            parts[n - 1].clone(),
+        );
+        let http = http.clone();
+        async move { http.post(url).body(body).send().await.unwrap().status() }
+    };
+    assert_eq!(part(&node, 1).await, StatusCode::NO_CONTENT);
+
+    node.restart(); // kill -9, then start on the same data dir
+    assert_eq!(part(&node, 2).await, StatusCode::NO_CONTENT);
+    let whole = parts.concat();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&whole))
+    };
+    let complete = http
+        .post(url(
+            &node,
+            &format!("/api/cache/module/complete?upload_id={id}"),
+        ))
+        .json(&serde_json::json!({"parts": [1, 2], "checksum_sha256": sha}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(complete.status(), StatusCode::NO_CONTENT);
+    let artifact = http
+        .get(url(&node, "/api/cache/module/k9?name=Lib.zip"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(artifact.status(), StatusCode::OK);
+    assert_eq!(artifact.bytes().await.unwrap(), whole);
+}
