@@ -100,6 +100,9 @@ kill "$sampler_pid" 2>/dev/null || true
 sampler_pid=""
 
 grep -E "Requests/sec|Non-2xx|Socket errors|requests in" "$work/wrk.txt" || true
+echo "memory at the end (bytes):"
+curl -s "http://127.0.0.1:$port/metrics" |
+  grep -E '^kura_(process_resident_memory_bytes|storage_rocksdb_memory_bytes|body_memory_bytes)' || true
 echo "RSS samples (seconds, KiB):"
 paste -sd' ' "$work/rss.csv"
 awk -F, 'NR > 1 && $1 >= 300 {print $2}' "$work/rss.csv" | sort -n | awk '

@@ -25,6 +25,7 @@ pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
 pub const AUTH_BACKEND_CALLS_TOTAL: &str = "kura_auth_backend_calls_total";
 pub const AUTH_BACKEND_DURATION_SECONDS: &str = "kura_auth_backend_duration_seconds";
 pub const AUTH_STATIC_TOKENS_STATE: &str = "kura_auth_static_tokens_state";
+pub const ROCKSDB_MEMORY_BYTES: &str = "kura_storage_rocksdb_memory_bytes";
 pub const PROCESS_RSS_BYTES: &str = "kura_process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "kura_process_open_fds";
 pub const BUILD_INFO: &str = "kura_build_info";
@@ -102,6 +103,11 @@ fn describe() {
         "Static tokens file: 1 for the current state, 0 for the others (ok; missing: every static token revoked; invalid: the last good tokens kept)."
     );
     describe_gauge!(
+        ROCKSDB_MEMORY_BYTES,
+        Unit::Bytes,
+        "Memory the metadata store holds, by part: memtables, table_readers (indexes and filters), block_cache."
+    );
+    describe_gauge!(
         PROCESS_RSS_BYTES,
         Unit::Bytes,
         "Resident set size of the process."
@@ -124,7 +130,18 @@ fn describe() {
 }
 
 /// Refreshes gauges that are sampled rather than counted (called on every scrape).
-pub fn sample(stats: crate::storage::StoreStats, in_flight: usize) {
+pub fn sample(
+    stats: crate::storage::StoreStats,
+    rocksdb: Option<crate::storage::RocksDbMemory>,
+    in_flight: usize,
+) {
+    if let Some(memory) = rocksdb {
+        metrics::gauge!(ROCKSDB_MEMORY_BYTES, "part" => "memtables").set(memory.memtables as f64);
+        metrics::gauge!(ROCKSDB_MEMORY_BYTES, "part" => "table_readers")
+            .set(memory.table_readers as f64);
+        metrics::gauge!(ROCKSDB_MEMORY_BYTES, "part" => "block_cache")
+            .set(memory.block_cache as f64);
+    }
     metrics::gauge!(INFLIGHT_REQUESTS).set(in_flight as f64);
     metrics::gauge!(STORAGE_USED_BYTES).set(stats.used_bytes as f64);
     metrics::gauge!(STORAGE_CAPACITY_BYTES).set(stats.capacity as f64);

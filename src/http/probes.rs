@@ -79,7 +79,11 @@ fn static_tokens_status(health: Health) -> serde_json::Value {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     metrics::gauge!(crate::metrics::BODY_MEMORY_BYTES).set(app.body_memory.in_use() as f64);
-    crate::metrics::sample(app.store.stats(), app.lifecycle.in_flight());
+    crate::metrics::sample(
+        app.store.stats(),
+        app.store.rocksdb_memory(),
+        app.lifecycle.in_flight(),
+    );
     let body = app
         .metrics
         .as_ref()

@@ -412,6 +412,14 @@ pub struct StoreStats {
     pub capacity: u64,
 }
 
+/// Memory RocksDB holds, by consumer (see [`Store::rocksdb_memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RocksDbMemory {
+    pub memtables: u64,
+    pub table_readers: u64,
+    pub block_cache: u64,
+}
+
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -420,6 +428,7 @@ pub struct Store {
 
 struct Inner {
     db: DB,
+    block_cache: Cache,
     options: StoreOptions,
     node_id: String,
     tmp_dir: PathBuf,
@@ -493,7 +502,11 @@ impl Store {
         let staging_dir = dir.join("staging");
         std::fs::create_dir_all(&staging_dir)?;
 
-        let db = open_db(&dir.join("meta"), options.block_cache)?;
+        // One block cache for every family, so its size bounds the memory all of them use for data
+        // blocks. Filters and indexes stay with their table readers (about 1.5 MB per million
+        // keys).
+        let block_cache = Cache::new_lru_cache(options.block_cache);
+        let db = open_db(&dir.join("meta"), &block_cache)?;
         let usage = match db.get_cf(cf(&db, meta::CF_STATE), meta::USAGE_KEY)? {
             Some(bytes) => meta::decode(&bytes).unwrap_or_default(),
             None => Usage::default(),
@@ -503,6 +516,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 db,
+                block_cache,
                 node_id,
                 tmp_dir,
                 bodies_dir,
@@ -1107,6 +1121,21 @@ impl Store {
         Ok(())
     }
 
+    /// What RocksDB holds in memory: memtables, table readers (indexes and filters) and the
+    /// block cache, in bytes (sampled for `/metrics`).
+    pub fn rocksdb_memory(&self) -> Option<RocksDbMemory> {
+        let stats = rocksdb::perf::get_memory_usage_stats(
+            Some(&[&self.inner.db]),
+            Some(&[&self.inner.block_cache]),
+        )
+        .ok()?;
+        Some(RocksDbMemory {
+            memtables: stats.mem_table_total,
+            table_readers: stats.mem_table_readers_total,
+            block_cache: stats.cache_total,
+        })
+    }
+
     /// Writes RocksDB's memtables to SST files: what a read finds afterwards comes from the
     /// files and the block cache, as on a node that has run for a while (benchmarks use it).
     pub fn flush_memtables(&self) -> Result<(), StoreError> {
@@ -1263,7 +1292,7 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
         .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
 }
 
-fn open_db(path: &Path, block_cache: usize) -> Result<DB, StoreError> {
+fn open_db(path: &Path, cache: &Cache) -> Result<DB, StoreError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -1271,12 +1300,9 @@ fn open_db(path: &Path, block_cache: usize) -> Result<DB, StoreError> {
     options.increase_parallelism(2);
     // Bound memtable memory across all families: the node's memory must stay flat.
     options.set_db_write_buffer_size(32 << 20);
-    // One block cache for every family, so its size bounds the memory all of them use for data
-    // blocks. Filters and indexes stay with their table readers (about 1.5 MB per million keys).
-    let cache = Cache::new_lru_cache(block_cache);
     let families = meta::ALL_CFS.iter().map(|name| {
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&cache);
+        table.set_block_cache(cache);
         // A bloom filter answers most lookups of absent keys (half of a FindMissingBlobs, every
         // cache miss) without reading a data block, and a hash index in each data block finds a
         // present key without a binary search.
