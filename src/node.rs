@@ -228,11 +228,14 @@ fn spawn_maintenance(store: Store, config: &Config) {
             if let Err(error) = store.maintain().await {
                 tracing::error!(%error, "storage maintenance failed");
             }
-            // Cheap: at most `uploads.max_in_flight` records to look at.
-            match store.expire_uploads(upload_expiry) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(expired = n, "expired unfinished module uploads"),
-                Err(error) => tracing::error!(%error, "could not expire uploads"),
+            // At most `uploads.max_in_flight` records to look at, but deleting one is file and
+            // metadata work: off the async workers.
+            let uploads = store.clone();
+            match tokio::task::spawn_blocking(move || uploads.expire_uploads(upload_expiry)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(expired = n, "expired unfinished module uploads"),
+                Ok(Err(error)) => tracing::error!(%error, "could not expire uploads"),
+                Err(error) => tracing::error!(%error, "upload expiry panicked"),
             }
             // A directory scan of the resumable uploads in flight.
             let staging = store.clone();

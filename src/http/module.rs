@@ -100,7 +100,10 @@ async fn start(
     if app.store.head(&key)?.is_some() {
         return Ok(Json(serde_json::json!({ "upload_id": null })).into_response());
     }
-    let id = app.store.start_upload(&key, &upload_limits(&app))?;
+    let (store, limits) = (app.store.clone(), upload_limits(&app));
+    let id = tokio::task::spawn_blocking(move || store.start_upload(&key, &limits))
+        .await
+        .map_err(|_| ApiError::internal())??;
     Ok(Json(serde_json::json!({ "upload_id": id })).into_response())
 }
 

@@ -79,7 +79,8 @@ impl Drop for CompletionClaim<'_> {
 }
 
 impl Store {
-    /// Registers a new upload that will become `target`; returns its id.
+    /// Registers a new upload that will become `target`; returns its id. Blocking (a directory,
+    /// a metadata write, and syncs in `fsync` durability): call it off the async workers.
     pub fn start_upload(
         &self,
         target: &ArtifactKey,
@@ -274,7 +275,7 @@ impl Store {
     }
 
     /// Deletes uploads started more than `max_age_ms` ago, with their parts. An upload being
-    /// completed is left to its completion.
+    /// completed is left to its completion. Blocking: call it off the async workers.
     pub fn expire_uploads(&self, max_age_ms: u64) -> Result<usize, StoreError> {
         let cutoff = now_ms().saturating_sub(max_age_ms);
         let expired: Vec<String> = self
