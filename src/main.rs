@@ -88,10 +88,12 @@ fn load(path: Option<PathBuf>) -> Option<Config> {
 /// core, and memory freed into one arena is not reused by another: with transfers hopping
 /// between the async workers and the blocking pool, resident memory grows with the number of
 /// arenas rather than with what is in use. Two arenas keep it flat (`tests/memory.rs`,
-/// `benches/soak.sh`); an operator's own `MALLOC_ARENA_MAX` wins.
+/// `benches/soak.sh`); an operator's own `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
+        && std::env::var_os("GLIBC_TUNABLES").is_none()
+    {
         // SAFETY: mallopt only adjusts allocator parameters; called before other threads exist.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     }

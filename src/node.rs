@@ -223,7 +223,7 @@ fn spawn_maintenance(store: Store, config: &Config) {
     let upload_expiry = expiry.as_millis() as u64;
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
-        loop {
+        for tick in 0u64.. {
             ticker.tick().await;
             if let Err(error) = store.maintain().await {
                 tracing::error!(%error, "storage maintenance failed");
@@ -237,7 +237,10 @@ fn spawn_maintenance(store: Store, config: &Config) {
                 Ok(Err(error)) => tracing::error!(%error, "could not expire uploads"),
                 Err(error) => tracing::error!(%error, "upload expiry panicked"),
             }
-            // A directory scan of the resumable uploads in flight.
+            // A directory scan of the resumable uploads in flight: once a minute is plenty.
+            if tick % 60 != 0 {
+                continue;
+            }
             let staging = store.clone();
             match tokio::task::spawn_blocking(move || staging.expire_resumable(expiry)).await {
                 Ok(Ok(0)) => {}

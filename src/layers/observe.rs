@@ -209,17 +209,18 @@ pub(crate) mod labels {
     /// a request costs two lookups in a small map instead of two registry lookups, each hashing
     /// the metric name and building a label list.
     pub(super) fn record(seen: &Seen, status: &'static str, elapsed: Duration) {
-        type RequestKey = (usize, usize, usize, usize);
+        // A label's identity: its address and length (two static strings may share an address).
+        type Label = (usize, usize);
         thread_local! {
-            static REQUESTS: RefCell<HashMap<RequestKey, Counter>> = RefCell::default();
-            static DURATIONS: RefCell<HashMap<(usize, usize), Histogram>> = RefCell::default();
+            static REQUESTS: RefCell<HashMap<[Label; 4], Counter>> = RefCell::default();
+            static DURATIONS: RefCell<HashMap<[Label; 2], Histogram>> = RefCell::default();
         }
-        let address = |label: &'static str| label.as_ptr() as usize;
+        let address = |label: &'static str| (label.as_ptr() as usize, label.len());
         let (protocol, route, method) = (seen.protocol, seen.route, seen.method);
-        let series = (address(protocol), address(route));
+        let series = [address(protocol), address(route)];
         REQUESTS.with_borrow_mut(|requests| {
             requests
-                .entry((series.0, series.1, address(method), address(status)))
+                .entry([series[0], series[1], address(method), address(status)])
                 .or_insert_with(|| {
                     metrics::counter!(crate::metrics::HTTP_REQUESTS_TOTAL,
                         "protocol" => protocol, "route" => route, "method" => method, "status" => status)

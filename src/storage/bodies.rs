@@ -301,18 +301,24 @@ impl BodyWriter {
     }
 }
 
-/// Stages a complete file written elsewhere (a resumable upload's) for publishing: it gets a
-/// fresh body id, live until published, and is deleted if it is not.
-pub(super) fn adopt_file(live: &Arc<LiveBodies>, path: PathBuf) -> StagedContent {
+/// Moves a complete file written elsewhere (a resumable upload's) into `tmp/` as a staged body
+/// under a fresh id: live until published, deleted if it is not.
+pub(super) fn adopt_file(
+    live: &Arc<LiveBodies>,
+    tmp_dir: &Path,
+    from: &Path,
+) -> io::Result<StagedContent> {
     let live = live.register();
-    StagedContent::File {
+    let path = tmp_dir.join(temp_name(live.id));
+    std::fs::rename(from, &path)?;
+    Ok(StagedContent::File {
         id: live.id,
         temp: TempFileHandle(TempFile {
             path,
             file: None,
             live,
         }),
-    }
+    })
 }
 
 fn poisoned() -> StoreError {

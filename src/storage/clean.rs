@@ -144,7 +144,12 @@ impl Store {
                         bodies.push(self.doom(record.body));
                     }
                     Some(_) => {}
-                    None => batch.delete_cf(self.cf(meta::CF_ARTIFACTS), key),
+                    // Unreadable: drop it and its access time (its queue entry, if any, is
+                    // found stale and deleted by eviction).
+                    None => {
+                        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), key);
+                        batch.delete_cf(self.cf(meta::CF_ATIME), key);
+                    }
                 }
             }
             if !batch.is_empty() {

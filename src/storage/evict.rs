@@ -20,8 +20,9 @@ use super::{Reservation, Store, StoreError, now_ms};
 pub const DEFAULT_ACCESS_TIME_RESOLUTION: Duration = Duration::from_secs(60);
 /// Artifacts examined per eviction batch.
 const EVICT_BATCH: usize = 256;
-/// Access times written per flush batch.
-const TOUCH_BATCH: usize = 1024;
+/// Access times written per flush batch: a few hundred keys, so that most key-lock stripes stay
+/// free for publishes meanwhile.
+const TOUCH_BATCH: usize = 256;
 /// Independent maps of pending accesses, so concurrent readers rarely share a lock.
 const TOUCH_SHARDS: usize = 16;
 
@@ -212,10 +213,10 @@ impl Store {
         let resolution = self.access_resolution_ms();
         let mut batch = WriteBatch::default();
         for (encoded, accessed_ms) in touches {
-            let Some(record) = self.record(encoded)? else {
+            let Some(published_ms) = self.published_ms(encoded)? else {
                 continue;
             };
-            let last = self.last_access(encoded, record.accessed_ms)?;
+            let last = self.last_access(encoded, published_ms)?;
             // Not newer (noted before a rewrite of the key) or not enough newer to be worth it.
             if *accessed_ms <= last || accessed_ms - last < resolution {
                 continue;

@@ -599,7 +599,6 @@ impl Store {
             .await
     }
 
-    /// [`Store::commit`] with records of the caller's own (`hook`) in the same atomic batch.
     /// Commits `staged` under `key` as a local write replacing whatever is stored (the common
     /// case of [`Store::commit`]).
     pub async fn commit_local(
@@ -627,6 +626,7 @@ impl Store {
         self.commit_local(key, staged).await
     }
 
+    /// [`Store::commit`] with records of the caller's own (`hook`) in the same atomic batch.
     pub async fn commit_with(
         &self,
         key: &ArtifactKey,
@@ -796,13 +796,14 @@ impl Store {
         let held = previous.as_ref().and_then(|old| self.hold(&old.body));
         let mut batch = WriteBatch::default();
         let mut delta = UsageDelta::default();
+        // A new record starts with its own access time (and no `atime` entry, even a stray one).
+        batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
         if let Some(old) = &previous {
             let old_access = self.last_access(encoded, old.accessed_ms)?;
             batch.delete_cf(
                 self.cf(meta::CF_ACCESS),
                 meta::access_key(old_access, encoded),
             );
-            batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
             self.batch_unindex_body(&mut batch, &old.body);
             delta.remove(old.charge(encoded.len()));
         }
@@ -1157,6 +1158,15 @@ impl Store {
             self.evict_until(target).await?;
         }
         Ok(())
+    }
+
+    /// The access time a record was published with, read without decoding its body.
+    fn published_ms(&self, encoded: &[u8]) -> Result<Option<u64>, StoreError> {
+        let value = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), encoded)?;
+        Ok(value.and_then(|bytes| meta::decode::<meta::RecordView>(&bytes).map(|r| r.accessed_ms)))
     }
 
     fn record(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {

@@ -4,20 +4,27 @@
 //!
 //! Each upload is one file in `staging/`, named by the BLAKE3 of the upload's name, written by
 //! plain appends. Its length is the committed offset: every byte before it was handed to the
-//! kernel (and, in `fsync` durability, synced by [`ResumableUpload::sync`] before the offset
-//! is reported), so after a crash the file holds exactly the bytes acknowledged, possibly more.
-//! `staging/` is not emptied at start, unlike `tmp/`; uploads left alone past
-//! `uploads.expiry` are deleted by [`Store::expire_resumable`].
+//! kernel, and in `fsync` durability synced before the offset is reported (by
+//! [`ResumableUpload::sync`], [`Store::resumable_offset`] and a resume), so after a crash the
+//! file holds at least the bytes acknowledged. `staging/` is not emptied at start, unlike
+//! `tmp/`; uploads nobody wrote to for `uploads.expiry` are deleted by
+//! [`Store::expire_resumable`].
+//!
+//! One writer per upload: a [`Claim`] on its name, held by the writer and by every blocking
+//! operation it started, so a cancelled request cannot free the name while its write still
+//! runs. Expiry deletes only unclaimed uploads, under the same lock.
 //!
 //! Nothing here is published until [`ResumableUpload::finish`] has hashed the whole body (the
-//! part written before a restart is read back and hashed again) and the caller commits it
-//! through the one publish path, with its digest checks.
+//! part written before a restart is read back and hashed again) and moved it out of `staging/`
+//! while still claimed; the caller then commits it through the one publish path, with its
+//! digest checks. A failed publish discards the body: the client starts that upload again
+//! (the offset it is told is 0).
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::bodies::{self, Digests, StagedBody, StagedContent};
@@ -26,30 +33,45 @@ use super::{Store, StoreError};
 /// Bytes read per call when a resumed upload's existing part is hashed again.
 const REHASH_CHUNK: usize = 1024 * 1024;
 
-/// Names of the resumable uploads a writer holds open: one writer per upload at a time.
+/// File names of the resumable uploads held by a writer.
 #[derive(Default)]
-pub(super) struct OpenResumable(Mutex<HashSet<String>>);
+pub(super) struct OpenResumable(Arc<Mutex<HashSet<String>>>);
 
 impl OpenResumable {
-    fn claim(&self, file_name: &str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(file_name.to_string())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn release(&self, file_name: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(file_name);
+    /// Claims `file_name`, or `None` while someone holds it.
+    fn claim(&self, file_name: &str) -> Option<Arc<Claim>> {
+        self.lock().insert(file_name.to_string()).then(|| {
+            Arc::new(Claim {
+                names: self.0.clone(),
+                file_name: file_name.to_string(),
+            })
+        })
     }
 
-    fn is_open(&self, file_name: &str) -> bool {
-        self.0
+    /// Runs `remove` on an upload nobody holds, under the lock a claim takes.
+    fn remove_unclaimed(&self, file_name: &str, remove: impl FnOnce() -> bool) -> bool {
+        let names = self.lock();
+        !names.contains(file_name) && remove()
+    }
+}
+
+/// One writer's hold on an upload's name, released when the last holder (the writer, or a
+/// blocking write it started) drops it.
+pub(super) struct Claim {
+    names: Arc<Mutex<HashSet<String>>>,
+    file_name: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.names
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(file_name)
+            .remove(&self.file_name);
     }
 }
 
@@ -57,9 +79,11 @@ impl OpenResumable {
 /// [`Store::resume_upload`] of the same name; [`ResumableUpload::discard`] deletes it.
 pub struct ResumableUpload {
     store: Store,
-    file_name: String,
+    claim: Arc<Claim>,
     path: PathBuf,
-    /// `None` only while a blocking write has it, or after a failed one.
+    /// `None` while a blocking operation has it, and for good after a failed one: the file's
+    /// length may then differ from what was hashed, and only a resume (which hashes the file
+    /// again) can go on.
     file: Option<File>,
     digests: Option<Digests>,
     written: u64,
@@ -77,23 +101,18 @@ impl Store {
         want_sha256: bool,
     ) -> Result<ResumableUpload, StoreError> {
         let file_name = staging_name(name);
-        if !self.inner.resumable.claim(&file_name) {
-            return Err(StoreError::UploadBusy);
-        }
-        // From here on the upload's drop releases the claim, whatever fails below.
-        let mut upload = ResumableUpload {
-            store: self.clone(),
-            path: self.inner.staging_dir.join(&file_name),
-            file_name,
-            file: None,
-            digests: None,
-            written: 0,
-            limit,
-        };
-        let (path, fsync) = (upload.path.clone(), self.fsyncs());
+        let claim = self
+            .inner
+            .resumable
+            .claim(&file_name)
+            .ok_or(StoreError::UploadBusy)?;
+        let path = self.inner.staging_dir.join(&file_name);
+        let (opening, fsync) = (path.clone(), self.fsyncs());
         let staging_dir = self.inner.staging_dir.clone();
+        let held = claim.clone();
         let (file, digests, written) = tokio::task::spawn_blocking(move || {
-            open_and_rehash(&path, &staging_dir, want_sha256, fsync)
+            let _held = held;
+            open_and_rehash(&opening, &staging_dir, want_sha256, fsync)
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)))?
@@ -101,25 +120,35 @@ impl Store {
         if written > limit {
             return Err(StoreError::TooLarge { limit });
         }
-        upload.file = Some(file);
-        upload.digests = Some(digests);
-        upload.written = written;
-        Ok(upload)
+        Ok(ResumableUpload {
+            store: self.clone(),
+            claim,
+            path,
+            file: Some(file),
+            digests: Some(digests),
+            written,
+            limit,
+        })
     }
 
     /// The committed offset of the resumable upload `name` (0 when there is none): what
-    /// `QueryWriteStatus` reports.
+    /// `QueryWriteStatus` reports. In `fsync` durability the bytes are synced first, so the
+    /// offset survives a power cut. Blocking.
     pub fn resumable_offset(&self, name: &str) -> Result<u64, StoreError> {
         let path = self.inner.staging_dir.join(staging_name(name));
-        match std::fs::metadata(path) {
-            Ok(metadata) => Ok(metadata.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(e.into()),
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        if self.fsyncs() {
+            file.sync_data().map_err(StoreError::from_write)?;
         }
+        Ok(file.metadata()?.len())
     }
 
-    /// Deletes resumable uploads nobody wrote to for `max_age` and no writer holds open.
-    /// Blocking: a directory scan.
+    /// Deletes resumable uploads nobody wrote to for `max_age` and no writer holds. Blocking: a
+    /// directory scan.
     pub fn expire_resumable(&self, max_age: Duration) -> Result<usize, StoreError> {
         let cutoff = SystemTime::now()
             .checked_sub(max_age)
@@ -129,12 +158,18 @@ impl Store {
             let entry = entry?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if self.inner.resumable.is_open(name) {
+            let path = entry.path();
+            if !super::sweep::older_than(&path, cutoff)? {
                 continue;
             }
-            if super::sweep::older_than(&entry.path(), cutoff)?
-                && super::sweep::remove_file(&entry.path())?
-            {
+            // Under the claims' lock: a resume cannot start between the check and the delete.
+            let deleted = self.inner.resumable.remove_unclaimed(name, || {
+                super::sweep::remove_file(&path).unwrap_or_else(|error| {
+                    tracing::warn!(path = %path.display(), %error, "could not expire an upload");
+                    false
+                })
+            });
+            if deleted {
                 removed += 1;
             }
         }
@@ -156,7 +191,9 @@ impl ResumableUpload {
         }
         let mut file = self.file.take().ok_or_else(broken)?;
         let mut digests = self.digests.take().ok_or_else(broken)?;
+        let held = self.claim.clone();
         let (file, digests, result) = tokio::task::spawn_blocking(move || {
+            let _held = held;
             let result = file.write_all(&chunk);
             if result.is_ok() {
                 digests.update(&chunk);
@@ -165,8 +202,6 @@ impl ResumableUpload {
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)))?;
-        // After a failed append the file's length is no longer known to match the hash: the
-        // writer stays broken, and a resume re-reads the file.
         result.map_err(StoreError::from_write)?;
         self.file = Some(file);
         self.digests = Some(digests);
@@ -179,19 +214,26 @@ impl ResumableUpload {
     pub async fn sync(&mut self) -> Result<u64, StoreError> {
         if self.store.fsyncs() {
             let file = self.file.take().ok_or_else(broken)?;
+            let held = self.claim.clone();
             let (file, result) = tokio::task::spawn_blocking(move || {
+                let _held = held;
                 let result = file.sync_data();
                 (file, result)
             })
             .await
             .map_err(|e| StoreError::Io(io::Error::other(e)))?;
-            self.file = Some(file);
+            // After a failed fsync the kernel may have dropped the dirty pages: a later one
+            // could succeed without them. The writer stays broken; a resume re-reads the file.
             result.map_err(StoreError::from_write)?;
+            self.file = Some(file);
         }
         Ok(self.written)
     }
 
-    /// The whole body, hashed, ready to commit. `expected_sha256`, when given, must match.
+    /// The whole body, hashed, ready to commit; `expected_sha256`, when given, must match. The
+    /// body leaves `staging/` (an inline one is read into memory, a file one moves to `tmp/`)
+    /// while the upload is still claimed, so no resume of the same name can touch it. On a
+    /// digest mismatch the upload is kept as it is; the caller decides (see `discard`).
     pub async fn finish(
         mut self,
         expected_sha256: Option<[u8; 32]>,
@@ -200,20 +242,25 @@ impl ResumableUpload {
         let digests = self.digests.take().ok_or_else(broken)?;
         let (blake3, sha256) = digests.finish(expected_sha256)?;
         let size = self.written;
-        let (path, fsync) = (self.path.clone(), self.store.fsyncs());
-        let inline_max = self.store.inner.options.inline_max as u64;
-        let live = self.store.inner.live_bodies.clone();
+        let store = self.store.clone();
+        let (path, held) = (self.path.clone(), self.claim.clone());
         let content = tokio::task::spawn_blocking(move || -> io::Result<StagedContent> {
-            if size <= inline_max {
+            let _held = held;
+            if file.metadata()?.len() != size {
+                return Err(io::Error::other(
+                    "the upload's file does not hold what was written to it",
+                ));
+            }
+            if size <= store.inner.options.inline_max as u64 {
                 let mut bytes = Vec::with_capacity(size as usize);
                 File::open(&path)?.read_to_end(&mut bytes)?;
                 std::fs::remove_file(&path)?;
                 return Ok(StagedContent::Inline(bytes));
             }
-            if fsync {
+            if store.fsyncs() {
                 file.sync_all()?;
             }
-            Ok(bodies::adopt_file(&live, path))
+            bodies::adopt_file(&store.inner.live_bodies, &store.inner.tmp_dir, &path)
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)))?
@@ -236,15 +283,9 @@ impl ResumableUpload {
     }
 }
 
-impl Drop for ResumableUpload {
-    fn drop(&mut self) {
-        self.store.inner.resumable.release(&self.file_name);
-    }
-}
-
 fn broken() -> StoreError {
     StoreError::Io(io::Error::other(
-        "resumable upload used after a failed write",
+        "resumable upload used after a failed write; resume it to go on",
     ))
 }
 
@@ -253,7 +294,8 @@ fn staging_name(name: &str) -> String {
     format!("{}.upload", blake3::hash(name.as_bytes()).to_hex())
 }
 
-/// Opens (creating) an upload's file for appending, and hashes what it already holds.
+/// Opens (creating) an upload's file for appending and hashes what it already holds, synced
+/// first in `fsync` durability, so the length it reports survives a power cut.
 fn open_and_rehash(
     path: &Path,
     staging_dir: &Path,
@@ -266,8 +308,11 @@ fn open_and_rehash(
         .append(true)
         .create(true)
         .open(path)?;
-    if created && fsync {
-        File::open(staging_dir)?.sync_all()?;
+    if fsync {
+        file.sync_data()?;
+        if created {
+            File::open(staging_dir)?.sync_all()?;
+        }
     }
     let mut digests = Digests::new(want_sha256);
     let mut written = 0u64;
@@ -478,5 +523,28 @@ mod tests {
         assert_eq!(store.resumable_offset("idle").unwrap(), 0);
         assert_eq!(open.committed(), CHUNK as u64);
         assert_eq!(store.resumable_offset("open").unwrap(), CHUNK as u64);
+    }
+
+    /// A retry of the same name after `finish` starts a new upload: it can neither append to
+    /// nor delete the body on its way to being published.
+    #[tokio::test]
+    async fn a_finished_upload_leaves_staging_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut upload = store.resume_upload("u", u64::MAX, false).await.unwrap();
+        for i in 0..CHUNKS {
+            upload.write(chunk(i)).await.unwrap();
+        }
+        let staged = upload.finish(None).await.unwrap();
+        assert_eq!(store.resumable_offset("u").unwrap(), 0);
+        let mut retry = store.resume_upload("u", u64::MAX, false).await.unwrap();
+        assert_eq!(retry.committed(), 0);
+        retry.write(chunk(9)).await.unwrap();
+        drop(retry);
+        assert_eq!(store.expire_resumable(Duration::ZERO).unwrap(), 1);
+
+        let key = ArtifactKey::new("p", Kind::CasSha256, "u");
+        store.commit_local(&key, staged).await.unwrap();
+        assert_eq!(body_of(&store, &key).await, Some(whole_body()));
     }
 }
