@@ -84,18 +84,29 @@ fn load(path: Option<PathBuf>) -> Option<Config> {
     }
 }
 
-/// glibc gives each thread that allocates under contention an arena of its own, up to eight per
-/// core, and memory freed into one arena is not reused by another: with transfers hopping
-/// between the async workers and the blocking pool, resident memory grows with the number of
-/// arenas rather than with what is in use. Two arenas keep it flat (`tests/memory.rs`,
-/// `benches/soak.sh`); an operator's own `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` wins.
-fn limit_malloc_arenas() {
+/// Keeps glibc's heap from growing with the traffic rather than with what is in use:
+/// - each thread that allocates under contention gets an arena of its own, up to eight per core,
+///   and memory freed into one arena is not reused by another; transfers hop between the async
+///   workers and the blocking pool, so two arenas, not sixteen;
+/// - blocks of 512 KiB and more (write buffers, whole small bodies read for verification) are
+///   mapped and unmapped on their own instead of carved from the heap. glibc would otherwise
+///   raise that threshold after the first such block is freed and serve the rest from the heap,
+///   where their mixed sizes fragment it.
+///
+/// Measured by `tests/memory.rs` and `benches/soak.sh`. An operator's own `MALLOC_ARENA_MAX`,
+/// `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES` wins.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
-        && std::env::var_os("GLIBC_TUNABLES").is_none()
-    {
-        // SAFETY: mallopt only adjusts allocator parameters; called before other threads exist.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: mallopt only adjusts allocator parameters; called before other threads
+            // exist.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024) };
+        }
     }
 }
 
@@ -104,7 +115,7 @@ fn serve(path: Option<PathBuf>, allow_insecure: bool) -> ExitCode {
         return ExitCode::from(2);
     };
     init_logging(&config);
-    limit_malloc_arenas();
+    tune_malloc();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

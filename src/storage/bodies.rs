@@ -208,8 +208,17 @@ impl BodyWriter {
         if self.size > self.limit {
             return Err(StoreError::TooLarge { limit: self.limit });
         }
+        let flush_at = WRITE_BUFFER.max(self.inline_max + 1);
+        if self.pending.len() + chunk.len() > self.inline_max && self.pending.capacity() < flush_at
+        {
+            // Past the inline size this body goes to a file: take the whole write buffer at
+            // once (and keep it across flushes) instead of growing it by doubling, which would
+            // leave a trail of differently sized blocks in the allocator for every upload.
+            self.pending
+                .reserve_exact(flush_at + chunk.len() - self.pending.len());
+        }
         self.pending.extend_from_slice(chunk);
-        if self.pending.len() >= WRITE_BUFFER.max(self.inline_max + 1) {
+        if self.pending.len() >= flush_at {
             self.flush().await?;
         }
         Ok(())
