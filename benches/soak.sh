@@ -7,8 +7,9 @@
 # Load: wrk, 16 connections, GET and PUT (one request in five is a PUT) of 2,000 keys whose
 # bodies run from 1 KiB to 1 MiB, against a capacity of 256 MiB: the keys hold about 300 MB, so
 # eviction runs all the time and GETs of evicted keys miss (404 is expected). RSS is read from
-# /proc every 10 s into rss.csv. The verdict: after the first 5 minutes every sample is within
-# ±10 % of the median of those samples. It reports; a drift is printed as MISS and exits 0.
+# /proc every 10 s into rss.csv, with what RocksDB holds of it (memtables, block cache). The
+# verdict: after the first 5 minutes every sample is within ±10 % of the median of those
+# samples. It reports; a drift is printed as MISS and exits 0.
 #
 # Environment:
 #   KURA_SOAK_DURATION=30m    how long the load runs (wrk duration syntax)
@@ -82,12 +83,17 @@ end
 EOF
 
 echo "soak: $duration of mixed load on 127.0.0.1:$port (work dir $work); RSS sampled every 10 s"
-echo "seconds,rss_kib" >"$work/rss.csv"
+# Each sample: the process's RSS, and what RocksDB holds of it (from /metrics), in KiB.
+echo "seconds,rss_kib,memtables_kib,block_cache_kib" >"$work/rss.csv"
 (
   start=$SECONDS
   while kill -0 "$kura_pid" 2>/dev/null; do
     rss="$(awk '/^VmRSS:/ {print $2}' "/proc/$kura_pid/status" 2>/dev/null || true)"
-    [ -n "$rss" ] && echo "$((SECONDS - start)),$rss" >>"$work/rss.csv"
+    rocksdb="$(curl -s "http://127.0.0.1:$port/metrics" | awk '
+      /^kura_storage_rocksdb_memory_bytes\{part="memtables"\}/ {m = $2}
+      /^kura_storage_rocksdb_memory_bytes\{part="block_cache"\}/ {c = $2}
+      END {printf "%d,%d", m / 1024, c / 1024}' || true)"
+    [ -n "$rss" ] && echo "$((SECONDS - start)),$rss,${rocksdb:-0,0}" >>"$work/rss.csv"
     sleep 10
   done
 ) &
@@ -103,7 +109,7 @@ grep -E "Requests/sec|Non-2xx|Socket errors|requests in" "$work/wrk.txt" || true
 echo "memory at the end (bytes):"
 curl -s "http://127.0.0.1:$port/metrics" |
   grep -E '^kura_(process_resident_memory_bytes|storage_rocksdb_memory_bytes|body_memory_bytes)' || true
-echo "RSS samples (seconds, KiB):"
+echo "samples (seconds, RSS KiB, RocksDB memtables KiB, RocksDB block cache KiB):"
 paste -sd' ' "$work/rss.csv"
 awk -F, 'NR > 1 && $1 >= 300 {print $2}' "$work/rss.csv" | sort -n | awk '
   { v[NR] = $1 }
