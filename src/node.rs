@@ -231,25 +231,33 @@ fn spawn_maintenance(store: Store, config: &Config) {
             // At most `uploads.max_in_flight` records to look at, but deleting one is file and
             // metadata work: off the async workers.
             let uploads = store.clone();
-            match tokio::task::spawn_blocking(move || uploads.expire_uploads(upload_expiry)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(expired = n, "expired unfinished module uploads"),
-                Ok(Err(error)) => tracing::error!(%error, "could not expire uploads"),
-                Err(error) => tracing::error!(%error, "upload expiry panicked"),
-            }
+            expire("module uploads", move || {
+                uploads.expire_uploads(upload_expiry)
+            })
+            .await;
             // A directory scan of the resumable uploads in flight: once a minute is plenty.
-            if tick % 60 != 0 {
-                continue;
-            }
-            let staging = store.clone();
-            match tokio::task::spawn_blocking(move || staging.expire_resumable(expiry)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(expired = n, "expired unfinished resumable uploads"),
-                Ok(Err(error)) => tracing::error!(%error, "could not expire resumable uploads"),
-                Err(error) => tracing::error!(%error, "resumable upload expiry panicked"),
+            if tick % 60 == 0 {
+                let staging = store.clone();
+                expire("resumable uploads", move || {
+                    staging.expire_resumable(expiry)
+                })
+                .await;
             }
         }
     });
+}
+
+/// Runs an expiry pass on a blocking thread and logs what it deleted.
+async fn expire(
+    what: &'static str,
+    pass: impl FnOnce() -> Result<usize, crate::storage::StoreError> + Send + 'static,
+) {
+    match tokio::task::spawn_blocking(pass).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(expired = n, "expired unfinished {what}"),
+        Ok(Err(error)) => tracing::error!(%error, "could not expire {what}"),
+        Err(error) => tracing::error!(%error, "the expiry of {what} panicked"),
+    }
 }
 
 /// Sweeps at start, in the background (start-up and `/ready` do not wait for it), then hourly.
