@@ -34,20 +34,13 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh bench
-# shellcheck source=scripts/env.sh
-. scripts/env.sh
+# shellcheck source=benches/prepare.sh
+. benches/prepare.sh
 
 duration="${KURA_BENCH_DURATION:-30s}"
 runs="${KURA_BENCH_RUNS:-3}"
 keys="${KURA_BENCH_KEYS:-10000}"
 nginx_bin=/usr/sbin/nginx
-bin="$CARGO_TARGET_DIR/release/kura"
-
-if [ "${KURA_BENCH_SKIP_BUILD:-0}" != 1 ]; then
-  cargo build --release --locked --bin kura
-fi
-[ -x "$bin" ] || { echo "load.sh: no binary at $bin" >&2; exit 1; }
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/kura-bench.XXXXXX")"
 nginx_pid=""

@@ -19,16 +19,10 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh bench
-# shellcheck source=scripts/env.sh
-. scripts/env.sh
+# shellcheck source=benches/prepare.sh
+. benches/prepare.sh
 
 duration="${KURA_SOAK_DURATION:-30m}"
-bin="$CARGO_TARGET_DIR/release/kura"
-if [ "${KURA_BENCH_SKIP_BUILD:-0}" != 1 ]; then
-  cargo build --release --locked --bin kura
-fi
-[ -x "$bin" ] || { echo "soak.sh: no binary at $bin" >&2; exit 1; }
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/kura-soak.XXXXXX")"
 kura_pid=""
