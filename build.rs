@@ -1,5 +1,28 @@
-//! Records the git commit for `kura_build_info`.
-fn main() {
+//! Build-time work: the git commit for `kura_build_info`, and the gRPC code generated from
+//! `proto/` (REAPI v2 cache services, ByteStream, google.rpc.Status, gRPC health). The latter
+//! needs `protoc`: `scripts/install-deps.sh` installs it (Debian `protobuf-compiler`), or point
+//! `PROTOC` at one.
+
+const PROTOS: [&str; 3] = [
+    "proto/build/bazel/remote/execution/v2/remote_execution.proto",
+    "proto/google/bytestream/bytestream.proto",
+    "proto/grpc/health/v1/health.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    record_git_sha();
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .bytes(".")
+        .compile_protos(&PROTOS, &["proto"])
+        .map_err(|error| {
+            format!("cannot compile proto/ ({error}); is protoc installed? run scripts/install-deps.sh build")
+        })?;
+    Ok(())
+}
+
+fn record_git_sha() {
     let sha = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Kura's build and tests need, and nothing when they are present.
-#   scripts/install-deps.sh build   # compiler pieces for RocksDB (bindgen needs libclang)
-#   scripts/install-deps.sh test    # build + real clients for end-to-end tests (Gradle, Java),
-#                                   # strace (a regression test watches fsync calls)
+#   scripts/install-deps.sh build   # compiler pieces for RocksDB (bindgen needs libclang) and
+#                                   # protoc for the gRPC code generated from proto/
+#   scripts/install-deps.sh test    # build + real clients for end-to-end tests (Gradle, Java,
+#                                   # Bazel 4.2 as bazel-bootstrap, ccache), strace (a
+#                                   # regression test watches fsync calls)
 #   scripts/install-deps.sh bench   # build + nginx and wrk for benches/load.sh
 set -euo pipefail
 
 profile="${1:-build}"
-packages=(build-essential clang libclang-dev pkg-config git curl ca-certificates)
+packages=(build-essential clang libclang-dev protobuf-compiler pkg-config git curl ca-certificates)
 case "$profile" in
   build) ;;
-  test) packages+=(gradle default-jdk-headless strace) ;;
+  test) packages+=(gradle default-jdk-headless strace bazel-bootstrap ccache) ;;
   bench) packages+=(nginx-light wrk) ;;
   *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
 esac

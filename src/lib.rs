@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub(crate) mod context;
+pub mod grpc;
 pub mod http;
 pub(crate) mod layers;
 pub(crate) mod lifecycle;

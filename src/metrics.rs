@@ -32,6 +32,9 @@ pub const BUILD_INFO: &str = "kura_build_info";
 pub const INFLIGHT_REQUESTS: &str = "kura_http_requests_in_flight";
 pub const BODY_MEMORY_BYTES: &str = "kura_body_memory_bytes";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "kura_connections_closed_total";
+pub const GRPC_CALLS_TOTAL: &str = "kura_grpc_calls_total";
+pub const GRPC_CALL_DURATION_SECONDS: &str = "kura_grpc_call_duration_seconds";
+pub const GRPC_MESSAGE_BYTES_TOTAL: &str = "kura_grpc_message_bytes_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders from.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -68,6 +71,20 @@ fn describe() {
         BYTES_READ_TOTAL,
         Unit::Bytes,
         "Artifact bytes served, by kind."
+    );
+    describe_counter!(
+        GRPC_CALLS_TOTAL,
+        "gRPC calls by method and status code, counted when the call ends."
+    );
+    describe_histogram!(
+        GRPC_CALL_DURATION_SECONDS,
+        Unit::Seconds,
+        "gRPC call time from request to the end of the response stream, by method."
+    );
+    describe_counter!(
+        GRPC_MESSAGE_BYTES_TOTAL,
+        Unit::Bytes,
+        "gRPC message bytes by method and direction (received, sent)."
     );
     describe_counter!(CACHE_HITS_TOTAL, "Reads that found the artifact, by kind.");
     describe_counter!(CACHE_MISSES_TOTAL, "Reads that did not, by kind.");

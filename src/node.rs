@@ -39,6 +39,10 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (server.http)", config.server.http))?;
     let address = listener.local_addr()?;
+    let grpc_listener = TcpListener::bind(config.server.grpc)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.grpc)", config.server.grpc))?;
+    let grpc_address = grpc_listener.local_addr()?;
 
     let context = NodeContext::new(
         config.clone(),
@@ -61,17 +65,29 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
     lifecycle.set_serving();
     let stats = store.stats();
     tracing::info!(
-        %address, node_id = store.node_id(), account = %config.node.account,
+        %address, %grpc_address, node_id = store.node_id(), account = %config.node.account,
         artifacts = stats.artifacts, used_bytes = stats.used_bytes, capacity_bytes = stats.capacity,
         "kura is serving"
     );
+    // Two public listeners, each with up to `server.max_connections`.
+    warn_if_descriptors_run_short(2 * config.server.max_connections);
     let phase = spawn_phase_updates(lifecycle, shutdown.clone());
-    let server = listener::serve(
+    // Every listener in one task set, under one phase: they drain and stop together.
+    let http = listener::serve(
         listener,
-        http::router(AppState(context)),
-        http_limits(&config),
+        http::router(AppState(context.clone())),
+        limits("http", &config),
+        phase.clone(),
+    );
+    let grpc = listener::serve(
+        grpc_listener,
+        crate::grpc::router(context),
+        limits("grpc", &config),
         phase,
     );
+    let server = async {
+        tokio::join!(http, grpc);
+    };
     // Drained: give open connections a moment to close, then exit regardless.
     tokio::select! {
         () = server => {}
@@ -111,15 +127,14 @@ fn spawn_phase_updates(lifecycle: Lifecycle, shutdown: Shutdown) -> watch::Recei
     receiver
 }
 
-fn http_limits(config: &Config) -> ListenerLimits {
-    let limits = ListenerLimits {
-        name: "http",
+/// The connection limits of a public listener (`server.*` applies to each).
+fn limits(name: &'static str, config: &Config) -> ListenerLimits {
+    ListenerLimits {
+        name,
         header_timeout: config.server.header_timeout.0,
         idle_timeout: config.server.idle_timeout.0,
         max_connections: config.server.max_connections,
-    };
-    warn_if_descriptors_run_short(limits.max_connections);
-    limits
+    }
 }
 
 /// Descriptors the process needs besides client connections (RocksDB, bodies being written or
@@ -152,7 +167,7 @@ fn refuse_open_auth_off_loopback(config: &Config, allow_insecure: bool) -> anyho
     if config.auth.mode != AuthMode::None {
         return Ok(());
     }
-    let exposed: Vec<SocketAddr> = [config.server.http]
+    let exposed: Vec<SocketAddr> = [config.server.http, config.server.grpc]
         .into_iter()
         .filter(|a| !a.ip().is_loopback())
         .collect();

@@ -9,6 +9,8 @@ mod auth_static;
 mod capacity;
 mod durability;
 mod gradle_e2e;
+mod grpc;
+mod grpc_auth;
 mod http_common;
 mod http_surfaces;
 mod lifecycle;

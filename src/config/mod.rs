@@ -23,6 +23,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    pub grpc: GrpcConfig,
     pub uploads: UploadsConfig,
     pub replication: ReplicationConfig,
     pub shutdown: ShutdownConfig,
@@ -34,7 +35,7 @@ pub struct Config {
 pub struct ServerConfig {
     /// Public HTTP listener.
     pub http: SocketAddr,
-    /// Public gRPC listener (REAPI; not served by this release yet).
+    /// Public gRPC listener (REAPI v2 cache services, ByteStream, health).
     pub grpc: SocketAddr,
     /// Peer plane listener (replication; not served by this release yet).
     pub internal: SocketAddr,
@@ -243,6 +244,30 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Limits of the gRPC (REAPI) surface. Blob sizes share `limits.blob` with the Bazel HTTP cache.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Largest gRPC message the node accepts or sends (each ByteStream chunk, each batch call).
+    pub max_message_size: ByteSize,
+    /// `max_batch_total_size_bytes` advertised in the capabilities: the blob bytes one
+    /// BatchUpdateBlobs or BatchReadBlobs call may carry. Below `max_message_size`, leaving room
+    /// for the message's own framing.
+    pub max_batch_total_size: ByteSize,
+    /// Bytes GetActionResult inlines (stdout, stderr, output files) in one answer, together.
+    pub inline_max: ByteSize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            max_message_size: ByteSize(4 << 20),
+            max_batch_total_size: ByteSize((4 << 20) - (64 << 10)),
+            inline_max: ByteSize(1 << 20),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UploadsConfig {
@@ -365,7 +390,7 @@ impl Default for LogConfig {
 pub struct ConfigError(String);
 
 /// Sections, in the order env names are matched (longest first, so nested sections win).
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "replication.discovery",
     "replication.tls",
     "replication",
@@ -373,6 +398,7 @@ const SECTIONS: [&str; 11] = [
     "storage",
     "uploads",
     "limits",
+    "grpc",
     "server",
     "node",
     "auth",
@@ -433,6 +459,21 @@ impl Config {
         }
         if !(self.storage.low_watermark > 0.0 && self.storage.low_watermark <= 100.0) {
             return fail("storage.low_watermark", "must be a percentage in (0, 100]");
+        }
+        if !(64 << 10..=1 << 30).contains(&self.grpc.max_message_size.0) {
+            return fail("grpc.max_message_size", "must be between 64KiB and 1GiB");
+        }
+        if self.grpc.max_batch_total_size.0 + (16 << 10) > self.grpc.max_message_size.0 {
+            return fail(
+                "grpc.max_batch_total_size",
+                "must be at least 16KiB below grpc.max_message_size (room for the message framing)",
+            );
+        }
+        if self.grpc.inline_max.0 > self.grpc.max_batch_total_size.0 {
+            return fail(
+                "grpc.inline_max",
+                "must not exceed grpc.max_batch_total_size (inlined bytes travel in one message)",
+            );
         }
         if self.storage.inline_max.0 > 1 << 20 {
             return fail("storage.inline_max", "must be at most 1MiB");

@@ -868,6 +868,16 @@ impl Store {
     /// batched RocksDB lookup per chunk, and no body decoded. Runs off the async workers, a
     /// large request split over the cores (the lookups are memory-bound CPU work).
     pub async fn present(&self, keys: Vec<ArtifactKey>) -> Result<Vec<bool>, StoreError> {
+        let sizes = self.stored_sizes(keys).await?;
+        Ok(sizes.into_iter().map(|size| size.is_some()).collect())
+    }
+
+    /// [`Store::present`] that also tells each present artifact's size (REAPI digests carry
+    /// one, and a digest whose size differs from the stored blob's names no stored blob).
+    pub async fn stored_sizes(
+        &self,
+        keys: Vec<ArtifactKey>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = keys.len().div_ceil(cores).max(PRESENT_CHUNK_MIN);
         let keys = Arc::new(keys);
@@ -876,42 +886,41 @@ impl Store {
             .map(|start| {
                 let (store, keys) = (self.clone(), keys.clone());
                 let end = (start + chunk).min(keys.len());
-                tokio::task::spawn_blocking(move || store.present_blocking(&keys[start..end]))
+                tokio::task::spawn_blocking(move || store.sizes_blocking(&keys[start..end]))
             })
             .collect();
-        let mut present = Vec::with_capacity(keys.len());
+        let mut sizes = Vec::with_capacity(keys.len());
         for lookup in lookups {
             let part = lookup
                 .await
                 .map_err(|e| StoreError::Io(io::Error::other(e)))??;
-            present.extend(part);
+            sizes.extend(part);
         }
-        Ok(present)
+        Ok(sizes)
     }
 
-    fn present_blocking(&self, keys: &[ArtifactKey]) -> Result<Vec<bool>, StoreError> {
+    fn sizes_blocking(&self, keys: &[ArtifactKey]) -> Result<Vec<Option<u64>>, StoreError> {
         let encoded: Vec<Vec<u8>> = keys.iter().map(ArtifactKey::encode).collect();
         let values =
             self.inner
                 .db
                 .batched_multi_get_cf(self.cf(meta::CF_ARTIFACTS), &encoded, false);
         let resolution = self.access_resolution_ms();
-        let mut present = Vec::with_capacity(keys.len());
+        let mut sizes = Vec::with_capacity(keys.len());
         for ((key, encoded), value) in keys.iter().zip(&encoded).zip(values) {
-            let found = value?.is_some_and(|value| {
-                meta::decode::<meta::RecordView>(&value).is_some_and(|record| {
-                    let visible = !self.inner.tombstones.hides(&key.project, record.version_ms);
-                    if visible {
-                        self.inner
-                            .touches
-                            .note(encoded, record.accessed_ms, resolution);
-                    }
-                    visible
-                })
+            let size = value?.and_then(|value| {
+                let record = meta::decode::<meta::RecordView>(&value)?;
+                if self.inner.tombstones.hides(&key.project, record.version_ms) {
+                    return None;
+                }
+                self.inner
+                    .touches
+                    .note(encoded, record.accessed_ms, resolution);
+                Some(record.size)
             });
-            present.push(found);
+            sizes.push(size);
         }
-        Ok(present)
+        Ok(sizes)
     }
 
     /// The record under `key` unless a clean of its project hides it.

@@ -131,20 +131,20 @@ impl Store {
         })
     }
 
-    /// The committed offset of the resumable upload `name` (0 when there is none): what
+    /// The committed offset of the resumable upload `name` (`None` when there is none): what
     /// `QueryWriteStatus` reports. In `fsync` durability the bytes are synced first, so the
     /// offset survives a power cut. Blocking.
-    pub fn resumable_offset(&self, name: &str) -> Result<u64, StoreError> {
+    pub fn resumable_offset(&self, name: &str) -> Result<Option<u64>, StoreError> {
         let path = self.inner.staging_dir.join(staging_name(name));
         let file = match File::open(path) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         if self.fsyncs() {
             file.sync_data().map_err(StoreError::from_write)?;
         }
-        Ok(file.metadata()?.len())
+        Ok(Some(file.metadata()?.len()))
     }
 
     /// Deletes resumable uploads nobody wrote to for `max_age` and no writer holds. Blocking: a
@@ -442,7 +442,10 @@ mod tests {
         assert_eq!(acknowledged, (CHUNKS / 2 * CHUNK) as u64);
 
         let store = open(dir.path());
-        let offset = store.resumable_offset("blob-1").unwrap();
+        let offset = store
+            .resumable_offset("blob-1")
+            .unwrap()
+            .expect("the upload survived");
         assert!(
             offset >= acknowledged && offset < (CHUNKS * CHUNK) as u64,
             "offset {offset} after kill -9, {acknowledged} acknowledged"
@@ -452,7 +455,7 @@ mod tests {
         assert_eq!(body_of(&store, &key).await, Some(whole_body()));
         assert_eq!(
             store.resumable_offset("blob-1").unwrap(),
-            0,
+            None,
             "published: gone"
         );
     }
@@ -471,7 +474,7 @@ mod tests {
         drop(store);
 
         let store = open(dir.path());
-        assert_eq!(store.resumable_offset("u").unwrap(), CHUNK as u64);
+        assert_eq!(store.resumable_offset("u").unwrap(), Some(CHUNK as u64));
         let key = ArtifactKey::new("p", Kind::CasSha256, "u");
         complete(&store, "u", &key).await;
         assert_eq!(body_of(&store, &key).await, Some(whole_body()));
@@ -503,7 +506,7 @@ mod tests {
         ));
         let upload = store.resume_upload("u", u64::MAX, true).await.unwrap();
         upload.discard();
-        assert_eq!(store.resumable_offset("u").unwrap(), 0);
+        assert_eq!(store.resumable_offset("u").unwrap(), None);
     }
 
     #[tokio::test]
@@ -520,9 +523,9 @@ mod tests {
             0
         );
         assert_eq!(store.expire_resumable(Duration::ZERO).unwrap(), 1);
-        assert_eq!(store.resumable_offset("idle").unwrap(), 0);
+        assert_eq!(store.resumable_offset("idle").unwrap(), None);
         assert_eq!(open.committed(), CHUNK as u64);
-        assert_eq!(store.resumable_offset("open").unwrap(), CHUNK as u64);
+        assert_eq!(store.resumable_offset("open").unwrap(), Some(CHUNK as u64));
     }
 
     /// A retry of the same name after `finish` starts a new upload: it can neither append to
@@ -536,7 +539,7 @@ mod tests {
             upload.write(chunk(i)).await.unwrap();
         }
         let staged = upload.finish(None).await.unwrap();
-        assert_eq!(store.resumable_offset("u").unwrap(), 0);
+        assert_eq!(store.resumable_offset("u").unwrap(), None);
         let mut retry = store.resume_upload("u", u64::MAX, false).await.unwrap();
         assert_eq!(retry.committed(), 0);
         retry.write(chunk(9)).await.unwrap();

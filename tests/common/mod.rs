@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod grpc;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 pub struct Node {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The gRPC (REAPI) listener.
+    pub grpc_addr: SocketAddr,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
@@ -73,6 +76,7 @@ impl Node {
         };
         let mut env = vec![
             ("KURA_SERVER_HTTP".to_string(), "127.0.0.1:0".to_string()),
+            ("KURA_SERVER_GRPC".to_string(), "127.0.0.1:0".to_string()),
             (
                 "KURA_STORAGE_DATA_DIR".to_string(),
                 data_dir.display().to_string(),
@@ -84,6 +88,7 @@ impl Node {
         let mut node = Node {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             env,
             wrapper: options.wrapper,
@@ -128,14 +133,15 @@ impl Node {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("kura is serving")
                     && let Some(addr) = json_field(&line, "address")
+                    && let Some(grpc) = json_field(&line, "grpc_address")
                 {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((addr, grpc));
                 }
                 logs.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
+        let (addr, grpc_addr) = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -145,6 +151,7 @@ impl Node {
             }
         };
         self.addr = addr.parse().expect("address in log");
+        self.grpc_addr = grpc_addr.parse().expect("grpc_address in log");
         self.child = Some(child);
     }
 

@@ -1,0 +1,234 @@
+//! `ActionCache`: action results keyed by action digest, stored in the same `ac` kind as the
+//! Bazel HTTP `/ac/` routes.
+//!
+//! A stored value is served only if it is an `ActionResult` whose outputs are all still
+//! stored: eviction may have taken a blob the result names, and a result whose outputs are gone
+//! would fail the client's build, so it is a miss. Values written over HTTP that are not
+//! action results (ccache stores its own bytes under `/ac/`) are misses too. Serving a result
+//! refreshes the access time of every blob it names, so they are not the next evicted.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::access::{CallInfo, authorize};
+use super::blobs::{read_blob, read_whole, store_value};
+use super::digest::{BlobDigest, HashFunction};
+use super::proto::reapi::action_cache_server::ActionCache;
+use super::proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
+use super::resource::project_of_instance;
+use super::status::of_store_error;
+use crate::auth::Action;
+use crate::context::NodeContext;
+
+pub(crate) struct ActionCacheService {
+    pub node: Arc<NodeContext>,
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let project = project_of_instance(&request.get_ref().instance_name)?;
+        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
+        let request = request.into_inner();
+        let function = HashFunction::from_field(request.digest_function)?;
+        let action =
+            BlobDigest::from_proto(function, request.action_digest.as_ref(), "action_digest")?;
+        let max = self.node.config.grpc.max_message_size.0;
+        let miss = || Status::not_found("no action result for this action");
+        let value = read_whole(&self.node, &action.action_key(&project), None, max)
+            .await?
+            .ok_or_else(miss)?;
+        let Ok(mut result) = ActionResult::decode(value) else {
+            return Err(Status::not_found(
+                "the value stored for this action is not an ActionResult",
+            ));
+        };
+        let outputs = outputs_of(&self.node, &project, function, &result).await?;
+        if !all_present(&self.node, &project, outputs).await? {
+            return Err(Status::not_found(
+                "an output of this action result is no longer stored",
+            ));
+        }
+        let budget = self.node.config.grpc.inline_max.0;
+        inline(
+            &self.node,
+            &project,
+            function,
+            &request,
+            &mut result,
+            budget,
+        )
+        .await?;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let project = project_of_instance(&request.get_ref().instance_name)?;
+        authorize(&self.node, &CallInfo::of(&request), &project, Action::Write).await?;
+        let request = request.into_inner();
+        let function = HashFunction::from_field(request.digest_function)?;
+        let action =
+            BlobDigest::from_proto(function, request.action_digest.as_ref(), "action_digest")?;
+        let result = request
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
+        check_result(function, &result)?;
+        store_value(
+            &self.node,
+            &action.action_key(&project),
+            &result.encode_to_vec(),
+        )
+        .await?;
+        Ok(Response::new(result))
+    }
+}
+
+/// Every digest an action result names, each checked.
+fn named_digests(function: HashFunction, result: &ActionResult) -> Result<Vec<BlobDigest>, Status> {
+    let files = result
+        .output_files
+        .iter()
+        .map(|f| (f.digest.as_ref(), "output_files.digest"));
+    let trees = result
+        .output_directories
+        .iter()
+        .map(|d| (d.tree_digest.as_ref(), "output_directories.tree_digest"));
+    let logs = [
+        (result.stdout_digest.as_ref(), "stdout_digest"),
+        (result.stderr_digest.as_ref(), "stderr_digest"),
+    ]
+    .into_iter()
+    .filter(|(digest, _)| digest.is_some());
+    files
+        .chain(trees)
+        .chain(logs)
+        .map(|(digest, what)| BlobDigest::from_proto(function, digest, what))
+        .collect()
+}
+
+/// A result the node may store: every digest in it well-formed.
+fn check_result(function: HashFunction, result: &ActionResult) -> Result<(), Status> {
+    named_digests(function, result).map(|_| ())
+}
+
+/// The blobs a served result depends on: the ones it names, and the files inside its output
+/// directories' trees.
+async fn outputs_of(
+    node: &NodeContext,
+    project: &str,
+    function: HashFunction,
+    result: &ActionResult,
+) -> Result<Option<Vec<BlobDigest>>, Status> {
+    let Ok(mut outputs) = named_digests(function, result) else {
+        // Stored by another front end with a malformed digest: not a result to serve.
+        return Ok(None);
+    };
+    let max_tree = node.config.limits.blob.0;
+    for directory in &result.output_directories {
+        let Ok(tree_digest) =
+            BlobDigest::from_proto(function, directory.tree_digest.as_ref(), "tree_digest")
+        else {
+            return Ok(None);
+        };
+        let Some(bytes) = read_blob(node, project, &tree_digest, max_tree).await? else {
+            return Ok(None);
+        };
+        let Ok(tree) = Tree::decode(bytes) else {
+            return Ok(None);
+        };
+        for directory in tree.root.iter().chain(&tree.children) {
+            for file in &directory.files {
+                match BlobDigest::from_proto(function, file.digest.as_ref(), "digest") {
+                    Ok(digest) => outputs.push(digest),
+                    Err(_) => return Ok(None),
+                }
+            }
+        }
+    }
+    Ok(Some(outputs))
+}
+
+/// Whether every output is stored with its size (refreshing their access times).
+async fn all_present(
+    node: &NodeContext,
+    project: &str,
+    outputs: Option<Vec<BlobDigest>>,
+) -> Result<bool, Status> {
+    let Some(outputs) = outputs else {
+        return Ok(false);
+    };
+    let (keys, sizes): (Vec<_>, Vec<_>) = outputs
+        .iter()
+        .filter(|digest| !digest.is_empty_blob())
+        .map(|digest| (digest.cas_key(project), digest.size))
+        .unzip();
+    let stored = node
+        .store
+        .stored_sizes(keys)
+        .await
+        .map_err(of_store_error)?;
+    Ok(stored
+        .iter()
+        .zip(&sizes)
+        .all(|(stored, size)| *stored == Some(*size)))
+}
+
+/// Inlines what the request asks for, within `budget` bytes together.
+async fn inline(
+    node: &NodeContext,
+    project: &str,
+    function: HashFunction,
+    request: &GetActionResultRequest,
+    result: &mut ActionResult,
+    mut budget: u64,
+) -> Result<(), Status> {
+    let mut take = |size: u64| {
+        let fits = size <= budget;
+        if fits {
+            budget -= size;
+        }
+        fits
+    };
+    if request.inline_stdout
+        && result.stdout_raw.is_empty()
+        && let Some(digest) = checked(function, result.stdout_digest.as_ref())
+        && take(digest.size)
+        && let Some(bytes) = read_blob(node, project, &digest, digest.size).await?
+    {
+        result.stdout_raw = bytes;
+    }
+    if request.inline_stderr
+        && result.stderr_raw.is_empty()
+        && let Some(digest) = checked(function, result.stderr_digest.as_ref())
+        && take(digest.size)
+        && let Some(bytes) = read_blob(node, project, &digest, digest.size).await?
+    {
+        result.stderr_raw = bytes;
+    }
+    for file in &mut result.output_files {
+        if file.contents.is_empty()
+            && request.inline_output_files.contains(&file.path)
+            && let Some(digest) = checked(function, file.digest.as_ref())
+            && take(digest.size)
+            && let Some(bytes) = read_blob(node, project, &digest, digest.size).await?
+        {
+            file.contents = bytes;
+        }
+    }
+    Ok(())
+}
+
+fn checked(
+    function: HashFunction,
+    digest: Option<&super::proto::reapi::Digest>,
+) -> Option<BlobDigest> {
+    digest.and_then(|digest| BlobDigest::from_proto(function, Some(digest), "digest").ok())
+}

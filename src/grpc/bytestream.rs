@@ -1,0 +1,482 @@
+//! `ByteStream`: blobs of any size, streamed in chunks, with resumable uploads.
+//!
+//! Reads stream the store's verified body (a mismatch aborts the stream with `DATA_LOSS`, so a
+//! client never gets wrong bytes with an OK status), as zstd on `compressed-blobs/zstd` names.
+//!
+//! Writes of plain blobs go through the store's resumable uploads, keyed by the resource name
+//! (without its ignored metadata segments): every chunk is appended to the upload's file as it
+//! arrives, so an interrupted stream, or a node restarted under it, resumes at the offset
+//! `QueryWriteStatus` reports. The blob is published only once `finish_write` came, the size
+//! matches and the digest of the whole body checked out. zstd uploads are decoded as they
+//! arrive into a plain staged body; they are not resumable (their status is unknown once
+//! interrupted, and the client starts again at 0).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::access::{CallInfo, authorize};
+use super::compress::{StreamDecoder, StreamEncoder};
+use super::digest::HashFunction;
+use super::proto::bytestream::byte_stream_server::ByteStream;
+use super::proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use super::resource::{BlobName, UploadName, parse_read, parse_write};
+use super::status::of_store_error;
+use crate::auth::Action;
+use crate::context::NodeContext;
+use crate::memory::MemoryLease;
+use crate::storage::{BodyStream, ResumableUpload, StoreError};
+
+/// Largest data chunk of a `ReadResponse`.
+const READ_CHUNK: usize = 1024 * 1024;
+/// What one stream holds in memory at most: a chunk in hand and one on the way.
+const STREAM_FOOTPRINT: u64 = 2 * READ_CHUNK as u64;
+
+pub(crate) struct ByteStreamService {
+    pub node: Arc<NodeContext>,
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
+        let name = parse_read(&request.get_ref().resource_name)?;
+        authorize(
+            &self.node,
+            &CallInfo::of(&request),
+            &name.project,
+            Action::Read,
+        )
+        .await?;
+        let ReadRequest {
+            read_offset,
+            read_limit,
+            ..
+        } = request.into_inner();
+        let offset = u64::try_from(read_offset)
+            .map_err(|_| Status::out_of_range(format!("read_offset {read_offset} is negative")))?;
+        let limit = u64::try_from(read_limit)
+            .map_err(|_| Status::out_of_range(format!("read_limit {read_limit} is negative")))?;
+        let body = self.open(&name).await?;
+        let lease = self.lease(name.digest.size.min(STREAM_FOOTPRINT)).await?;
+        let chunks = match name.compressed {
+            false => {
+                if offset > name.digest.size {
+                    return Err(past_the_end(offset, name.digest.size));
+                }
+                let end = match limit {
+                    0 => name.digest.size,
+                    limit => name.digest.size.min(offset.saturating_add(limit)),
+                };
+                body.range(offset, end)
+            }
+            true => window(compressed(body.range(0, name.digest.size)), offset, limit),
+        };
+        let responses = chunks.map(move |chunk| {
+            let _held = &lease;
+            chunk.map(|data| ReadResponse { data })
+        });
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let call = CallInfo::of(&request);
+        let (metadata, extensions) = (call.metadata.clone(), call.extensions.clone());
+        let mut messages = request.into_inner();
+        let first = messages
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the write stream carried no message"))?;
+        let name = parse_write(&first.resource_name)?;
+        let call = CallInfo {
+            metadata: &metadata,
+            extensions: &extensions,
+        };
+        authorize(&self.node, &call, &name.blob.project, Action::Write).await?;
+        let limit = self.node.config.limits.blob.0;
+        if name.blob.digest.size > limit {
+            return Err(Status::invalid_argument(format!(
+                "the blob is {} bytes, over the node's limit of {limit} (limits.blob)",
+                name.blob.digest.size
+            )));
+        }
+        if self.stored(&name.blob).await? {
+            // Already stored: end the upload early, as REAPI allows.
+            let committed_size = match name.blob.compressed {
+                false => name.blob.digest.size as i64,
+                true => -1,
+            };
+            return Ok(Response::new(WriteResponse { committed_size }));
+        }
+        let _lease = self
+            .lease(name.blob.digest.size.min(STREAM_FOOTPRINT))
+            .await?;
+        let resource_name = first.resource_name.clone();
+        let upload = Upload {
+            node: &self.node,
+            resource_name: &resource_name,
+            name: &name,
+        };
+        let committed_size = match name.blob.compressed {
+            false => upload.plain(first, messages).await?,
+            true => upload.compressed(first, messages).await?,
+        };
+        Ok(Response::new(WriteResponse { committed_size }))
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let name = parse_write(&request.get_ref().resource_name)?;
+        authorize(
+            &self.node,
+            &CallInfo::of(&request),
+            &name.blob.project,
+            Action::Write,
+        )
+        .await?;
+        if self.stored(&name.blob).await? {
+            return Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: name.blob.digest.size as i64,
+                complete: true,
+            }));
+        }
+        let store = self.node.store.clone();
+        let staging_name = name.staging_name();
+        let offset = tokio::task::spawn_blocking(move || store.resumable_offset(&staging_name))
+            .await
+            .map_err(|e| Status::internal(format!("status lookup failed: {e}")))?
+            .map_err(of_store_error)?;
+        match offset {
+            Some(offset) if !name.blob.compressed => Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: offset as i64,
+                complete: false,
+            })),
+            _ => Err(Status::not_found(
+                "no upload in progress under this resource name; start at offset 0",
+            )),
+        }
+    }
+}
+
+impl ByteStreamService {
+    /// Whether the blob is stored (the empty blob always is); a hit refreshes its access time.
+    async fn stored(&self, blob: &BlobName) -> Result<bool, Status> {
+        if blob.digest.is_empty_blob() {
+            return Ok(true);
+        }
+        let sizes = self
+            .node
+            .store
+            .stored_sizes(vec![blob.digest.cas_key(&blob.project)])
+            .await
+            .map_err(of_store_error)?;
+        Ok(sizes.first() == Some(&Some(blob.digest.size)))
+    }
+
+    /// Opens the blob for reading, or NOT_FOUND.
+    async fn open(&self, name: &BlobName) -> Result<Body, Status> {
+        if name.digest.is_empty_blob() {
+            return Ok(Body::Empty);
+        }
+        let key = name.digest.cas_key(&name.project);
+        match self.node.store.read(&key).await.map_err(of_store_error)? {
+            Some(artifact) if artifact.info.size == name.digest.size => Ok(Body::Stored(artifact)),
+            _ => Err(Status::not_found("blob not found")),
+        }
+    }
+
+    async fn lease(&self, bytes: u64) -> Result<MemoryLease, Status> {
+        self.node.body_memory.lease(bytes).await.ok_or_else(|| {
+            Status::resource_exhausted(
+                "the node holds as many transfers in memory as it may; retry shortly",
+            )
+        })
+    }
+}
+
+type Chunks = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+/// A blob opened for reading.
+enum Body {
+    Empty,
+    Stored(crate::storage::Artifact),
+}
+
+impl Body {
+    /// The bytes in `[start, end)` as chunks of at most [`READ_CHUNK`].
+    fn range(self, start: u64, end: u64) -> Chunks {
+        match self {
+            Body::Empty => Box::pin(stream::empty()),
+            Body::Stored(artifact) => match artifact.into_body(start, end) {
+                BodyStream::Bytes(bytes) => {
+                    let chunks: Vec<Result<Bytes, Status>> = (0..bytes.len())
+                        .step_by(READ_CHUNK)
+                        .map(|at| Ok(bytes.slice(at..(at + READ_CHUNK).min(bytes.len()))))
+                        .collect();
+                    Box::pin(stream::iter(chunks))
+                }
+                BodyStream::Stream(chunks) => Box::pin(chunks.map(|chunk| {
+                    chunk.map_err(|_| {
+                        Status::data_loss(
+                            "the stored blob failed verification and was dropped; upload it again",
+                        )
+                    })
+                })),
+            },
+        }
+    }
+}
+
+/// The chunks zstd-compressed, as one frame.
+fn compressed(chunks: Chunks) -> Chunks {
+    let encoder = match StreamEncoder::new() {
+        Ok(encoder) => encoder,
+        Err(e) => {
+            return Box::pin(stream::once(
+                async move { Err(Status::internal(e.to_string())) },
+            ));
+        }
+    };
+    let state = (chunks, Some(encoder));
+    Box::pin(
+        stream::unfold(state, |(mut chunks, encoder)| async move {
+            let mut encoder = encoder?;
+            let step = match chunks.next().await {
+                Some(Ok(chunk)) => encoder.push(&chunk).map(|out| (out, false)),
+                Some(Err(status)) => return Some((Err(status), (chunks, None))),
+                None => encoder.finish().map(|out| (out, true)),
+            };
+            match step {
+                Ok((out, true)) => Some((Ok(out), (chunks, None))),
+                Ok((out, false)) => Some((Ok(out), (chunks, Some(encoder)))),
+                Err(e) => Some((Err(Status::internal(format!("zstd: {e}"))), (chunks, None))),
+            }
+        })
+        .filter(|chunk| std::future::ready(!matches!(chunk, Ok(bytes) if bytes.is_empty()))),
+    )
+}
+
+/// Skips `offset` bytes of a stream and ends it after `limit` more (0: no limit). An offset
+/// past the end is OUT_OF_RANGE, found once the stream ends short of it.
+fn window(chunks: Chunks, offset: u64, limit: u64) -> Chunks {
+    let limit = if limit == 0 { u64::MAX } else { limit };
+    let state = (chunks, 0u64, 0u64);
+    Box::pin(stream::unfold(
+        state,
+        move |(mut chunks, mut seen, mut sent)| async move {
+            loop {
+                if sent >= limit {
+                    return None;
+                }
+                let chunk = match chunks.next().await {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(status)) => return Some((Err(status), (chunks, u64::MAX, u64::MAX))),
+                    None if seen < offset => {
+                        let status = past_the_end(offset, seen);
+                        return Some((Err(status), (chunks, u64::MAX, u64::MAX)));
+                    }
+                    None => return None,
+                };
+                let (start, end) = (seen, seen + chunk.len() as u64);
+                seen = end;
+                if end <= offset {
+                    continue;
+                }
+                let from = offset.saturating_sub(start) as usize;
+                let take = (chunk.len() - from).min((limit - sent) as usize);
+                sent += take as u64;
+                return Some((Ok(chunk.slice(from..from + take)), (chunks, seen, sent)));
+            }
+        },
+    ))
+}
+
+fn past_the_end(offset: u64, size: u64) -> Status {
+    Status::out_of_range(format!(
+        "read_offset {offset} is past the end of the blob ({size} bytes)"
+    ))
+}
+
+/// One Write call being received.
+struct Upload<'a> {
+    node: &'a NodeContext,
+    /// The name as the first message carried it: later messages may repeat it, not change it.
+    resource_name: &'a str,
+    name: &'a UploadName,
+}
+
+impl Upload<'_> {
+    /// Appends to the resumable upload, publishing once complete and verified.
+    async fn plain(
+        &self,
+        first: WriteRequest,
+        mut messages: Streaming<WriteRequest>,
+    ) -> Result<i64, Status> {
+        let digest = &self.name.blob.digest;
+        let want_sha256 = digest.function == HashFunction::Sha256;
+        let staging = self.name.staging_name();
+        let store = &self.node.store;
+        let mut upload = store
+            .resume_upload(&staging, digest.size, want_sha256)
+            .await
+            .map_err(of_store_error)?;
+        if first.write_offset == 0 && upload.committed() > 0 {
+            // The client starts over: what an earlier attempt left is not what it sends.
+            upload.discard();
+            upload = store
+                .resume_upload(&staging, digest.size, want_sha256)
+                .await
+                .map_err(of_store_error)?;
+        }
+        let mut message = first;
+        loop {
+            self.check_name(&message)?;
+            if message.write_offset != upload.committed() as i64 {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {} but {} bytes are committed; query the write status and resume there",
+                    message.write_offset,
+                    upload.committed()
+                )));
+            }
+            if !message.data.is_empty() {
+                write_chunk(&mut upload, message.data).await?;
+            }
+            if message.finish_write {
+                break;
+            }
+            message = match messages.message().await {
+                Ok(Some(next)) => next,
+                Ok(None) => {
+                    return Err(
+                        keep_for_resume(upload, "the stream ended before finish_write").await,
+                    );
+                }
+                Err(status) => return Err(keep_for_resume(upload, status.message()).await),
+            };
+        }
+        if upload.committed() != digest.size {
+            let status = Status::invalid_argument(format!(
+                "finish_write after {} bytes, but the digest says {}; nothing was stored",
+                upload.committed(),
+                digest.size
+            ));
+            upload.discard();
+            return Err(status);
+        }
+        // Digests are checked here rather than in `finish`, which would keep a wrong upload.
+        let staged = upload.finish(None).await.map_err(of_store_error)?;
+        if !digest.matches(&staged) {
+            return Err(Status::invalid_argument(
+                "digest mismatch: the bytes do not hash to the digest in the resource name; nothing was stored",
+            ));
+        }
+        store
+            .commit_local(&digest.cas_key(&self.name.blob.project), staged)
+            .await
+            .map_err(of_store_error)?;
+        Ok(digest.size as i64)
+    }
+
+    /// Decodes a zstd upload into a staged body as it arrives; publishes once verified.
+    async fn compressed(
+        &self,
+        first: WriteRequest,
+        mut messages: Streaming<WriteRequest>,
+    ) -> Result<i64, Status> {
+        let digest = &self.name.blob.digest;
+        let mut writer = self
+            .node
+            .store
+            .writer(digest.size, digest.function == HashFunction::Sha256);
+        let mut decoder =
+            StreamDecoder::new(digest.size).map_err(|e| Status::internal(format!("zstd: {e}")))?;
+        let mut received = 0u64;
+        let mut message = first;
+        loop {
+            self.check_name(&message)?;
+            if message.write_offset != received as i64 {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {} but {received} compressed bytes were received; compressed uploads restart at 0",
+                    message.write_offset
+                )));
+            }
+            received += message.data.len() as u64;
+            decoder.feed(message.data);
+            while let Some(piece) = decoder
+                .next()
+                .map_err(|e| Status::invalid_argument(format!("bad zstd data: {e}")))?
+            {
+                writer.write(&piece).await.map_err(of_store_error)?;
+            }
+            if message.finish_write {
+                break;
+            }
+            message = messages
+                .message()
+                .await?
+                .ok_or_else(|| Status::invalid_argument("the stream ended before finish_write"))?;
+        }
+        if !decoder.complete() || writer.size() != digest.size {
+            return Err(Status::invalid_argument(format!(
+                "the zstd stream decoded to {} bytes (complete: {}), the digest says {}; nothing was stored",
+                writer.size(),
+                decoder.complete(),
+                digest.size
+            )));
+        }
+        let staged = writer.finish(None).await.map_err(of_store_error)?;
+        if !digest.matches(&staged) {
+            return Err(Status::invalid_argument(
+                "digest mismatch: the decompressed bytes do not hash to the digest in the resource name; nothing was stored",
+            ));
+        }
+        self.node
+            .store
+            .commit_local(&digest.cas_key(&self.name.blob.project), staged)
+            .await
+            .map_err(of_store_error)?;
+        Ok(received as i64)
+    }
+
+    fn check_name(&self, message: &WriteRequest) -> Result<(), Status> {
+        if !message.resource_name.is_empty() && message.resource_name != self.resource_name {
+            return Err(Status::invalid_argument(
+                "the resource name changed in the middle of the stream",
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn write_chunk(upload: &mut ResumableUpload, data: Bytes) -> Result<(), Status> {
+    upload.write(data).await.map_err(|error| match error {
+        StoreError::TooLarge { .. } => {
+            Status::invalid_argument("more bytes than the digest's size; nothing was stored")
+        }
+        error => of_store_error(error),
+    })
+}
+
+/// An interrupted upload: its bytes are made durable for a resume, and the call fails.
+async fn keep_for_resume(mut upload: ResumableUpload, why: &str) -> Status {
+    match upload.sync().await {
+        Ok(committed) => Status::cancelled(format!(
+            "{why}; {committed} bytes are committed: resume at that offset"
+        )),
+        Err(error) => of_store_error(error),
+    }
+}

@@ -1,0 +1,363 @@
+//! `ContentAddressableStorage`: which blobs are missing, blobs in batches, and directory trees.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt, stream};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::access::{CallInfo, authorize};
+use super::blobs::{read_blob, store_blob};
+use super::compress;
+use super::digest::{BlobDigest, HashFunction};
+use super::proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
+use super::proto::reapi::{
+    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
+    BatchUpdateBlobsResponse, Digest, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
+    compressor,
+};
+use super::proto::rpc;
+use super::resource::project_of_instance;
+use super::status::of_store_error;
+use crate::auth::Action;
+use crate::context::NodeContext;
+
+/// Blobs of one batch call stored or read at once.
+const BATCH_CONCURRENCY: usize = 16;
+/// Directories per GetTree page when the client leaves `page_size` at 0.
+const DEFAULT_TREE_PAGE: usize = 1000;
+/// Room kept for a message's own framing when its contents approach the message limit.
+const FRAMING_ROOM: usize = 16 * 1024;
+
+pub(crate) struct Cas {
+    pub node: Arc<NodeContext>,
+}
+
+type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for Cas {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let project = project_of_instance(&request.get_ref().instance_name)?;
+        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
+        let request = request.into_inner();
+        let function = HashFunction::from_field(request.digest_function)?;
+        let digests = parse_all(function, &request.blob_digests)?;
+        // The empty blob is always present and never looked up.
+        let (keys, asked): (Vec<_>, Vec<_>) = digests
+            .iter()
+            .filter(|digest| !digest.is_empty_blob())
+            .map(|digest| (digest.cas_key(&project), digest))
+            .unzip();
+        let sizes = self
+            .node
+            .store
+            .stored_sizes(keys)
+            .await
+            .map_err(of_store_error)?;
+        let missing = asked
+            .into_iter()
+            .zip(sizes)
+            .filter(|(digest, size)| *size != Some(digest.size))
+            .map(|(digest, _)| digest.to_proto())
+            .collect();
+        Ok(Response::new(FindMissingBlobsResponse {
+            missing_blob_digests: missing,
+        }))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        request: Request<BatchUpdateBlobsRequest>,
+    ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let project = project_of_instance(&request.get_ref().instance_name)?;
+        authorize(&self.node, &CallInfo::of(&request), &project, Action::Write).await?;
+        let request = request.into_inner();
+        let function = HashFunction::from_field(request.digest_function)?;
+        // Both what arrived and what it expands to must fit: a small zstd item may claim a
+        // large size.
+        let total: u64 = request
+            .requests
+            .iter()
+            .map(|item| {
+                let claimed = item
+                    .digest
+                    .as_ref()
+                    .map_or(0, |d| d.size_bytes.max(0) as u64);
+                claimed.max(item.data.len() as u64)
+            })
+            .sum();
+        self.check_batch_total(total)?;
+        let _lease = self.lease(total).await?;
+        let node = &self.node;
+        let project = &project;
+        let responses = stream::iter(request.requests)
+            .map(|item| async move {
+                let digest = item.digest.clone();
+                let status = match update_one(node, project, function, item).await {
+                    Ok(()) => ok_status(),
+                    Err(status) => to_rpc_status(&status),
+                };
+                batch_update_blobs_response::Response {
+                    digest,
+                    status: Some(status),
+                }
+            })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await;
+        Ok(Response::new(BatchUpdateBlobsResponse { responses }))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        request: Request<BatchReadBlobsRequest>,
+    ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let project = project_of_instance(&request.get_ref().instance_name)?;
+        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
+        let request = request.into_inner();
+        let function = HashFunction::from_field(request.digest_function)?;
+        let digests = parse_all(function, &request.digests)?;
+        let total: u64 = digests.iter().map(|d| d.size).sum();
+        self.check_batch_total(total)?;
+        let _lease = self.lease(total).await?;
+        let zstd = request
+            .acceptable_compressors
+            .contains(&(compressor::Value::Zstd as i32));
+        let max = self.node.config.grpc.max_batch_total_size.0;
+        let node = &self.node;
+        let project = &project;
+        let responses = stream::iter(digests)
+            .map(|digest| async move {
+                let (data, compressor, status) = match read_blob(node, project, &digest, max).await
+                {
+                    Ok(Some(data)) => {
+                        let (data, compressor) = maybe_compress(data, zstd);
+                        (data, compressor, ok_status())
+                    }
+                    Ok(None) => (
+                        bytes::Bytes::new(),
+                        compressor::Value::Identity,
+                        to_rpc_status(&Status::not_found("blob not found")),
+                    ),
+                    Err(status) => (
+                        bytes::Bytes::new(),
+                        compressor::Value::Identity,
+                        to_rpc_status(&status),
+                    ),
+                };
+                batch_read_blobs_response::Response {
+                    digest: Some(digest.to_proto()),
+                    data,
+                    compressor: compressor as i32,
+                    status: Some(status),
+                }
+            })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await;
+        Ok(Response::new(BatchReadBlobsResponse { responses }))
+    }
+
+    type GetTreeStream = TreeStream;
+
+    async fn get_tree(
+        &self,
+        request: Request<GetTreeRequest>,
+    ) -> Result<Response<TreeStream>, Status> {
+        let project = project_of_instance(&request.get_ref().instance_name)?;
+        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
+        let request = request.into_inner();
+        let function = HashFunction::from_field(request.digest_function)?;
+        let root = BlobDigest::from_proto(function, request.root_digest.as_ref(), "root_digest")?;
+        let start = match request.page_token.as_str() {
+            "" => 0,
+            token => token
+                .parse::<usize>()
+                .map_err(|_| Status::invalid_argument("page_token was not issued by this node"))?,
+        };
+        let page_size = match usize::try_from(request.page_size) {
+            Ok(0) => DEFAULT_TREE_PAGE,
+            Ok(size) => size,
+            Err(_) => return Err(Status::invalid_argument("page_size is negative")),
+        };
+        let limit = self.node.config.grpc.max_message_size.0 as usize - FRAMING_ROOM;
+        let tree = Tree::walk(&self.node, &project, &root, start + page_size, limit).await?;
+        if start == 0 && tree.directories.is_empty() {
+            return Err(Status::not_found("the root directory is not stored"));
+        }
+        let end = (start + page_size).min(tree.directories.len());
+        let page: Vec<Directory> = tree
+            .directories
+            .get(start..end)
+            .unwrap_or_default()
+            .to_vec();
+        let next = if tree.more || end < tree.directories.len() {
+            end.to_string()
+        } else {
+            String::new()
+        };
+        let messages = split_into_messages(page, next, limit);
+        Ok(Response::new(Box::pin(stream::iter(
+            messages.into_iter().map(Ok),
+        ))))
+    }
+}
+
+impl Cas {
+    fn check_batch_total(&self, total: u64) -> Result<(), Status> {
+        let max = self.node.config.grpc.max_batch_total_size.0;
+        if total > max {
+            return Err(Status::invalid_argument(format!(
+                "the batch holds {total} bytes of blobs, over max_batch_total_size_bytes ({max}); use ByteStream for large blobs"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn lease(&self, bytes: u64) -> Result<crate::memory::MemoryLease, Status> {
+        self.node.body_memory.lease(bytes).await.ok_or_else(|| {
+            Status::resource_exhausted(
+                "the node holds as many transfers in memory as it may; retry shortly",
+            )
+        })
+    }
+}
+
+/// Stores one item of a BatchUpdateBlobs call.
+async fn update_one(
+    node: &NodeContext,
+    project: &str,
+    function: HashFunction,
+    item: super::proto::reapi::batch_update_blobs_request::Request,
+) -> Result<(), Status> {
+    let digest = BlobDigest::from_proto(function, item.digest.as_ref(), "digest")?;
+    let data = match compressor::Value::try_from(item.compressor) {
+        Ok(compressor::Value::Identity) => item.data.to_vec(),
+        Ok(compressor::Value::Zstd) => compress::decompress_exact(&item.data, digest.size)
+            .map_err(|e| Status::invalid_argument(format!("bad zstd data: {e}")))?,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "compressor {} is not supported; use IDENTITY or ZSTD",
+                item.compressor
+            )));
+        }
+    };
+    store_blob(node, project, &digest, &data).await
+}
+
+/// The parsed digests of a request; one malformed digest refuses the whole call.
+fn parse_all(function: HashFunction, digests: &[Digest]) -> Result<Vec<BlobDigest>, Status> {
+    digests
+        .iter()
+        .map(|digest| BlobDigest::from_proto(function, Some(digest), "digest"))
+        .collect()
+}
+
+/// zstd when the client accepts it and it makes the blob smaller.
+fn maybe_compress(data: bytes::Bytes, zstd: bool) -> (bytes::Bytes, compressor::Value) {
+    if zstd
+        && !data.is_empty()
+        && let Ok(compressed) = compress::compress(&data)
+        && compressed.len() < data.len()
+    {
+        return (compressed.into(), compressor::Value::Zstd);
+    }
+    (data, compressor::Value::Identity)
+}
+
+fn ok_status() -> rpc::Status {
+    rpc::Status {
+        code: tonic::Code::Ok as i32,
+        message: String::new(),
+        details: Vec::new(),
+    }
+}
+
+/// A call status as a batch item's status.
+pub(crate) fn to_rpc_status(status: &Status) -> rpc::Status {
+    rpc::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: Vec::new(),
+    }
+}
+
+/// Directories of a tree in breadth-first order from its root, each once.
+struct Tree {
+    directories: Vec<Directory>,
+    /// The walk stopped at its limit with directories left.
+    more: bool,
+}
+
+impl Tree {
+    /// Walks the tree under `root` until `want` directories are found. Directories missing
+    /// from the store are left out, with what is below them.
+    async fn walk(
+        node: &NodeContext,
+        project: &str,
+        root: &BlobDigest,
+        want: usize,
+        max_directory: usize,
+    ) -> Result<Tree, Status> {
+        let mut seen: HashSet<BlobDigest> = HashSet::new();
+        let mut queue = std::collections::VecDeque::from([root.clone()]);
+        let mut directories = Vec::new();
+        while let Some(digest) = queue.pop_front() {
+            if directories.len() >= want {
+                return Ok(Tree {
+                    directories,
+                    more: true,
+                });
+            }
+            if !seen.insert(digest.clone()) {
+                continue;
+            }
+            let Some(bytes) = read_blob(node, project, &digest, max_directory as u64).await? else {
+                continue;
+            };
+            let Ok(directory) = Directory::decode(bytes) else {
+                continue;
+            };
+            for child in &directory.directories {
+                if let Ok(child) =
+                    BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest")
+                {
+                    queue.push_back(child);
+                }
+            }
+            directories.push(directory);
+        }
+        Ok(Tree {
+            directories,
+            more: false,
+        })
+    }
+}
+
+/// One page as responses that each fit a message; the token goes on the last one.
+fn split_into_messages(page: Vec<Directory>, next: String, limit: usize) -> Vec<GetTreeResponse> {
+    let mut messages = vec![GetTreeResponse::default()];
+    let mut size = 0;
+    for directory in page {
+        let length = directory.encoded_len() + 8;
+        if size + length > limit && size > 0 {
+            messages.push(GetTreeResponse::default());
+            size = 0;
+        }
+        size += length;
+        if let Some(last) = messages.last_mut() {
+            last.directories.push(directory);
+        }
+    }
+    if let Some(last) = messages.last_mut() {
+        last.next_page_token = next;
+    }
+    messages
+}

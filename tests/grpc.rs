@@ -1,0 +1,972 @@
+//! REAPI v2 over gRPC against the real node: one test per row of `grpc-api.md` (capabilities,
+//! CAS, action cache, ByteStream with resume, health, drain), the HTTP/gRPC blob sharing, and
+//! crash safety of concurrent ByteStream writes.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::grpc::{Grpc, blake3, blob_name, sha256, upload_name, write_messages};
+use common::{Node, NodeOptions, client, payload};
+use kura::grpc::proto::reapi::{
+    ActionResult, Digest, Directory, DirectoryNode, FileNode, GetActionResultRequest,
+    GetCapabilitiesRequest, GetTreeRequest, OutputFile, UpdateActionResultRequest,
+};
+use prost::Message;
+use tonic::Code;
+
+const SHA256: i32 = 1;
+const BLAKE3: i32 = 9;
+const ZSTD: i32 = 1;
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(data, 3).unwrap()
+}
+
+#[tokio::test]
+async fn capabilities_advertise_both_digest_functions_zstd_and_an_honest_batch_limit() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let request = grpc.request(GetCapabilitiesRequest::default());
+    let answer = grpc
+        .capabilities()
+        .get_capabilities(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let cache = answer.cache_capabilities.expect("cache capabilities");
+    assert_eq!(cache.digest_functions, vec![SHA256, BLAKE3]);
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
+    assert_eq!(
+        cache.max_batch_total_size_bytes,
+        4 * 1024 * 1024 - 64 * 1024
+    );
+    assert_eq!(cache.supported_compressors, vec![ZSTD]);
+    assert_eq!(cache.supported_batch_update_compressors, vec![ZSTD]);
+    assert_eq!(cache.symlink_absolute_path_strategy, 2, "ALLOWED");
+    let low = answer.low_api_version.unwrap();
+    let high = answer.high_api_version.unwrap();
+    assert_eq!((low.major, low.minor, high.major, high.minor), (2, 0, 2, 3));
+}
+
+#[tokio::test]
+async fn find_missing_blobs_reports_only_what_is_not_stored_and_never_the_empty_blob() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let stored = payload(1, 5000);
+    let absent = payload(2, 5000);
+    assert_eq!(
+        grpc.write(&upload_name("ios", "u1", &sha256(&stored)), &stored)
+            .await
+            .unwrap(),
+        5000
+    );
+    let wrong_size = Digest {
+        size_bytes: 4999,
+        ..sha256(&stored)
+    };
+    let asked = vec![
+        sha256(&stored),
+        sha256(&absent),
+        sha256(b""),
+        wrong_size.clone(),
+    ];
+    let missing = grpc.missing("ios", asked, SHA256).await.unwrap();
+    assert_eq!(missing, vec![sha256(&absent), wrong_size]);
+    // Another project does not see it.
+    let elsewhere = grpc
+        .missing("android", vec![sha256(&stored)], SHA256)
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.len(), 1);
+    // A malformed digest refuses the call.
+    let bad = Digest {
+        hash: "XYZ".into(),
+        size_bytes: 1,
+    };
+    let status = grpc.missing("ios", vec![bad], SHA256).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn batches_store_and_read_plain_and_zstd_and_refuse_mismatches_per_item() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let plain = payload(3, 4096);
+    let squeezable = vec![b'a'; 100_000];
+    let mismatched = payload(4, 100);
+    let zstd_mismatched = payload(5, 2000);
+    let codes = grpc
+        .batch_update(
+            "ios",
+            vec![
+                (sha256(&plain), plain.clone(), 0),
+                (sha256(&squeezable), zstd(&squeezable), ZSTD),
+                (sha256(&payload(6, 100)), mismatched.clone(), 0),
+                (sha256(&payload(7, 2000)), zstd(&zstd_mismatched), ZSTD),
+                (sha256(&plain), plain[..10].to_vec(), 0),
+            ],
+            SHA256,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        codes,
+        vec![
+            Code::Ok,
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::InvalidArgument,
+            Code::InvalidArgument
+        ]
+    );
+    // Nothing of the refused items was stored, under either digest.
+    let missing = grpc
+        .missing(
+            "ios",
+            vec![
+                sha256(&payload(6, 100)),
+                sha256(&mismatched),
+                sha256(&payload(7, 2000)),
+            ],
+            SHA256,
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing.len(), 3);
+
+    let absent = sha256(b"not stored");
+    let read = grpc
+        .batch_read(
+            "ios",
+            vec![sha256(&plain), sha256(&squeezable), absent, sha256(b"")],
+            vec![ZSTD],
+        )
+        .await
+        .unwrap();
+    assert_eq!(read[0].0, Code::Ok);
+    assert_eq!(read[0].1, plain, "random bytes do not shrink: sent plain");
+    assert_eq!(read[0].2, 0);
+    assert_eq!(read[1].0, Code::Ok);
+    assert_eq!(read[1].2, ZSTD, "compressible and accepted: zstd");
+    assert_eq!(
+        zstd::bulk::decompress(&read[1].1, 200_000).unwrap(),
+        squeezable
+    );
+    assert_eq!(read[2].0, Code::NotFound);
+    assert_eq!(
+        (read[3].0, read[3].1.len()),
+        (Code::Ok, 0),
+        "the empty blob"
+    );
+    let unaccepted = grpc
+        .batch_read("ios", vec![sha256(&squeezable)], vec![])
+        .await
+        .unwrap();
+    assert_eq!((unaccepted[0].1.clone(), unaccepted[0].2), (squeezable, 0));
+}
+
+#[tokio::test]
+async fn a_batch_over_the_advertised_limit_is_refused_whole() {
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_GRPC_MAX_BATCH_TOTAL_SIZE", "64KiB")
+            .env("KURA_GRPC_INLINE_MAX", "64KiB"),
+    );
+    let grpc = Grpc::connect(&node).await;
+    let a = payload(8, 40_000);
+    let b = payload(9, 40_000);
+    let status = grpc
+        .batch_update(
+            "ios",
+            vec![(sha256(&a), a.clone(), 0), (sha256(&b), b.clone(), 0)],
+            SHA256,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("max_batch_total_size_bytes"),
+        "{}",
+        status.message()
+    );
+    // A small zstd item that claims a large size counts at its size.
+    let zeros = vec![0u8; 100_000];
+    let status = grpc
+        .batch_update("ios", vec![(sha256(&zeros), zstd(&zeros), ZSTD)], SHA256)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = grpc
+        .batch_read("ios", vec![sha256(&a), sha256(&b)], vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&a), sha256(&b)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn bytestream_reads_ranges_and_refuses_offsets_past_the_end() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    // Larger than the inline size and than one read chunk: a file body, several messages.
+    let data = payload(10, 3 * 1024 * 1024 + 17);
+    let digest = sha256(&data);
+    assert_eq!(
+        grpc.write(&upload_name("ios", "big", &digest), &data)
+            .await
+            .unwrap(),
+        data.len() as i64
+    );
+    let name = blob_name("ios", &digest);
+    assert_eq!(grpc.read(&name, 0, 0).await.unwrap(), data);
+    assert_eq!(
+        grpc.read(&name, 1000, 5000).await.unwrap(),
+        &data[1000..6000]
+    );
+    assert_eq!(
+        grpc.read(&name, data.len() as i64, 0).await.unwrap(),
+        Vec::<u8>::new()
+    );
+    let past = grpc
+        .read(&name, data.len() as i64 + 1, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(past.code(), Code::OutOfRange);
+    let negative = grpc.read(&name, -1, 0).await.unwrap_err();
+    assert_eq!(negative.code(), Code::OutOfRange);
+    let missing = grpc
+        .read(&blob_name("ios", &sha256(b"nope")), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(
+        grpc.read(&blob_name("ios", &sha256(b"")), 0, 0)
+            .await
+            .unwrap(),
+        Vec::<u8>::new()
+    );
+    let bad = grpc.read("ios/blobs/xyz/3", 0, 0).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wrong() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let data = payload(11, 300_000);
+    let other = payload(12, 300_000);
+    // Digest mismatch: right size, wrong bytes.
+    let status = grpc
+        .write(&upload_name("ios", "m1", &sha256(&data)), &other)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Too few bytes before finish_write, and too many.
+    let status = grpc
+        .write(&upload_name("ios", "m2", &sha256(&data)), &data[..1000])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut longer = data.clone();
+    longer.push(0);
+    let status = grpc
+        .write(&upload_name("ios", "m3", &sha256(&data)), &longer)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // A write_offset that is not the bytes received so far.
+    let mut messages = write_messages(
+        &upload_name("ios", "m4", &sha256(&data)),
+        &data,
+        0,
+        65536,
+        true,
+    );
+    messages[2].write_offset += 1;
+    let status = grpc
+        .bytestream()
+        .write(grpc.request(common::grpc::tokio_stream_iter(messages)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // The resource name may not change mid-stream.
+    let mut messages = write_messages(
+        &upload_name("ios", "m5", &sha256(&data)),
+        &data,
+        0,
+        65536,
+        true,
+    );
+    messages[1].resource_name = upload_name("ios", "m6", &sha256(&data));
+    let status = grpc
+        .bytestream()
+        .write(grpc.request(common::grpc::tokio_stream_iter(messages)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&data), sha256(&other)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // zstd: a mismatch is refused; the right bytes are stored, and read back compressed.
+    let compressed_name = |d: &Digest, u: &str| {
+        format!(
+            "ios/uploads/{u}/compressed-blobs/zstd/{}/{}",
+            d.hash, d.size_bytes
+        )
+    };
+    let status = grpc
+        .write(&compressed_name(&sha256(&data), "z1"), &zstd(&other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&data)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let sent = zstd(&data);
+    let committed = grpc
+        .write(&compressed_name(&sha256(&data), "z2"), &sent)
+        .await
+        .unwrap();
+    assert_eq!(committed, sent.len() as i64);
+    let read = grpc
+        .read(
+            &format!(
+                "ios/compressed-blobs/zstd/{}/{}",
+                sha256(&data).hash,
+                data.len()
+            ),
+            0,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(zstd::stream::decode_all(&read[..]).unwrap(), data);
+    assert_eq!(
+        grpc.read(&blob_name("ios", &sha256(&data)), 0, 0)
+            .await
+            .unwrap(),
+        data
+    );
+
+    // An existing blob ends the upload early: the size, or -1 for a compressed name.
+    let messages = write_messages(
+        &upload_name("ios", "again", &sha256(&data)),
+        &data,
+        0,
+        65536,
+        false,
+    );
+    let early = grpc
+        .bytestream()
+        .write(grpc.request(common::grpc::tokio_stream_iter(messages[..1].to_vec())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(early.committed_size, data.len() as i64);
+    assert_eq!(
+        grpc.write(&compressed_name(&sha256(&data), "z3"), &sent)
+            .await
+            .unwrap(),
+        -1
+    );
+}
+
+#[tokio::test]
+async fn blake3_is_used_when_asked_and_never_inferred_from_a_hash_length() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let data = payload(13, 70_000);
+    let name = format!(
+        "ios/uploads/b1/blobs/blake3/{}/{}",
+        blake3(&data).hash,
+        data.len()
+    );
+    assert_eq!(grpc.write(&name, &data).await.unwrap(), data.len() as i64);
+    assert!(
+        grpc.missing("ios", vec![blake3(&data)], BLAKE3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The same 64-hex hash without the digest function is a SHA-256 digest: not stored.
+    assert_eq!(
+        grpc.missing("ios", vec![blake3(&data)], 0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let plain_name = blob_name("ios", &blake3(&data));
+    assert_eq!(
+        grpc.read(&plain_name, 0, 0).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let b3_name = format!("ios/blobs/blake3/{}/{}", blake3(&data).hash, data.len());
+    assert_eq!(grpc.read(&b3_name, 0, 0).await.unwrap(), data);
+    // A BLAKE3 upload whose bytes do not match is refused.
+    // (Another blob's digest: an upload of a stored blob ends early, whatever it sends.)
+    let wrong = format!(
+        "ios/uploads/b2/blobs/blake3/{}/{}",
+        blake3(&payload(20, 70_000)).hash,
+        data.len()
+    );
+    let status = grpc.write(&wrong, &payload(14, 70_000)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let codes = grpc
+        .batch_update(
+            "ios",
+            vec![
+                (blake3(b"small"), b"small".to_vec(), 0),
+                (blake3(b"x"), b"y".to_vec(), 0),
+            ],
+            BLAKE3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(codes, vec![Code::Ok, Code::InvalidArgument]);
+    let unsupported = grpc
+        .missing("ios", vec![sha256(b"a")], 2)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unsupported.code(),
+        Code::InvalidArgument,
+        "SHA1 is not offered"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_resumes_at_the_committed_offset_also_after_a_restart() {
+    let mut node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let data = payload(15, 1_000_000);
+    let digest = sha256(&data);
+    let name = upload_name("ios", "resume-1", &digest);
+    assert_eq!(grpc.query(&name).await.unwrap_err().code(), Code::NotFound);
+    // The first 400,000 bytes arrive, then the stream ends without finish_write.
+    let status = grpc
+        .write_from(&name, &data[..400_000], 0, 100_000, false)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    let status = grpc.query(&name).await.unwrap();
+    assert_eq!((status.committed_size, status.complete), (400_000, false));
+
+    // kill -9 with the next 200,000 bytes committed, then a restart.
+    let ahead = grpc
+        .write_from(&name, &data[..600_000], 400_000, 100_000, false)
+        .await;
+    assert!(ahead.is_err());
+    node.kill9();
+    node.restart();
+    let grpc = Grpc::connect(&node).await;
+    let status = grpc.query(&name).await.unwrap();
+    assert_eq!(status.committed_size, 600_000, "survives kill -9");
+    // Resuming anywhere else is refused; at the committed offset it completes.
+    let wrong = grpc
+        .write_from(&name, &data, 500_000, 100_000, true)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    let committed = grpc
+        .write_from(&name, &data, 600_000, 100_000, true)
+        .await
+        .unwrap();
+    assert_eq!(committed, data.len() as i64);
+    assert_eq!(
+        grpc.read(&blob_name("ios", &digest), 0, 0).await.unwrap(),
+        data
+    );
+    let status = grpc.query(&name).await.unwrap();
+    assert_eq!((status.committed_size, status.complete), (1_000_000, true));
+}
+
+fn action_result(outputs: &[(&str, &[u8])], stdout: &[u8]) -> ActionResult {
+    ActionResult {
+        output_files: outputs
+            .iter()
+            .map(|(path, data)| OutputFile {
+                path: path.to_string(),
+                digest: Some(sha256(data)),
+                is_executable: false,
+                ..Default::default()
+            })
+            .collect(),
+        exit_code: 0,
+        stdout_digest: Some(sha256(stdout)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn action_results_round_trip_inline_on_request_and_miss_without_outputs() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let output = payload(16, 10_000);
+    let stdout = b"compiling...\n".to_vec();
+    grpc.batch_update(
+        "ios",
+        vec![
+            (sha256(&output), output.clone(), 0),
+            (sha256(&stdout), stdout.clone(), 0),
+        ],
+        SHA256,
+    )
+    .await
+    .unwrap();
+    let action = sha256(b"action-1");
+    let result = action_result(&[("out/a.o", &output)], &stdout);
+    let update = UpdateActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(action.clone()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    };
+    let stored = grpc
+        .action_cache()
+        .update_action_result(grpc.request(update))
+        .await
+        .unwrap();
+    assert_eq!(stored.into_inner(), result);
+    let get = |inline: bool| GetActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(action.clone()),
+        inline_stdout: inline,
+        inline_output_files: if inline {
+            vec!["out/a.o".into()]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    };
+    let plain = grpc
+        .action_cache()
+        .get_action_result(grpc.request(get(false)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain, result);
+    let inlined = grpc
+        .action_cache()
+        .get_action_result(grpc.request(get(true)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inlined.stdout_raw, stdout);
+    assert_eq!(inlined.output_files[0].contents, output);
+
+    // A result naming a blob that is not stored is a miss, never a broken hit.
+    let orphan_action = sha256(b"action-2");
+    let orphan = action_result(&[("out/b.o", b"never uploaded")], b"");
+    let update = UpdateActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(orphan_action.clone()),
+        action_result: Some(orphan),
+        ..Default::default()
+    };
+    grpc.action_cache()
+        .update_action_result(grpc.request(update))
+        .await
+        .unwrap();
+    let request = GetActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(orphan_action),
+        ..Default::default()
+    };
+    let miss = grpc
+        .action_cache()
+        .get_action_result(grpc.request(request))
+        .await
+        .unwrap_err();
+    assert_eq!(miss.code(), Code::NotFound);
+    // Malformed updates are refused.
+    let bad = UpdateActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(sha256(b"action-3")),
+        action_result: Some(ActionResult {
+            output_files: vec![OutputFile {
+                path: "x".into(),
+                digest: Some(Digest {
+                    hash: "nothex".into(),
+                    size_bytes: 1,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let status = grpc
+        .action_cache()
+        .update_action_result(grpc.request(bad))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn an_action_result_whose_output_was_evicted_is_not_found() {
+    // Room for about three 400 KB blobs: every new one evicts the least recently used.
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_STORAGE_CAPACITY", "1300KB")
+            .env("KURA_STORAGE_ACCESS_TIME_RESOLUTION", "0s"),
+    );
+    let grpc = Grpc::connect(&node).await;
+    let output = payload(17, 400_000);
+    grpc.write(&upload_name("ios", "o", &sha256(&output)), &output)
+        .await
+        .unwrap();
+    let action = sha256(b"action-evicted");
+    let update = UpdateActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(action.clone()),
+        action_result: Some(action_result(&[("out/big", &output)], b"")),
+        ..Default::default()
+    };
+    grpc.action_cache()
+        .update_action_result(grpc.request(update))
+        .await
+        .unwrap();
+    let ac_url = node.url(&format!("/bazel/dev/ios/ac/{}", action.hash));
+    for seed in 0..6 {
+        let filler = payload(100 + seed, 400_000);
+        grpc.write(
+            &upload_name("ios", &format!("f{seed}"), &sha256(&filler)),
+            &filler,
+        )
+        .await
+        .unwrap();
+        // Keep the action result itself the most recently used.
+        assert_eq!(client().get(&ac_url).send().await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&output)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "evicted"
+    );
+    assert_eq!(
+        client().get(&ac_url).send().await.unwrap().status(),
+        200,
+        "the result itself is kept"
+    );
+    let request = GetActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(action),
+        ..Default::default()
+    };
+    let status = grpc
+        .action_cache()
+        .get_action_result(grpc.request(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn blobs_are_shared_between_the_bazel_http_routes_and_grpc_both_ways() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let over_http = payload(18, 50_000);
+    let digest = sha256(&over_http);
+    let url = node.url(&format!("/bazel/dev/ios/cas/{}", digest.hash));
+    assert_eq!(
+        client()
+            .put(&url)
+            .body(over_http.clone())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        grpc.missing("ios", vec![digest.clone()], SHA256)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        grpc.read(&blob_name("ios", &digest), 0, 0).await.unwrap(),
+        over_http
+    );
+
+    let over_grpc = payload(19, 2_000_000);
+    let digest = sha256(&over_grpc);
+    grpc.write(&upload_name("ios", "g", &digest), &over_grpc)
+        .await
+        .unwrap();
+    let url = node.url(&format!("/bazel/dev/ios/cas/{}", digest.hash));
+    let response = client().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap(), over_grpc);
+
+    // An opaque action-cache value written over HTTP (ccache's) is a miss over gRPC.
+    let key = sha256(b"ccache-key");
+    let ac_url = node.url(&format!("/bazel/dev/ios/ac/{}", key.hash));
+    let opaque = b"cCrS\x00\x01opaque ccache entry".to_vec();
+    assert_eq!(
+        client()
+            .put(&ac_url)
+            .body(opaque)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let request = GetActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(key),
+        ..Default::default()
+    };
+    let status = grpc
+        .action_cache()
+        .get_action_result(grpc.request(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let leaf = Directory {
+        files: vec![FileNode {
+            name: "a.txt".into(),
+            digest: Some(sha256(b"a")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let leaf_bytes = leaf.encode_to_vec();
+    let middle = Directory {
+        directories: vec![DirectoryNode {
+            name: "leaf".into(),
+            digest: Some(sha256(&leaf_bytes)),
+        }],
+        ..Default::default()
+    };
+    let middle_bytes = middle.encode_to_vec();
+    let root = Directory {
+        directories: vec![DirectoryNode {
+            name: "middle".into(),
+            digest: Some(sha256(&middle_bytes)),
+        }],
+        ..Default::default()
+    };
+    let root_bytes = root.encode_to_vec();
+    grpc.batch_update(
+        "ios",
+        [&root_bytes, &middle_bytes, &leaf_bytes]
+            .iter()
+            .map(|b| (sha256(b), b.to_vec(), 0))
+            .collect(),
+        SHA256,
+    )
+    .await
+    .unwrap();
+    let tree = |page_size: i32, page_token: String| GetTreeRequest {
+        instance_name: "ios".into(),
+        root_digest: Some(sha256(&root_bytes)),
+        page_size,
+        page_token,
+        digest_function: 0,
+    };
+    let mut stream = grpc
+        .cas()
+        .get_tree(grpc.request(tree(0, String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(page) = stream.message().await.unwrap() {
+        all.extend(page.directories);
+    }
+    assert_eq!(all, vec![root.clone(), middle.clone(), leaf.clone()]);
+
+    let mut token = String::new();
+    let mut paged = Vec::new();
+    for _ in 0..5 {
+        let mut stream = grpc
+            .cas()
+            .get_tree(grpc.request(tree(2, token.clone())))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut next = String::new();
+        while let Some(page) = stream.message().await.unwrap() {
+            paged.extend(page.directories);
+            next = page.next_page_token;
+        }
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!(paged, vec![root, middle, leaf]);
+    let missing = GetTreeRequest {
+        root_digest: Some(sha256(b"no such directory")),
+        ..tree(0, String::new())
+    };
+    let status = grpc
+        .cas()
+        .get_tree(grpc.request(missing))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn health_follows_ready_and_a_draining_node_answers_unavailable() {
+    use kura::grpc::proto::health::HealthCheckRequest;
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let check = || {
+        grpc.request(HealthCheckRequest {
+            service: String::new(),
+        })
+    };
+    assert_eq!(
+        grpc.health()
+            .check(check())
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        1,
+        "SERVING"
+    );
+    node.signal(libc::SIGUSR1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        client()
+            .get(node.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        grpc.health()
+            .check(check())
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        2,
+        "NOT_SERVING"
+    );
+    let grpc = Grpc::connect(&node).await;
+    let status = grpc
+        .missing("ios", vec![sha256(b"x")], SHA256)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn calls_are_counted_by_method_and_code_without_tokens_in_metrics() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node)
+        .await
+        .token("tok-secret-in-metadata-42");
+    grpc.missing("ios", vec![sha256(b"x")], SHA256)
+        .await
+        .unwrap();
+    let _ = grpc.read(&blob_name("ios", &sha256(b"nope")), 0, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = node.metrics().await;
+    let find = "kura_grpc_calls_total{method=\"/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs\",code=\"ok\"} 1";
+    assert!(metrics.contains(find), "{metrics}");
+    assert!(metrics.contains("code=\"not_found\""), "{metrics}");
+    assert!(
+        metrics.contains("kura_grpc_message_bytes_total"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("tok-secret"));
+    assert!(!node.logs().contains("tok-secret"));
+}
+
+/// kill -9 while 32 ByteStream writes run, several rounds: after each restart every write that
+/// returned OK reads back whole and verified, and no blob reads back wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_32_concurrent_bytestream_writes_loses_no_acknowledged_blob() {
+    let mut node = Node::start();
+    let mut acknowledged: Vec<Vec<u8>> = Vec::new();
+    let mut attempted: Vec<Vec<u8>> = Vec::new();
+    for round in 0..3u64 {
+        let grpc = Grpc::connect(&node).await;
+        let writers: Vec<_> = (0..32u64)
+            .map(|i| {
+                let grpc = grpc.clone();
+                // Sizes across the inline limit and several chunks.
+                let data = payload(round * 1000 + i, 20_000 + (i as usize) * 40_000);
+                tokio::spawn(async move {
+                    let name = upload_name("ios", &format!("r{round}-{i}"), &sha256(&data));
+                    let ok = grpc
+                        .write_from(&name, &data, 0, 16 * 1024, true)
+                        .await
+                        .is_ok();
+                    (data, ok)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150 + round * 100)).await;
+        node.kill9();
+        for writer in writers {
+            let (data, ok) = writer.await.unwrap();
+            if ok {
+                acknowledged.push(data.clone());
+            }
+            attempted.push(data);
+        }
+        node.restart();
+    }
+    let grpc = Grpc::connect(&node).await;
+    for data in &acknowledged {
+        let read = grpc.read(&blob_name("ios", &sha256(data)), 0, 0).await;
+        assert_eq!(
+            read.as_deref().ok(),
+            Some(&data[..]),
+            "an acknowledged blob is intact"
+        );
+    }
+    for data in &attempted {
+        match grpc.read(&blob_name("ios", &sha256(data)), 0, 0).await {
+            Ok(read) => assert_eq!(&read, data, "whatever is readable is the right bytes"),
+            Err(status) => assert_eq!(status.code(), Code::NotFound),
+        }
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "some writes finished before the kills"
+    );
+}
