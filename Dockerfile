@@ -1,6 +1,6 @@
 # Kura node image. Build: docker build -t kura .
 # Run (auth "none" refuses a public address, so give it tokens):
-#   docker run -p 4000:4000 -v kura-data:/var/lib/kura -v $PWD/tokens.toml:/etc/kura/tokens.toml:ro \
+#   docker run -p 4000:4000 -p 50051:50051 -v kura-data:/var/lib/kura -v $PWD/tokens.toml:/etc/kura/tokens.toml:ro \
 #     -e KURA_AUTH_MODE=static -e KURA_AUTH_STATIC_TOKENS_FILE=/etc/kura/tokens.toml kura
 
 FROM rust:1-bookworm AS build
@@ -10,6 +10,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+COPY proto ./proto
 COPY benches ./benches
 RUN cargo build --release --locked --bin kura \
  && install -m 0755 target/release/kura /usr/local/bin/kura

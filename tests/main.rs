@@ -6,6 +6,7 @@ mod common;
 
 mod auth_introspection;
 mod auth_static;
+mod bazel_e2e;
 mod capacity;
 mod durability;
 mod gradle_e2e;
