@@ -10,23 +10,12 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Node, NodeOptions, static_tokens_file};
+use common::{Node, static_auth_node};
 
 const TOKEN: &str = "bazel-e2e-token-5be1";
 
 fn node() -> (Node, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = static_tokens_file(
-        dir.path(),
-        &[("ci", TOKEN, r#"account = { read = [], write = ["acme"] }"#)],
-    );
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_NODE_ACCOUNT", "acme")
-            .env("KURA_AUTH_MODE", "static")
-            .env("KURA_AUTH_STATIC_TOKENS_FILE", tokens.display().to_string()),
-    );
-    (node, dir)
+    static_auth_node(&[("ci", TOKEN, r#"account = { read = [], write = ["acme"] }"#)])
 }
 
 fn write(path: PathBuf, text: &str) {

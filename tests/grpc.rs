@@ -589,14 +589,8 @@ async fn action_results_round_trip_inline_on_request_and_miss_without_outputs() 
         .update_action_result(grpc.request(update))
         .await
         .unwrap();
-    let request = GetActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(orphan_action),
-        ..Default::default()
-    };
     let miss = grpc
-        .action_cache()
-        .get_action_result(grpc.request(request))
+        .get_action_result("ios", orphan_action)
         .await
         .unwrap_err();
     assert_eq!(miss.code(), Code::NotFound);
@@ -675,16 +669,7 @@ async fn an_action_result_whose_output_was_evicted_is_not_found() {
         200,
         "the result itself is kept"
     );
-    let request = GetActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(action),
-        ..Default::default()
-    };
-    let status = grpc
-        .action_cache()
-        .get_action_result(grpc.request(request))
-        .await
-        .unwrap_err();
+    let status = grpc.get_action_result("ios", action).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
 
@@ -740,16 +725,7 @@ async fn blobs_are_shared_between_the_bazel_http_routes_and_grpc_both_ways() {
             .status(),
         200
     );
-    let request = GetActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(key),
-        ..Default::default()
-    };
-    let status = grpc
-        .action_cache()
-        .get_action_result(grpc.request(request))
-        .await
-        .unwrap_err();
+    let status = grpc.get_action_result("ios", key).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
 

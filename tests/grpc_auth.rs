@@ -7,7 +7,7 @@ use crate::common;
 
 use common::control_plane::{CLIENT_ID, CLIENT_SECRET, ControlPlane, Mode};
 use common::grpc::{Grpc, blob_name, sha256, tokio_stream_iter, upload_name, write_messages};
-use common::{Node, NodeOptions, static_tokens_file};
+use common::{Node, NodeOptions, static_auth_node};
 use kura::grpc::proto::bytestream::QueryWriteStatusRequest;
 use kura::grpc::proto::reapi::{
     ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
@@ -151,34 +151,23 @@ fn allowed(code: Code) -> bool {
 }
 
 fn static_node() -> (Node, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = static_tokens_file(
-        dir.path(),
-        &[
-            (
-                "writer",
-                WRITER,
-                r#"account = { read = [], write = ["acme"] }"#,
-            ),
-            (
-                "reader",
-                READER,
-                r#"account = { read = ["acme"], write = [] }"#,
-            ),
-            (
-                "globex",
-                GLOBEX,
-                r#"account = { read = ["globex"], write = ["globex"] }"#,
-            ),
-        ],
-    );
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_NODE_ACCOUNT", "acme")
-            .env("KURA_AUTH_MODE", "static")
-            .env("KURA_AUTH_STATIC_TOKENS_FILE", tokens.display().to_string()),
-    );
-    (node, dir)
+    static_auth_node(&[
+        (
+            "writer",
+            WRITER,
+            r#"account = { read = [], write = ["acme"] }"#,
+        ),
+        (
+            "reader",
+            READER,
+            r#"account = { read = ["acme"], write = [] }"#,
+        ),
+        (
+            "globex",
+            GLOBEX,
+            r#"account = { read = ["globex"], write = ["globex"] }"#,
+        ),
+    ])
 }
 
 #[tokio::test]

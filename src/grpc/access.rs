@@ -5,6 +5,8 @@
 use tonic::metadata::MetadataMap;
 use tonic::{Extensions, Status};
 
+use super::proto::reapi;
+use super::resource::project_of_instance;
 use super::status;
 use crate::auth::{AccessRequest, Action, Decision};
 use crate::context::NodeContext;
@@ -27,6 +29,43 @@ impl<'a> CallInfo<'a> {
             extensions: request.extensions(),
         }
     }
+}
+
+/// A request that names an instance (the project it addresses).
+pub(crate) trait NamesInstance {
+    fn instance_name(&self) -> &str;
+}
+
+macro_rules! names_instance {
+    ($($message:ty),*) => {
+        $(impl NamesInstance for $message {
+            fn instance_name(&self) -> &str {
+                &self.instance_name
+            }
+        })*
+    };
+}
+
+names_instance!(
+    reapi::GetCapabilitiesRequest,
+    reapi::FindMissingBlobsRequest,
+    reapi::BatchUpdateBlobsRequest,
+    reapi::BatchReadBlobsRequest,
+    reapi::GetTreeRequest,
+    reapi::GetActionResultRequest,
+    reapi::UpdateActionResultRequest
+);
+
+/// The start of every call that names an instance: its project, the call authorized for
+/// `action` there, and the message.
+pub(crate) async fn admit<T: NamesInstance>(
+    node: &NodeContext,
+    request: tonic::Request<T>,
+    action: Action,
+) -> Result<(String, T), Status> {
+    let project = project_of_instance(request.get_ref().instance_name())?;
+    authorize(node, &CallInfo::of(&request), &project, action).await?;
+    Ok((project, request.into_inner()))
 }
 
 /// Decides whether the call may perform `action` on `project`; `Ok` carries nothing, a

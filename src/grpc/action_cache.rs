@@ -12,12 +12,11 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::access::{CallInfo, authorize};
+use super::access::admit;
 use super::blobs::{read_blob, read_whole, store_value};
 use super::digest::{BlobDigest, HashFunction};
 use super::proto::reapi::action_cache_server::ActionCache;
 use super::proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
-use super::resource::project_of_instance;
 use super::status::of_store_error;
 use crate::auth::Action;
 use crate::context::NodeContext;
@@ -32,9 +31,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
-        let request = request.into_inner();
+        let (project, request) = admit(&self.node, request, Action::Read).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         let action =
             BlobDigest::from_proto(function, request.action_digest.as_ref(), "action_digest")?;
@@ -71,9 +68,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Write).await?;
-        let request = request.into_inner();
+        let (project, request) = admit(&self.node, request, Action::Write).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         let action =
             BlobDigest::from_proto(function, request.action_digest.as_ref(), "action_digest")?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::access::{CallInfo, authorize};
+use super::access::admit;
 use super::digest::HashFunction;
 use super::proto::health::health_check_response::ServingStatus;
 use super::proto::health::health_server::Health;
@@ -15,7 +15,6 @@ use super::proto::reapi::{
     compressor, symlink_absolute_path_strategy,
 };
 use super::proto::semver::SemVer;
-use super::resource::project_of_instance;
 use crate::auth::Action;
 use crate::context::NodeContext;
 use crate::lifecycle::State;
@@ -39,8 +38,7 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
+        admit(&self.node, request, Action::Read).await?;
         let config = &self.node.config;
         let zstd = vec![compressor::Value::Zstd as i32];
         let version = |minor| SemVer {

@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt, stream};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::access::{CallInfo, authorize};
+use super::access::admit;
 use super::blobs::{read_blob, store_blob};
 use super::compress;
 use super::digest::{BlobDigest, HashFunction};
@@ -20,7 +20,6 @@ use super::proto::reapi::{
     compressor,
 };
 use super::proto::rpc;
-use super::resource::project_of_instance;
 use super::status::of_store_error;
 use crate::auth::Action;
 use crate::context::NodeContext;
@@ -44,9 +43,7 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
-        let request = request.into_inner();
+        let (project, request) = admit(&self.node, request, Action::Read).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         let digests = parse_all(function, &request.blob_digests)?;
         // The empty blob is always present and never looked up.
@@ -76,9 +73,7 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Write).await?;
-        let request = request.into_inner();
+        let (project, request) = admit(&self.node, request, Action::Write).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         // Both what arrived and what it expands to must fit: a small zstd item may claim a
         // large size.
@@ -119,9 +114,7 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
-        let request = request.into_inner();
+        let (project, request) = admit(&self.node, request, Action::Read).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         let digests = parse_all(function, &request.digests)?;
         let total: u64 = digests.iter().map(|d| d.size).sum();
@@ -171,9 +164,7 @@ impl ContentAddressableStorage for Cas {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<TreeStream>, Status> {
-        let project = project_of_instance(&request.get_ref().instance_name)?;
-        authorize(&self.node, &CallInfo::of(&request), &project, Action::Read).await?;
-        let request = request.into_inner();
+        let (project, request) = admit(&self.node, request, Action::Read).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         let root = BlobDigest::from_proto(function, request.root_digest.as_ref(), "root_digest")?;
         let start = match request.page_token.as_str() {

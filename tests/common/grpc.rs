@@ -143,6 +143,24 @@ impl Grpc {
             .into_inner())
     }
 
+    /// GetActionResult of `action` in `project`, nothing inlined.
+    pub async fn get_action_result(
+        &self,
+        project: &str,
+        action: Digest,
+    ) -> Result<kura::grpc::proto::reapi::ActionResult, Status> {
+        let request = kura::grpc::proto::reapi::GetActionResultRequest {
+            instance_name: project.to_string(),
+            action_digest: Some(action),
+            ..Default::default()
+        };
+        Ok(self
+            .action_cache()
+            .get_action_result(self.request(request))
+            .await?
+            .into_inner())
+    }
+
     /// Digests of `digests` that FindMissingBlobs reports missing (SHA-256 unless `function`).
     pub async fn missing(
         &self,

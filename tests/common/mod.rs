@@ -373,6 +373,20 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// Writes a static tokens file granting each `(token, grants TOML)` and returns its path.
+/// A node of account `acme` in `static` auth mode with `tokens` (name, token, grant); the
+/// temp dir holds the tokens file.
+pub fn static_auth_node(tokens: &[(&str, &str, &str)]) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = static_tokens_file(dir.path(), tokens);
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_NODE_ACCOUNT", "acme")
+            .env("KURA_AUTH_MODE", "static")
+            .env("KURA_AUTH_STATIC_TOKENS_FILE", file.display().to_string()),
+    );
+    (node, dir)
+}
+
 pub fn static_tokens_file(dir: &Path, tokens: &[(&str, &str, &str)]) -> PathBuf {
     let mut text = String::new();
     for (name, token, grants) in tokens {
