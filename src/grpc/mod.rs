@@ -8,7 +8,7 @@
 //! (`access.rs`), and works on the one store with its publish path, so a blob written here is
 //! the blob the Bazel HTTP routes of the same project serve, and the reverse.
 
-mod access;
+pub(crate) mod access;
 mod action_cache;
 mod blobs;
 mod bytestream;

@@ -238,8 +238,8 @@ mod tests {
     }
 
     /// Asks every combination of credentials, account, project and action through the HTTP
-    /// extractor and through a plain call of `Authorizer::decide` (standing in for a gRPC front
-    /// end), asserts they agree, and returns the answers seen.
+    /// extractor, through the gRPC front end (metadata) and through a plain call of
+    /// `Authorizer::decide`, asserts they agree, and returns the answers seen.
     async fn both_front_ends_agree(
         app: &AppState,
         credentials: &[Option<&str>],
@@ -278,6 +278,25 @@ mod tests {
                                 },
                             )
                             .await;
+                        // The gRPC front end (metadata; it always names a project).
+                        if let Some(project) = project {
+                            let mut metadata = tonic::metadata::MetadataMap::new();
+                            if let Some(value) = authorization {
+                                metadata.insert("authorization", value.parse().unwrap());
+                            }
+                            metadata.insert("x-kura-account", account.parse().unwrap());
+                            let extensions = tonic::Extensions::new();
+                            let call = crate::grpc::access::CallInfo {
+                                metadata: &metadata,
+                                extensions: &extensions,
+                            };
+                            let through_grpc =
+                                crate::grpc::access::decide(app, &call, project, action).await;
+                            assert_eq!(
+                                through_grpc, direct,
+                                "gRPC: {authorization:?} {account} {project} {action:?}"
+                            );
+                        }
                         let direct =
                             ApiError::from_decision(&direct, "acme").map_or("allow", |e| e.code);
                         assert_eq!(
@@ -293,8 +312,8 @@ mod tests {
     }
 
     /// Every row of the decision table (static tokens, and a control plane that cannot be
-    /// reached), through the HTTP extractor and through a plain call of `Authorizer::decide`
-    /// standing in for a gRPC front end: the same answers.
+    /// reached), through the HTTP extractor, the gRPC front end and a plain call of
+    /// `Authorizer::decide`: the same answers.
     #[tokio::test]
     async fn http_and_a_second_front_end_get_the_same_decisions() {
         use std::sync::Arc;
