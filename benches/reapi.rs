@@ -12,7 +12,7 @@
 //! - `tiny-unary`: GetCapabilities on a warm connection (latency, 1 stream: Nagle shows here).
 //!
 //! Environment: `KURA_BENCH_DURATION` (seconds per side per run, default 10), `KURA_BENCH_RUNS`
-//! (default 3), `KURA_BENCH_DISK_DIR` (where the node's data dir goes; default a temp dir under
+//! (default 3), `KURA_BENCH_ONLY` (comma-separated scenarios), `KURA_BENCH_DISK_DIR` (where the node's data dir goes; default a temp dir under
 //! the target dir, on disk).
 
 use std::io::{BufRead, BufReader};
@@ -323,7 +323,10 @@ async fn run() {
         "find-missing-10k",
         "tiny-unary",
     ];
-    for scenario in scenarios {
+    // `KURA_BENCH_ONLY=read-128k,tiny-unary` runs just those (for profiling one of them).
+    let only = std::env::var("KURA_BENCH_ONLY").unwrap_or_default();
+    let chosen = |scenario: &str| only.is_empty() || only.split(',').any(|s| s == scenario);
+    for scenario in scenarios.into_iter().filter(|s| chosen(s)) {
         let (mut http_runs, mut grpc_runs) = (Vec::new(), Vec::new());
         for run in 0..runs {
             let base = (run as u64 + 1) << 32;
