@@ -742,21 +742,17 @@ async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
         ..Default::default()
     };
     let leaf_bytes = leaf.encode_to_vec();
-    let middle = Directory {
+    // A directory holding one child directory, by the child's encoded bytes.
+    let parent_of = |name: &str, child: &[u8]| Directory {
         directories: vec![DirectoryNode {
-            name: "leaf".into(),
-            digest: Some(sha256(&leaf_bytes)),
+            name: name.into(),
+            digest: Some(sha256(child)),
         }],
         ..Default::default()
     };
+    let middle = parent_of("leaf", &leaf_bytes);
     let middle_bytes = middle.encode_to_vec();
-    let root = Directory {
-        directories: vec![DirectoryNode {
-            name: "middle".into(),
-            digest: Some(sha256(&middle_bytes)),
-        }],
-        ..Default::default()
-    };
+    let root = parent_of("middle", &middle_bytes);
     let root_bytes = root.encode_to_vec();
     grpc.batch_update(
         "ios",
