@@ -4,7 +4,8 @@
 //! `docs/benchmarks.md`.
 //!
 //! Scenarios (32 concurrent streams, each on its own connection on both sides):
-//! - `write-128k`: ByteStream Write of new 128 KiB blobs / HTTP PUT to `/bazel/.../cas/`;
+//! - `write-4k`, `write-128k`: ByteStream Write of new 4 KiB (most of a build's blobs) and
+//!   128 KiB blobs / HTTP PUT to `/bazel/.../cas/`;
 //! - `read-128k`: ByteStream Read / HTTP GET of 1,000 stored 128 KiB blobs;
 //! - `batch-read-4k`: BatchReadBlobs of 100 × 4 KiB / 100 HTTP GETs of the same blobs;
 //! - `read-256m`: ByteStream Read / HTTP GET of one 256 MiB blob (4 streams);
@@ -141,6 +142,18 @@ struct Measure {
     mb_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Cores this client process used meanwhile: what it took from the node on the shared
+    /// machine.
+    client_cores: f64,
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage(2) with a valid out-pointer.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Runs `op` on `streams` workers for `duration`; each op returns the bytes it moved.
@@ -151,6 +164,7 @@ where
 {
     let op = Arc::new(op);
     let counter = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let workers: Vec<_> = (0..streams)
         .map(|worker| {
@@ -176,6 +190,7 @@ where
         bytes += b;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let client_cores = (cpu_seconds() - cpu_before) / elapsed;
     latencies.sort();
     let at = |q: f64| {
         latencies
@@ -187,6 +202,7 @@ where
         mb_per_s: bytes as f64 / elapsed / 1e6,
         p50_ms: at(0.5),
         p99_ms: at(0.99),
+        client_cores,
     }
 }
 
@@ -200,6 +216,7 @@ fn median(mut values: Vec<Measure>) -> Measure {
         mb_per_s: pick(&mut values, |m| m.mb_per_s),
         p50_ms: pick(&mut values, |m| m.p50_ms),
         p99_ms: pick(&mut values, |m| m.p99_ms),
+        client_cores: pick(&mut values, |m| m.client_cores),
     }
 }
 
@@ -274,8 +291,6 @@ async fn http_get(client: reqwest::Client, url: String) -> u64 {
     bytes
 }
 
-type Side = (&'static str, Measure, Measure);
-
 async fn run() {
     let seconds: u64 = std::env::var("KURA_BENCH_DURATION")
         .ok()
@@ -316,6 +331,7 @@ async fn run() {
     let smalls: Arc<Vec<Digest>> = Arc::new(smalls.iter().map(|b| digest(b)).collect());
     let mut results: Vec<(&str, Vec<Measure>, Vec<Measure>)> = Vec::new();
     let scenarios = [
+        "write-4k",
         "write-128k",
         "read-128k",
         "batch-read-4k",
@@ -344,58 +360,42 @@ async fn run() {
             if let Some(h) = h {
                 http_runs.push(h);
             }
-            println!(
-                "{scenario} run {run}: grpc {:.0} ops/s {:.1} MB/s p50 {:.2} ms p99 {:.2} ms",
-                g.ops_per_s, g.mb_per_s, g.p50_ms, g.p99_ms
-            );
+            println!("{scenario} run {run}: grpc {}", line(&g));
             if let Some(h) = h {
-                println!(
-                    "{scenario} run {run}: http {:.0} ops/s {:.1} MB/s p50 {:.2} ms p99 {:.2} ms",
-                    h.ops_per_s, h.mb_per_s, h.p50_ms, h.p99_ms
-                );
+                println!("{scenario} run {run}: http {}", line(&h));
             }
         }
         results.push((scenario, grpc_runs, http_runs));
     }
     println!(
-        "\n| scenario | gRPC ops/s | gRPC MB/s | gRPC p50 / p99 ms | HTTP ops/s | HTTP MB/s | HTTP p50 / p99 ms | gRPC/HTTP MB/s |"
+        "\n| scenario | gRPC ops/s | gRPC MB/s | gRPC p50 / p99 ms | HTTP ops/s | HTTP MB/s | HTTP p50 / p99 ms | gRPC/HTTP MB/s | client cores gRPC / HTTP |"
     );
-    println!("| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |");
+    println!("| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- |");
     for (scenario, grpc_runs, http_runs) in results {
         let g = median(grpc_runs);
-        let side: Side = (
-            scenario,
-            g,
-            if http_runs.is_empty() {
-                Measure::default()
-            } else {
-                median(http_runs)
-            },
-        );
-        let (_, g, h) = side;
-        let ratio = if h.mb_per_s > 0.0 {
-            format!("{:.2}", g.mb_per_s / h.mb_per_s)
-        } else {
-            "-".into()
-        };
-        let http = |v: f64, fmt: &dyn Fn(f64) -> String| {
-            if h.ops_per_s > 0.0 {
-                fmt(v)
-            } else {
-                "-".into()
-            }
+        let h = (!http_runs.is_empty()).then(|| median(http_runs));
+        let (http_ops, http_mb, http_latency, ratio, http_cores) = match h {
+            Some(h) => (
+                format!("{:.0}", h.ops_per_s),
+                format!("{:.1}", h.mb_per_s),
+                format!("{:.2} / {:.2}", h.p50_ms, h.p99_ms),
+                format!("{:.2}", g.mb_per_s / h.mb_per_s),
+                format!("{:.2}", h.client_cores),
+            ),
+            None => Default::default(),
         };
         println!(
-            "| {scenario} | {:.0} | {:.1} | {:.2} / {:.2} | {} | {} | {} | {ratio} |",
-            g.ops_per_s,
-            g.mb_per_s,
-            g.p50_ms,
-            g.p99_ms,
-            http(h.ops_per_s, &|v| format!("{v:.0}")),
-            http(h.mb_per_s, &|v| format!("{v:.1}")),
-            http(h.p50_ms, &|_| format!("{:.2} / {:.2}", h.p50_ms, h.p99_ms)),
+            "| {scenario} | {:.0} | {:.1} | {:.2} / {:.2} | {http_ops} | {http_mb} | {http_latency} | {ratio} | {:.2} / {http_cores} |",
+            g.ops_per_s, g.mb_per_s, g.p50_ms, g.p99_ms, g.client_cores,
         );
     }
+}
+
+fn line(m: &Measure) -> String {
+    format!(
+        "{:.0} ops/s {:.1} MB/s p50 {:.2} ms p99 {:.2} ms, client {:.2} cores",
+        m.ops_per_s, m.mb_per_s, m.p50_ms, m.p99_ms, m.client_cores
+    )
 }
 
 /// One run of `scenario`: the gRPC side, then the HTTP side (if it has one).
@@ -410,15 +410,22 @@ async fn measure(
 ) -> (Measure, Option<Measure>) {
     let name_of = |d: &Digest| format!("{PROJECT}/blobs/{}/{}", d.hash, d.size_bytes);
     match scenario {
-        "write-128k" => {
+        "write-128k" | "write-4k" => {
+            let size = if scenario == "write-4k" {
+                4096
+            } else {
+                128 * 1024
+            };
+            // Each size writes blobs of its own (distinct numbers), so none exists already.
+            let base = base | (size as u64) << 40;
             let c = clients.clone();
             let grpc = drive(STREAMS, duration, move |w, n| {
-                grpc_write(c.grpc[w].clone(), blob(base | n, 128 * 1024), base | n)
+                grpc_write(c.grpc[w].clone(), blob(base | n, size), base | n)
             })
             .await;
             let c = clients.clone();
             let http = drive(STREAMS, duration, move |_, n| {
-                let data = blob(base | 1 << 31 | n, 128 * 1024);
+                let data = blob(base | 1 << 31 | n, size);
                 let url = format!("{}/cas/{}", c.http_base, digest(&data).hash);
                 let request = c.http.put(url).body(data.clone());
                 async move {

@@ -942,3 +942,45 @@ async fn kill_9_during_32_concurrent_bytestream_writes_loses_no_acknowledged_blo
         "some writes finished before the kills"
     );
 }
+
+#[tokio::test]
+async fn a_small_upload_is_received_in_memory_and_an_interrupted_one_restarts_at_zero() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    // Within storage.inline_max (32 KiB): no staging file, so nothing to resume.
+    let data = payload(21, 20_000);
+    let name = upload_name("ios", "small-1", &sha256(&data));
+    let status = grpc
+        .write_from(&name, &data[..8_000], 0, 4_000, false)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(grpc.query(&name).await.unwrap_err().code(), Code::NotFound);
+    let resumed = grpc
+        .write_from(&name, &data, 8_000, 4_000, true)
+        .await
+        .unwrap_err();
+    assert_eq!(resumed.code(), Code::InvalidArgument, "not resumable");
+    assert_eq!(
+        grpc.write_from(&name, &data, 0, 4_000, true).await.unwrap(),
+        data.len() as i64
+    );
+    assert_eq!(
+        grpc.read(&blob_name("ios", &sha256(&data)), 0, 0)
+            .await
+            .unwrap(),
+        data
+    );
+    // Small and wrong: refused, nothing stored.
+    let other = payload(22, 20_000);
+    let wrong = upload_name("ios", "small-2", &sha256(&other));
+    let status = grpc.write(&wrong, &data).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&other)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -7,9 +7,11 @@
 //! (without its ignored metadata segments): every chunk is appended to the upload's file as it
 //! arrives, so an interrupted stream, or a node restarted under it, resumes at the offset
 //! `QueryWriteStatus` reports. The blob is published only once `finish_write` came, the size
-//! matches and the digest of the whole body checked out. zstd uploads are decoded as they
-//! arrive into a plain staged body; they are not resumable (their status is unknown once
-//! interrupted, and the client starts again at 0).
+//! matches and the digest of the whole body checked out. Two kinds of upload are received in
+//! one go into a plain staged body instead, and are not resumable (their status is unknown
+//! once interrupted, and the client starts again at 0): zstd uploads, decoded as they arrive,
+//! and blobs small enough to live inside their record (`storage.inline_max`), for which a
+//! staging file would cost more than sending them again.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -129,9 +131,17 @@ impl ByteStream for ByteStreamService {
             resource_name: &resource_name,
             name: &name,
         };
-        let committed_size = match name.blob.compressed {
-            false => upload.plain(first, messages).await?,
-            true => upload.compressed(first, messages).await?,
+        // A blob small enough to live inside its record is received in memory: a staging file
+        // would cost more than sending it again after an interruption.
+        let small = name.blob.digest.size <= self.node.config.storage.inline_max.0;
+        let committed_size = if name.blob.compressed {
+            let decoder = StreamDecoder::new(name.blob.digest.size)
+                .map_err(|e| Status::internal(format!("zstd: {e}")))?;
+            upload.in_one_go(first, messages, Some(decoder)).await?
+        } else if small && first.write_offset == 0 {
+            upload.in_one_go(first, messages, None).await?
+        } else {
+            upload.plain(first, messages).await?
         };
         Ok(Response::new(WriteResponse { committed_size }))
     }
@@ -391,36 +401,42 @@ impl Upload<'_> {
         Ok(digest.size as i64)
     }
 
-    /// Decodes a zstd upload into a staged body as it arrives; publishes once verified.
-    async fn compressed(
+    /// Receives an upload that is not resumable into a staged body, decoding zstd as it arrives
+    /// when `decoder` is given; publishes once complete and verified. Returns the bytes received
+    /// (compressed ones for zstd).
+    async fn in_one_go(
         &self,
         first: WriteRequest,
         mut messages: Streaming<WriteRequest>,
+        mut decoder: Option<StreamDecoder>,
     ) -> Result<i64, Status> {
         let digest = &self.name.blob.digest;
         let mut writer = self
             .node
             .store
             .writer(digest.size, digest.function == HashFunction::Sha256);
-        let mut decoder =
-            StreamDecoder::new(digest.size).map_err(|e| Status::internal(format!("zstd: {e}")))?;
         let mut received = 0u64;
         let mut message = first;
         loop {
             self.check_name(&message)?;
             if message.write_offset != received as i64 {
                 return Err(Status::invalid_argument(format!(
-                    "write_offset {} but {received} compressed bytes were received; compressed uploads restart at 0",
+                    "write_offset {} but {received} bytes were received; this upload is not resumable: restart at 0",
                     message.write_offset
                 )));
             }
             received += message.data.len() as u64;
-            decoder.feed(message.data);
-            while let Some(piece) = decoder
-                .next()
-                .map_err(|e| Status::invalid_argument(format!("bad zstd data: {e}")))?
-            {
-                writer.write(&piece).await.map_err(of_store_error)?;
+            match decoder.as_mut() {
+                Some(decoder) => {
+                    decoder.feed(message.data);
+                    while let Some(piece) = decoder
+                        .next()
+                        .map_err(|e| Status::invalid_argument(format!("bad zstd data: {e}")))?
+                    {
+                        writer.write(&piece).await.map_err(too_many_bytes)?;
+                    }
+                }
+                None => writer.write(&message.data).await.map_err(too_many_bytes)?,
             }
             if message.finish_write {
                 break;
@@ -430,18 +446,23 @@ impl Upload<'_> {
                 .await?
                 .ok_or_else(|| Status::invalid_argument("the stream ended before finish_write"))?;
         }
-        if !decoder.complete() || writer.size() != digest.size {
+        let complete = decoder.as_ref().is_none_or(StreamDecoder::complete);
+        if !complete || writer.size() != digest.size {
             return Err(Status::invalid_argument(format!(
-                "the zstd stream decoded to {} bytes (complete: {}), the digest says {}; nothing was stored",
+                "received {} bytes{}, the digest says {}; nothing was stored",
                 writer.size(),
-                decoder.complete(),
+                if complete {
+                    ""
+                } else {
+                    " and an unfinished zstd frame"
+                },
                 digest.size
             )));
         }
         let staged = writer.finish(None).await.map_err(of_store_error)?;
         if !digest.matches(&staged) {
             return Err(Status::invalid_argument(
-                "digest mismatch: the decompressed bytes do not hash to the digest in the resource name; nothing was stored",
+                "digest mismatch: the bytes do not hash to the digest in the resource name; nothing was stored",
             ));
         }
         self.node
@@ -463,12 +484,17 @@ impl Upload<'_> {
 }
 
 async fn write_chunk(upload: &mut ResumableUpload, data: Bytes) -> Result<(), Status> {
-    upload.write(data).await.map_err(|error| match error {
+    upload.write(data).await.map_err(too_many_bytes)
+}
+
+/// A write past the digest's size says so; other store errors map as usual.
+fn too_many_bytes(error: StoreError) -> Status {
+    match error {
         StoreError::TooLarge { .. } => {
             Status::invalid_argument("more bytes than the digest's size; nothing was stored")
         }
         error => of_store_error(error),
-    })
+    }
 }
 
 /// An interrupted upload: its bytes are made durable for a resume, and the call fails.
