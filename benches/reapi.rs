@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use kura::grpc::proto::bytestream::byte_stream_client::ByteStreamClient;
 use kura::grpc::proto::bytestream::{ReadRequest, WriteRequest};
 use kura::grpc::proto::reapi::capabilities_client::CapabilitiesClient;
@@ -220,6 +221,14 @@ fn median(mut values: Vec<Measure>) -> Measure {
     }
 }
 
+/// What every scenario runs against: the clients and the digests of the preloaded blobs.
+struct Workload {
+    clients: Arc<Clients>,
+    reads: Arc<Vec<Digest>>,
+    smalls: Arc<Vec<Digest>>,
+    huge: Digest,
+}
+
 struct Clients {
     http: reqwest::Client,
     http_base: String,
@@ -329,6 +338,12 @@ async fn run() {
     // of blobs it only names.
     let reads: Arc<Vec<Digest>> = Arc::new(reads.iter().map(|b| digest(b)).collect());
     let smalls: Arc<Vec<Digest>> = Arc::new(smalls.iter().map(|b| digest(b)).collect());
+    let workload = Workload {
+        clients,
+        reads,
+        smalls,
+        huge: huge_digest,
+    };
     let mut results: Vec<(&str, Vec<Measure>, Vec<Measure>)> = Vec::new();
     let scenarios = [
         "write-4k",
@@ -346,16 +361,7 @@ async fn run() {
         let (mut http_runs, mut grpc_runs) = (Vec::new(), Vec::new());
         for run in 0..runs {
             let base = (run as u64 + 1) << 32;
-            let (g, h) = measure(
-                scenario,
-                &clients,
-                &reads,
-                &smalls,
-                &huge_digest,
-                duration,
-                base,
-            )
-            .await;
+            let (g, h) = measure(scenario, &workload, duration, base, run % 2 == 1).await;
             grpc_runs.push(g);
             if let Some(h) = h {
                 http_runs.push(h);
@@ -398,16 +404,38 @@ fn line(m: &Measure) -> String {
     )
 }
 
-/// One run of `scenario`: the gRPC side, then the HTTP side (if it has one).
+type Side = std::pin::Pin<Box<dyn std::future::Future<Output = Measure> + Send>>;
+
+/// Runs the two sides one after the other, in the order given: runs alternate which goes
+/// first, so neither always inherits the other's dirty pages or warm caches.
+async fn both(grpc: Side, http: Option<Side>, http_first: bool) -> (Measure, Option<Measure>) {
+    match (http, http_first) {
+        (Some(http), true) => {
+            let h = http.await;
+            (grpc.await, Some(h))
+        }
+        (Some(http), false) => {
+            let g = grpc.await;
+            (g, Some(http.await))
+        }
+        (None, _) => (grpc.await, None),
+    }
+}
+
+/// One run of `scenario`: the gRPC and HTTP sides (if it has one), in the order given.
 async fn measure(
     scenario: &str,
-    clients: &Arc<Clients>,
-    reads: &Arc<Vec<Digest>>,
-    smalls: &Arc<Vec<Digest>>,
-    huge: &Digest,
+    workload: &Workload,
     duration: Duration,
     base: u64,
+    http_first: bool,
 ) -> (Measure, Option<Measure>) {
+    let (clients, reads, smalls, huge) = (
+        &workload.clients,
+        &workload.reads,
+        &workload.smalls,
+        &workload.huge,
+    );
     let name_of = |d: &Digest| format!("{PROJECT}/blobs/{}/{}", d.hash, d.size_bytes);
     match scenario {
         "write-128k" | "write-4k" => {
@@ -422,7 +450,7 @@ async fn measure(
             let grpc = drive(STREAMS, duration, move |w, n| {
                 grpc_write(c.grpc[w].clone(), blob(base | n, size), base | n)
             })
-            .await;
+            .boxed();
             let c = clients.clone();
             let http = drive(STREAMS, duration, move |_, n| {
                 let data = blob(base | 1 << 31 | n, size);
@@ -433,22 +461,22 @@ async fn measure(
                     data.len() as u64
                 }
             })
-            .await;
-            (grpc, Some(http))
+            .boxed();
+            both(grpc, Some(http), http_first).await
         }
         "read-128k" => {
             let (c, r) = (clients.clone(), reads.clone());
             let grpc = drive(STREAMS, duration, move |w, n| {
                 grpc_read(c.grpc[w].clone(), name_of(&r[n as usize % r.len()]))
             })
-            .await;
+            .boxed();
             let (c, r) = (clients.clone(), reads.clone());
             let http = drive(STREAMS, duration, move |_, n| {
                 let url = format!("{}/cas/{}", c.http_base, r[n as usize % r.len()].hash);
                 http_get(c.http.clone(), url)
             })
-            .await;
-            (grpc, Some(http))
+            .boxed();
+            both(grpc, Some(http), http_first).await
         }
         "batch-read-4k" => {
             let (c, s) = (clients.clone(), smalls.clone());
@@ -471,7 +499,7 @@ async fn measure(
                     response.responses.iter().map(|r| r.data.len() as u64).sum()
                 }
             })
-            .await;
+            .boxed();
             let (c, s) = (clients.clone(), smalls.clone());
             let http = drive(STREAMS, duration, move |_, n| {
                 let urls: Vec<String> = (0..100)
@@ -492,15 +520,15 @@ async fn measure(
                     bytes
                 }
             })
-            .await;
-            (grpc, Some(http))
+            .boxed();
+            both(grpc, Some(http), http_first).await
         }
         "read-256m" => {
             let (c, name) = (clients.clone(), name_of(huge));
             let grpc = drive(4, duration, move |w, _| {
                 grpc_read(c.grpc[w].clone(), name.clone())
             })
-            .await;
+            .boxed();
             let (c, url) = (
                 clients.clone(),
                 format!("{}/cas/{}", clients.http_base, huge.hash),
@@ -508,8 +536,8 @@ async fn measure(
             let http = drive(4, duration, move |_, _| {
                 http_get(c.http.clone(), url.clone())
             })
-            .await;
-            (grpc, Some(http))
+            .boxed();
+            both(grpc, Some(http), http_first).await
         }
         "find-missing-10k" => {
             let (c, s) = (clients.clone(), smalls.clone());
@@ -541,8 +569,8 @@ async fn measure(
                     0
                 }
             })
-            .await;
-            (grpc, None)
+            .boxed();
+            both(grpc, None, http_first).await
         }
         _ => {
             let c = clients.clone();
@@ -556,8 +584,8 @@ async fn measure(
                     0
                 }
             })
-            .await;
-            (grpc, None)
+            .boxed();
+            both(grpc, None, http_first).await
         }
     }
 }

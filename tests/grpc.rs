@@ -984,3 +984,54 @@ async fn a_small_upload_is_received_in_memory_and_an_interrupted_one_restarts_at
         1
     );
 }
+
+#[tokio::test]
+async fn find_missing_blobs_keeps_what_it_vouches_for_from_eviction() {
+    // Room for about three 400 KB blobs: every new one evicts the least recently used.
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_STORAGE_CAPACITY", "1300KB")
+            .env("KURA_STORAGE_ACCESS_TIME_RESOLUTION", "0s"),
+    );
+    let grpc = Grpc::connect(&node).await;
+    let vouched = payload(30, 400_000);
+    let ignored = payload(31, 400_000);
+    for (name, data) in [("v", &vouched), ("i", &ignored)] {
+        grpc.write(&upload_name("ios", name, &sha256(data)), data)
+            .await
+            .unwrap();
+    }
+    for seed in 0..4 {
+        // A build asks whether `vouched` is there before it relies on it.
+        let missing = grpc
+            .missing("ios", vec![sha256(&vouched)], SHA256)
+            .await
+            .unwrap();
+        assert!(
+            missing.is_empty(),
+            "round {seed}: the vouched blob was evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let filler = payload(200 + seed, 400_000);
+        grpc.write(
+            &upload_name("ios", &format!("f{seed}"), &sha256(&filler)),
+            &filler,
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        grpc.missing("ios", vec![sha256(&vouched)], SHA256)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&ignored)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the blob nobody asked for is the one evicted"
+    );
+}
