@@ -619,14 +619,19 @@ async fn action_results_round_trip_inline_on_request_and_miss_without_outputs() 
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
-#[tokio::test]
-async fn an_action_result_whose_output_was_evicted_is_not_found() {
-    // Room for about three 400 KB blobs: every new one evicts the least recently used.
-    let node = Node::start_with(
+/// Room for about three 400 KB blobs: every new one evicts the least recently used, and every
+/// access counts (no access-time resolution).
+fn small_capacity_node() -> Node {
+    Node::start_with(
         NodeOptions::default()
             .env("KURA_STORAGE_CAPACITY", "1300KB")
             .env("KURA_STORAGE_ACCESS_TIME_RESOLUTION", "0s"),
-    );
+    )
+}
+
+#[tokio::test]
+async fn an_action_result_whose_output_was_evicted_is_not_found() {
+    let node = small_capacity_node();
     let grpc = Grpc::connect(&node).await;
     let output = payload(17, 400_000);
     grpc.write(&upload_name("ios", "o", &sha256(&output)), &output)
@@ -987,12 +992,7 @@ async fn a_small_upload_is_received_in_memory_and_an_interrupted_one_restarts_at
 
 #[tokio::test]
 async fn find_missing_blobs_keeps_what_it_vouches_for_from_eviction() {
-    // Room for about three 400 KB blobs: every new one evicts the least recently used.
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_STORAGE_CAPACITY", "1300KB")
-            .env("KURA_STORAGE_ACCESS_TIME_RESOLUTION", "0s"),
-    );
+    let node = small_capacity_node();
     let grpc = Grpc::connect(&node).await;
     let vouched = payload(30, 400_000);
     let ignored = payload(31, 400_000);
