@@ -7,7 +7,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::control_plane::{CLIENT_ID, CLIENT_SECRET, ControlPlane, Mode};
+use common::control_plane::{CLIENT_SECRET, ControlPlane, Mode};
 use common::{Node, NodeOptions, authorized, client, route_families, send_route};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -43,12 +43,7 @@ async fn control_plane() -> ControlPlane {
 }
 
 fn options(plane: &ControlPlane) -> NodeOptions {
-    NodeOptions::default()
-        .env("KURA_NODE_ACCOUNT", "acme")
-        .env("KURA_AUTH_MODE", "introspection")
-        .env("KURA_AUTH_CONTROL_PLANE_URL", plane.url())
-        .env("KURA_CONTROL_PLANE_CLIENT_ID", CLIENT_ID)
-        .env("KURA_CONTROL_PLANE_CLIENT_SECRET", CLIENT_SECRET)
+    plane.node_options()
 }
 
 async fn status(node: &Node, token: &str) -> StatusCode {

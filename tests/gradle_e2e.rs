@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use common::control_plane::{CLIENT_ID, CLIENT_SECRET, ControlPlane};
+use common::control_plane::ControlPlane;
 use common::{Node, NodeOptions, static_tokens_file};
 
 const TOKEN: &str = "gradle-e2e-token-31c7";
@@ -108,14 +108,7 @@ fn gradle_rebuild_after_clean_is_served_from_the_cache() {
 async fn gradle_works_with_introspection_against_the_control_plane() {
     let plane = ControlPlane::start().await;
     plane.answer(TOKEN, serde_json::json!({"active": true, "cache_grants": {"project": {"write": ["acme/android"]}}}));
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_NODE_ACCOUNT", "acme")
-            .env("KURA_AUTH_MODE", "introspection")
-            .env("KURA_AUTH_CONTROL_PLANE_URL", plane.url())
-            .env("KURA_CONTROL_PLANE_CLIENT_ID", CLIENT_ID)
-            .env("KURA_CONTROL_PLANE_CLIENT_SECRET", CLIENT_SECRET),
-    );
+    let node = Node::start_with(plane.node_options());
     let dir = tempfile::tempdir().unwrap();
     // Gradle blocks; the double keeps answering on the other worker thread.
     tokio::task::block_in_place(|| build_clean_rebuild(&node, dir.path()));

@@ -295,11 +295,7 @@ async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wron
         true,
     );
     messages[2].write_offset += 1;
-    let status = grpc
-        .bytestream()
-        .write(grpc.request(common::grpc::tokio_stream_iter(messages)))
-        .await
-        .unwrap_err();
+    let status = grpc.send(messages).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // The resource name may not change mid-stream.
     let mut messages = write_messages(
@@ -310,11 +306,7 @@ async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wron
         true,
     );
     messages[1].resource_name = upload_name("ios", "m6", &sha256(&data));
-    let status = grpc
-        .bytestream()
-        .write(grpc.request(common::grpc::tokio_stream_iter(messages)))
-        .await
-        .unwrap_err();
+    let status = grpc.send(messages).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(
         grpc.missing("ios", vec![sha256(&data), sha256(&other)], SHA256)
@@ -377,13 +369,8 @@ async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wron
         65536,
         false,
     );
-    let early = grpc
-        .bytestream()
-        .write(grpc.request(common::grpc::tokio_stream_iter(messages[..1].to_vec())))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(early.committed_size, data.len() as i64);
+    let early = grpc.send(messages[..1].to_vec()).await.unwrap();
+    assert_eq!(early, data.len() as i64);
     assert_eq!(
         grpc.write(&compressed_name(&sha256(&data), "z3"), &sent)
             .await

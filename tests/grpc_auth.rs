@@ -5,9 +5,9 @@
 
 use crate::common;
 
-use common::control_plane::{CLIENT_ID, CLIENT_SECRET, ControlPlane, Mode};
-use common::grpc::{Grpc, blob_name, sha256, tokio_stream_iter, upload_name, write_messages};
-use common::{Node, NodeOptions, static_auth_node};
+use common::control_plane::{ControlPlane, Mode};
+use common::grpc::{Grpc, blob_name, sha256, upload_name, write_messages};
+use common::{Node, static_auth_node};
 use kura::grpc::proto::bytestream::QueryWriteStatusRequest;
 use kura::grpc::proto::reapi::{
     ActionResult, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
@@ -122,10 +122,7 @@ impl Call {
                     4,
                     true,
                 );
-                grpc.bytestream()
-                    .write(grpc.request(tokio_stream_iter(messages)))
-                    .await
-                    .map(|_| ())
+                grpc.send(messages).await.map(|_| ())
             }
             Call::QueryWriteStatus => grpc
                 .bytestream()
@@ -235,14 +232,7 @@ async fn a_backend_that_is_down_means_unavailable_on_every_service() {
         WRITER,
         serde_json::json!({"active": true, "sub": "u", "exp": 4_000_000_000u64, "cache_grants": {"account": {"write": ["acme"]}}}),
     );
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_NODE_ACCOUNT", "acme")
-            .env("KURA_AUTH_MODE", "introspection")
-            .env("KURA_AUTH_CONTROL_PLANE_URL", plane.url())
-            .env("KURA_CONTROL_PLANE_CLIENT_ID", CLIENT_ID)
-            .env("KURA_CONTROL_PLANE_CLIENT_SECRET", CLIENT_SECRET),
-    );
+    let node = Node::start_with(plane.node_options());
     plane.set_mode(Mode::Fail);
     let grpc = Grpc::connect(&node).await.token(WRITER);
     for call in CALLS {

@@ -10,7 +10,18 @@ use tonic::Status;
 use super::digest::{BlobDigest, HashFunction};
 use super::status::of_store_error;
 use crate::context::NodeContext;
+use crate::memory::MemoryLease;
 use crate::storage::{ArtifactKey, BodyStream};
+
+/// Leases room for `bytes` from the node's body memory budget, or RESOURCE_EXHAUSTED once it
+/// stayed spent for `limits.body_memory_wait` (HTTP answers 429 in the same place).
+pub(crate) async fn lease_memory(node: &NodeContext, bytes: u64) -> Result<MemoryLease, Status> {
+    node.body_memory.lease(bytes).await.ok_or_else(|| {
+        Status::resource_exhausted(
+            "the node holds as many transfers in memory as it may; retry shortly",
+        )
+    })
+}
 
 /// Reads the artifact under `key` whole, verified. `None` when it is missing, not `size` bytes
 /// long (when a size is expected), or failed verification.

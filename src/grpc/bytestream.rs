@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt, stream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::access::{CallInfo, authorize};
+use super::blobs::lease_memory;
 use super::compress::{StreamDecoder, StreamEncoder};
 use super::digest::HashFunction;
 use super::proto::bytestream::byte_stream_server::ByteStream;
@@ -32,7 +33,6 @@ use super::resource::{BlobName, UploadName, parse_read, parse_write};
 use super::status::of_store_error;
 use crate::auth::Action;
 use crate::context::NodeContext;
-use crate::memory::MemoryLease;
 use crate::storage::{BodyStream, ResumableUpload, StoreError};
 
 /// Largest data chunk of a `ReadResponse`.
@@ -69,7 +69,7 @@ impl ByteStream for ByteStreamService {
         let limit = u64::try_from(read_limit)
             .map_err(|_| Status::out_of_range(format!("read_limit {read_limit} is negative")))?;
         let body = self.open(&name).await?;
-        let lease = self.lease(name.digest.size.min(STREAM_FOOTPRINT)).await?;
+        let lease = lease_memory(&self.node, name.digest.size.min(STREAM_FOOTPRINT)).await?;
         let chunks = match name.compressed {
             false => {
                 if offset > name.digest.size {
@@ -114,7 +114,7 @@ impl ByteStream for ByteStreamService {
                 name.blob.digest.size
             )));
         }
-        if self.stored(&name.blob).await? {
+        if self.stored(&name.blob)? {
             // Already stored: end the upload early, as REAPI allows.
             let committed_size = match name.blob.compressed {
                 false => name.blob.digest.size as i64,
@@ -122,9 +122,7 @@ impl ByteStream for ByteStreamService {
             };
             return Ok(Response::new(WriteResponse { committed_size }));
         }
-        let _lease = self
-            .lease(name.blob.digest.size.min(STREAM_FOOTPRINT))
-            .await?;
+        let _lease = lease_memory(&self.node, name.blob.digest.size.min(STREAM_FOOTPRINT)).await?;
         let resource_name = first.resource_name.clone();
         let upload = Upload {
             node: &self.node,
@@ -158,7 +156,7 @@ impl ByteStream for ByteStreamService {
             Action::Write,
         )
         .await?;
-        if self.stored(&name.blob).await? {
+        if self.stored(&name.blob)? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: name.blob.digest.size as i64,
                 complete: true,
@@ -184,17 +182,17 @@ impl ByteStream for ByteStreamService {
 
 impl ByteStreamService {
     /// Whether the blob is stored (the empty blob always is); a hit refreshes its access time.
-    async fn stored(&self, blob: &BlobName) -> Result<bool, Status> {
+    /// One point read of the record, inline like HTTP's HEAD: no body is touched.
+    fn stored(&self, blob: &BlobName) -> Result<bool, Status> {
         if blob.digest.is_empty_blob() {
             return Ok(true);
         }
-        let sizes = self
+        let info = self
             .node
             .store
-            .stored_sizes(vec![blob.digest.cas_key(&blob.project)])
-            .await
+            .head(&blob.digest.cas_key(&blob.project))
             .map_err(of_store_error)?;
-        Ok(sizes.first() == Some(&Some(blob.digest.size)))
+        Ok(info.is_some_and(|info| info.size == blob.digest.size))
     }
 
     /// Opens the blob for reading, or NOT_FOUND.
@@ -207,14 +205,6 @@ impl ByteStreamService {
             Some(artifact) if artifact.info.size == name.digest.size => Ok(Body::Stored(artifact)),
             _ => Err(Status::not_found("blob not found")),
         }
-    }
-
-    async fn lease(&self, bytes: u64) -> Result<MemoryLease, Status> {
-        self.node.body_memory.lease(bytes).await.ok_or_else(|| {
-            Status::resource_exhausted(
-                "the node holds as many transfers in memory as it may; retry shortly",
-            )
-        })
     }
 }
 

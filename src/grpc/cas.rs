@@ -9,7 +9,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::access::admit;
-use super::blobs::{read_blob, store_blob};
+use super::blobs::{lease_memory, read_blob, store_blob};
 use super::compress;
 use super::digest::{BlobDigest, HashFunction};
 use super::proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
@@ -89,7 +89,7 @@ impl ContentAddressableStorage for Cas {
             })
             .sum();
         self.check_batch_total(total)?;
-        let _lease = self.lease(total).await?;
+        let _lease = lease_memory(&self.node, total).await?;
         let node = &self.node;
         let project = &project;
         let responses = stream::iter(request.requests)
@@ -119,7 +119,7 @@ impl ContentAddressableStorage for Cas {
         let digests = parse_all(function, &request.digests)?;
         let total: u64 = digests.iter().map(|d| d.size).sum();
         self.check_batch_total(total)?;
-        let _lease = self.lease(total).await?;
+        let _lease = lease_memory(&self.node, total).await?;
         let zstd = request
             .acceptable_compressors
             .contains(&(compressor::Value::Zstd as i32));
@@ -210,14 +210,6 @@ impl Cas {
             )));
         }
         Ok(())
-    }
-
-    async fn lease(&self, bytes: u64) -> Result<crate::memory::MemoryLease, Status> {
-        self.node.body_memory.lease(bytes).await.ok_or_else(|| {
-            Status::resource_exhausted(
-                "the node holds as many transfers in memory as it may; retry shortly",
-            )
-        })
     }
 }
 

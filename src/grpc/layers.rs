@@ -1,9 +1,13 @@
-//! The gRPC listener's side of request handling: how the shared layers of `crate::layers`
-//! name a gRPC method and refuse gRPC work, and per-call metrics that only gRPC needs. A gRPC
-//! call's outcome is its `grpc-status` (in the trailers, or in the headers of a trailers-only
-//! answer), not the HTTP status, so [`CallMetricsLayer`] reads it from the response as it ends.
+//! The gRPC listener's side of request handling: how the shared admission layer refuses gRPC
+//! work, and the observation of calls. A gRPC call's outcome is its `grpc-status` (in the
+//! trailers, or in the headers of a trailers-only answer), not the HTTP status, and a streamed
+//! call lasts until its last message, not its response headers; so instead of the shared
+//! `ObserveLayer`, [`CallMetricsLayer`] counts, times and logs each call when its response ends,
+//! and counts its message bytes both ways.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -11,13 +15,14 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
+use metrics::{Counter, Histogram};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::layers::{Refusals, RouteOf};
+use crate::layers::{Refusals, RequestId};
 
-/// Every method the listener serves: the closed set of metric labels.
-pub(crate) const METHODS: [&str; 13] = [
+/// Every method the listener serves: with `unmatched`, the closed set of metric labels.
+const METHODS: [&str; 11] = [
     "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities",
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
@@ -29,32 +34,46 @@ pub(crate) const METHODS: [&str; 13] = [
     "/google.bytestream.ByteStream/Write",
     "/google.bytestream.ByteStream/QueryWriteStatus",
     HEALTH_CHECK,
-    // Kept out of the closed set's count of real methods, but labelled all the same.
-    "/grpc.health.v1.Health/Watch",
-    "unmatched",
 ];
 
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const UNMATCHED: &str = "unmatched";
 
-/// Names a call by its method, or `unmatched`.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct GrpcMethod;
-
-impl GrpcMethod {
-    fn of(uri: &Uri) -> &'static str {
-        let path = uri.path();
-        METHODS
-            .iter()
-            .find(|method| **method == path)
-            .copied()
-            .unwrap_or("unmatched")
-    }
+/// One method's metric handles, resolved once for the life of the process: a call then costs
+/// no registry lookup for its bytes and duration.
+struct MethodMetrics {
+    name: &'static str,
+    received: Counter,
+    sent: Counter,
+    duration: Histogram,
 }
 
-impl RouteOf for GrpcMethod {
-    fn route_of<B>(&self, request: &Request<B>) -> &'static str {
-        GrpcMethod::of(request.uri())
-    }
+/// The metrics of the method a request names (`unmatched` for anything else).
+fn method_metrics(uri: &Uri) -> &'static MethodMetrics {
+    static ALL: OnceLock<Vec<MethodMetrics>> = OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        METHODS
+            .iter()
+            .chain([&UNMATCHED])
+            .map(|&name| {
+                let bytes = |direction: &'static str| {
+                    metrics::counter!(crate::metrics::GRPC_MESSAGE_BYTES_TOTAL,
+                        "method" => name, "direction" => direction)
+                };
+                MethodMetrics {
+                    name,
+                    received: bytes("received"),
+                    sent: bytes("sent"),
+                    duration: metrics::histogram!(
+                        crate::metrics::GRPC_CALL_DURATION_SECONDS, "method" => name),
+                }
+            })
+            .collect()
+    });
+    let path = uri.path();
+    all.iter()
+        .find(|method| method.name == path)
+        .unwrap_or(&all[all.len() - 1])
 }
 
 /// gRPC's answers to work the node does not admit: UNAVAILABLE while draining (the client
@@ -79,8 +98,8 @@ impl Refusals<Body> for GrpcRefusals {
     }
 }
 
-/// Counts every call by method and `grpc-status` once its response ends, times it, and counts
-/// the message bytes each way.
+/// Counts, times and logs every call by method and `grpc-status` once its response ends, and
+/// counts the message bytes each way.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct CallMetricsLayer;
 
@@ -100,44 +119,102 @@ pub(crate) struct CallMetrics<S> {
 impl<S> Service<Request<Body>> for CallMetrics<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Future = CallMetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let method = GrpcMethod::of(request.uri());
-        let started = Instant::now();
+        let call = Call {
+            method: method_metrics(request.uri()),
+            request_id: request
+                .extensions()
+                .get::<RequestId>()
+                .map(|id| id.0.clone()),
+            started: Instant::now(),
+        };
+        let received = &call.method.received;
         let request = request.map(|body| {
             Body::new(Counted {
                 inner: body,
+                bytes: received,
                 call: None,
-                method,
-                direction: "received",
-                started,
             })
         });
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            // A trailers-only answer (every refusal and error before the first message) carries
-            // its status in the headers.
-            let early = status_code(response.headers());
-            Ok(response.map(|body| {
-                Body::new(Counted {
-                    inner: body,
-                    call: Some(early),
-                    method,
-                    direction: "sent",
-                    started,
-                })
-            }))
-        })
+        CallMetricsFuture {
+            inner: self.inner.call(request),
+            call: Some(call),
+        }
+    }
+}
+
+/// What is known of a call before its end.
+struct Call {
+    method: &'static MethodMetrics,
+    request_id: Option<Arc<str>>,
+    started: Instant,
+}
+
+impl Call {
+    /// Counts, times and logs the call; `code` is its status name.
+    fn record(self, code: &'static str) {
+        metrics::counter!(crate::metrics::GRPC_CALLS_TOTAL,
+            "method" => self.method.name, "code" => code)
+        .increment(1);
+        let elapsed = self.started.elapsed();
+        self.method.duration.record(elapsed.as_secs_f64());
+        let request_id = self.request_id.as_deref().unwrap_or("");
+        let method = self.method.name;
+        if matches!(code, "internal" | "unknown" | "data_loss") {
+            tracing::warn!(request_id, method, code, "call failed");
+        } else {
+            tracing::debug!(
+                request_id,
+                method,
+                code,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "call"
+            );
+        }
+    }
+}
+
+pin_project! {
+    /// The response of a call, its body wrapped to count it and record the call at its end.
+    pub(crate) struct CallMetricsFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+    }
+}
+
+impl<F, E> Future for CallMetricsFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let Some(call) = this.call.take() else {
+            return Poll::Ready(Ok(response));
+        };
+        // A trailers-only answer (every refusal and error before the first message) carries
+        // its status in the headers.
+        let early = status_code(response.headers());
+        let sent = &call.method.sent;
+        Poll::Ready(Ok(response.map(|body| {
+            Body::new(Counted {
+                inner: body,
+                bytes: sent,
+                call: Some((call, early)),
+            })
+        })))
     }
 }
 
@@ -147,20 +224,17 @@ pin_project! {
     struct Counted {
         #[pin]
         inner: Body,
-        // `Some` on the response side until the call is recorded; the inner `Option` is the
-        // status found in the headers, if any.
-        call: Option<Option<&'static str>>,
-        method: &'static str,
-        direction: &'static str,
-        started: Instant,
+        bytes: &'static Counter,
+        // On the response side until the call is recorded, with the status found in the
+        // headers, if any.
+        call: Option<(Call, Option<&'static str>)>,
     }
 
     impl PinnedDrop for Counted {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(early) = this.call.take() {
+            if let Some((call, early)) = this.project().call.take() {
                 // Dropped before the end: the client went away (or the header status stands).
-                record_call(this.method, early.unwrap_or("cancelled"), *this.started);
+                call.record(early.unwrap_or("cancelled"));
             }
         }
     }
@@ -179,19 +253,16 @@ impl http_body::Body for Counted {
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    metrics::counter!(crate::metrics::GRPC_MESSAGE_BYTES_TOTAL,
-                        "method" => *this.method, "direction" => *this.direction)
-                    .increment(data.len() as u64);
+                    this.bytes.increment(data.len() as u64);
                 } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some(early) = this.call.take()
+                    && let Some((call, early)) = this.call.take()
                 {
-                    let code = status_code(trailers).or(early).unwrap_or("unknown");
-                    record_call(this.method, code, *this.started);
+                    call.record(status_code(trailers).or(early).unwrap_or("unknown"));
                 }
             }
             None => {
-                if let Some(early) = this.call.take() {
-                    record_call(this.method, early.unwrap_or("unknown"), *this.started);
+                if let Some((call, early)) = this.call.take() {
+                    call.record(early.unwrap_or("unknown"));
                 }
             }
             Some(Err(_)) => {}
@@ -206,13 +277,6 @@ impl http_body::Body for Counted {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-fn record_call(method: &'static str, code: &'static str, started: Instant) {
-    metrics::counter!(crate::metrics::GRPC_CALLS_TOTAL, "method" => method, "code" => code)
-        .increment(1);
-    metrics::histogram!(crate::metrics::GRPC_CALL_DURATION_SECONDS, "method" => method)
-        .record(started.elapsed().as_secs_f64());
 }
 
 /// The `grpc-status` of a header block as its code name (a closed set).
@@ -251,9 +315,12 @@ mod tests {
     #[test]
     fn methods_outside_the_closed_set_are_unmatched() {
         let uri: Uri = "/google.bytestream.ByteStream/Read".parse().unwrap();
-        assert_eq!(GrpcMethod::of(&uri), "/google.bytestream.ByteStream/Read");
+        assert_eq!(
+            method_metrics(&uri).name,
+            "/google.bytestream.ByteStream/Read"
+        );
         let uri: Uri = "/made.up.Service/Anything".parse().unwrap();
-        assert_eq!(GrpcMethod::of(&uri), "unmatched");
+        assert_eq!(method_metrics(&uri).name, "unmatched");
     }
 
     #[test]

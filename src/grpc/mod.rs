@@ -3,7 +3,8 @@
 //!
 //! The services are tonic's, served as an axum router on the node's own listener (see
 //! `listener.rs`: the same connection limits, `TCP_NODELAY` and drain with GOAWAY as HTTP), under
-//! the same shared layers: request id → observe → call metrics → admission → method. Each
+//! the shared layers: request id → call metrics (gRPC's own observation: counted, timed and logged
+//! by `grpc-status` when the response ends) → admission → method. Each
 //! method parses its request (`digest.rs`, `resource.rs`), asks the one authorizer
 //! (`access.rs`), and works on the one store with its publish path, so a blob written here is
 //! the blob the Bazel HTTP routes of the same project serve, and the reverse.
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use tonic::service::Routes;
 
 use crate::context::NodeContext;
-use crate::layers::{AdmissionLayer, ObserveLayer, RequestIdLayer};
+use crate::layers::{AdmissionLayer, RequestIdLayer};
 use proto::bytestream::byte_stream_server::ByteStreamServer;
 use proto::health::health_server::HealthServer;
 use proto::reapi::action_cache_server::ActionCacheServer;
@@ -68,6 +69,5 @@ pub(crate) fn router(node: Arc<NodeContext>) -> axum::Router {
             layers::GrpcRefusals,
         ))
         .layer(layers::CallMetricsLayer)
-        .layer(ObserveLayer::new("grpc", layers::GrpcMethod))
         .layer(RequestIdLayer)
 }

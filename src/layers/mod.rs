@@ -1,9 +1,11 @@
 //! Cross-cutting request handling as `tower` layers, generic over the request and response
-//! bodies, so every listener stacks the same ones: the public HTTP router today, the gRPC
-//! server and the peer listener next. Each concern is one layer, readable and testable alone:
+//! bodies, so every listener stacks the same ones: the public HTTP router and the gRPC server
+//! today, the peer listener next. Each concern is one layer, readable and testable alone:
 //!
 //! - [`RequestIdLayer`]: keeps a sane client `x-request-id` or makes one, and echoes it;
-//! - [`ObserveLayer`]: counts and times every request in bounded metric series, and logs it;
+//! - [`ObserveLayer`]: counts and times every request in bounded metric series by its HTTP
+//!   status, and logs it (gRPC, whose outcome is in its trailers, observes its calls with
+//!   `grpc::layers::CallMetricsLayer` instead);
 //! - [`AdmissionLayer`]: refuses new work while draining and sheds it past the in-flight limit,
 //!   each protocol answering in its own form ([`Refusals`]); admitted work counts as in flight
 //!   until its response body is done.

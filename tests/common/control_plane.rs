@@ -61,6 +61,16 @@ impl ControlPlane {
         }));
     }
 
+    /// Options for a node of account `acme` that asks this control plane (introspection).
+    pub fn node_options(&self) -> super::NodeOptions {
+        super::NodeOptions::default()
+            .env("KURA_NODE_ACCOUNT", "acme")
+            .env("KURA_AUTH_MODE", "introspection")
+            .env("KURA_AUTH_CONTROL_PLANE_URL", self.url())
+            .env("KURA_CONTROL_PLANE_CLIENT_ID", CLIENT_ID)
+            .env("KURA_CONTROL_PLANE_CLIENT_SECRET", CLIENT_SECRET)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

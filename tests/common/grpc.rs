@@ -101,11 +101,14 @@ impl Grpc {
         chunk: usize,
         finish: bool,
     ) -> Result<i64, Status> {
-        let messages = write_messages(resource, data, offset, chunk, finish);
-        let response = self
-            .bytestream()
-            .write(self.request(tokio_stream_iter(messages)))
-            .await?;
+        self.send(write_messages(resource, data, offset, chunk, finish))
+            .await
+    }
+
+    /// Sends these Write messages as one stream; the committed size it answers.
+    pub async fn send(&self, messages: Vec<WriteRequest>) -> Result<i64, Status> {
+        let stream = futures_util::stream::iter(messages);
+        let response = self.bytestream().write(self.request(stream)).await?;
         Ok(response.into_inner().committed_size)
     }
 
@@ -266,13 +269,6 @@ pub fn write_messages(
             return messages;
         }
     }
-}
-
-/// A stream of `items` that tonic can send.
-pub fn tokio_stream_iter<T: Send + 'static>(
-    items: Vec<T>,
-) -> impl futures_util::Stream<Item = T> + Send + 'static {
-    futures_util::stream::iter(items)
 }
 
 pub fn sha256(data: &[u8]) -> Digest {
