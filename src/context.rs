@@ -1,8 +1,8 @@
 //! What every listener of a node shares: the configuration, the store, the authorizer, the
 //! lifecycle (drain) and the metrics handle.
 //!
-//! Built once in `node.rs` and handed to each plane: the public HTTP router today, the gRPC and
-//! peer listeners next. Protocol code reads it; none of it belongs to one protocol.
+//! Built once in `node.rs` and handed to each plane: the public HTTP and gRPC routers and the
+//! peer plane. Protocol code reads it; none of it belongs to one protocol.
 
 use std::sync::Arc;
 
@@ -28,6 +28,8 @@ pub struct NodeContext {
     pub counters: crate::metrics::KindCounters,
     /// The node's account, lowercased.
     pub account: String,
+    /// The account mesh, when the node has peers.
+    pub mesh: Option<Arc<crate::replication::Mesh>>,
 }
 
 impl NodeContext {
@@ -37,6 +39,7 @@ impl NodeContext {
         auth: Authorizer,
         lifecycle: Lifecycle,
         metrics: Option<PrometheusHandle>,
+        mesh: Option<Arc<crate::replication::Mesh>>,
     ) -> Arc<NodeContext> {
         let body_memory = BodyMemory::new(
             config.limits.body_memory.0,
@@ -51,6 +54,7 @@ impl NodeContext {
             lifecycle,
             metrics,
             counters: crate::metrics::KindCounters::resolve(),
+            mesh,
         })
     }
 }

@@ -1,8 +1,8 @@
 //! Kura: a content-addressed build-cache node.
 //!
 //! Reading order: [`node`] wires everything; [`context`] is what every listener shares; the
-//! listener module accepts connections; [`http`] is the public surfaces; [`auth`] decides who
-//! may do what; [`storage`] is the only code that touches disk. `docs/architecture.md` is the
+//! listener module accepts connections; [`http`] and [`grpc`] are the public surfaces;
+//! [`replication`] is the account mesh and its peer plane; [`auth`] decides who may do what; [`storage`] is the only code that touches disk. `docs/architecture.md` is the
 //! one-page map.
 
 pub mod auth;
@@ -17,6 +17,7 @@ pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod names;
 pub mod node;
+pub mod replication;
 pub mod storage;
 
 /// The git commit this binary was built from (`unknown` outside a checkout).

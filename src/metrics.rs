@@ -35,6 +35,16 @@ pub const CONNECTIONS_CLOSED_TOTAL: &str = "kura_connections_closed_total";
 pub const GRPC_CALLS_TOTAL: &str = "kura_grpc_calls_total";
 pub const GRPC_CALL_DURATION_SECONDS: &str = "kura_grpc_call_duration_seconds";
 pub const GRPC_MESSAGE_BYTES_TOTAL: &str = "kura_grpc_message_bytes_total";
+pub const REPLICATION_PENDING_ENTRIES: &str = "kura_replication_pending_entries";
+pub const REPLICATION_LAG_SECONDS: &str = "kura_replication_lag_seconds";
+pub const REPLICATION_SENT_BYTES_TOTAL: &str = "kura_replication_sent_bytes_total";
+pub const REPLICATION_SENT_ENTRIES_TOTAL: &str = "kura_replication_sent_entries_total";
+pub const REPLICATION_SKIPPED_TOTAL: &str = "kura_replication_skipped_total";
+pub const REPLICATION_ERRORS_TOTAL: &str = "kura_replication_errors_total";
+pub const REPLICATION_PEER_STATE: &str = "kura_replication_peer_state";
+pub const REPLICATION_APPLIED_TOTAL: &str = "kura_replication_applied_total";
+pub const REPLICATION_APPLIED_BYTES_TOTAL: &str = "kura_replication_applied_bytes_total";
+pub const REPLICATION_LOG_DROPPED_TOTAL: &str = "kura_replication_log_dropped_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders from.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -85,6 +95,49 @@ fn describe() {
         GRPC_MESSAGE_BYTES_TOTAL,
         Unit::Bytes,
         "gRPC message bytes by method and direction (received, sent)."
+    );
+    describe_gauge!(
+        REPLICATION_PENDING_ENTRIES,
+        "Replication log records a peer has not acknowledged, by peer node id."
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest record a peer has not acknowledged (0 when it has everything)."
+    );
+    describe_counter!(
+        REPLICATION_SENT_BYTES_TOTAL,
+        Unit::Bytes,
+        "Artifact body bytes a peer acknowledged, by peer."
+    );
+    describe_counter!(
+        REPLICATION_SENT_ENTRIES_TOTAL,
+        "Log records a peer acknowledged, by peer."
+    );
+    describe_counter!(
+        REPLICATION_SKIPPED_TOTAL,
+        "Log records not sent, by reason: gone (evicted or cleaned before it was sent), superseded (a newer version is logged)."
+    );
+    describe_counter!(
+        REPLICATION_ERRORS_TOTAL,
+        "Failed sends to a peer, by peer and reason (connect, status, rejected, refused)."
+    );
+    describe_gauge!(
+        REPLICATION_PEER_STATE,
+        "1 for a peer's current state, 0 for the others (admitted, unreachable, refused)."
+    );
+    describe_counter!(
+        REPLICATION_APPLIED_TOTAL,
+        "Entries received from peers, by result: applied, stale, tombstoned, rejected."
+    );
+    describe_counter!(
+        REPLICATION_APPLIED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Artifact bytes received from peers and stored."
+    );
+    describe_counter!(
+        REPLICATION_LOG_DROPPED_TOTAL,
+        "Log records dropped unacknowledged by replication.outbox.max_entries."
     );
     describe_counter!(CACHE_HITS_TOTAL, "Reads that found the artifact, by kind.");
     describe_counter!(CACHE_MISSES_TOTAL, "Reads that did not, by kind.");

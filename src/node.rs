@@ -18,6 +18,7 @@ use crate::context::NodeContext;
 use crate::http::{self, AppState};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{self, ListenerLimits, Phase};
+use crate::replication::Mesh;
 use crate::storage::{Store, StoreOptions};
 
 /// How often background maintenance (access flush, eviction) runs.
@@ -43,6 +44,16 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (server.grpc)", config.server.grpc))?;
     let grpc_address = grpc_listener.local_addr()?;
+    let mesh = Mesh::new(
+        store.clone(),
+        &config.node.account.to_ascii_lowercase(),
+        &config.node.region,
+        &config.replication,
+    )?;
+    let internal_listener = match &mesh {
+        Some(_) => Some(bind_internal(&config).await?),
+        None => None,
+    };
 
     let context = NodeContext::new(
         config.clone(),
@@ -50,6 +61,7 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         auth,
         lifecycle.clone(),
         Some(metrics),
+        mesh.clone(),
     );
     spawn_maintenance(store.clone(), &config);
     spawn_orphan_sweep(store.clone(), config.storage.orphan_grace.0);
@@ -62,15 +74,23 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         config.shutdown.drain_timeout.0,
     )?;
 
+    if let Some(mesh) = &mesh {
+        mesh.start();
+    }
     lifecycle.set_serving();
     let stats = store.stats();
+    let internal_address = match &internal_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     tracing::info!(
-        %address, %grpc_address, node_id = store.node_id(), account = %config.node.account,
+        %address, %grpc_address, internal_address = internal_address.map(tracing::field::display),
+        node_id = store.node_id(), account = %config.node.account,
         artifacts = stats.artifacts, used_bytes = stats.used_bytes, capacity_bytes = stats.capacity,
         "kura is serving"
     );
-    // Two public listeners, each with up to `server.max_connections`.
-    warn_if_descriptors_run_short(2 * config.server.max_connections);
+    // Up to three listeners, each with up to `server.max_connections`.
+    warn_if_descriptors_run_short(3 * config.server.max_connections);
     let phase = spawn_phase_updates(lifecycle, shutdown.clone());
     // Every listener in one task set, under one phase: they drain and stop together.
     let http = listener::serve(
@@ -81,12 +101,18 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
     );
     let grpc = listener::serve(
         grpc_listener,
-        crate::grpc::router(context),
+        crate::grpc::router(context.clone()),
         limits("grpc", &config),
-        phase,
+        phase.clone(),
     );
+    let internal = async {
+        if let (Some(listener), Some(mesh)) = (internal_listener, mesh) {
+            let router = crate::replication::router(context, mesh);
+            listener::serve(listener, router, limits("internal", &config), phase).await;
+        }
+    };
     let server = async {
-        tokio::join!(http, grpc);
+        tokio::join!(http, grpc, internal);
     };
     // Drained: give open connections a moment to close, then exit regardless.
     tokio::select! {
@@ -97,6 +123,24 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// The peer plane's listener (only when the node has peers). Without TLS files it is plain
+/// HTTP, which validation allowed only with `replication.insecure`.
+async fn bind_internal(config: &Config) -> anyhow::Result<TcpListener> {
+    if config.replication.tls.ca.is_none() {
+        tracing::warn!(
+            "replication.insecure = true: the peer plane is plain HTTP without authentication (development only)"
+        );
+    }
+    TcpListener::bind(config.server.internal)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.internal)",
+                config.server.internal
+            )
+        })
 }
 
 /// A one-shot "the drain is over" signal that several futures can wait on.
@@ -203,6 +247,7 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
         access_time_resolution: config.storage.access_time_resolution.0,
         block_cache: config.storage.block_cache.0 as usize,
         node_id: config.node.id.clone(),
+        replication_log: config.replication.enabled(),
     })
     .with_context(|| format!("cannot open storage.data_dir {}", data_dir.display()))
 }

@@ -16,4 +16,5 @@ mod http_common;
 mod http_surfaces;
 mod lifecycle;
 mod memory;
+mod mesh;
 mod regression;

@@ -289,18 +289,62 @@ impl Default for UploadsConfig {
     }
 }
 
-/// The account mesh (replication.md). Parsed and validated now so configs written for it stay
-/// valid; the mesh itself is not served by this release yet.
+/// The account mesh (replication.md).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicationConfig {
+    /// Static peers: `https://host:port` (or `http://` with `insecure`).
     pub peers: Vec<String>,
+    /// Allows the peer plane without TLS (development and tests only).
     pub insecure: bool,
+    /// Replication and bootstrap bytes sent per second, node-wide; 0 = unlimited.
     pub bandwidth_limit: ByteSize,
+    /// Bytes per second to any one peer; 0 = only the node-wide limit.
     pub per_peer_limit: ByteSize,
+    /// A peer missing from every source for this long is dropped with its pending entries.
     pub peer_expiry: HumanDuration,
     pub discovery: DiscoveryConfig,
     pub tls: PeerTlsConfig,
+    pub outbox: OutboxConfig,
+    pub bootstrap: BootstrapConfig,
+}
+
+impl ReplicationConfig {
+    /// Whether this node is part of a mesh (it then logs its writes and serves the peer plane).
+    pub fn enabled(&self) -> bool {
+        !self.peers.is_empty() || self.discovery.dns_name.is_some()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Records the replication log keeps at most; past it the oldest are dropped and the peers
+    /// that had not received them catch up from an index. Writes are never refused for it.
+    pub max_entries: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// `/ready` reports `bootstrapping` at most this long.
+    pub timeout: HumanDuration,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        BootstrapConfig {
+            timeout: HumanDuration(std::time::Duration::from_secs(600)),
+        }
+    }
 }
 
 impl Default for ReplicationConfig {
@@ -313,6 +357,8 @@ impl Default for ReplicationConfig {
             peer_expiry: HumanDuration(std::time::Duration::from_secs(600)),
             discovery: DiscoveryConfig::default(),
             tls: PeerTlsConfig::default(),
+            outbox: OutboxConfig::default(),
+            bootstrap: BootstrapConfig::default(),
         }
     }
 }
@@ -390,9 +436,11 @@ impl Default for LogConfig {
 pub struct ConfigError(String);
 
 /// Sections, in the order env names are matched (longest first, so nested sections win).
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 14] = [
     "replication.discovery",
     "replication.tls",
+    "replication.outbox",
+    "replication.bootstrap",
     "replication",
     "shutdown",
     "storage",
@@ -534,6 +582,52 @@ impl Config {
         }
         if self.uploads.max_parts == 0 {
             return fail("uploads.max_parts", "must be at least 1");
+        }
+        self.validate_replication()
+    }
+
+    fn validate_replication(&self) -> Result<(), ConfigError> {
+        let fail =
+            |key: &str, what: &str| Err(ConfigError(format!("invalid config: {key}: {what}")));
+        let replication = &self.replication;
+        let tls = &replication.tls;
+        let files = [&tls.ca, &tls.cert, &tls.key];
+        let given = files.iter().filter(|file| file.is_some()).count();
+        if given != 0 && given != files.len() {
+            return fail(
+                "replication.tls",
+                "ca, cert and key go together: set all three or none",
+            );
+        }
+        let secure = given == files.len();
+        for (index, peer) in replication.peers.iter().enumerate() {
+            let scheme_ok = match peer.split_once("://") {
+                Some(("https", rest)) => !rest.is_empty(),
+                Some(("http", rest)) => !rest.is_empty() && replication.insecure,
+                _ => false,
+            };
+            if !scheme_ok {
+                let key = format!("replication.peers[{index}]");
+                return fail(
+                    &key,
+                    "must be an https://host:port URL (http:// only with replication.insecure = true)",
+                );
+            }
+        }
+        if replication.enabled() && !secure && !replication.insecure {
+            return fail(
+                "replication.tls",
+                "peers need ca, cert and key (mTLS), or replication.insecure = true for a plain-HTTP peer plane",
+            );
+        }
+        if replication.discovery.interval.0.is_zero() {
+            return fail("replication.discovery.interval", "must be longer than 0s");
+        }
+        if replication.outbox.max_entries < 1000 {
+            return fail("replication.outbox.max_entries", "must be at least 1000");
+        }
+        if replication.peer_expiry.0.is_zero() {
+            return fail("replication.peer_expiry", "must be longer than 0s");
         }
         Ok(())
     }

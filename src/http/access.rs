@@ -234,6 +234,7 @@ mod tests {
             auth,
             crate::lifecycle::Lifecycle::default(),
             None,
+            None,
         ))
     }
 

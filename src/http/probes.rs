@@ -58,8 +58,7 @@ async fn status(State(app): State<AppState>) -> Response {
         "artifacts": stats.artifacts,
         "uploads_in_flight": app.store.uploads_in_flight(),
         "requests_in_flight": app.lifecycle.in_flight(),
-        // Replication is not part of this release: no peers yet.
-        "peers": [],
+        "peers": app.mesh.as_ref().map_or(serde_json::json!([]), |mesh| mesh.status()),
     });
     if let Authorizer::Static(tokens) = &app.auth {
         body["static_tokens"] = static_tokens_status(tokens.health());

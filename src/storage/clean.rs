@@ -23,6 +23,7 @@ use std::sync::RwLock;
 use rocksdb::{DB, WriteBatch};
 
 use super::meta::{self, ArtifactRecord, UsageDelta};
+use super::outbox::LogRecord;
 use super::{Store, StoreError, keys, now_ms};
 
 /// Prefix of tombstone keys in the `state` column family (followed by the project).
@@ -74,31 +75,58 @@ impl Tombstones {
 }
 
 impl Store {
-    /// Deletes every artifact of `project` written before now; returns how many went.
+    /// Deletes every artifact of `project` written before now; returns how many went. The clean
+    /// is logged for the mesh (see `outbox.rs`).
     pub async fn delete_project(&self, project: &str) -> Result<u64, StoreError> {
+        self.clean(project, None).await
+    }
+
+    /// Applies a clean of `project` made on another node at `at`: what this node holds of the
+    /// project from before `at` goes, and older versions arriving later are ignored. Not logged
+    /// (the origin sends its own clean to every node).
+    pub async fn apply_remote_clean(&self, project: &str, at: u64) -> Result<u64, StoreError> {
+        self.clean(project, Some(at)).await
+    }
+
+    async fn clean(&self, project: &str, remote_at: Option<u64>) -> Result<u64, StoreError> {
         let store = self.clone();
         let project = project.to_owned();
         tokio::task::spawn_blocking(move || {
-            let at = store.write_tombstone(&project)?;
+            let at = store.write_tombstone(&project, remote_at)?;
             store.delete_older(&keys::project_prefix(&project), at)
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
-    /// The instant of the clean: durable, and ordered with publishes by `publish_order`.
-    fn write_tombstone(&self, project: &str) -> Result<u64, StoreError> {
+    /// The instant of the clean (now, or a remote clean's time): durable, and ordered with
+    /// publishes by `publish_order`. A local clean's batch carries its replication log record.
+    fn write_tombstone(&self, project: &str, remote_at: Option<u64>) -> Result<u64, StoreError> {
         let _order = self
             .inner
             .publish_order
             .write()
             .unwrap_or_else(|p| p.into_inner());
         // Never earlier than a previous clean of the project, even if the clock stepped back.
-        let at = now_ms().max(self.inner.tombstones.of(project).unwrap_or(0));
+        let previous = self.inner.tombstones.of(project).unwrap_or(0);
+        let at = remote_at.unwrap_or_else(now_ms).max(previous);
         let mut key = TOMBSTONE_PREFIX.to_vec();
         key.extend_from_slice(project.as_bytes());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(meta::CF_STATE), key, meta::encode(&at));
+        let ticket = self.inner.sequencer.take();
+        batch.merge_cf(
+            self.cf(meta::CF_STATE),
+            meta::SEQ_KEY,
+            meta::encode_seq(ticket.seq),
+        );
+        if remote_at.is_none() && self.logs_replication() {
+            let logged = LogRecord::DeleteProject {
+                project: project.to_owned(),
+                version_ms: at,
+            };
+            self.batch_log(&mut batch, ticket.seq, &logged);
+        }
         self.write(batch)?;
         self.inner.tombstones.set(project, at);
         Ok(at)

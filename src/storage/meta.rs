@@ -9,11 +9,12 @@
 //!   that noting a read never rewrites a record, whose inline body can be 32 KiB
 //! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
 //! - `state`: node-wide counters such as [`Usage`] and the last publish sequence number (both
-//!   kept by merge operands, see [`merge_state`]), project tombstones
+//!   kept by merge operands, see [`merge_state`]), project tombstones, peer cursors and the
+//!   highest log record the bound dropped (`outbox.rs`)
 //! - `bodies`: body file id (16 bytes BE) → encoded key of the record naming it; the reverse
 //!   index that lets the orphan sweep tell a leftover body file from a referenced one
-//! - `outbox`: records callers add to publish batches (the replication log); the store itself
-//!   never reads it
+//! - `outbox`: the replication log, publish sequence number (8 bytes BE) → `outbox::LogRecord`,
+//!   written in the publish batch of every local write when the node has peers (`outbox.rs`)
 //!
 //! Records are `postcard`-encoded behind a one-byte format version so a later release can read
 //! what this one wrote.

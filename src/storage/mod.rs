@@ -34,6 +34,7 @@ mod evict;
 pub mod keys;
 mod locks;
 pub mod meta;
+mod outbox;
 mod resumable;
 mod seq;
 mod sweep;
@@ -57,6 +58,7 @@ pub use bodies::{BodyWriter, StagedBody};
 pub use evict::DEFAULT_ACCESS_TIME_RESOLUTION;
 pub use keys::{ArtifactKey, Kind};
 use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
+pub use outbox::{LogRecord, LogSlice};
 pub use resumable::ResumableUpload;
 pub use sweep::SweepReport;
 pub use uploads::UploadLimits;
@@ -103,6 +105,8 @@ pub struct StoreOptions {
     pub block_cache: usize,
     /// Overrides the generated node id when set.
     pub node_id: Option<String>,
+    /// Log local publishes for the mesh (see `outbox.rs`); on when the node has peers.
+    pub replication_log: bool,
 }
 
 impl StoreOptions {
@@ -118,6 +122,7 @@ impl StoreOptions {
             access_time_resolution: DEFAULT_ACCESS_TIME_RESOLUTION,
             block_cache: DEFAULT_BLOCK_CACHE,
             node_id: None,
+            replication_log: false,
         }
     }
 
@@ -832,6 +837,15 @@ impl Store {
             for (family, key, value) in extra.0 {
                 batch.put_cf(self.cf(family.name()), key, value);
             }
+        }
+        if self.logs_replication() && record.origin == self.inner.node_id {
+            let logged = outbox::LogRecord::Upsert {
+                key: encoded.to_vec(),
+                version_ms: record.version_ms,
+                blake3: record.blake3,
+                size: record.size,
+            };
+            self.batch_log(&mut batch, ticket.seq, &logged);
         }
         self.write_accounted(batch, delta)?;
         Ok(Published {

@@ -787,3 +787,149 @@ async fn present_answers_in_order_and_refreshes_what_it_finds() {
         "k1 was the oldest unvouched"
     );
 }
+
+fn logging_store(dir: &Path) -> Store {
+    Store::open(StoreOptions {
+        replication_log: true,
+        ..StoreOptions::for_tests(dir)
+    })
+    .unwrap()
+}
+
+/// What the log holds after `after`, as (seq, record).
+fn log_of(store: &Store, after: u64) -> Vec<(u64, LogRecord)> {
+    store.log_after(after, usize::MAX).unwrap().records
+}
+
+#[tokio::test]
+async fn local_writes_and_cleans_are_logged_in_order_and_remote_ones_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    let first = put(&store, &gradle("a"), b"one").await;
+    let remote = put_as(&store, &gradle("b"), b"two", Provenance::remote(5, "peer"))
+        .await
+        .unwrap();
+    assert!(remote.seq().is_some(), "the remote version is published");
+    store.delete_project("p").await.unwrap();
+    store.apply_remote_clean("other", now_ms()).await.unwrap();
+    let log = log_of(&store, 0);
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].0, first.seq().unwrap());
+    assert_eq!(
+        log[0].1,
+        LogRecord::Upsert {
+            key: gradle("a").encode(),
+            version_ms: first.info.version_ms,
+            blake3: *blake3::hash(b"one").as_bytes(),
+            size: 3,
+        }
+    );
+    assert!(
+        matches!(&log[1].1, LogRecord::DeleteProject { project, .. } if project == "p"),
+        "{log:?}"
+    );
+    assert!(log[1].0 > log[0].0);
+    // Reading after the first record starts at the second.
+    assert_eq!(log_of(&store, log[0].0), log[1..].to_vec());
+    // A store without the log writes none.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = store_with(plain_dir.path(), 1 << 30);
+    put(&plain, &gradle("a"), b"one").await;
+    assert!(log_of(&plain, 0).is_empty());
+}
+
+#[tokio::test]
+async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    put_as(
+        &store,
+        &gradle("old"),
+        b"x",
+        Provenance::remote(100, "peer"),
+    )
+    .await
+    .unwrap();
+    store.apply_remote_clean("p", 200).await.unwrap();
+    assert!(body_of(&store, &gradle("old")).await.is_none());
+    let late = put_as(
+        &store,
+        &gradle("old"),
+        b"x",
+        Provenance::remote(150, "peer"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(late.outcome, Outcome::Tombstoned);
+    let newer = put_as(
+        &store,
+        &gradle("new"),
+        b"y",
+        Provenance::remote(250, "peer"),
+    )
+    .await
+    .unwrap();
+    assert!(newer.seq().is_some());
+    // An older remote clean does not move the tombstone back.
+    store.apply_remote_clean("p", 50).await.unwrap();
+    assert_eq!(store.inner.tombstones.of("p"), Some(200));
+}
+
+#[tokio::test]
+async fn cursors_persist_and_the_log_is_trimmed_below_the_slowest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        seqs.push(
+            put(&store, &gradle(&format!("k{i}")), b"v")
+                .await
+                .seq()
+                .unwrap(),
+        );
+    }
+    store.set_cursor("fast", seqs[7]).unwrap();
+    store.set_cursor("slow", seqs[3]).unwrap();
+    drop(store);
+    let store = logging_store(dir.path());
+    assert_eq!(store.cursor("slow").unwrap(), seqs[3]);
+    assert_eq!(store.cursor("never").unwrap(), 0);
+    let slowest = store.cursors().unwrap().into_iter().map(|(_, s)| s).min();
+    assert_eq!(store.trim_log(slowest, 1000).unwrap(), 0);
+    let left: Vec<u64> = log_of(&store, 0).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(left, seqs[4..].to_vec(), "records every peer has are gone");
+    assert!(!store.log_lost(seqs[3]).unwrap());
+    store.forget_cursor("slow").unwrap();
+    assert_eq!(
+        store.cursors().unwrap(),
+        vec![("fast".to_string(), seqs[7])]
+    );
+}
+
+#[tokio::test]
+async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    let mut last = 0;
+    for i in 0..30 {
+        last = put(&store, &gradle(&format!("k{i}")), b"v")
+            .await
+            .seq()
+            .unwrap();
+    }
+    store.set_cursor("behind", 2).unwrap();
+    let dropped = store.trim_log(Some(2), 10).unwrap();
+    assert_eq!(dropped, last - 10 - 2, "unacknowledged records dropped");
+    let left = log_of(&store, 0);
+    assert_eq!(left.len(), 10);
+    assert_eq!(left[0].0, last - 9);
+    assert!(store.log_lost(2).unwrap(), "the peer at 2 lost records");
+    assert!(
+        !store.log_lost(last - 10).unwrap(),
+        "a peer past the drop lost none"
+    );
+    // Writes were never refused, and the bound survives a restart.
+    drop(store);
+    let store = logging_store(dir.path());
+    assert!(store.log_lost(2).unwrap());
+}

@@ -6,6 +6,8 @@
 
 pub mod control_plane;
 pub mod grpc;
+pub mod mesh;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -188,12 +190,13 @@ impl Node {
         }
     }
 
-    /// Starts the node again on the same data dir (a new port).
+    /// Starts the node again on the same data dir (same address, a new port).
     pub fn restart(&mut self) {
         self.kill9();
+        let host = self.addr.ip();
         self.env.retain(|(k, _)| k != "KURA_SERVER_HTTP");
         self.env
-            .push(("KURA_SERVER_HTTP".into(), "127.0.0.1:0".into()));
+            .push(("KURA_SERVER_HTTP".into(), format!("{host}:0")));
         self.spawn();
     }
 

@@ -1,0 +1,315 @@
+//! The account mesh: every node sends the writes made on it to every other node of the account.
+//!
+//! - `storage::outbox` is the replication log: one record per local publish, written in the
+//!   publish's own batch, and one persisted cursor per peer.
+//! - `sender.rs`: one worker per peer admits it (`GET /_internal/status`: same account, another
+//!   node id), then sends the log after its cursor, small artifacts batched and large ones
+//!   streamed, and moves the cursor only once the peer acknowledged.
+//! - `receive.rs`: the peer plane's routes and the apply rules (verify, last writer wins,
+//!   tombstones).
+//! - `wire.rs`: the frame format both write endpoints speak.
+//!
+//! Replication never sits on a client's path: a client write returns once it is published
+//! locally; the log record it carries is sent later by a worker that only reads the store.
+
+mod receive;
+mod sender;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::Counter;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ReplicationConfig;
+use crate::storage::Store;
+
+pub use receive::router;
+
+/// Header naming the sender's account on every peer-plane write (a misrouted node of another
+/// account is refused even without TLS).
+pub const ACCOUNT_HEADER: &str = "x-kura-account";
+
+/// How often the log is trimmed below the slowest peer's cursor and held to its bound.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What `GET /_internal/status` answers: enough for a peer to admit this node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Identity {
+    pub account: String,
+    pub node_id: String,
+    pub region: String,
+    /// Bumped when the peer plane changes incompatibly.
+    pub protocol: u32,
+}
+
+/// The version of the peer plane this release speaks.
+pub const PROTOCOL: u32 = 1;
+
+/// A node's view of its mesh: its peers and their progress. Shared by the workers, the peer
+/// plane and `/status`.
+pub struct Mesh {
+    store: Store,
+    identity: Identity,
+    config: ReplicationConfig,
+    client: reqwest::Client,
+    peers: Mutex<BTreeMap<String, Arc<PeerStatus>>>,
+    applied: AppliedCounters,
+}
+
+/// Counters of what peers sent here, resolved once.
+struct AppliedCounters {
+    applied: Counter,
+    stale: Counter,
+    tombstoned: Counter,
+    rejected: Counter,
+    bytes: Counter,
+}
+
+impl AppliedCounters {
+    fn resolve() -> Self {
+        let result = |label: &'static str| metrics::counter!(crate::metrics::REPLICATION_APPLIED_TOTAL, "result" => label);
+        AppliedCounters {
+            applied: result("applied"),
+            stale: result("stale"),
+            tombstoned: result("tombstoned"),
+            rejected: result("rejected"),
+            bytes: metrics::counter!(crate::metrics::REPLICATION_APPLIED_BYTES_TOTAL),
+        }
+    }
+}
+
+impl Mesh {
+    /// The mesh of a node, or `None` when it has no peers configured.
+    pub fn new(
+        store: Store,
+        account: &str,
+        region: &str,
+        config: &ReplicationConfig,
+    ) -> anyhow::Result<Option<Arc<Mesh>>> {
+        if !config.enabled() {
+            return Ok(None);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .http2_prior_knowledge()
+            .build()?;
+        let identity = Identity {
+            account: account.to_owned(),
+            node_id: store.node_id().to_owned(),
+            region: region.to_owned(),
+            protocol: PROTOCOL,
+        };
+        let peers = config
+            .peers
+            .iter()
+            .map(|url| {
+                let url = url.trim_end_matches('/').to_owned();
+                (url.clone(), Arc::new(PeerStatus::new(url)))
+            })
+            .collect();
+        Ok(Some(Arc::new(Mesh {
+            store,
+            identity,
+            config: config.clone(),
+            client,
+            peers: Mutex::new(peers),
+            applied: AppliedCounters::resolve(),
+        })))
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Starts a worker per peer and the log trimmer.
+    pub fn start(self: &Arc<Self>) {
+        for peer in self.peer_list() {
+            tokio::spawn(sender::run(self.clone(), peer));
+        }
+        tokio::spawn(trim_log(self.clone()));
+    }
+
+    fn peer_list(&self) -> Vec<Arc<PeerStatus>> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.values().cloned().collect()
+    }
+
+    pub(crate) fn count_applied(&self, result: &'static str, bytes: u64) {
+        let counter = match result {
+            "applied" => &self.applied.applied,
+            "stale" => &self.applied.stale,
+            "tombstoned" => &self.applied.tombstoned,
+            _ => &self.applied.rejected,
+        };
+        counter.increment(1);
+        self.applied.bytes.increment(bytes);
+    }
+
+    /// Every peer's progress, for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let peers: Vec<serde_json::Value> =
+            self.peer_list().iter().map(|peer| peer.to_json()).collect();
+        serde_json::Value::Array(peers)
+    }
+}
+
+/// A peer's state as `/status` and the metrics show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PeerState {
+    /// Not reached yet.
+    Unknown = 0,
+    /// Answered its status with this account and another node id: replicating.
+    Admitted = 1,
+    /// Not answering, or answering with errors.
+    Unreachable = 2,
+    /// Answered as another account or as this node itself: never replicated to.
+    Refused = 3,
+}
+
+impl PeerState {
+    const ALL: [PeerState; 4] = [
+        PeerState::Unknown,
+        PeerState::Admitted,
+        PeerState::Unreachable,
+        PeerState::Refused,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            PeerState::Unknown => "unknown",
+            PeerState::Admitted => "admitted",
+            PeerState::Unreachable => "unreachable",
+            PeerState::Refused => "refused",
+        }
+    }
+}
+
+/// One peer's progress, updated by its worker.
+pub struct PeerStatus {
+    /// Base URL of its peer plane (`https://host:port`).
+    url: String,
+    node_id: Mutex<Option<String>>,
+    state: AtomicU8,
+    pending: AtomicU64,
+    lag_ms: AtomicU64,
+    sent_bytes: AtomicU64,
+    sent_entries: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl PeerStatus {
+    fn new(url: String) -> Self {
+        PeerStatus {
+            url,
+            node_id: Mutex::new(None),
+            state: AtomicU8::new(PeerState::Unknown as u8),
+            pending: AtomicU64::new(0),
+            lag_ms: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+            sent_entries: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn state(&self) -> PeerState {
+        let value = self.state.load(Ordering::Relaxed);
+        PeerState::ALL
+            .into_iter()
+            .find(|s| *s as u8 == value)
+            .unwrap_or(PeerState::Unknown)
+    }
+
+    fn set_state(&self, state: PeerState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+        for each in PeerState::ALL {
+            let value = if each == state { 1.0 } else { 0.0 };
+            metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.url.clone(), "state" => each.label()).set(value);
+        }
+    }
+
+    fn set_node_id(&self, node_id: &str) {
+        let mut slot = self.node_id.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(node_id.to_owned());
+    }
+
+    fn record_error(&self, reason: &'static str) {
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        *errors.entry(reason).or_default() += 1;
+        metrics::counter!(crate::metrics::REPLICATION_ERRORS_TOTAL, "peer" => self.url.clone(), "reason" => reason).increment(1);
+    }
+
+    fn record_progress(&self, pending: u64, lag_ms: u64) {
+        self.pending.store(pending, Ordering::Relaxed);
+        self.lag_ms.store(lag_ms, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::REPLICATION_PENDING_ENTRIES, "peer" => self.url.clone())
+            .set(pending as f64);
+        metrics::gauge!(crate::metrics::REPLICATION_LAG_SECONDS, "peer" => self.url.clone())
+            .set(lag_ms as f64 / 1000.0);
+    }
+
+    fn record_sent(&self, entries: u64, bytes: u64) {
+        self.sent_entries.fetch_add(entries, Ordering::Relaxed);
+        self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::REPLICATION_SENT_ENTRIES_TOTAL, "peer" => self.url.clone())
+            .increment(entries);
+        metrics::counter!(crate::metrics::REPLICATION_SENT_BYTES_TOTAL, "peer" => self.url.clone())
+            .increment(bytes);
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let node_id = self
+            .node_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        serde_json::json!({
+            "url": self.url,
+            "node_id": node_id,
+            "state": self.state().label(),
+            "pending_entries": self.pending.load(Ordering::Relaxed),
+            "lag_seconds": self.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            "sent_entries": self.sent_entries.load(Ordering::Relaxed),
+            "sent_bytes": self.sent_bytes.load(Ordering::Relaxed),
+            "errors": errors,
+        })
+    }
+}
+
+/// Trims the log below the slowest peer's persisted cursor and holds it to its bound.
+async fn trim_log(mesh: Arc<Mesh>) {
+    let dropped = metrics::counter!(crate::metrics::REPLICATION_LOG_DROPPED_TOTAL);
+    let max_entries = mesh.config.outbox.max_entries;
+    let mut ticker = tokio::time::interval(TRIM_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let store = mesh.store.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let slowest = store.cursors()?.into_iter().map(|(_, seq)| seq).min();
+            store.trim_log(slowest, max_entries)
+        })
+        .await;
+        match pass {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                dropped.increment(n);
+                tracing::warn!(
+                    dropped = n,
+                    max_entries,
+                    "replication log over replication.outbox.max_entries: dropped its oldest records; the peers that lacked them catch up from an index"
+                );
+            }
+            Ok(Err(error)) => tracing::error!(%error, "trimming the replication log failed"),
+            Err(error) => tracing::error!(%error, "trimming the replication log panicked"),
+        }
+    }
+}

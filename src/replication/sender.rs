@@ -1,0 +1,500 @@
+//! One worker per peer: admit it, then send it the replication log after its cursor.
+//!
+//! Records are grouped into requests in log order: small artifacts (and cleans) batched up to
+//! [`BATCH_BYTES`], a large artifact alone in a streamed request. Up to [`IN_FLIGHT`] requests
+//! travel at once; acknowledgements are taken in order and the cursor moves, persisted, to the
+//! last record of each acknowledged request. A failure drops the requests after it and starts
+//! again from the cursor after a backoff: a peer may see an entry twice, which it applies as a
+//! no-op.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use rand::Rng;
+
+use super::wire::Entry;
+use super::{ACCOUNT_HEADER, Identity, Mesh, PeerState, PeerStatus};
+use crate::storage::{ArtifactKey, BodyStream, LogRecord, Store, StoreError, now_ms};
+
+/// Body bytes a batched request carries at most (replication.md: ≤ 4 MiB).
+const BATCH_BYTES: u64 = 4 << 20;
+/// Artifacts larger than this travel alone, streamed.
+const STREAM_OVER: u64 = 1 << 20;
+/// Records read from the log at a time.
+const READ_AHEAD: usize = 1024;
+/// Requests to one peer at once.
+const IN_FLIGHT: usize = 2;
+/// How often an idle worker looks for new records.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+/// First and longest wait after a failure (replication.md: 100 ms → 30 s).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Runs until the process exits.
+pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
+    let mut backoff = Backoff::default();
+    loop {
+        let failure = match admit(&mesh, &peer).await {
+            Ok(Admission::Admitted(node_id)) => {
+                backoff.reset();
+                peer.set_state(PeerState::Admitted);
+                replicate(&mesh, &peer, &node_id).await
+            }
+            Ok(Admission::Refused(why)) => {
+                peer.set_state(PeerState::Refused);
+                tracing::warn!(peer = %peer.url, why, "peer refused: not replicating to it");
+                Failure::new("refused")
+            }
+            Err(failure) => failure,
+        };
+        if failure.reason != "refused" {
+            peer.set_state(PeerState::Unreachable);
+        }
+        peer.record_error(failure.reason);
+        let wait = backoff.next();
+        tracing::debug!(peer = %peer.url, reason = failure.reason, detail = %failure.detail, ?wait, "replication paused");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Why a round of sending stopped.
+#[derive(Debug)]
+struct Failure {
+    /// A bounded label: `connect`, `status`, `rejected`, `refused`, `storage`.
+    reason: &'static str,
+    detail: String,
+}
+
+impl Failure {
+    fn new(reason: &'static str) -> Self {
+        Failure {
+            reason,
+            detail: String::new(),
+        }
+    }
+
+    fn with(reason: &'static str, detail: impl ToString) -> Self {
+        Failure {
+            reason,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Failure::with("storage", error)
+    }
+}
+
+enum Admission {
+    Admitted(String),
+    Refused(&'static str),
+}
+
+/// Asks the peer who it is: the same account and another node id are admitted.
+async fn admit(mesh: &Mesh, peer: &PeerStatus) -> Result<Admission, Failure> {
+    let response = mesh
+        .client
+        .get(format!("{}/_internal/status", peer.url))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| Failure::with("connect", e))?;
+    if !response.status().is_success() {
+        return Err(Failure::with("status", response.status()));
+    }
+    let identity: Identity = response
+        .json()
+        .await
+        .map_err(|e| Failure::with("status", e))?;
+    if identity.account != mesh.identity.account {
+        return Ok(Admission::Refused("it serves another account"));
+    }
+    if identity.node_id == mesh.identity.node_id {
+        return Ok(Admission::Refused("it is this node"));
+    }
+    peer.set_node_id(&identity.node_id);
+    Ok(Admission::Admitted(identity.node_id))
+}
+
+/// Sends the log after the peer's cursor until a send fails.
+async fn replicate(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, node_id: &str) -> Failure {
+    match replicate_until_failure(mesh, peer, node_id).await {
+        Ok(never) => match never {},
+        Err(failure) => failure,
+    }
+}
+
+async fn replicate_until_failure(
+    mesh: &Arc<Mesh>,
+    peer: &Arc<PeerStatus>,
+    node_id: &str,
+) -> Result<std::convert::Infallible, Failure> {
+    let store = mesh.store.clone();
+    let mut cursor = blocking(&store, {
+        let node_id = node_id.to_owned();
+        move |store| store.admit_peer(&node_id)
+    })
+    .await?;
+    loop {
+        let records = blocking(&store, move |store| {
+            if store.log_lost(cursor)? {
+                // The bound dropped records this peer never had: it catches up from this
+                // node's index; the log resumes after what was dropped.
+                return Ok(Err(()));
+            }
+            store.log_after(cursor, READ_AHEAD).map(Ok)
+        })
+        .await?;
+        let slice = match records {
+            Ok(slice) => slice,
+            Err(()) => {
+                cursor = skip_dropped(&store, peer, node_id, cursor).await?;
+                continue;
+            }
+        };
+        let lag_ms = slice.records.first().map_or(0, |(_, record)| {
+            now_ms().saturating_sub(record.version_ms())
+        });
+        // Exact while the log fits one read; beyond, sequence numbers count (they have gaps:
+        // writes received from peers take numbers and are not logged).
+        let pending = if slice.records.len() < READ_AHEAD {
+            slice.records.len() as u64
+        } else {
+            store.stable_seq().saturating_sub(cursor)
+        };
+        peer.record_progress(pending, lag_ms);
+        if slice.records.is_empty() {
+            // Nothing logged through `upto`: the peer has all of it. (Persisted with the next
+            // acknowledgement; until then a restart merely reads the empty stretch again.)
+            cursor = slice.upto;
+            tokio::time::sleep(IDLE_POLL).await;
+            continue;
+        }
+        let requests = group(slice.records);
+        let mut acknowledged = stream::iter(requests)
+            .map(|request| send(mesh, peer, request))
+            .buffered(IN_FLIGHT);
+        while let Some(result) = acknowledged.next().await {
+            let sent = result?;
+            cursor = sent.last_seq;
+            let node_id = node_id.to_owned();
+            blocking(&store, move |store| store.set_cursor(&node_id, cursor)).await?;
+            peer.record_sent(sent.entries, sent.bytes);
+        }
+    }
+}
+
+/// Moves a peer's cursor past the records the log's bound dropped, and says so.
+async fn skip_dropped(
+    store: &Store,
+    peer: &PeerStatus,
+    node_id: &str,
+    cursor: u64,
+) -> Result<u64, Failure> {
+    let node_id = node_id.to_owned();
+    let resumed = blocking(store, move |store| {
+        let resumed = store
+            .log_oldest()?
+            .map_or(cursor, |oldest| oldest - 1)
+            .max(cursor);
+        store.set_cursor(&node_id, resumed)?;
+        Ok(resumed)
+    })
+    .await?;
+    peer.record_error("log_dropped");
+    tracing::warn!(
+        peer = %peer.url, from = cursor, to = resumed,
+        "records for this peer were dropped by replication.outbox.max_entries; it must catch up from this node's index"
+    );
+    Ok(resumed)
+}
+
+/// Runs a store call on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    store: &Store,
+    call: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Failure> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || call(&store))
+        .await
+        .map_err(|e| Failure::with("storage", e))?
+        .map_err(Failure::from)
+}
+
+/// Records that travel in one request.
+struct Request {
+    records: Vec<(u64, LogRecord)>,
+    /// A single large artifact, streamed to the artifact endpoint.
+    streamed: bool,
+}
+
+/// Groups records, in log order, into requests.
+fn group(records: Vec<(u64, LogRecord)>) -> Vec<Request> {
+    let mut requests = Vec::new();
+    let mut batch: Vec<(u64, LogRecord)> = Vec::new();
+    let mut batch_bytes = 0;
+    for (seq, record) in records {
+        let size = match &record {
+            LogRecord::Upsert { size, .. } => *size,
+            LogRecord::DeleteProject { .. } => 0,
+        };
+        if size > STREAM_OVER {
+            if !batch.is_empty() {
+                requests.push(Request {
+                    records: std::mem::take(&mut batch),
+                    streamed: false,
+                });
+                batch_bytes = 0;
+            }
+            requests.push(Request {
+                records: vec![(seq, record)],
+                streamed: true,
+            });
+            continue;
+        }
+        if batch_bytes + size > BATCH_BYTES && !batch.is_empty() {
+            requests.push(Request {
+                records: std::mem::take(&mut batch),
+                streamed: false,
+            });
+            batch_bytes = 0;
+        }
+        batch_bytes += size;
+        batch.push((seq, record));
+    }
+    if !batch.is_empty() {
+        requests.push(Request {
+            records: batch,
+            streamed: false,
+        });
+    }
+    requests
+}
+
+/// What a peer acknowledged.
+struct Sent {
+    last_seq: u64,
+    entries: u64,
+    bytes: u64,
+}
+
+/// Sends one request and waits for the peer's acknowledgement.
+async fn send(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, request: Request) -> Result<Sent, Failure> {
+    let last_seq = request.records.last().map_or(0, |(seq, _)| *seq);
+    let mut frames: Vec<BoxStream<'static, std::io::Result<Bytes>>> = Vec::new();
+    let mut entries = 0;
+    let mut bytes = 0;
+    for (_, record) in &request.records {
+        let Some((entry, body)) = open(mesh, record).await? else {
+            continue;
+        };
+        entries += 1;
+        bytes += entry.body_len();
+        frames.push(stream::once(async move { Ok(entry.encode_header()) }).boxed());
+        match body {
+            Some(BodyStream::Bytes(chunk)) => {
+                frames.push(stream::once(async move { Ok(chunk) }).boxed())
+            }
+            Some(BodyStream::Stream(body)) => frames.push(body),
+            None => {}
+        }
+    }
+    if entries == 0 {
+        // Everything in it was skipped: nothing to send, the cursor moves on.
+        return Ok(Sent {
+            last_seq,
+            entries: 0,
+            bytes: 0,
+        });
+    }
+    let (method, path) = if request.streamed {
+        (reqwest::Method::PUT, "artifact")
+    } else {
+        (reqwest::Method::POST, "batch")
+    };
+    let body = reqwest::Body::wrap_stream(stream::iter(frames).flatten());
+    let response = mesh
+        .client
+        .request(method, format!("{}/_internal/replicate/{path}", peer.url))
+        .header(ACCOUNT_HEADER, &mesh.identity.account)
+        .timeout(request_timeout(bytes))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| Failure::with("connect", e))?;
+    let status = response.status();
+    if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+        return Err(Failure::with(
+            "rejected",
+            "the peer found a body that does not match its digest",
+        ));
+    }
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        return Err(Failure::with("status", format!("{status}: {text}")));
+    }
+    Ok(Sent {
+        last_seq,
+        entries,
+        bytes,
+    })
+}
+
+/// Long enough for the body at a slow 1 MiB/s, and a peer that stops answering is given up.
+fn request_timeout(bytes: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_secs(bytes >> 20)
+}
+
+/// The frame of a log record and the body that follows it; `None` when the record is skipped:
+/// its artifact is gone (evicted or cleaned before it was sent) or was replaced since (the
+/// newer version has its own record).
+async fn open(
+    mesh: &Mesh,
+    record: &LogRecord,
+) -> Result<Option<(Entry, Option<BodyStream>)>, Failure> {
+    let origin = mesh.identity.node_id.clone();
+    let (key, version_ms, blake3) = match record {
+        LogRecord::DeleteProject {
+            project,
+            version_ms,
+        } => {
+            let entry = Entry::DeleteProject {
+                project: project.clone(),
+                version_ms: *version_ms,
+                origin,
+            };
+            return Ok(Some((entry, None)));
+        }
+        LogRecord::Upsert {
+            version_ms, blake3, ..
+        } => match record.artifact() {
+            Some(key) => (key, *version_ms, *blake3),
+            None => return Ok(None),
+        },
+    };
+    let Some(found) = mesh.store.lookup(&key)? else {
+        skipped("gone");
+        return Ok(None);
+    };
+    if found.info.version_ms != version_ms || found.info.blake3 != blake3 {
+        skipped("superseded");
+        return Ok(None);
+    }
+    let Some(artifact) = mesh.store.open_found(&key, found).await? else {
+        skipped("gone");
+        return Ok(None);
+    };
+    let info = artifact.info.clone();
+    let entry = upsert_entry(&key, &info, origin);
+    Ok(Some((entry, Some(artifact.into_body(0, info.size)))))
+}
+
+fn upsert_entry(key: &ArtifactKey, info: &crate::storage::ArtifactInfo, origin: String) -> Entry {
+    Entry::Upsert {
+        kind: key.kind.as_str().to_owned(),
+        project: key.project.clone(),
+        key: key.key.clone(),
+        size: info.size,
+        blake3: info.blake3,
+        sha256: info.sha256,
+        content_type: info.content_type.clone(),
+        version_ms: info.version_ms,
+        origin,
+    }
+}
+
+fn skipped(reason: &'static str) {
+    metrics::counter!(crate::metrics::REPLICATION_SKIPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Exponential backoff with full jitter between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        let ceiling = BACKOFF_MIN
+            .saturating_mul(1 << self.failures.min(16))
+            .min(BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        // Between half and all of the ceiling: peers that failed together do not retry together.
+        let half = ceiling / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(size: u64) -> LogRecord {
+        LogRecord::Upsert {
+            key: b"p\0gradle\0k".to_vec(),
+            version_ms: 1,
+            blake3: [0; 32],
+            size,
+        }
+    }
+
+    #[test]
+    fn small_records_batch_up_to_the_limit_and_large_ones_go_alone_in_order() {
+        let records = vec![
+            (1, upsert(10)),
+            (2, upsert(3 << 20)),
+            (3, upsert(1 << 20)),
+            (4, upsert(1 << 20)),
+            (5, upsert(1 << 20)),
+            (6, upsert(1 << 20)),
+            (7, upsert(1)),
+            (
+                8,
+                LogRecord::DeleteProject {
+                    project: "p".into(),
+                    version_ms: 2,
+                },
+            ),
+        ];
+        let requests = group(records);
+        let shape: Vec<(Vec<u64>, bool)> = requests
+            .iter()
+            .map(|r| (r.records.iter().map(|(s, _)| *s).collect(), r.streamed))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (vec![1], false),
+                (vec![2], true),
+                (vec![3, 4, 5, 6], false),
+                (vec![7, 8], false),
+            ]
+        );
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_jitter_and_resets() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next();
+        assert!(
+            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
+            "{first:?}"
+        );
+        let mut last = first;
+        for _ in 0..20 {
+            last = backoff.next();
+            assert!(last <= BACKOFF_MAX);
+        }
+        assert!(last >= BACKOFF_MAX / 2, "{last:?}");
+        backoff.reset();
+        assert!(backoff.next() <= BACKOFF_MIN);
+    }
+}

@@ -1,0 +1,254 @@
+//! The replication log: what this node wrote, in publish order, until every peer has it.
+//!
+//! When the store is opened with `replication_log`, every *local* publish (an artifact written
+//! by a client of this node, or a project clean) appends one [`LogRecord`] to the `outbox`
+//! family **in the same batch** as the artifact's record, keyed by its sequence number
+//! (`seq.rs`). So the log holds a record if and only if the write it describes committed, and a
+//! crash between the two cannot happen. Writes received from peers are never logged: the mesh
+//! is full, every node sends its own writes to every other node.
+//!
+//! Each peer has a cursor in the `state` family: the last sequence number it acknowledged.
+//! Readers go no further than [`Store::stable_seq`], below which no publish can still commit.
+//! [`Store::trim_log`] drops what every live peer has, and the bound (`outbox.max_entries`)
+//! drops the oldest records past it; a peer whose cursor falls below the oldest record left has
+//! lost records and must catch up from an index instead ([`Store::log_lost`] tells).
+//!
+//! A record names what changed, not the bytes: the sender reads the artifact's current record
+//! and body when it sends, and skips a record whose artifact has since been replaced (a later
+//! record covers the new version) or is gone (evicted or cleaned).
+
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+
+use super::keys::ArtifactKey;
+use super::{Store, StoreError, meta};
+
+/// One entry of the replication log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogRecord {
+    /// An artifact published on this node: its key (encoded) and the version that was stored.
+    Upsert {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        version_ms: u64,
+        blake3: [u8; 32],
+        size: u64,
+    },
+    /// A project cleaned on this node at `version_ms`.
+    DeleteProject { project: String, version_ms: u64 },
+}
+
+impl LogRecord {
+    /// The write time the record carries (the age of the oldest pending one is a peer's lag).
+    pub fn version_ms(&self) -> u64 {
+        match self {
+            LogRecord::Upsert { version_ms, .. } | LogRecord::DeleteProject { version_ms, .. } => {
+                *version_ms
+            }
+        }
+    }
+
+    /// The artifact an upsert names.
+    pub fn artifact(&self) -> Option<ArtifactKey> {
+        match self {
+            LogRecord::Upsert { key, .. } => ArtifactKey::decode(key),
+            LogRecord::DeleteProject { .. } => None,
+        }
+    }
+}
+
+/// A stretch of the log: its records, and the sequence number through which it is complete
+/// (a reader that has sent them all has everything up to `upto`, gaps included).
+#[derive(Debug)]
+pub struct LogSlice {
+    pub records: Vec<(u64, LogRecord)>,
+    pub upto: u64,
+}
+
+/// Prefix of peer cursors in the `state` family (followed by the peer's node id).
+const CURSOR_PREFIX: &[u8] = b"cursor\0";
+
+fn cursor_key(peer: &str) -> Vec<u8> {
+    let mut key = CURSOR_PREFIX.to_vec();
+    key.extend_from_slice(peer.as_bytes());
+    key
+}
+
+impl Store {
+    /// Whether local publishes are logged for the mesh.
+    pub(super) fn logs_replication(&self) -> bool {
+        self.inner.options.replication_log
+    }
+
+    /// Adds `record` under `seq` to a publish's batch.
+    pub(super) fn batch_log(&self, batch: &mut WriteBatch, seq: u64, record: &LogRecord) {
+        batch.put_cf(
+            self.cf(meta::CF_OUTBOX),
+            meta::encode_seq(seq),
+            meta::encode(record),
+        );
+    }
+
+    /// Up to `limit` log records after `after`, oldest first, never past [`Store::stable_seq`].
+    /// Unreadable records (from a later release) are skipped.
+    pub fn log_after(&self, after: u64, limit: usize) -> Result<LogSlice, StoreError> {
+        let stable = self.stable_seq();
+        let start = meta::encode_seq(after.saturating_add(1));
+        let iter = self.inner.db.iterator_cf(
+            self.cf(meta::CF_OUTBOX),
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut records = Vec::new();
+        for item in iter {
+            let (key, value) = item?;
+            let Some(seq) = meta::decode_seq(&key) else {
+                continue;
+            };
+            if seq > stable || records.len() >= limit {
+                break;
+            }
+            if let Some(record) = meta::decode::<LogRecord>(&value) {
+                records.push((seq, record));
+            }
+        }
+        let upto = if records.len() >= limit {
+            records.last().map_or(after, |(seq, _)| *seq)
+        } else {
+            stable.max(after)
+        };
+        Ok(LogSlice { records, upto })
+    }
+
+    /// The sequence number of the oldest record in the log, if any.
+    pub fn log_oldest(&self) -> Result<Option<u64>, StoreError> {
+        let mut iter = self
+            .inner
+            .db
+            .iterator_cf(self.cf(meta::CF_OUTBOX), rocksdb::IteratorMode::Start);
+        match iter.next() {
+            Some(item) => Ok(meta::decode_seq(&item?.0)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a peer at `cursor` has missed records that the bound dropped: the log's oldest
+    /// record is not the next one it needs and something before it was logged after `cursor`.
+    pub fn log_lost(&self, cursor: u64) -> Result<bool, StoreError> {
+        let dropped_through = self.dropped_through()?;
+        Ok(dropped_through > cursor)
+    }
+
+    /// The last peer-acknowledged sequence number of `peer` (0 when it never acknowledged).
+    pub fn cursor(&self, peer: &str) -> Result<u64, StoreError> {
+        Ok(self.stored_cursor(peer)?.unwrap_or(0))
+    }
+
+    fn stored_cursor(&self, peer: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .inner
+            .db
+            .get_cf(self.cf(meta::CF_STATE), cursor_key(peer))?
+            .and_then(|bytes| meta::decode_seq(&bytes)))
+    }
+
+    /// The cursor of an admitted peer, created at 0 the first time: from then on the peer holds
+    /// the log back until it has acknowledged it (a peer without a cursor does not).
+    pub fn admit_peer(&self, peer: &str) -> Result<u64, StoreError> {
+        match self.stored_cursor(peer)? {
+            Some(seq) => Ok(seq),
+            None => {
+                self.set_cursor(peer, 0)?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Every persisted cursor, by peer node id.
+    pub fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let iter = self.inner.db.iterator_cf(
+            self.cf(meta::CF_STATE),
+            rocksdb::IteratorMode::From(CURSOR_PREFIX, rocksdb::Direction::Forward),
+        );
+        let mut cursors = Vec::new();
+        for item in iter {
+            let (key, value) = item?;
+            let Some(peer) = key.strip_prefix(CURSOR_PREFIX) else {
+                break;
+            };
+            if let (Ok(peer), Some(seq)) = (std::str::from_utf8(peer), meta::decode_seq(&value)) {
+                cursors.push((peer.to_owned(), seq));
+            }
+        }
+        Ok(cursors)
+    }
+
+    /// Persists that `peer` has everything up to `seq`. Synced like any acknowledged write, so a
+    /// restart resumes after it and never earlier than what the peer confirmed.
+    pub fn set_cursor(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(meta::CF_STATE),
+            cursor_key(peer),
+            meta::encode_seq(seq),
+        );
+        self.write(batch)
+    }
+
+    /// Forgets `peer`'s cursor (an expired peer: it catches up from an index when it returns).
+    pub fn forget_cursor(&self, peer: &str) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(meta::CF_STATE), cursor_key(peer));
+        self.write(batch)
+    }
+
+    /// Drops the records every peer in `cursors` has acknowledged, and the oldest ones past
+    /// `max_entries`. Returns how many the bound dropped (records some peer had not yet
+    /// acknowledged). Never blocks a writer: it deletes ranges below the stable point.
+    pub fn trim_log(&self, slowest: Option<u64>, max_entries: u64) -> Result<u64, StoreError> {
+        let Some(oldest) = self.log_oldest()? else {
+            return Ok(0);
+        };
+        let newest = self.stable_seq();
+        // No live peer: nobody needs the log beyond what the bound keeps for one that returns.
+        let acknowledged = slowest.unwrap_or(0).min(newest);
+        let bound = newest.saturating_sub(max_entries);
+        let mut dropped = 0;
+        let mut below = acknowledged;
+        if bound > acknowledged {
+            // Sequence numbers are nearly dense, so this counts the unacknowledged records the
+            // bound drops closely enough for a metric.
+            dropped = bound - acknowledged.max(oldest - 1);
+            below = bound;
+            self.mark_dropped_through(bound)?;
+        }
+        if below >= oldest {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(
+                self.cf(meta::CF_OUTBOX),
+                meta::encode_seq(oldest),
+                meta::encode_seq(below + 1),
+            );
+            self.write(batch)?;
+        }
+        Ok(dropped)
+    }
+
+    /// The highest sequence number the bound ever dropped unacknowledged.
+    fn dropped_through(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .db
+            .get_cf(self.cf(meta::CF_STATE), DROPPED_KEY)?
+            .and_then(|bytes| meta::decode_seq(&bytes))
+            .unwrap_or(0))
+    }
+
+    fn mark_dropped_through(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(meta::CF_STATE), DROPPED_KEY, meta::encode_seq(seq));
+        self.write(batch)
+    }
+}
+
+/// Key in `state` of the highest sequence number the log's bound dropped.
+const DROPPED_KEY: &[u8] = b"outbox_dropped";

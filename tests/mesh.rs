@@ -1,0 +1,454 @@
+//! The account mesh with nodes as real processes on 127.0.0.x (insecure peer plane, static
+//! peers): what one node stores reaches the others, whatever the kind, the size, the faults.
+//!
+//! Loopback octets by test (each test owns its addresses, so tests run in parallel):
+//! 10–12 every kind, 20–22 cleans and last writer wins, 30–32 a stopped peer, 40–41 a killed
+//! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
+//! account, 80–83 a proxy between two nodes.
+
+use std::time::Duration;
+
+use kura::grpc::proto::reapi::{ActionResult, OutputFile, UpdateActionResultRequest};
+use serde_json::json;
+
+use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
+use crate::common::mesh::{
+    ACCOUNT, PEER_PORT, assert_replicated, body_at, eventually, gradle_path, mesh_options,
+    node_options, peer_url, put, start_mesh, wait_admitted,
+};
+use crate::common::proxy::Proxy;
+use crate::common::{Node, client, payload};
+
+/// Xcode CAS, key-value and module paths take the account and project as query parameters.
+fn scoped(path: &str, project: &str) -> String {
+    let separator = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{separator}account_handle={ACCOUNT}&project_handle={project}")
+}
+
+/// Uploads `body` as a module in three parts on `node`.
+async fn upload_module(node: &Node, hash: &str, body: &[u8]) {
+    let http = client();
+    let start: serde_json::Value = http
+        .post(node.url(&scoped(
+            &format!("/api/cache/module/start?hash={hash}&name=App.zip"),
+            "ios",
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = start["upload_id"].as_str().expect("upload id").to_string();
+    let third = body.len() / 3;
+    let parts = [&body[..third], &body[third..2 * third], &body[2 * third..]];
+    for (n, part) in parts.iter().enumerate() {
+        let url = scoped(
+            &format!(
+                "/api/cache/module/part?upload_id={id}&part_number={}",
+                n + 1
+            ),
+            "ios",
+        );
+        let status = http
+            .post(node.url(&url))
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success(), "part {n}: {status}");
+    }
+    let complete = scoped(&format!("/api/cache/module/complete?upload_id={id}"), "ios");
+    let status = http
+        .post(node.url(&complete))
+        .json(&json!({"parts": [1, 2, 3]}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "complete: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_written_on_any_node_is_readable_byte_identical_on_the_others() {
+    let nodes = start_mesh(&[10, 11, 12]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // Each kind written on a different node; one large artifact takes the streamed path.
+    let small = payload(1, 1000);
+    let large = payload(2, 3 << 20);
+    let cas = payload(3, 5000);
+    let keyvalue_put = json!({"cas_id": "kv1", "entries": [{"value": "v"}]}).to_string();
+    let module = payload(4, 700_000);
+    let bazel = payload(5, 2000);
+    let bazel_path = format!(
+        "/bazel/{ACCOUNT}/ios/cas/{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bazel))
+    );
+    put(a, &gradle_path("ios", "small"), small.clone()).await;
+    put(b, &gradle_path("ios", "large"), large.clone()).await;
+    let status = client()
+        .post(c.url(&scoped("/api/cache/cas/cas1", "ios")))
+        .body(cas.clone())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    put(
+        a,
+        &scoped("/api/cache/keyvalue", "ios"),
+        keyvalue_put.into_bytes(),
+    )
+    .await;
+    upload_module(b, "m1", &module).await;
+    put(c, &bazel_path, bazel.clone()).await;
+
+    // REAPI: a blob and an action result naming it, written over gRPC on `a`.
+    let grpc = Grpc::connect(a).await;
+    let output = payload(6, 4000);
+    let digest = sha256(&output);
+    grpc.write(&upload_name("ios", "u1", &digest), &output)
+        .await
+        .unwrap();
+    let action = sha256(b"action");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out/a.o".into(),
+            digest: Some(digest.clone()),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        ..Default::default()
+    };
+    grpc.action_cache()
+        .update_action_result(grpc.request(UpdateActionResultRequest {
+            instance_name: "ios".into(),
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+
+    // A key-value entry is served in its own shape: what the writer serves, the others must.
+    let keyvalue_path = scoped("/api/cache/keyvalue/kv1", "ios");
+    let keyvalue = body_at(a, &keyvalue_path)
+        .await
+        .expect("keyvalue on its writer");
+    for node in &nodes {
+        assert_replicated(node, &gradle_path("ios", "small"), &small).await;
+        assert_replicated(node, &gradle_path("ios", "large"), &large).await;
+        assert_replicated(node, &scoped("/api/cache/cas/cas1", "ios"), &cas).await;
+        assert_replicated(node, &keyvalue_path, &keyvalue).await;
+        assert_replicated(
+            node,
+            &scoped("/api/cache/module/m1?name=App.zip", "ios"),
+            &module,
+        )
+        .await;
+        assert_replicated(node, &bazel_path, &bazel).await;
+        let grpc = Grpc::connect(node).await;
+        let read = grpc.read(&blob_name("ios", &digest), 0, 0).await;
+        assert_eq!(
+            read.ok().as_deref(),
+            Some(&output[..]),
+            "blob on {}",
+            node.addr
+        );
+        let got = eventually(Duration::from_secs(30), || async {
+            grpc.get_action_result("ios", action.clone()).await.ok()
+        })
+        .await;
+        assert_eq!(
+            got.as_ref(),
+            Some(&result),
+            "action result on {}",
+            node.addr
+        );
+    }
+    // No peer refused anything (a `connect` error while the others were still starting is
+    // expected), and each entry was applied once on each receiver: nothing was sent back.
+    for node in &nodes {
+        let status = node.status().await;
+        for peer in status["peers"].as_array().unwrap() {
+            assert_eq!(peer["state"], "admitted", "{status}");
+            let errors = peer["errors"].as_object().unwrap();
+            assert!(errors.keys().all(|reason| reason == "connect"), "{status}");
+        }
+        assert_eq!(
+            node.metric("kura_replication_applied_total{result=\"stale\"}")
+                .await,
+            0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_on_one_node_removes_the_project_everywhere_and_older_copies_stay_out() {
+    let nodes = start_mesh(&[20, 21, 22]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let before = payload(7, 100);
+    put(a, &gradle_path("ios", "before"), before.clone()).await;
+    put(a, &gradle_path("android", "kept"), before.clone()).await;
+    for node in &nodes {
+        assert_replicated(node, &gradle_path("ios", "before"), &before).await;
+    }
+    // `c` stops; `a` writes a key `c` will receive late, then `b` cleans the project after it.
+    c.signal(libc::SIGSTOP);
+    put(a, &gradle_path("ios", "late"), payload(8, 100)).await;
+    assert_replicated(b, &gradle_path("ios", "late"), &payload(8, 100)).await;
+    let status = client()
+        .delete(b.url(&scoped("/api/cache/clean", "ios")))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    c.signal(libc::SIGCONT);
+    let after = payload(9, 100);
+    put(a, &gradle_path("ios", "after"), after.clone()).await;
+    for node in &nodes {
+        assert_replicated(node, &gradle_path("ios", "after"), &after).await;
+        assert_replicated(node, &gradle_path("android", "kept"), &before).await;
+        for gone in ["before", "late"] {
+            let absent = eventually(Duration::from_secs(30), || async {
+                body_at(node, &gradle_path("ios", gone))
+                    .await
+                    .is_none()
+                    .then_some(())
+            })
+            .await;
+            assert!(absent.is_some(), "ios/{gone} still on {}", node.addr);
+        }
+    }
+    // Whatever order `c` received them in, the older upsert did not come back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(body_at(c, &gradle_path("ios", "late")).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_one_key_on_two_nodes_converge_to_the_same_bytes() {
+    let nodes = start_mesh(&[23, 24, 25]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let keys: Vec<String> = (0..20).map(|i| format!("race{i}")).collect();
+    let mut writes = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        for (n, node) in [a, b].into_iter().enumerate() {
+            let url = node.url(&gradle_path("ios", key));
+            let body = payload(100 + (i * 2 + n) as u64, 500);
+            writes.push(tokio::spawn(async move {
+                client().put(url).body(body).send().await.unwrap().status()
+            }));
+        }
+    }
+    for write in writes {
+        assert!(write.await.unwrap().is_success());
+    }
+    for key in &keys {
+        let path = gradle_path("ios", key);
+        let agreed = eventually(Duration::from_secs(30), || async {
+            let mut seen = Vec::new();
+            for node in &nodes {
+                seen.push(body_at(node, &path).await?);
+            }
+            seen.windows(2).all(|w| w[0] == w[1]).then_some(())
+        })
+        .await;
+        assert!(agreed.is_some(), "{key} did not converge");
+    }
+}
+
+/// Writes `count` small Gradle artifacts to `node`, 16 at a time; returns their paths.
+async fn write_many(node: &Node, prefix: &str, count: usize) -> Vec<(String, Vec<u8>)> {
+    use futures_util::StreamExt;
+    let items: Vec<(String, Vec<u8>)> = (0..count)
+        .map(|i| {
+            (
+                gradle_path("ios", &format!("{prefix}{i}")),
+                payload(i as u64, 256),
+            )
+        })
+        .collect();
+    let base = node.url("");
+    futures_util::stream::iter(items.clone())
+        .map(|(path, body)| {
+            let url = format!("{base}{path}");
+            async move {
+                let status = client().put(url).body(body).send().await.unwrap().status();
+                assert!(status.is_success(), "{status}");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    items
+}
+
+/// Waits until `node` serves every item, byte-identical.
+async fn assert_all_replicated(node: &Node, items: &[(String, Vec<u8>)]) {
+    for (path, body) in items {
+        assert_replicated(node, path, body).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_stopped_during_five_thousand_writes_receives_all_of_them() {
+    let nodes = start_mesh(&[30, 31, 32]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    b.signal(libc::SIGSTOP);
+    let items = write_many(a, "stop", 5000).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.signal(libc::SIGCONT);
+    assert_all_replicated(b, &items).await;
+    assert_all_replicated(c, &items).await;
+    assert_all_replicated(a, &items).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_killed_during_writes_receives_them_after_it_restarts() {
+    let mut nodes = start_mesh(&[40, 41]).await;
+    nodes[1].kill9();
+    let items = write_many(&nodes[0], "down", 5000).await;
+    nodes[1].restart();
+    wait_admitted(&nodes[0], 1).await;
+    assert_all_replicated(&nodes[1], &items).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_killed_mid_replication_resumes_from_its_persisted_cursors() {
+    let mut nodes = start_mesh(&[50, 51]).await;
+    let first = write_many(&nodes[0], "acked", 2000).await;
+    assert_all_replicated(&nodes[1], &first).await;
+    let acknowledged = eventually(Duration::from_secs(10), || async {
+        let status = nodes[0].status().await;
+        (status["peers"][0]["pending_entries"] == 0).then_some(())
+    })
+    .await;
+    assert!(acknowledged.is_some(), "{}", nodes[0].status().await);
+    // The receiver stops, so the writer dies with records it has not sent.
+    nodes[1].signal(libc::SIGSTOP);
+    let second = write_many(&nodes[0], "pending", 1000).await;
+    nodes[0].kill9();
+    nodes[1].signal(libc::SIGCONT);
+    nodes[0].restart();
+    assert_all_replicated(&nodes[1], &second).await;
+    assert_all_replicated(&nodes[1], &first).await;
+    // The restarted writer resumed after what was acknowledged: the first 2000 were not sent
+    // again (a resent entry is applied as `stale`); at most the unacknowledged ones were.
+    let stale = nodes[1]
+        .metric("kura_replication_applied_total{result=\"stale\"}")
+        .await;
+    assert!(stale <= 1000, "{stale} entries arrived twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_show_each_peers_progress_and_what_was_applied() {
+    let nodes = start_mesh(&[60, 61]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let items = write_many(a, "seen", 10).await;
+    assert_all_replicated(b, &items).await;
+    let acknowledged = eventually(Duration::from_secs(10), || async {
+        let status = a.status().await;
+        let peer = status["peers"][0].clone();
+        (peer["sent_entries"] == 10 && peer["pending_entries"] == 0).then_some(peer)
+    })
+    .await
+    .expect("the peer acknowledged all 10");
+    assert_eq!(acknowledged["node_id"], "node-61");
+    assert_eq!(acknowledged["sent_bytes"], 10 * 256);
+    assert_eq!(acknowledged["lag_seconds"], 0.0);
+    let peer = "http://127.0.0.61:7443";
+    assert_eq!(
+        a.metric(&format!(
+            "kura_replication_sent_entries_total{{peer=\"{peer}\"}}"
+        ))
+        .await,
+        10
+    );
+    assert_eq!(
+        a.metric(&format!(
+            "kura_replication_peer_state{{peer=\"{peer}\",state=\"admitted\"}}"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        b.metric("kura_replication_applied_total{result=\"applied\"}")
+            .await,
+        10
+    );
+    assert_eq!(b.metric("kura_replication_applied_bytes_total").await, 2560);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_account_is_refused_and_sent_nothing() {
+    let ours = Node::start_with(mesh_options(70, &[71]));
+    let theirs = Node::start_with(mesh_options(71, &[70]).env("KURA_NODE_ACCOUNT", "other"));
+    for node in [&ours, &theirs] {
+        let refused = eventually(Duration::from_secs(30), || async {
+            let status = node.status().await;
+            (status["peers"][0]["state"] == "refused").then_some(())
+        })
+        .await;
+        assert!(refused.is_some(), "{}", node.status().await);
+    }
+    let body = payload(10, 100);
+    put(&ours, &gradle_path("ios", "mine"), body).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        body_at(&theirs, "/api/cache/gradle/other/ios/mine")
+            .await
+            .is_none()
+    );
+    assert_eq!(ours.status().await["peers"][0]["sent_entries"], 0);
+}
+
+/// Two nodes where what `a` (octet `a`) sends `b` (octet `b`) passes a proxy on b's address,
+/// port 7443, while b's peer plane listens on 7444.
+async fn mesh_through_proxy(a: u8, b: u8) -> (Node, Node, Proxy) {
+    let receiver = Node::start_with(node_options(b, PEER_PORT + 1, &[peer_url(a)]));
+    let proxy = Proxy::start(
+        format!("127.0.0.{b}:{PEER_PORT}").parse().unwrap(),
+        format!("127.0.0.{b}:{}", PEER_PORT + 1).parse().unwrap(),
+    )
+    .await;
+    let sender = Node::start_with(node_options(a, PEER_PORT, &[peer_url(b)]));
+    wait_admitted(&sender, 1).await;
+    wait_admitted(&receiver, 1).await;
+    (sender, receiver, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_corrupted_in_transit_is_rejected_with_422_and_the_retry_delivers_it() {
+    let (sender, receiver, proxy) = mesh_through_proxy(80, 81).await;
+    let body = payload(11, 2000);
+    proxy.corrupt_once(&body[1000..1016]);
+    put(&sender, &gradle_path("ios", "flipped"), body.clone()).await;
+    assert_replicated(&receiver, &gradle_path("ios", "flipped"), &body).await;
+    assert!(proxy.corrupted(), "the proxy never saw the body");
+    assert_eq!(
+        receiver
+            .metric("kura_replication_applied_total{result=\"rejected\"}")
+            .await,
+        1
+    );
+    let status = sender.status().await;
+    assert_eq!(status["peers"][0]["errors"]["rejected"], 1, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_for_a_minute_heals_with_every_artifact_delivered() {
+    let (sender, receiver, proxy) = mesh_through_proxy(82, 83).await;
+    let before = write_many(&sender, "before", 200).await;
+    proxy.cut();
+    let during = write_many(&sender, "during", 1000).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(body_at(&receiver, &during[999].0).await.is_none());
+    proxy.heal();
+    let after = write_many(&sender, "after", 200).await;
+    for items in [&before, &during, &after] {
+        assert_all_replicated(&receiver, items).await;
+    }
+}
