@@ -12,7 +12,7 @@ profile="${1:-build}"
 packages=(build-essential clang libclang-dev protobuf-compiler pkg-config git curl ca-certificates)
 case "$profile" in
   build) ;;
-  test) packages+=(gradle default-jdk-headless strace bazel-bootstrap ccache) ;;
+  test) packages+=(gradle default-jdk-headless strace bazel-bootstrap ccache python3-venv) ;;
   bench) packages+=(nginx-light wrk) ;;
   *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@
 //! one-page map.
 
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub(crate) mod context;
 pub mod grpc;

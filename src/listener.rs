@@ -99,12 +99,17 @@ const DISCARD_MAX_TIME: Duration = Duration::from_secs(5);
 /// The first bytes of every HTTP/2 prior-knowledge connection.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Where a TLS listener gets its server configuration: called for each connection, so that
+/// reloaded certificates apply to every connection accepted after the reload.
+pub(crate) type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
 /// Serves `service` on `listener` until `phase` reaches [`Phase::Stopped`] and every connection
 /// has closed. Never fails: accept errors are logged and retried.
 pub(crate) async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     limits: ListenerLimits,
+    tls: Option<TlsSource>,
     mut phase: watch::Receiver<Phase>,
 ) where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
@@ -113,7 +118,7 @@ pub(crate) async fn serve<S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let shared = Arc::new(Shared::new(limits));
+    let shared = Arc::new(Shared::new(limits, tls));
     let mut acceptor = Acceptor {
         shared: shared.clone(),
         accept_errors: RateLimited::default(),
@@ -144,11 +149,14 @@ struct Shared {
     slots: Arc<Semaphore>,
     refusals: Arc<Semaphore>,
     registry: Registry,
+    /// TLS for every connection (the peer plane), or none (h2c and HTTP/1.1 in the clear).
+    tls: Option<TlsSource>,
 }
 
 impl Shared {
-    fn new(limits: ListenerLimits) -> Shared {
+    fn new(limits: ListenerLimits, tls: Option<TlsSource>) -> Shared {
         Shared {
+            tls,
             builder: builder(&limits, true),
             builder_draining: builder(&limits, false),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -324,7 +332,7 @@ async fn connection_task<S, B>(
     shared: Arc<Shared>,
     stream: TcpStream,
     service: S,
-    mut phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
     _slot: OwnedSemaphorePermit,
 ) where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
@@ -335,7 +343,42 @@ async fn connection_task<S, B>(
 {
     let activity = Arc::new(Activity::new());
     let _registration = shared.registry.register(activity.clone());
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let Some(tls) = shared.tls.clone() else {
+        let io = Watched::new(stream, activity.clone());
+        return drive(shared.clone(), io, activity, service, phase).await;
+    };
+    // The handshake must finish within the header timeout, like a request head: a peer that
+    // connects and says nothing holds a slot no longer than a slow HTTP client would.
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls());
+    match timeout(shared.limits.header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let io = Watched::new(stream, activity.clone());
+            drive(shared.clone(), io, activity, service, phase).await;
+        }
+        Ok(Err(error)) => {
+            shared.count_close("tls_handshake");
+            tracing::warn!(listener = shared.limits.name, %error, "TLS handshake refused");
+        }
+        Err(_) => shared.count_close("tls_handshake"),
+    }
+}
+
+/// Serves one connection's requests over `io` until [`decide`] closes it.
+async fn drive<I, S, B>(
+    shared: Arc<Shared>,
+    io: Watched<I>,
+    activity: Arc<Activity>,
+    service: S,
+    mut phase: watch::Receiver<Phase>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let io = TokioIo::new(io);
     let service = Tracked {
         inner: service,
         activity: activity.clone(),
@@ -739,14 +782,14 @@ impl Protocol {
 }
 
 /// The accepted socket, telling the connection's clock when request bytes arrive.
-struct Watched {
-    stream: TcpStream,
+struct Watched<I> {
+    stream: I,
     activity: Arc<Activity>,
     protocol: Protocol,
 }
 
-impl Watched {
-    fn new(stream: TcpStream, activity: Arc<Activity>) -> Watched {
+impl<I> Watched<I> {
+    fn new(stream: I, activity: Arc<Activity>) -> Watched<I> {
         Watched {
             stream,
             activity,
@@ -765,7 +808,7 @@ impl Watched {
     }
 }
 
-impl AsyncRead for Watched {
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -782,7 +825,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,4 +1,4 @@
-//! The `kura` command: `serve`, `config check`, `token hash`.
+//! The `kura` command: `serve`, `config check`, `token hash`, `certs ca`, `certs leaf`.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -36,6 +36,38 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Certificates for the peer plane's mTLS: an account CA and node leaves.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create an account CA: OUT/ca.crt and OUT/ca.key (keep the key off the nodes).
+    Ca {
+        /// The account the CA is for (named in its subject).
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node leaf for server and client auth: OUT/tls.crt, OUT/tls.key and OUT/ca.crt.
+    Leaf {
+        /// The directory `kura certs ca` wrote.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A DNS name or IP address peers verify this node by (repeat for several): the peer
+        /// Service's DNS name with discovery, the host of the node's URL with static peers.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Days the leaf is valid.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +103,34 @@ fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::Hash,
         } => token_hash(),
+        Command::Certs { command } => certs(command),
+    }
+}
+
+fn certs(command: CertsCommand) -> ExitCode {
+    let (result, wrote) = match command {
+        CertsCommand::Ca { account, out } => {
+            (kura::certs::create_ca(&account, &out), out.join("ca.crt"))
+        }
+        CertsCommand::Leaf {
+            ca,
+            out,
+            sans,
+            days,
+        } => (
+            kura::certs::issue_leaf(&ca, &out, &sans, days),
+            out.join("tls.crt"),
+        ),
+    };
+    match result {
+        Ok(()) => {
+            eprintln!("kura: wrote {}", wrote.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kura: {error}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::context::NodeContext;
 use crate::http::{self, AppState};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{self, ListenerLimits, Phase};
-use crate::replication::Mesh;
+use crate::replication::{Mesh, PeerTls};
 use crate::storage::{Store, StoreOptions};
 
 /// How often background maintenance (access flush, eviction) runs.
@@ -44,11 +44,14 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (server.grpc)", config.server.grpc))?;
     let grpc_address = grpc_listener.local_addr()?;
+    let peer_tls = PeerTls::load(&config.replication.tls)
+        .map_err(|e| anyhow::anyhow!("replication.tls: {e}"))?;
     let mesh = Mesh::new(
         store.clone(),
         &config.node.account.to_ascii_lowercase(),
         &config.node.region,
         &config.replication,
+        peer_tls.clone(),
     )?;
     let internal_listener = match &mesh {
         Some(_) => Some(bind_internal(&config).await?),
@@ -77,6 +80,9 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
     if let Some(mesh) = &mesh {
         mesh.start();
     }
+    if let Some(tls) = &peer_tls {
+        tls.spawn_reloader();
+    }
     lifecycle.set_serving();
     let stats = store.stats();
     let internal_address = match &internal_listener {
@@ -97,18 +103,22 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         listener,
         http::router(AppState(context.clone())),
         limits("http", &config),
+        None,
         phase.clone(),
     );
     let grpc = listener::serve(
         grpc_listener,
         crate::grpc::router(context.clone()),
         limits("grpc", &config),
+        None,
         phase.clone(),
     );
     let internal = async {
         if let (Some(listener), Some(mesh)) = (internal_listener, mesh) {
             let router = crate::replication::router(context, mesh);
-            listener::serve(listener, router, limits("internal", &config), phase).await;
+            let tls =
+                peer_tls.map(|tls| Arc::new(move || tls.server_config()) as listener::TlsSource);
+            listener::serve(listener, router, limits("internal", &config), tls, phase).await;
         }
     };
     let server = async {

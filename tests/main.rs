@@ -17,4 +17,5 @@ mod http_surfaces;
 mod lifecycle;
 mod memory;
 mod mesh;
+mod mesh_tls;
 mod regression;

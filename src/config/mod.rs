@@ -602,15 +602,15 @@ impl Config {
         let secure = given == files.len();
         for (index, peer) in replication.peers.iter().enumerate() {
             let scheme_ok = match peer.split_once("://") {
-                Some(("https", rest)) => !rest.is_empty(),
-                Some(("http", rest)) => !rest.is_empty() && replication.insecure,
+                Some(("https", rest)) => !rest.is_empty() && secure,
+                Some(("http", rest)) => !rest.is_empty() && !secure && replication.insecure,
                 _ => false,
             };
             if !scheme_ok {
                 let key = format!("replication.peers[{index}]");
                 return fail(
                     &key,
-                    "must be an https://host:port URL (http:// only with replication.insecure = true)",
+                    "must be an https://host:port URL with replication.tls, or http://host:port with replication.insecure = true and no replication.tls",
                 );
             }
         }
@@ -845,5 +845,63 @@ mod tests {
         std::fs::write(&path, "[node]\nacount = \"acme\"\n").unwrap();
         let err = Config::load(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("acount"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod example_files {
+    use super::*;
+
+    /// Every example under `config/` is a valid configuration as shipped (secrets a file leaves
+    /// to the environment are given).
+    #[test]
+    fn every_example_config_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut files = Vec::new();
+        for dir in [root.clone(), root.join("mesh")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if name.ends_with(".toml") && !name.starts_with("tokens") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() >= 6, "{files:?}");
+        let secrets = [
+            ("KURA_CONTROL_PLANE_CLIENT_ID".to_string(), "id".to_string()),
+            (
+                "KURA_CONTROL_PLANE_CLIENT_SECRET".to_string(),
+                "s".to_string(),
+            ),
+        ];
+        for file in files {
+            if let Err(error) = Config::load(Some(&file), secrets.clone()) {
+                panic!("{}: {error}", file.display());
+            }
+        }
+    }
+
+    #[test]
+    fn the_local_mesh_nodes_name_each_other() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mesh");
+        let load = |name: &str| Config::load(Some(&root.join(name)), []).unwrap();
+        let nodes = [
+            load("node-a.toml"),
+            load("node-b.toml"),
+            load("node-c.toml"),
+        ];
+        for node in &nodes {
+            let mut expected: Vec<String> = nodes
+                .iter()
+                .filter(|other| other.server.internal != node.server.internal)
+                .map(|other| format!("https://{}", other.server.internal))
+                .collect();
+            let mut peers = node.replication.peers.clone();
+            expected.sort();
+            peers.sort();
+            assert_eq!(peers, expected);
+            assert!(node.replication.tls.ca.is_some() && !node.replication.insecure);
+        }
     }
 }

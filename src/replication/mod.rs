@@ -14,6 +14,7 @@
 
 mod receive;
 mod sender;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ use crate::config::ReplicationConfig;
 use crate::storage::Store;
 
 pub use receive::router;
+pub use tls::PeerTls;
 
 /// Header naming the sender's account on every peer-plane write (a misrouted node of another
 /// account is refused even without TLS).
@@ -55,7 +57,8 @@ pub struct Mesh {
     store: Store,
     identity: Identity,
     config: ReplicationConfig,
-    client: reqwest::Client,
+    /// The peer plane's mTLS; `None` on an insecure (plain HTTP) plane.
+    tls: Option<Arc<PeerTls>>,
     peers: Mutex<BTreeMap<String, Arc<PeerStatus>>>,
     applied: AppliedCounters,
 }
@@ -89,33 +92,27 @@ impl Mesh {
         account: &str,
         region: &str,
         config: &ReplicationConfig,
+        tls: Option<Arc<PeerTls>>,
     ) -> anyhow::Result<Option<Arc<Mesh>>> {
         if !config.enabled() {
             return Ok(None);
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .http2_prior_knowledge()
-            .build()?;
         let identity = Identity {
             account: account.to_owned(),
             node_id: store.node_id().to_owned(),
             region: region.to_owned(),
             protocol: PROTOCOL,
         };
-        let peers = config
-            .peers
-            .iter()
-            .map(|url| {
-                let url = url.trim_end_matches('/').to_owned();
-                (url.clone(), Arc::new(PeerStatus::new(url)))
-            })
-            .collect();
+        let mut peers = BTreeMap::new();
+        for url in &config.peers {
+            let target = Target::static_peer(url, config.tls.server_name.as_deref())?;
+            peers.insert(target.label.clone(), Arc::new(PeerStatus::new(target)));
+        }
         Ok(Some(Arc::new(Mesh {
             store,
             identity,
             config: config.clone(),
-            client,
+            tls,
             peers: Mutex::new(peers),
             applied: AppliedCounters::resolve(),
         })))
@@ -136,6 +133,32 @@ impl Mesh {
     fn peer_list(&self) -> Vec<Arc<PeerStatus>> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.values().cloned().collect()
+    }
+
+    /// The client for `peer`, built again after the TLS files were reloaded.
+    fn client_for(&self, peer: &PeerStatus) -> anyhow::Result<reqwest::Client> {
+        let generation = self.tls.as_ref().map_or(0, |tls| tls.generation());
+        let mut slot = peer.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((built, client)) = slot.as_ref()
+            && *built == generation
+        {
+            return Ok(client.clone());
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .http2_prior_knowledge()
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .use_preconfigured_tls((*tls.client_config()).clone())
+                .https_only(true);
+        }
+        if let Some((name, address)) = &peer.target.resolve {
+            builder = builder.resolve(name, *address);
+        }
+        let client = builder.build()?;
+        *slot = Some((generation, client.clone()));
+        Ok(client)
     }
 
     pub(crate) fn count_applied(&self, result: &'static str, bytes: u64) {
@@ -189,10 +212,50 @@ impl PeerState {
     }
 }
 
+/// Where a peer is and the name it is verified by.
+#[derive(Clone, Debug)]
+struct Target {
+    /// How `/status` and the metrics name it: the URL it was configured or discovered as.
+    label: String,
+    /// The base URL requests go to; its host is the TLS server name.
+    base: String,
+    /// The address to connect to when the base URL's host is a name to verify rather than to
+    /// resolve.
+    resolve: Option<(String, std::net::SocketAddr)>,
+}
+
+impl Target {
+    /// A peer of `replication.peers`, verified by its URL's host, or by `server_name` when set
+    /// (then the URL's host must be an IP address, which is what is connected to).
+    fn static_peer(url: &str, server_name: Option<&str>) -> anyhow::Result<Target> {
+        let label = url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&label)
+            .map_err(|e| anyhow::anyhow!("replication.peers: {label}: {e}"))?;
+        let port = parsed.port_or_known_default().unwrap_or(7443);
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("replication.peers: {label}: no host"))?
+            .trim_matches(|c| c == '[' || c == ']');
+        let (Some(name), Ok(ip)) = (server_name, host.parse::<std::net::IpAddr>()) else {
+            return Ok(Target {
+                base: label.clone(),
+                label,
+                resolve: None,
+            });
+        };
+        Ok(Target {
+            base: format!("{}://{name}:{port}", parsed.scheme()),
+            resolve: Some((name.to_owned(), std::net::SocketAddr::new(ip, port))),
+            label,
+        })
+    }
+}
+
 /// One peer's progress, updated by its worker.
 pub struct PeerStatus {
-    /// Base URL of its peer plane (`https://host:port`).
-    url: String,
+    target: Target,
+    /// The client its worker uses, and the TLS generation it was built with.
+    client: Mutex<Option<(u64, reqwest::Client)>>,
     node_id: Mutex<Option<String>>,
     state: AtomicU8,
     pending: AtomicU64,
@@ -203,9 +266,10 @@ pub struct PeerStatus {
 }
 
 impl PeerStatus {
-    fn new(url: String) -> Self {
+    fn new(target: Target) -> Self {
         PeerStatus {
-            url,
+            target,
+            client: Mutex::new(None),
             node_id: Mutex::new(None),
             state: AtomicU8::new(PeerState::Unknown as u8),
             pending: AtomicU64::new(0),
@@ -214,6 +278,16 @@ impl PeerStatus {
             sent_entries: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// How logs, `/status` and metrics name the peer.
+    fn label(&self) -> &str {
+        &self.target.label
+    }
+
+    /// The URL of `path` on the peer's plane.
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.target.base)
     }
 
     fn state(&self) -> PeerState {
@@ -228,7 +302,7 @@ impl PeerStatus {
         self.state.store(state as u8, Ordering::Relaxed);
         for each in PeerState::ALL {
             let value = if each == state { 1.0 } else { 0.0 };
-            metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.url.clone(), "state" => each.label()).set(value);
+            metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.target.label.clone(), "state" => each.label()).set(value);
         }
     }
 
@@ -240,24 +314,24 @@ impl PeerStatus {
     fn record_error(&self, reason: &'static str) {
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         *errors.entry(reason).or_default() += 1;
-        metrics::counter!(crate::metrics::REPLICATION_ERRORS_TOTAL, "peer" => self.url.clone(), "reason" => reason).increment(1);
+        metrics::counter!(crate::metrics::REPLICATION_ERRORS_TOTAL, "peer" => self.target.label.clone(), "reason" => reason).increment(1);
     }
 
     fn record_progress(&self, pending: u64, lag_ms: u64) {
         self.pending.store(pending, Ordering::Relaxed);
         self.lag_ms.store(lag_ms, Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::REPLICATION_PENDING_ENTRIES, "peer" => self.url.clone())
+        metrics::gauge!(crate::metrics::REPLICATION_PENDING_ENTRIES, "peer" => self.target.label.clone())
             .set(pending as f64);
-        metrics::gauge!(crate::metrics::REPLICATION_LAG_SECONDS, "peer" => self.url.clone())
+        metrics::gauge!(crate::metrics::REPLICATION_LAG_SECONDS, "peer" => self.target.label.clone())
             .set(lag_ms as f64 / 1000.0);
     }
 
     fn record_sent(&self, entries: u64, bytes: u64) {
         self.sent_entries.fetch_add(entries, Ordering::Relaxed);
         self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::REPLICATION_SENT_ENTRIES_TOTAL, "peer" => self.url.clone())
+        metrics::counter!(crate::metrics::REPLICATION_SENT_ENTRIES_TOTAL, "peer" => self.target.label.clone())
             .increment(entries);
-        metrics::counter!(crate::metrics::REPLICATION_SENT_BYTES_TOTAL, "peer" => self.url.clone())
+        metrics::counter!(crate::metrics::REPLICATION_SENT_BYTES_TOTAL, "peer" => self.target.label.clone())
             .increment(bytes);
     }
 
@@ -273,7 +347,7 @@ impl PeerStatus {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         serde_json::json!({
-            "url": self.url,
+            "url": self.target.label,
             "node_id": node_id,
             "state": self.state().label(),
             "pending_entries": self.pending.load(Ordering::Relaxed),

@@ -44,7 +44,7 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
             }
             Ok(Admission::Refused(why)) => {
                 peer.set_state(PeerState::Refused);
-                tracing::warn!(peer = %peer.url, why, "peer refused: not replicating to it");
+                tracing::warn!(peer = %peer.label(), why, "peer refused: not replicating to it");
                 Failure::new("refused")
             }
             Err(failure) => failure,
@@ -54,7 +54,7 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
         }
         peer.record_error(failure.reason);
         let wait = backoff.next();
-        tracing::debug!(peer = %peer.url, reason = failure.reason, detail = %failure.detail, ?wait, "replication paused");
+        tracing::debug!(peer = %peer.label(), reason = failure.reason, detail = %failure.detail, ?wait, "replication paused");
         tokio::time::sleep(wait).await;
     }
 }
@@ -83,6 +83,31 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// A request that got no answer: `tls` when the handshake refused the peer (another
+    /// account's CA, no certificate, a name it is not valid for), `connect` otherwise.
+    fn from_request(error: reqwest::Error) -> Failure {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(current) = next {
+            if current.downcast_ref::<rustls::Error>().is_some() {
+                return Failure::with("tls", format!("{error}: {current}"));
+            }
+            // An `io::Error` that wraps another error does not name it as its source.
+            next = match current
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+            {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => current.source(),
+            };
+        }
+        let cause = std::error::Error::source(&error)
+            .map(|cause| format!(": {cause}"))
+            .unwrap_or_default();
+        Failure::with("connect", format!("{error}{cause}"))
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(error: StoreError) -> Self {
         Failure::with("storage", error)
@@ -96,13 +121,15 @@ enum Admission {
 
 /// Asks the peer who it is: the same account and another node id are admitted.
 async fn admit(mesh: &Mesh, peer: &PeerStatus) -> Result<Admission, Failure> {
-    let response = mesh
-        .client
-        .get(format!("{}/_internal/status", peer.url))
+    let client = mesh
+        .client_for(peer)
+        .map_err(|e| Failure::with("connect", e))?;
+    let response = client
+        .get(peer.url("/_internal/status"))
         .timeout(Duration::from_secs(5))
         .send()
         .await
-        .map_err(|e| Failure::with("connect", e))?;
+        .map_err(Failure::from_request)?;
     if !response.status().is_success() {
         return Err(Failure::with("status", response.status()));
     }
@@ -207,7 +234,7 @@ async fn skip_dropped(
     .await?;
     peer.record_error("log_dropped");
     tracing::warn!(
-        peer = %peer.url, from = cursor, to = resumed,
+        peer = %peer.label(), from = cursor, to = resumed,
         "records for this peer were dropped by replication.outbox.max_entries; it must catch up from this node's index"
     );
     Ok(resumed)
@@ -317,15 +344,17 @@ async fn send(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, request: Request) -> Res
         (reqwest::Method::POST, "batch")
     };
     let body = reqwest::Body::wrap_stream(stream::iter(frames).flatten());
-    let response = mesh
-        .client
-        .request(method, format!("{}/_internal/replicate/{path}", peer.url))
+    let client = mesh
+        .client_for(peer)
+        .map_err(|e| Failure::with("connect", e))?;
+    let response = client
+        .request(method, peer.url(&format!("/_internal/replicate/{path}")))
         .header(ACCOUNT_HEADER, &mesh.identity.account)
         .timeout(request_timeout(bytes))
         .body(body)
         .send()
         .await
-        .map_err(|e| Failure::with("connect", e))?;
+        .map_err(Failure::from_request)?;
     let status = response.status();
     if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
         return Err(Failure::with(
