@@ -45,6 +45,7 @@ pub const REPLICATION_PEER_STATE: &str = "kura_replication_peer_state";
 pub const REPLICATION_APPLIED_TOTAL: &str = "kura_replication_applied_total";
 pub const REPLICATION_APPLIED_BYTES_TOTAL: &str = "kura_replication_applied_bytes_total";
 pub const REPLICATION_LOG_DROPPED_TOTAL: &str = "kura_replication_log_dropped_total";
+pub const REPLICATION_LIMITER_WAIT_SECONDS: &str = "kura_replication_limiter_wait_seconds";
 
 /// Installs the global recorder and returns the handle `/metrics` renders from.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -134,6 +135,11 @@ fn describe() {
         REPLICATION_APPLIED_BYTES_TOTAL,
         Unit::Bytes,
         "Artifact bytes received from peers and stored."
+    );
+    describe_histogram!(
+        REPLICATION_LIMITER_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time replication sends waited for the bandwidth limit, per chunk that waited (the sum is the total)."
     );
     describe_counter!(
         REPLICATION_LOG_DROPPED_TOTAL,

@@ -2,7 +2,7 @@
 //! peers): what one node stores reaches the others, whatever the kind, the size, the faults.
 //!
 //! Loopback octets by test (each test owns its addresses, so tests run in parallel):
-//! 10–12 every kind, 20–22 cleans and last writer wins, 30–32 a stopped peer, 40–41 a killed
+//! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
 //! account, 80–83 a proxy between two nodes.
 
@@ -451,4 +451,39 @@ async fn a_link_cut_for_a_minute_heals_with_every_artifact_delivered() {
     for items in [&before, &during, &after] {
         assert_all_replicated(&receiver, items).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_waits_for_the_bandwidth_limit_and_client_writes_do_not() {
+    let nodes = crate::common::mesh::start_mesh_with(&[26, 27], |options| {
+        options.env("KURA_REPLICATION_BANDWIDTH_LIMIT", "1MiB")
+    })
+    .await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // 4 MiB in four writes: the client is answered at once, the peer gets them over >= 3 s
+    // (one second of burst, then 1 MiB/s).
+    let started = std::time::Instant::now();
+    let bodies: Vec<Vec<u8>> = (0..4).map(|i| payload(300 + i, 1 << 20)).collect();
+    for (i, body) in bodies.iter().enumerate() {
+        put(a, &gradle_path("ios", &format!("slow{i}")), body.clone()).await;
+    }
+    let written = started.elapsed();
+    assert!(
+        written < Duration::from_secs(2),
+        "client writes took {written:?}"
+    );
+    for (i, body) in bodies.iter().enumerate() {
+        assert_replicated(b, &gradle_path("ios", &format!("slow{i}")), body).await;
+    }
+    let replicated = started.elapsed();
+    assert!(
+        replicated >= Duration::from_millis(2800),
+        "4 MiB crossed a 1 MiB/s limit in {replicated:?}"
+    );
+    let waits = a
+        .metric("kura_replication_limiter_wait_seconds_count")
+        .await;
+    assert!(waits > 0, "{}", a.metrics().await);
+    let waited = a.status().await["replication"]["limiter_wait_seconds"].as_f64();
+    assert!(waited.is_some_and(|s| s >= 1.5), "{waited:?}");
 }

@@ -59,6 +59,7 @@ async fn status(State(app): State<AppState>) -> Response {
         "uploads_in_flight": app.store.uploads_in_flight(),
         "requests_in_flight": app.lifecycle.in_flight(),
         "peers": app.mesh.as_ref().map_or(serde_json::json!([]), |mesh| mesh.status()),
+        "replication": app.mesh.as_ref().map(|mesh| mesh.node_status()),
     });
     if let Authorizer::Static(tokens) = &app.auth {
         body["static_tokens"] = static_tokens_status(tokens.health());

@@ -12,6 +12,7 @@
 //! Replication never sits on a client's path: a client write returns once it is published
 //! locally; the log record it carries is sent later by a worker that only reads the store.
 
+mod limit;
 mod receive;
 mod sender;
 pub mod tls;
@@ -61,6 +62,11 @@ pub struct Mesh {
     tls: Option<Arc<PeerTls>>,
     peers: Mutex<BTreeMap<String, Arc<PeerStatus>>>,
     applied: AppliedCounters,
+    /// `replication.bandwidth_limit`: every body byte sent to any peer passes it.
+    bandwidth: limit::Bandwidth,
+    limiter_wait: metrics::Histogram,
+    /// Total time sends waited for the limits, in microseconds (for `/status`).
+    limiter_waited_us: AtomicU64,
 }
 
 /// Counters of what peers sent here, resolved once.
@@ -106,7 +112,11 @@ impl Mesh {
         let mut peers = BTreeMap::new();
         for url in &config.peers {
             let target = Target::static_peer(url, config.tls.server_name.as_deref())?;
-            peers.insert(target.label.clone(), Arc::new(PeerStatus::new(target)));
+            let per_peer = limit::Bandwidth::new(config.per_peer_limit.0);
+            peers.insert(
+                target.label.clone(),
+                Arc::new(PeerStatus::new(target, per_peer)),
+            );
         }
         Ok(Some(Arc::new(Mesh {
             store,
@@ -115,6 +125,9 @@ impl Mesh {
             tls,
             peers: Mutex::new(peers),
             applied: AppliedCounters::resolve(),
+            bandwidth: limit::Bandwidth::new(config.bandwidth_limit.0),
+            limiter_wait: metrics::histogram!(crate::metrics::REPLICATION_LIMITER_WAIT_SECONDS),
+            limiter_waited_us: AtomicU64::new(0),
         })))
     }
 
@@ -133,6 +146,17 @@ impl Mesh {
     fn peer_list(&self) -> Vec<Arc<PeerStatus>> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.values().cloned().collect()
+    }
+
+    /// Waits until `bytes` more may be sent to `peer` under the node's and the peer's limits.
+    async fn throttle(&self, peer: &PeerStatus, bytes: usize) {
+        let bytes = bytes as u64;
+        let waited = self.bandwidth.take(bytes).await + peer.bandwidth.take(bytes).await;
+        if !waited.is_zero() {
+            self.limiter_wait.record(waited.as_secs_f64());
+            self.limiter_waited_us
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
     }
 
     /// The client for `peer`, built again after the TLS files were reloaded.
@@ -170,6 +194,15 @@ impl Mesh {
         };
         counter.increment(1);
         self.applied.bytes.increment(bytes);
+    }
+
+    /// The node's side of replication, for `/status`.
+    pub fn node_status(&self) -> serde_json::Value {
+        let waited = self.limiter_waited_us.load(Ordering::Relaxed) as f64 / 1e6;
+        serde_json::json!({
+            "bandwidth_limit_bytes_per_second": self.config.bandwidth_limit.0,
+            "limiter_wait_seconds": waited,
+        })
     }
 
     /// Every peer's progress, for `/status`.
@@ -254,6 +287,8 @@ impl Target {
 /// One peer's progress, updated by its worker.
 pub struct PeerStatus {
     target: Target,
+    /// `replication.per_peer_limit`.
+    bandwidth: limit::Bandwidth,
     /// The client its worker uses, and the TLS generation it was built with.
     client: Mutex<Option<(u64, reqwest::Client)>>,
     node_id: Mutex<Option<String>>,
@@ -266,9 +301,10 @@ pub struct PeerStatus {
 }
 
 impl PeerStatus {
-    fn new(target: Target) -> Self {
+    fn new(target: Target, bandwidth: limit::Bandwidth) -> Self {
         PeerStatus {
             target,
+            bandwidth,
             client: Mutex::new(None),
             node_id: Mutex::new(None),
             state: AtomicU8::new(PeerState::Unknown as u8),

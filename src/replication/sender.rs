@@ -343,7 +343,17 @@ async fn send(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, request: Request) -> Res
     } else {
         (reqwest::Method::POST, "batch")
     };
-    let body = reqwest::Body::wrap_stream(stream::iter(frames).flatten());
+    let (throttle_mesh, throttle_peer) = (mesh.clone(), peer.clone());
+    let limited = stream::iter(frames).flatten().then(move |chunk| {
+        let (mesh, peer) = (throttle_mesh.clone(), throttle_peer.clone());
+        async move {
+            if let Ok(bytes) = &chunk {
+                mesh.throttle(&peer, bytes.len()).await;
+            }
+            chunk
+        }
+    });
+    let body = reqwest::Body::wrap_stream(limited);
     let client = mesh
         .client_for(peer)
         .map_err(|e| Failure::with("connect", e))?;
