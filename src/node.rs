@@ -52,6 +52,7 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         &config.node.region,
         &config.replication,
         peer_tls.clone(),
+        config.server.internal.port(),
     )?;
     let internal_listener = match &mesh {
         Some(_) => Some(bind_internal(&config).await?),

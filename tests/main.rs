@@ -17,5 +17,6 @@ mod http_surfaces;
 mod lifecycle;
 mod memory;
 mod mesh;
+mod mesh_discovery;
 mod mesh_tls;
 mod regression;

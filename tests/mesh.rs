@@ -2,7 +2,7 @@
 //! peers): what one node stores reaches the others, whatever the kind, the size, the faults.
 //!
 //! Loopback octets by test (each test owns its addresses, so tests run in parallel):
-//! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 30–32 a stopped peer, 40–41 a killed
+//! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
 //! account, 80–83 a proxy between two nodes.
 
@@ -486,4 +486,78 @@ async fn replication_waits_for_the_bandwidth_limit_and_client_writes_do_not() {
     assert!(waits > 0, "{}", a.metrics().await);
     let waited = a.status().await["replication"]["limiter_wait_seconds"].as_f64();
     assert!(waited.is_some_and(|s| s >= 1.5), "{waited:?}");
+}
+
+/// Two nodes where the first keeps only 1 MiB (it evicts as it writes) and the second keeps all.
+async fn small_writer_and_large_peer(a: u8, b: u8) -> (Node, Node) {
+    let small = Node::start_with(
+        mesh_options(a, &[b])
+            .env("KURA_STORAGE_CAPACITY", "1MiB")
+            .env("KURA_STORAGE_ACCESS_TIME_RESOLUTION", "0s"),
+    );
+    let large = Node::start_with(mesh_options(b, &[a]));
+    wait_admitted(&small, 1).await;
+    wait_admitted(&large, 1).await;
+    (small, large)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_on_one_node_is_never_replicated() {
+    let (small, large) = small_writer_and_large_peer(28, 29).await;
+    let bodies: Vec<Vec<u8>> = (0..10).map(|i| payload(400 + i, 256 << 10)).collect();
+    for (i, body) in bodies.iter().enumerate() {
+        let path = gradle_path("ios", &format!("evict{i}"));
+        put(&small, &path, body.clone()).await;
+        // Each reaches the peer before the next write can evict it.
+        assert_replicated(&large, &path, body).await;
+    }
+    assert!(small.metric("kura_storage_evictions_total").await >= 4);
+    assert!(
+        body_at(&small, &gradle_path("ios", "evict0"))
+            .await
+            .is_none()
+    );
+    // The peer keeps everything the writer evicted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, body) in bodies.iter().enumerate() {
+        let path = gradle_path("ios", &format!("evict{i}"));
+        assert_eq!(body_at(&large, &path).await.as_ref(), Some(body), "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_evicted_before_it_is_sent_is_skipped_and_counted() {
+    let (small, large) = small_writer_and_large_peer(33, 34).await;
+    large.signal(libc::SIGSTOP);
+    for i in 0..10 {
+        let path = gradle_path("ios", &format!("gone{i}"));
+        put(&small, &path, payload(500 + i, 256 << 10)).await;
+    }
+    large.signal(libc::SIGCONT);
+    let evicted = small.metric("kura_storage_evictions_total").await;
+    assert!(evicted >= 4, "{evicted}");
+    let drained = eventually(Duration::from_secs(30), || async {
+        let status = small.status().await;
+        (status["peers"][0]["pending_entries"] == 0).then_some(status)
+    })
+    .await;
+    assert!(drained.is_some(), "{}", small.status().await);
+    // What the writer still had arrived. What it evicted was skipped, one count each, unless
+    // it was already on its way (read before the eviction, held by the stopped peer's socket).
+    let mut skipped = 0;
+    for i in 0..10 {
+        let path = gradle_path("ios", &format!("gone{i}"));
+        if let Some(kept) = body_at(&small, &path).await {
+            assert_replicated(&large, &path, &kept).await;
+        } else if body_at(&large, &path).await.is_none() {
+            skipped += 1;
+        }
+    }
+    assert!(skipped >= 1 && skipped <= evicted, "{skipped} of {evicted}");
+    assert_eq!(
+        small
+            .metric("kura_replication_skipped_total{reason=\"gone\"}")
+            .await,
+        skipped
+    );
 }

@@ -620,6 +620,14 @@ impl Config {
                 "peers need ca, cert and key (mTLS), or replication.insecure = true for a plain-HTTP peer plane",
             );
         }
+        for (index, server) in replication.discovery.nameservers.iter().enumerate() {
+            let parses = server.parse::<std::net::SocketAddr>().is_ok()
+                || server.parse::<std::net::IpAddr>().is_ok();
+            if !parses {
+                let key = format!("replication.discovery.nameservers[{index}]");
+                return fail(&key, "must be an IP address, with or without :port");
+            }
+        }
         if replication.discovery.interval.0.is_zero() {
             return fail("replication.discovery.interval", "must be longer than 0s");
         }

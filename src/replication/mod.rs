@@ -8,10 +8,13 @@
 //! - `receive.rs`: the peer plane's routes and the apply rules (verify, last writer wins,
 //!   tombstones).
 //! - `wire.rs`: the frame format both write endpoints speak.
+//! - `discovery.rs`: peers from the A and AAAA records of the account's peer Service.
+//! - `tls.rs`: the peer plane's mTLS; `limit.rs`: the bandwidth limit.
 //!
 //! Replication never sits on a client's path: a client write returns once it is published
 //! locally; the log record it carries is sent later by a worker that only reads the store.
 
+mod discovery;
 mod limit;
 mod receive;
 mod sender;
@@ -67,6 +70,8 @@ pub struct Mesh {
     limiter_wait: metrics::Histogram,
     /// Total time sends waited for the limits, in microseconds (for `/status`).
     limiter_waited_us: AtomicU64,
+    /// The peer plane's port, which discovered peers listen on too.
+    internal_port: u16,
 }
 
 /// Counters of what peers sent here, resolved once.
@@ -99,6 +104,7 @@ impl Mesh {
         region: &str,
         config: &ReplicationConfig,
         tls: Option<Arc<PeerTls>>,
+        internal_port: u16,
     ) -> anyhow::Result<Option<Arc<Mesh>>> {
         if !config.enabled() {
             return Ok(None);
@@ -128,6 +134,7 @@ impl Mesh {
             bandwidth: limit::Bandwidth::new(config.bandwidth_limit.0),
             limiter_wait: metrics::histogram!(crate::metrics::REPLICATION_LIMITER_WAIT_SECONDS),
             limiter_waited_us: AtomicU64::new(0),
+            internal_port,
         })))
     }
 
@@ -135,12 +142,54 @@ impl Mesh {
         &self.identity
     }
 
-    /// Starts a worker per peer and the log trimmer.
+    /// Starts a worker per static peer, discovery, and the log trimmer.
     pub fn start(self: &Arc<Self>) {
         for peer in self.peer_list() {
             tokio::spawn(sender::run(self.clone(), peer));
         }
+        if let Some(name) = &self.config.discovery.dns_name {
+            tokio::spawn(discovery::run(
+                self.clone(),
+                name.clone(),
+                self.internal_port,
+            ));
+        }
         tokio::spawn(trim_log(self.clone()));
+    }
+
+    /// Adds a discovered peer (its worker is the caller's to start).
+    fn add_peer(&self, target: Target) -> Arc<PeerStatus> {
+        let per_peer = limit::Bandwidth::new(self.config.per_peer_limit.0);
+        let peer = Arc::new(PeerStatus::new(target, per_peer));
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.insert(peer.label().to_owned(), peer.clone());
+        peer
+    }
+
+    /// Forgets a peer: it leaves `/status`, and its cursor no longer holds the log back.
+    fn remove_peer(&self, peer: &PeerStatus) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.remove(peer.label());
+    }
+
+    /// Drops an expired peer with its pending records (replication.md: it catches up by
+    /// bootstrap when it returns).
+    async fn expire_peer(&self, peer: &PeerStatus) {
+        self.remove_peer(peer);
+        let node_id = peer
+            .node_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        tracing::info!(peer = %peer.label(), node_id = ?node_id, "peer expired: gone from discovery for replication.peer_expiry");
+        let Some(node_id) = node_id else {
+            return;
+        };
+        let store = self.store.clone();
+        let forgotten = tokio::task::spawn_blocking(move || store.forget_cursor(&node_id)).await;
+        if !matches!(forgotten, Ok(Ok(()))) {
+            tracing::error!(peer = %peer.label(), "could not forget an expired peer's cursor");
+        }
     }
 
     fn peer_list(&self) -> Vec<Arc<PeerStatus>> {
@@ -223,7 +272,7 @@ pub enum PeerState {
     Admitted = 1,
     /// Not answering, or answering with errors.
     Unreachable = 2,
-    /// Answered as another account or as this node itself: never replicated to.
+    /// Answered as another account: never replicated to.
     Refused = 3,
 }
 
@@ -281,6 +330,32 @@ impl Target {
             resolve: Some((name.to_owned(), std::net::SocketAddr::new(ip, port))),
             label,
         })
+    }
+}
+
+impl Target {
+    /// An address of the discovery name: connected to by address, verified by the name (or by
+    /// `replication.tls.server_name`).
+    fn discovered(mesh: &Mesh, dns_name: &str, address: std::net::SocketAddr) -> Target {
+        if mesh.tls.is_none() {
+            let base = format!("http://{address}");
+            return Target {
+                label: base.clone(),
+                base,
+                resolve: None,
+            };
+        }
+        let name = mesh
+            .config
+            .tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| dns_name.trim_end_matches('.').to_owned());
+        Target {
+            label: format!("https://{address}"),
+            base: format!("https://{name}:{}", address.port()),
+            resolve: Some((name, address)),
+        }
     }
 }
 

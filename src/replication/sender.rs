@@ -42,6 +42,12 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
                 peer.set_state(PeerState::Admitted);
                 replicate(&mesh, &peer, &node_id).await
             }
+            Ok(Admission::Itself) => {
+                // A node finds its own address among its peers (discovery resolves it too).
+                mesh.remove_peer(&peer);
+                tracing::debug!(peer = %peer.label(), "this node's own address: not a peer");
+                return;
+            }
             Ok(Admission::Refused(why)) => {
                 peer.set_state(PeerState::Refused);
                 tracing::warn!(peer = %peer.label(), why, "peer refused: not replicating to it");
@@ -116,6 +122,8 @@ impl From<StoreError> for Failure {
 
 enum Admission {
     Admitted(String),
+    /// The address is this node's own.
+    Itself,
     Refused(&'static str),
 }
 
@@ -141,7 +149,7 @@ async fn admit(mesh: &Mesh, peer: &PeerStatus) -> Result<Admission, Failure> {
         return Ok(Admission::Refused("it serves another account"));
     }
     if identity.node_id == mesh.identity.node_id {
-        return Ok(Admission::Refused("it is this node"));
+        return Ok(Admission::Itself);
     }
     peer.set_node_id(&identity.node_id);
     Ok(Admission::Admitted(identity.node_id))

@@ -28,7 +28,13 @@ pub fn mesh_options(octet: u8, peers: &[u8]) -> NodeOptions {
 /// The options of the node on `127.0.0.<octet>`, its peer plane on `internal_port`, with
 /// `peers` (URLs) as static peers.
 pub fn node_options(octet: u8, internal_port: u16, peers: &[String]) -> NodeOptions {
-    NodeOptions::default()
+    let options = NodeOptions::default();
+    let options = if peers.is_empty() {
+        options
+    } else {
+        options.env("KURA_REPLICATION_PEERS", peers.join(","))
+    };
+    options
         .env("KURA_SERVER_HTTP", format!("127.0.0.{octet}:0"))
         .env("KURA_SERVER_GRPC", format!("127.0.0.{octet}:0"))
         .env(
@@ -38,7 +44,6 @@ pub fn node_options(octet: u8, internal_port: u16, peers: &[String]) -> NodeOpti
         .env("KURA_NODE_ACCOUNT", ACCOUNT)
         .env("KURA_NODE_ID", format!("node-{octet}"))
         .env("KURA_REPLICATION_INSECURE", "true")
-        .env("KURA_REPLICATION_PEERS", peers.join(","))
 }
 
 /// Nodes on `octets`, each with all the others as static peers, once every node has admitted

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod control_plane;
+pub mod dns;
 pub mod grpc;
 pub mod mesh;
 pub mod proxy;

@@ -1,0 +1,89 @@
+//! Peers found through DNS only: a DNS server started by the test on loopback answers for the
+//! peer Service's name, as Kubernetes' headless Service would.
+//!
+//! Loopback octets: 100–102.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::common::dns::DnsServer;
+use crate::common::mesh::{
+    PEER_PORT, assert_replicated, eventually, gradle_path, node_options, put, wait_admitted,
+};
+use crate::common::{Node, payload};
+
+const SERVICE: &str = "kura-acme-peers.kura.svc.cluster.local";
+
+fn loopback(octet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, octet)
+}
+
+/// The peers `node` lists in `/status`, by URL.
+async fn peer_urls(node: &Node) -> Vec<String> {
+    let status = node.status().await;
+    let mut urls: Vec<String> = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["url"].as_str().unwrap().to_string())
+        .collect();
+    urls.sort();
+    urls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_found_through_dns_over_mtls_replicate_and_a_vanished_one_expires() {
+    let octets = [100u8, 101, 102];
+    let dns = DnsServer::start(SERVICE, &octets.map(loopback)).await;
+    // One leaf for the whole mesh, valid for the Service's name (as in Kubernetes).
+    let dir = tempfile::tempdir().unwrap();
+    kura::certs::create_ca("acme", &dir.path().join("ca")).unwrap();
+    let certs = dir.path().join("leaf");
+    kura::certs::issue_leaf(&dir.path().join("ca"), &certs, &[SERVICE.to_string()], 1).unwrap();
+    let file = |name: &str| certs.join(name).display().to_string();
+    let nodes: Vec<Node> = octets
+        .iter()
+        .map(|octet| {
+            Node::start_with(
+                node_options(*octet, PEER_PORT, &[])
+                    .env("KURA_REPLICATION_INSECURE", "false")
+                    .env("KURA_REPLICATION_TLS_CA", file("ca.crt"))
+                    .env("KURA_REPLICATION_TLS_CERT", file("tls.crt"))
+                    .env("KURA_REPLICATION_TLS_KEY", file("tls.key"))
+                    .env("KURA_REPLICATION_DISCOVERY_DNS_NAME", SERVICE)
+                    .env("KURA_REPLICATION_DISCOVERY_NAMESERVERS", dns.nameserver())
+                    .env("KURA_REPLICATION_DISCOVERY_INTERVAL", "200ms")
+                    .env("KURA_REPLICATION_PEER_EXPIRY", "2s"),
+            )
+        })
+        .collect();
+    for (node, octet) in nodes.iter().zip(octets) {
+        wait_admitted(node, 2).await;
+        // Its own address resolved too, and was dropped: only the other two are peers.
+        let expected: Vec<String> = octets
+            .iter()
+            .filter(|o| **o != octet)
+            .map(|o| format!("https://127.0.0.{o}:{PEER_PORT}"))
+            .collect();
+        assert_eq!(peer_urls(node).await, expected);
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let body = payload(600 + i as u64, 2000);
+        let path = gradle_path("ios", &format!("dns{i}"));
+        put(node, &path, body.clone()).await;
+        for other in &nodes {
+            assert_replicated(other, &path, &body).await;
+        }
+    }
+    // The third node leaves the Service: after peer_expiry the others forget it.
+    dns.set(&[loopback(100), loopback(101)]);
+    let gone = format!("https://127.0.0.102:{PEER_PORT}");
+    for node in &nodes[..2] {
+        let expired = eventually(Duration::from_secs(15), || async {
+            (!peer_urls(node).await.contains(&gone)).then_some(())
+        })
+        .await;
+        assert!(expired.is_some(), "{:?}", peer_urls(node).await);
+        assert!(node.logs().contains("peer expired"));
+    }
+}
