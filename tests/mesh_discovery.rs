@@ -1,7 +1,7 @@
 //! Peers found through DNS only: a DNS server started by the test on loopback answers for the
 //! peer Service's name, as Kubernetes' headless Service would.
 //!
-//! Loopback octets: 100–102.
+//! Loopback octets: 100–103.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -32,7 +32,7 @@ async fn peer_urls(node: &Node) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_found_through_dns_over_mtls_replicate_and_a_vanished_one_expires() {
+async fn nodes_found_through_dns_replicate_a_vanished_one_expires_and_a_new_one_bootstraps() {
     let octets = [100u8, 101, 102];
     let dns = DnsServer::start(SERVICE, &octets.map(loopback)).await;
     // One leaf for the whole mesh, valid for the Service's name (as in Kubernetes).
@@ -41,22 +41,20 @@ async fn nodes_found_through_dns_over_mtls_replicate_and_a_vanished_one_expires(
     let certs = dir.path().join("leaf");
     kura::certs::issue_leaf(&dir.path().join("ca"), &certs, &[SERVICE.to_string()], 1).unwrap();
     let file = |name: &str| certs.join(name).display().to_string();
-    let nodes: Vec<Node> = octets
-        .iter()
-        .map(|octet| {
-            Node::start_with(
-                node_options(*octet, PEER_PORT, &[])
-                    .env("KURA_REPLICATION_INSECURE", "false")
-                    .env("KURA_REPLICATION_TLS_CA", file("ca.crt"))
-                    .env("KURA_REPLICATION_TLS_CERT", file("tls.crt"))
-                    .env("KURA_REPLICATION_TLS_KEY", file("tls.key"))
-                    .env("KURA_REPLICATION_DISCOVERY_DNS_NAME", SERVICE)
-                    .env("KURA_REPLICATION_DISCOVERY_NAMESERVERS", dns.nameserver())
-                    .env("KURA_REPLICATION_DISCOVERY_INTERVAL", "200ms")
-                    .env("KURA_REPLICATION_PEER_EXPIRY", "2s"),
-            )
-        })
-        .collect();
+    let start = |octet: u8| {
+        Node::start_with(
+            node_options(octet, PEER_PORT, &[])
+                .env("KURA_REPLICATION_INSECURE", "false")
+                .env("KURA_REPLICATION_TLS_CA", file("ca.crt"))
+                .env("KURA_REPLICATION_TLS_CERT", file("tls.crt"))
+                .env("KURA_REPLICATION_TLS_KEY", file("tls.key"))
+                .env("KURA_REPLICATION_DISCOVERY_DNS_NAME", SERVICE)
+                .env("KURA_REPLICATION_DISCOVERY_NAMESERVERS", dns.nameserver())
+                .env("KURA_REPLICATION_DISCOVERY_INTERVAL", "200ms")
+                .env("KURA_REPLICATION_PEER_EXPIRY", "2s"),
+        )
+    };
+    let nodes: Vec<Node> = octets.iter().map(|octet| start(*octet)).collect();
     for (node, octet) in nodes.iter().zip(octets) {
         wait_admitted(node, 2).await;
         // Its own address resolved too, and was dropped: only the other two are peers.
@@ -67,6 +65,7 @@ async fn nodes_found_through_dns_over_mtls_replicate_and_a_vanished_one_expires(
             .collect();
         assert_eq!(peer_urls(node).await, expected);
     }
+    let mut written = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let body = payload(600 + i as u64, 2000);
         let path = gradle_path("ios", &format!("dns{i}"));
@@ -74,6 +73,7 @@ async fn nodes_found_through_dns_over_mtls_replicate_and_a_vanished_one_expires(
         for other in &nodes {
             assert_replicated(other, &path, &body).await;
         }
+        written.push((path, body));
     }
     // The third node leaves the Service: after peer_expiry the others forget it.
     dns.set(&[loopback(100), loopback(101)]);
@@ -86,4 +86,28 @@ async fn nodes_found_through_dns_over_mtls_replicate_and_a_vanished_one_expires(
         assert!(expired.is_some(), "{:?}", peer_urls(node).await);
         assert!(node.logs().contains("peer expired"));
     }
+    // A fourth node joins the Service: it is ready only once it holds what the mesh holds.
+    dns.set(&[loopback(100), loopback(101), loopback(103)]);
+    let late = start(103);
+    let ready = eventually(Duration::from_secs(30), || async {
+        let response = crate::common::client()
+            .get(late.url("/ready"))
+            .send()
+            .await
+            .ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "{}", late.status().await);
+    for (path, body) in &written {
+        let served = crate::common::mesh::body_at(&late, path).await;
+        assert_eq!(
+            served.as_ref(),
+            Some(body),
+            "{path} missing when /ready said 200"
+        );
+    }
+    let bootstrap = late.status().await["replication"]["bootstrap"].clone();
+    assert_eq!(bootstrap["state"], "done", "{bootstrap}");
+    assert!(bootstrap["examined"].as_u64() >= Some(3), "{bootstrap}");
 }

@@ -33,6 +33,11 @@ async fn up(State(app): State<AppState>) -> Response {
 
 async fn ready(State(app): State<AppState>) -> Response {
     match app.lifecycle.state() {
+        NodeState::Serving if app.mesh.as_ref().is_some_and(|mesh| mesh.bootstrapping()) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "state": "bootstrapping" })),
+        )
+            .into_response(),
         NodeState::Serving => Json(serde_json::json!({ "state": "serving" })).into_response(),
         other => (
             StatusCode::SERVICE_UNAVAILABLE,

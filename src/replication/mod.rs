@@ -14,6 +14,7 @@
 //! Replication never sits on a client's path: a client write returns once it is published
 //! locally; the log record it carries is sent later by a worker that only reads the store.
 
+mod bootstrap;
 mod discovery;
 mod limit;
 mod receive;
@@ -72,6 +73,8 @@ pub struct Mesh {
     limiter_waited_us: AtomicU64,
     /// The peer plane's port, which discovered peers listen on too.
     internal_port: u16,
+    /// Bootstrap's progress (`/ready` waits for it).
+    bootstrap: bootstrap::Progress,
 }
 
 /// Counters of what peers sent here, resolved once.
@@ -109,6 +112,8 @@ impl Mesh {
         if !config.enabled() {
             return Ok(None);
         }
+        // A node that starts with nothing pulls its peers' artifacts before it is ready.
+        let store_was_empty = store.stats().artifacts == 0;
         let identity = Identity {
             account: account.to_owned(),
             node_id: store.node_id().to_owned(),
@@ -135,6 +140,7 @@ impl Mesh {
             limiter_wait: metrics::histogram!(crate::metrics::REPLICATION_LIMITER_WAIT_SECONDS),
             limiter_waited_us: AtomicU64::new(0),
             internal_port,
+            bootstrap: bootstrap::Progress::new(store_was_empty),
         })))
     }
 
@@ -155,6 +161,22 @@ impl Mesh {
             ));
         }
         tokio::spawn(trim_log(self.clone()));
+        tokio::spawn(bootstrap::run(self.clone()));
+    }
+
+    /// Whether `/ready` must still say `bootstrapping`.
+    pub fn bootstrapping(&self) -> bool {
+        self.bootstrap.phase() == bootstrap::Phase::Running
+    }
+
+    /// Waits until `bytes` more may be served to a bootstrapping peer (the node's limit).
+    async fn throttle_serving(&self, bytes: usize) {
+        let waited = self.bandwidth.take(bytes as u64).await;
+        if !waited.is_zero() {
+            self.limiter_wait.record(waited.as_secs_f64());
+            self.limiter_waited_us
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
     }
 
     /// Adds a discovered peer (its worker is the caller's to start).
@@ -251,6 +273,7 @@ impl Mesh {
         serde_json::json!({
             "bandwidth_limit_bytes_per_second": self.config.bandwidth_limit.0,
             "limiter_wait_seconds": waited,
+            "bootstrap": self.bootstrap.to_json(),
         })
     }
 

@@ -11,18 +11,22 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::wire::{Entry, FrameReader, WireError};
 use super::{ACCOUNT_HEADER, Mesh};
 use crate::context::NodeContext;
 use crate::http::error::ApiError;
 use crate::layers::{AdmissionLayer, ObserveLayer, RequestIdLayer};
-use crate::storage::{ArtifactKey, Kind, NewArtifact, Outcome, Provenance, StoreError, WriteMode};
+use crate::storage::{
+    ArtifactKey, BodyStream, IndexEntry, Kind, NewArtifact, Outcome, Provenance, StoreError,
+    WriteMode,
+};
 
 #[derive(Clone)]
 struct Plane {
@@ -42,6 +46,8 @@ pub fn router(node: Arc<NodeContext>, mesh: Arc<Mesh>) -> Router {
         .route("/_internal/replicate/batch", post(receive_frames))
         .route("/_internal/replicate/artifact", put(receive_frames))
         .route("/_internal/replicate/delete_project", post(receive_frames))
+        .route("/_internal/index", get(index))
+        .route("/_internal/artifact", get(artifact))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_route", "No such route").into_response()
         })
@@ -57,6 +63,131 @@ pub fn router(node: Arc<NodeContext>, mesh: Arc<Mesh>) -> Router {
 /// Who this node is: what a peer checks before it admits it.
 async fn status(State(plane): State<Plane>) -> Response {
     Json(plane.mesh.identity()).into_response()
+}
+
+/// `GET /_internal/index?after=<hex key>&limit=<n>`: a page of this node's artifacts in key
+/// order, and every project's last clean (what a bootstrapping peer needs to compare).
+async fn index(
+    State(plane): State<Plane>,
+    Query(query): Query<IndexQuery>,
+) -> Result<Json<IndexPage>, ApiError> {
+    let after = match &query.after {
+        Some(after) => Some(hex::decode(after).map_err(|_| {
+            ApiError::bad_request("bad_cursor", "after must be a key from a previous page")
+        })?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(INDEX_PAGE).clamp(1, INDEX_PAGE_MAX);
+    let store = plane.node.store.clone();
+    let entries = tokio::task::spawn_blocking(move || store.index_after(after.as_deref(), limit))
+        .await
+        .map_err(|_| ApiError::internal())??;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| hex::encode(&e.key)))
+        .flatten();
+    Ok(Json(IndexPage {
+        entries: entries.into_iter().map(IndexItem::from).collect(),
+        next,
+        tombstones: plane.node.store.tombstones(),
+    }))
+}
+
+/// `GET /_internal/artifact?key=<hex key>`: one frame (see `wire.rs`) with the artifact's
+/// current version, its body streamed from disk through the node's bandwidth limit.
+async fn artifact(
+    State(plane): State<Plane>,
+    Query(query): Query<ArtifactQuery>,
+) -> Result<Response, ApiError> {
+    let key = hex::decode(&query.key)
+        .ok()
+        .and_then(|bytes| ArtifactKey::decode(&bytes))
+        .ok_or_else(|| ApiError::bad_request("bad_key", "key must be a key from the index"))?;
+    let store = &plane.node.store;
+    let Some(found) = store.lookup(&key)? else {
+        return Err(ApiError::not_found());
+    };
+    let origin = store
+        .version_of(&key)?
+        .map(|(_, origin)| origin)
+        .unwrap_or_default();
+    let Some(stored) = store.open_found(&key, found).await? else {
+        return Err(ApiError::not_found());
+    };
+    let info = stored.info.clone();
+    let entry = Entry::Upsert {
+        kind: key.kind.as_str().to_owned(),
+        project: key.project.clone(),
+        key: key.key.clone(),
+        size: info.size,
+        blake3: info.blake3,
+        sha256: info.sha256,
+        content_type: info.content_type.clone(),
+        version_ms: info.version_ms,
+        origin,
+    };
+    let header = futures_util::stream::once(async move { Ok(entry.encode_header()) });
+    let body: futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>> = match stored
+        .into_body(0, info.size)
+    {
+        BodyStream::Bytes(bytes) => Box::pin(futures_util::stream::once(async move { Ok(bytes) })),
+        BodyStream::Stream(stream) => stream,
+    };
+    let mesh = plane.mesh.clone();
+    let limited = header.chain(body).then(move |chunk| {
+        let mesh = mesh.clone();
+        async move {
+            if let Ok(bytes) = &chunk {
+                mesh.throttle_serving(bytes.len()).await;
+            }
+            chunk
+        }
+    });
+    Ok(Body::from_stream(limited).into_response())
+}
+
+/// Entries per index page, by default and at most.
+const INDEX_PAGE: usize = 500;
+const INDEX_PAGE_MAX: usize = 5000;
+
+#[derive(Debug, Deserialize)]
+struct IndexQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ArtifactQuery {
+    key: String,
+}
+
+/// A page of the index as JSON (keys and digests in hex).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct IndexPage {
+    pub(super) entries: Vec<IndexItem>,
+    /// The `after` of the next page; `None` on the last one.
+    pub(super) next: Option<String>,
+    pub(super) tombstones: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct IndexItem {
+    pub(super) key: String,
+    pub(super) size: u64,
+    pub(super) blake3: String,
+    pub(super) version_ms: u64,
+    pub(super) origin: String,
+}
+
+impl From<IndexEntry> for IndexItem {
+    fn from(entry: IndexEntry) -> Self {
+        IndexItem {
+            key: hex::encode(&entry.key),
+            size: entry.size,
+            blake3: hex::encode(entry.blake3),
+            version_ms: entry.version_ms,
+            origin: entry.origin,
+        }
+    }
 }
 
 /// What a write request applied, entry by entry.
@@ -91,7 +222,7 @@ async fn receive_frames(State(plane): State<Plane>, headers: HeaderMap, body: Bo
             Ok(None) => break,
             Err(error) => return wire_error(error),
         };
-        match apply(&plane, entry, &mut reader).await {
+        match apply(&plane.mesh, entry, &mut reader).await {
             Ok(ApplyResult::Applied) => applied.applied += 1,
             Ok(ApplyResult::Stale) => applied.stale += 1,
             Ok(ApplyResult::Tombstoned) => applied.tombstoned += 1,
@@ -110,7 +241,7 @@ fn wire_error(error: WireError) -> Response {
 
 /// What became of an entry that was not rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ApplyResult {
+pub(super) enum ApplyResult {
     Applied,
     /// Not newer than the stored version.
     Stale,
@@ -128,9 +259,10 @@ impl ApplyResult {
     }
 }
 
-/// Applies one entry, reading its body from `reader`.
-async fn apply<S, E>(
-    plane: &Plane,
+/// Applies one entry, reading its body from `reader` (a peer's write, or an artifact fetched
+/// by bootstrap).
+pub(super) async fn apply<S, E>(
+    mesh: &Mesh,
     entry: Entry,
     reader: &mut FrameReader<S>,
 ) -> Result<ApplyResult, ApiError>
@@ -138,16 +270,16 @@ where
     S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let store = &plane.node.store;
+    let store = &mesh.store;
     match entry {
         Entry::DeleteProject {
             project,
             version_ms,
             origin,
         } => {
-            check_origin(plane, &origin)?;
+            check_origin(mesh, &origin)?;
             store.apply_remote_clean(&project, version_ms).await?;
-            plane.mesh.count_applied(ApplyResult::Applied.label(), 0);
+            mesh.count_applied(ApplyResult::Applied.label(), 0);
             Ok(ApplyResult::Applied)
         }
         Entry::Upsert {
@@ -161,7 +293,7 @@ where
             version_ms,
             origin,
         } => {
-            check_origin(plane, &origin)?;
+            check_origin(mesh, &origin)?;
             let kind = Kind::ALL
                 .into_iter()
                 .find(|k| k.as_str() == kind)
@@ -200,15 +332,15 @@ where
             } else {
                 0
             };
-            plane.mesh.count_applied(result.label(), stored);
+            mesh.count_applied(result.label(), stored);
             Ok(result)
         }
     }
 }
 
 /// The mesh is full: a node only ever receives writes made on the sender, never its own back.
-fn check_origin(plane: &Plane, origin: &str) -> Result<(), ApiError> {
-    if origin.is_empty() || origin == plane.node.store.node_id() {
+fn check_origin(mesh: &Mesh, origin: &str) -> Result<(), ApiError> {
+    if origin.is_empty() || origin == mesh.store.node_id() {
         return Err(ApiError::bad_request(
             "bad_origin",
             "An entry's origin must be another node",

@@ -68,6 +68,14 @@ impl Tombstones {
         self.of(project).is_some_and(|at| version_ms <= at)
     }
 
+    /// Every project's last clean.
+    pub(super) fn all(&self) -> Vec<(String, u64)> {
+        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(project, at)| (project.clone(), *at))
+            .collect()
+    }
+
     fn set(&self, project: &str, at: u64) {
         let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
         map.insert(project.to_owned(), at);

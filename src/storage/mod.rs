@@ -58,7 +58,7 @@ pub use bodies::{BodyWriter, StagedBody};
 pub use evict::DEFAULT_ACCESS_TIME_RESOLUTION;
 pub use keys::{ArtifactKey, Kind};
 use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
-pub use outbox::{LogRecord, LogSlice};
+pub use outbox::{IndexEntry, LogRecord, LogSlice};
 pub use resumable::ResumableUpload;
 pub use sweep::SweepReport;
 pub use uploads::UploadLimits;

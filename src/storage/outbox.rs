@@ -65,6 +65,18 @@ pub struct LogSlice {
     pub upto: u64,
 }
 
+/// One artifact as a peer's index lists it: what a bootstrapping node compares with its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// [`ArtifactKey::encode`] of the artifact.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub size: u64,
+    pub blake3: [u8; 32],
+    pub version_ms: u64,
+    pub origin: String,
+}
+
 /// Prefix of peer cursors in the `state` family (followed by the peer's node id).
 const CURSOR_PREFIX: &[u8] = b"cursor\0";
 
@@ -117,6 +129,72 @@ impl Store {
             stable.max(after)
         };
         Ok(LogSlice { records, upto })
+    }
+
+    /// Up to `limit` live artifacts after the encoded key `after` (from the start when `None`),
+    /// in key order: a paged walk that stays exact while writes go on (each key is seen once,
+    /// at the version it has when its page is read). Artifacts a clean hides are left out.
+    pub fn index_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<IndexEntry>, StoreError> {
+        let mode = match after {
+            Some(key) => rocksdb::IteratorMode::From(key, rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
+        let iter = self.inner.db.iterator_cf(self.cf(meta::CF_ARTIFACTS), mode);
+        let mut entries = Vec::new();
+        for item in iter {
+            let (key, value) = item?;
+            if after == Some(&key[..]) {
+                continue;
+            }
+            if entries.len() >= limit {
+                break;
+            }
+            let (Some(record), Some(artifact)) = (
+                meta::decode::<meta::RecordView>(&value),
+                ArtifactKey::decode(&key),
+            ) else {
+                continue;
+            };
+            if self
+                .inner
+                .tombstones
+                .hides(&artifact.project, record.version_ms)
+            {
+                continue;
+            }
+            entries.push(IndexEntry {
+                key: key.to_vec(),
+                size: record.size,
+                blake3: record.blake3,
+                version_ms: record.version_ms,
+                origin: record.origin.to_owned(),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Every project's last clean, for a bootstrapping peer.
+    pub fn tombstones(&self) -> Vec<(String, u64)> {
+        self.inner.tombstones.all()
+    }
+
+    /// The version stored under `key` as `(version_ms, origin)`, if any (no body is read).
+    pub fn version_of(&self, key: &ArtifactKey) -> Result<Option<(u64, String)>, StoreError> {
+        let encoded = key.encode();
+        let Some(value) = self
+            .inner
+            .db
+            .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), &encoded)?
+        else {
+            return Ok(None);
+        };
+        Ok(meta::decode::<meta::RecordView>(&value)
+            .filter(|record| !self.inner.tombstones.hides(&key.project, record.version_ms))
+            .map(|record| (record.version_ms, record.origin.to_owned())))
     }
 
     /// The sequence number of the oldest record in the log, if any.

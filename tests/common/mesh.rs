@@ -67,7 +67,27 @@ pub async fn start_mesh_with(
     for node in &nodes {
         wait_admitted(node, octets.len() - 1).await;
     }
+    // Each started empty: done bootstrapping before the test writes, so that what a test
+    // counts arrived by replication.
+    for node in &nodes {
+        wait_ready(node).await;
+    }
     nodes
+}
+
+/// Waits until `/ready` answers 200 on `node`.
+pub async fn wait_ready(node: &Node) {
+    let ready = eventually(Duration::from_secs(30), || async {
+        let response = client().get(node.url("/ready")).send().await.ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "{} never ready: {}",
+        node.addr,
+        node.status().await
+    );
 }
 
 /// Waits until `node` has admitted `count` peers.

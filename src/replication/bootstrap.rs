@@ -1,0 +1,212 @@
+//! Bootstrap: a node that starts empty pulls what its peers hold before it says it is ready.
+//!
+//! Once a peer is admitted, the node walks that peer's index (`GET /_internal/index`, pages in
+//! key order), applies its project cleans, and fetches (`GET /_internal/artifact`) every
+//! artifact it lacks or holds an older version of, applying it by the same rules as a
+//! replicated write. The peer serves those bytes through its bandwidth limit. `/ready` answers
+//! 503 `bootstrapping` until one full pass over one peer is done or `bootstrap.timeout` passes;
+//! the public API serves all along. Writes made meanwhile reach the node through the peers'
+//! logs as usual, so nothing written during the pass is missed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::receive::{IndexPage, apply};
+use super::wire::FrameReader;
+use super::{Mesh, PeerState, PeerStatus};
+use crate::storage::ArtifactKey;
+
+/// Index entries asked for per page.
+const PAGE: usize = 500;
+
+/// Where bootstrap is, for `/ready` and `/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// The node had artifacts when it started: nothing to pull.
+    NotNeeded = 0,
+    Running = 1,
+    Done = 2,
+    /// `bootstrap.timeout` passed before a pass completed; the node serves what it has.
+    TimedOut = 3,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::NotNeeded => "not_needed",
+            Phase::Running => "running",
+            Phase::Done => "done",
+            Phase::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Bootstrap's progress.
+pub struct Progress {
+    phase: AtomicU8,
+    artifacts: AtomicU64,
+    bytes: AtomicU64,
+    examined: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(needed: bool) -> Progress {
+        let phase = if needed {
+            Phase::Running
+        } else {
+            Phase::NotNeeded
+        };
+        Progress {
+            phase: AtomicU8::new(phase as u8),
+            artifacts: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            examined: AtomicU64::new(0),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::NotNeeded,
+            1 => Phase::Running,
+            2 => Phase::Done,
+            _ => Phase::TimedOut,
+        }
+    }
+
+    fn finish(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::SeqCst);
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": self.phase().label(),
+            "examined": self.examined.load(Ordering::Relaxed),
+            "fetched_artifacts": self.artifacts.load(Ordering::Relaxed),
+            "fetched_bytes": self.bytes.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Runs one bootstrap pass (when the node started empty), bounded by `bootstrap.timeout`.
+pub(super) async fn run(mesh: Arc<Mesh>) {
+    if mesh.bootstrap.phase() != Phase::Running {
+        return;
+    }
+    let timeout = mesh.config.bootstrap.timeout.0;
+    match tokio::time::timeout(timeout, pass_over_one_peer(&mesh)).await {
+        Ok(()) => {
+            mesh.bootstrap.finish(Phase::Done);
+            tracing::info!(progress = %mesh.bootstrap.to_json(), "bootstrap finished");
+        }
+        Err(_) => {
+            mesh.bootstrap.finish(Phase::TimedOut);
+            tracing::warn!(progress = %mesh.bootstrap.to_json(), "bootstrap timed out (replication.bootstrap.timeout); serving what arrived");
+        }
+    }
+}
+
+/// Tries admitted peers until a pass over one of them completes.
+async fn pass_over_one_peer(mesh: &Mesh) {
+    loop {
+        let admitted = mesh
+            .peer_list()
+            .into_iter()
+            .find(|peer| peer.state() == PeerState::Admitted);
+        match admitted {
+            Some(peer) => match pull(mesh, &peer).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(peer = %peer.label(), %error, "bootstrap pass failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Walks `peer`'s index and fetches what this node lacks or holds older.
+async fn pull(mesh: &Mesh, peer: &PeerStatus) -> anyhow::Result<()> {
+    let client = mesh.client_for(peer)?;
+    let mut after: Option<String> = None;
+    let mut cleans_applied = false;
+    loop {
+        let mut request = client
+            .get(peer.url("/_internal/index"))
+            .query(&[("limit", PAGE.to_string())])
+            .timeout(Duration::from_secs(30));
+        if let Some(after) = &after {
+            request = request.query(&[("after", after)]);
+        }
+        let response = request.send().await?.error_for_status()?;
+        let page: IndexPage = response.json().await?;
+        if !cleans_applied {
+            for (project, at) in &page.tombstones {
+                mesh.store.apply_remote_clean(project, *at).await?;
+            }
+            cleans_applied = true;
+        }
+        for item in &page.entries {
+            mesh.bootstrap.examined.fetch_add(1, Ordering::Relaxed);
+            let Some(key) = hex::decode(&item.key)
+                .ok()
+                .and_then(|bytes| ArtifactKey::decode(&bytes))
+            else {
+                continue;
+            };
+            if item.origin == mesh.identity.node_id || !newer_than_ours(mesh, &key, item)? {
+                continue;
+            }
+            fetch(mesh, &client, peer, &item.key).await?;
+            mesh.bootstrap.artifacts.fetch_add(1, Ordering::Relaxed);
+            mesh.bootstrap.bytes.fetch_add(item.size, Ordering::Relaxed);
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Whether the peer's version beats the one stored here (or none is).
+fn newer_than_ours(
+    mesh: &Mesh,
+    key: &ArtifactKey,
+    item: &super::receive::IndexItem,
+) -> anyhow::Result<bool> {
+    Ok(match mesh.store.version_of(key)? {
+        Some((version_ms, origin)) => {
+            (item.version_ms, item.origin.as_str()) > (version_ms, origin.as_str())
+        }
+        None => true,
+    })
+}
+
+/// Fetches one artifact and applies it like a replicated write.
+async fn fetch(
+    mesh: &Mesh,
+    client: &reqwest::Client,
+    peer: &PeerStatus,
+    key_hex: &str,
+) -> anyhow::Result<()> {
+    let response = client
+        .get(peer.url("/_internal/artifact"))
+        .query(&[("key", key_hex)])
+        .send()
+        .await?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        // Evicted or replaced on the peer since its index page was read.
+        return Ok(());
+    }
+    let response = response.error_for_status()?;
+    let mut reader = FrameReader::new(response.bytes_stream());
+    let Some(entry) = reader.next_entry().await? else {
+        anyhow::bail!("the peer sent no artifact");
+    };
+    apply(mesh, entry, &mut reader)
+        .await
+        .map_err(|refusal| anyhow::anyhow!("{}: {}", refusal.code, refusal.message))?;
+    Ok(())
+}
