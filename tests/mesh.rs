@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
 use crate::common::mesh::{
     ACCOUNT, PEER_PORT, assert_replicated, body_at, eventually, gradle_path, mesh_options,
-    node_options, peer_url, put, start_mesh, wait_admitted,
+    node_options, peer_url, put, start_discovered_mesh, start_mesh, wait_admitted,
 };
 use crate::common::proxy::Proxy;
 use crate::common::{Node, client, payload};
@@ -72,7 +72,8 @@ async fn upload_module(node: &Node, hash: &str, body: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_written_on_any_node_is_readable_byte_identical_on_the_others() {
-    let nodes = start_mesh(&[10, 11, 12]).await;
+    // The three find each other through DNS only.
+    let (nodes, _dns) = start_discovered_mesh(&[10, 11, 12]).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // Each kind written on a different node; one large artifact takes the streamed path.

@@ -12,7 +12,7 @@ use crate::common::mesh::{
 };
 use crate::common::{Node, payload};
 
-const SERVICE: &str = "kura-acme-peers.kura.svc.cluster.local";
+const SERVICE: &str = crate::common::mesh::PEER_SERVICE;
 
 fn loopback(octet: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, octet)

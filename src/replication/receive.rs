@@ -114,17 +114,7 @@ async fn artifact(
         return Err(ApiError::not_found());
     };
     let info = stored.info.clone();
-    let entry = Entry::Upsert {
-        kind: key.kind.as_str().to_owned(),
-        project: key.project.clone(),
-        key: key.key.clone(),
-        size: info.size,
-        blake3: info.blake3,
-        sha256: info.sha256,
-        content_type: info.content_type.clone(),
-        version_ms: info.version_ms,
-        origin,
-    };
+    let entry = Entry::upsert(&key, &info, origin);
     let header = futures_util::stream::once(async move { Ok(entry.encode_header()) });
     let body: futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>> = match stored
         .into_body(0, info.size)

@@ -16,7 +16,7 @@ use rand::Rng;
 
 use super::wire::Entry;
 use super::{ACCOUNT_HEADER, Identity, Mesh, PeerState, PeerStatus};
-use crate::storage::{ArtifactKey, BodyStream, LogRecord, Store, StoreError, now_ms};
+use crate::storage::{BodyStream, LogRecord, Store, StoreError, now_ms};
 
 /// Body bytes a batched request carries at most (replication.md: ≤ 4 MiB).
 const BATCH_BYTES: u64 = 4 << 20;
@@ -436,22 +436,8 @@ async fn open(
         return Ok(None);
     };
     let info = artifact.info.clone();
-    let entry = upsert_entry(&key, &info, origin);
+    let entry = Entry::upsert(&key, &info, origin);
     Ok(Some((entry, Some(artifact.into_body(0, info.size)))))
-}
-
-fn upsert_entry(key: &ArtifactKey, info: &crate::storage::ArtifactInfo, origin: String) -> Entry {
-    Entry::Upsert {
-        kind: key.kind.as_str().to_owned(),
-        project: key.project.clone(),
-        key: key.key.clone(),
-        size: info.size,
-        blake3: info.blake3,
-        sha256: info.sha256,
-        content_type: info.content_type.clone(),
-        version_ms: info.version_ms,
-        origin,
-    }
 }
 
 fn skipped(reason: &'static str) {

@@ -14,6 +14,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::{ArtifactInfo, ArtifactKey};
+
 /// Largest header accepted: a key (512 bytes), a project, a content type and fixed fields fit
 /// many times over.
 pub const MAX_HEADER: usize = 16 << 10;
@@ -44,6 +46,21 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The upsert of `key` at the version `info` describes, written on `origin`.
+    pub fn upsert(key: &ArtifactKey, info: &ArtifactInfo, origin: String) -> Entry {
+        Entry::Upsert {
+            kind: key.kind.as_str().to_owned(),
+            project: key.project.clone(),
+            key: key.key.clone(),
+            size: info.size,
+            blake3: info.blake3,
+            sha256: info.sha256,
+            content_type: info.content_type.clone(),
+            version_ms: info.version_ms,
+            origin,
+        }
+    }
+
     /// Bytes of body that follow the header.
     pub fn body_len(&self) -> u64 {
         match self {

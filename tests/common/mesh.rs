@@ -90,6 +90,38 @@ pub async fn wait_ready(node: &Node) {
     );
 }
 
+/// The name the discovery tests' DNS server answers for (the peer Service's, as in Kubernetes).
+pub const PEER_SERVICE: &str = "kura-acme-peers.kura.svc.cluster.local";
+
+/// Options of the node on `127.0.0.<octet>` that finds its peers through `dns` only.
+pub fn discovered_options(octet: u8, dns: &super::dns::DnsServer) -> NodeOptions {
+    node_options(octet, PEER_PORT, &[])
+        .env("KURA_REPLICATION_DISCOVERY_DNS_NAME", PEER_SERVICE)
+        .env("KURA_REPLICATION_DISCOVERY_NAMESERVERS", dns.nameserver())
+        .env("KURA_REPLICATION_DISCOVERY_INTERVAL", "200ms")
+}
+
+/// Nodes on `octets` that find each other through a DNS server on loopback only, once every
+/// node has admitted every other and finished bootstrapping; the server is returned too.
+pub async fn start_discovered_mesh(octets: &[u8]) -> (Vec<Node>, super::dns::DnsServer) {
+    let addresses: Vec<std::net::Ipv4Addr> = octets
+        .iter()
+        .map(|o| std::net::Ipv4Addr::new(127, 0, 0, *o))
+        .collect();
+    let dns = super::dns::DnsServer::start(PEER_SERVICE, &addresses).await;
+    let nodes: Vec<Node> = octets
+        .iter()
+        .map(|octet| Node::start_with(discovered_options(*octet, &dns)))
+        .collect();
+    for node in &nodes {
+        wait_admitted(node, octets.len() - 1).await;
+    }
+    for node in &nodes {
+        wait_ready(node).await;
+    }
+    (nodes, dns)
+}
+
 /// Waits until `node` has admitted `count` peers.
 pub async fn wait_admitted(node: &Node, count: usize) {
     let admitted = eventually(Duration::from_secs(30), || async {
