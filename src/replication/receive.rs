@@ -106,10 +106,7 @@ async fn artifact(
     let Some(found) = store.lookup(&key)? else {
         return Err(ApiError::not_found());
     };
-    let origin = store
-        .version_of(&key)?
-        .map(|(_, origin)| origin)
-        .unwrap_or_default();
+    let origin = found.origin().to_owned();
     let Some(stored) = store.open_found(&key, found).await? else {
         return Err(ApiError::not_found());
     };

@@ -354,6 +354,13 @@ pub struct Found {
     record: ArtifactRecord,
 }
 
+impl Found {
+    /// The node the stored version was written on.
+    pub fn origin(&self) -> &str {
+        &self.record.origin
+    }
+}
+
 /// An artifact opened for reading.
 pub struct Artifact {
     pub info: ArtifactInfo,
