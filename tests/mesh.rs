@@ -4,7 +4,7 @@
 //! Loopback octets by test (each test owns its addresses, so tests run in parallel):
 //! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
-//! account, 80–83 a proxy between two nodes.
+//! account, 80–83 a proxy between two nodes, 110–111 the log's bound.
 
 use std::time::Duration;
 
@@ -300,6 +300,39 @@ async fn a_peer_stopped_during_five_thousand_writes_receives_all_of_them() {
     assert_all_replicated(b, &items).await;
     assert_all_replicated(c, &items).await;
     assert_all_replicated(a, &items).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_logs_bound_overtook_catches_up_from_the_writers_index() {
+    let nodes = crate::common::mesh::start_mesh_with(&[110, 111], |options| {
+        options.env("KURA_REPLICATION_OUTBOX_MAX_ENTRIES", "1000")
+    })
+    .await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.signal(libc::SIGSTOP);
+    // Every write succeeds (write_many asserts it) while the log holds at most 1,000 records.
+    let items = write_many(a, "bound", 5000).await;
+    let dropped = eventually(Duration::from_secs(10), || async {
+        let dropped = a.metric("kura_replication_log_dropped_total").await;
+        (dropped >= 3000).then_some(dropped)
+    })
+    .await;
+    assert!(dropped.is_some(), "the bound never dropped records");
+    b.signal(libc::SIGCONT);
+    assert_all_replicated(b, &items).await;
+    let writer = a.status().await;
+    let peer = &writer["peers"][0];
+    assert_eq!(peer["catch_ups_requested"], 1, "{peer}");
+    assert_eq!(peer["errors"]["log_dropped"], 1, "{peer}");
+    let caught_up = eventually(Duration::from_secs(10), || async {
+        let catch_up = b.status().await["replication"]["catch_up"].clone();
+        (catch_up["completed"] == 1 && catch_up["owed_to"] == json!([])).then_some(catch_up)
+    })
+    .await;
+    assert!(caught_up.is_some(), "{}", b.status().await["replication"]);
+    // One pass fetched what b lacked, each artifact once.
+    let fetched = caught_up.unwrap()["fetched_artifacts"].as_u64().unwrap();
+    assert!((3000..=5000).contains(&fetched), "fetched {fetched}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ async fn peer_urls(node: &Node) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_found_through_dns_replicate_a_vanished_one_expires_and_a_new_one_bootstraps() {
+async fn nodes_found_through_dns_replicate_an_expired_one_catches_up_and_a_new_one_bootstraps() {
     let octets = [100u8, 101, 102];
     let dns = DnsServer::start(SERVICE, &octets.map(loopback)).await;
     // One leaf for the whole mesh, valid for the Service's name (as in Kubernetes).
@@ -86,8 +86,45 @@ async fn nodes_found_through_dns_replicate_a_vanished_one_expires_and_a_new_one_
         assert!(expired.is_some(), "{:?}", peer_urls(node).await);
         assert!(node.logs().contains("peer expired"));
     }
-    // A fourth node joins the Service: it is ready only once it holds what the mesh holds.
-    dns.set(&[loopback(100), loopback(101), loopback(103)]);
+    // Written while the third node was gone: the log is trimmed once the second has them,
+    // without waiting for the expired one.
+    let mut away = Vec::new();
+    for i in 0..20 {
+        let body = payload(700 + i, 3000);
+        let path = gradle_path("ios", &format!("away{i}"));
+        put(&nodes[0], &path, body.clone()).await;
+        away.push((path, body));
+    }
+    for (path, body) in &away {
+        assert_replicated(&nodes[1], path, body).await;
+    }
+    let trimmed = eventually(Duration::from_secs(10), || async {
+        let log = nodes[0].status().await["replication"]["log"].clone();
+        log["oldest_seq"].is_null().then_some(())
+    })
+    .await;
+    assert!(trimmed.is_some(), "{}", nodes[0].status().await);
+    // The third node returns: it catches up from the writer's index.
+    dns.set(&[loopback(100), loopback(101), loopback(102)]);
+    for (path, body) in &away {
+        assert_replicated(&nodes[2], path, body).await;
+    }
+    let returned = format!("https://127.0.0.102:{PEER_PORT}");
+    let writer = nodes[0].status().await;
+    let peer = writer["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["url"] == returned.as_str())
+        .cloned();
+    assert!(
+        peer.as_ref()
+            .is_some_and(|p| p["catch_ups_requested"].as_u64() >= Some(1)),
+        "{writer}"
+    );
+    written.extend(away);
+    // A fourth node joins: it is ready only once it holds what the mesh holds.
+    dns.set(&[loopback(100), loopback(101), loopback(102), loopback(103)]);
     let late = start(103);
     let ready = eventually(Duration::from_secs(30), || async {
         let response = crate::common::client()

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt};
+
 use super::receive::{IndexPage, apply};
 use super::wire::FrameReader;
 use super::{Mesh, PeerState, PeerStatus};
@@ -46,9 +48,25 @@ impl Phase {
 /// Bootstrap's progress.
 pub struct Progress {
     phase: AtomicU8,
+    tally: Tally,
+}
+
+/// What walks of peers' indexes examined and fetched.
+#[derive(Default)]
+pub(super) struct Tally {
+    examined: AtomicU64,
     artifacts: AtomicU64,
     bytes: AtomicU64,
-    examined: AtomicU64,
+}
+
+impl Tally {
+    pub(super) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "examined": self.examined.load(Ordering::Relaxed),
+            "fetched_artifacts": self.artifacts.load(Ordering::Relaxed),
+            "fetched_bytes": self.bytes.load(Ordering::Relaxed),
+        })
+    }
 }
 
 impl Progress {
@@ -60,9 +78,7 @@ impl Progress {
         };
         Progress {
             phase: AtomicU8::new(phase as u8),
-            artifacts: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            examined: AtomicU64::new(0),
+            tally: Tally::default(),
         }
     }
 
@@ -80,12 +96,9 @@ impl Progress {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "state": self.phase().label(),
-            "examined": self.examined.load(Ordering::Relaxed),
-            "fetched_artifacts": self.artifacts.load(Ordering::Relaxed),
-            "fetched_bytes": self.bytes.load(Ordering::Relaxed),
-        })
+        let mut json = self.tally.to_json();
+        json["state"] = self.phase().label().into();
+        json
     }
 }
 
@@ -115,7 +128,7 @@ async fn pass_over_one_peer(mesh: &Mesh) {
             .into_iter()
             .find(|peer| peer.state() == PeerState::Admitted);
         match admitted {
-            Some(peer) => match pull(mesh, &peer).await {
+            Some(peer) => match pull(mesh, &peer, None, &mesh.bootstrap.tally).await {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(peer = %peer.label(), %error, "bootstrap pass failed; trying again");
@@ -127,8 +140,17 @@ async fn pass_over_one_peer(mesh: &Mesh) {
     }
 }
 
-/// Walks `peer`'s index and fetches what this node lacks or holds older.
-async fn pull(mesh: &Mesh, peer: &PeerStatus) -> anyhow::Result<()> {
+/// Artifacts fetched at once during a walk.
+const FETCHES_AT_ONCE: usize = 4;
+
+/// Walks `peer`'s index and fetches what this node lacks or holds older: every artifact, or
+/// (`only_origin`) those one node wrote. The project cleans it lists are applied first.
+pub(super) async fn pull(
+    mesh: &Mesh,
+    peer: &PeerStatus,
+    only_origin: Option<&str>,
+    tally: &Tally,
+) -> anyhow::Result<()> {
     let client = mesh.client_for(peer)?;
     let mut after: Option<String> = None;
     let mut cleans_applied = false;
@@ -148,20 +170,36 @@ async fn pull(mesh: &Mesh, peer: &PeerStatus) -> anyhow::Result<()> {
             }
             cleans_applied = true;
         }
+        let mut wanted = Vec::new();
         for item in &page.entries {
-            mesh.bootstrap.examined.fetch_add(1, Ordering::Relaxed);
+            tally.examined.fetch_add(1, Ordering::Relaxed);
             let Some(key) = hex::decode(&item.key)
                 .ok()
                 .and_then(|bytes| ArtifactKey::decode(&bytes))
             else {
                 continue;
             };
-            if item.origin == mesh.identity.node_id || !newer_than_ours(mesh, &key, item)? {
+            let written_here = item.origin == mesh.identity.node_id;
+            let out_of_scope = only_origin.is_some_and(|origin| item.origin != origin);
+            if written_here || out_of_scope || !newer_than_ours(mesh, &key, item)? {
                 continue;
             }
-            fetch(mesh, &client, peer, &item.key).await?;
-            mesh.bootstrap.artifacts.fetch_add(1, Ordering::Relaxed);
-            mesh.bootstrap.bytes.fetch_add(item.size, Ordering::Relaxed);
+            wanted.push((item.key.clone(), item.size));
+        }
+        // A few fetches at once hide the round trips; the serving peer's limit paces the bytes.
+        let mut fetches = stream::iter(wanted)
+            .map(|(key, size)| {
+                let client = &client;
+                async move {
+                    fetch(mesh, client, peer, &key).await?;
+                    tally.artifacts.fetch_add(1, Ordering::Relaxed);
+                    tally.bytes.fetch_add(size, Ordering::Relaxed);
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(FETCHES_AT_ONCE);
+        while let Some(fetched) = fetches.next().await {
+            fetched?;
         }
         match page.next {
             Some(next) => after = Some(next),

@@ -15,6 +15,7 @@
 //! locally; the log record it carries is sent later by a worker that only reads the store.
 
 mod bootstrap;
+mod catch_up;
 mod discovery;
 mod limit;
 mod receive;
@@ -75,6 +76,8 @@ pub struct Mesh {
     internal_port: u16,
     /// Bootstrap's progress (`/ready` waits for it).
     bootstrap: bootstrap::Progress,
+    /// The catch-ups this node owes to writers whose logs passed it by.
+    catch_ups: catch_up::CatchUps,
 }
 
 /// Counters of what peers sent here, resolved once.
@@ -141,6 +144,7 @@ impl Mesh {
             limiter_waited_us: AtomicU64::new(0),
             internal_port,
             bootstrap: bootstrap::Progress::new(store_was_empty),
+            catch_ups: catch_up::CatchUps::default(),
         })))
     }
 
@@ -162,6 +166,7 @@ impl Mesh {
         }
         tokio::spawn(trim_log(self.clone()));
         tokio::spawn(bootstrap::run(self.clone()));
+        tokio::spawn(catch_up::run(self.clone()));
     }
 
     /// Whether `/ready` must still say `bootstrapping`.
@@ -198,11 +203,7 @@ impl Mesh {
     /// bootstrap when it returns).
     async fn expire_peer(&self, peer: &PeerStatus) {
         self.remove_peer(peer);
-        let node_id = peer
-            .node_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let node_id = peer.node_id();
         tracing::info!(peer = %peer.label(), node_id = ?node_id, "peer expired: gone from discovery for replication.peer_expiry");
         let Some(node_id) = node_id else {
             return;
@@ -274,6 +275,18 @@ impl Mesh {
             "bandwidth_limit_bytes_per_second": self.config.bandwidth_limit.0,
             "limiter_wait_seconds": waited,
             "bootstrap": self.bootstrap.to_json(),
+            "catch_up": self.catch_ups.to_json(self),
+            "log": self.log_status(),
+        })
+    }
+
+    /// The replication log's extent, for `/status`: `floor` is the last sequence number it may
+    /// no longer hold (a peer below it catches up from an index).
+    fn log_status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "oldest_seq": self.store.log_oldest().ok().flatten(),
+            "newest_seq": self.store.stable_seq(),
+            "floor": self.store.log_floor().ok(),
         })
     }
 
@@ -395,6 +408,8 @@ pub struct PeerStatus {
     lag_ms: AtomicU64,
     sent_bytes: AtomicU64,
     sent_entries: AtomicU64,
+    /// Times this node asked the peer to catch up from its index.
+    catch_ups: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -410,6 +425,7 @@ impl PeerStatus {
             lag_ms: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
             sent_entries: AtomicU64::new(0),
+            catch_ups: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
         }
     }
@@ -440,6 +456,14 @@ impl PeerStatus {
         }
     }
 
+    /// The node id the peer answered its admission with.
+    fn node_id(&self) -> Option<String> {
+        self.node_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn set_node_id(&self, node_id: &str) {
         let mut slot = self.node_id.lock().unwrap_or_else(|p| p.into_inner());
         *slot = Some(node_id.to_owned());
@@ -458,6 +482,10 @@ impl PeerStatus {
             .set(pending as f64);
         metrics::gauge!(crate::metrics::REPLICATION_LAG_SECONDS, "peer" => self.target.label.clone())
             .set(lag_ms as f64 / 1000.0);
+    }
+
+    fn record_catch_up(&self) {
+        self.catch_ups.fetch_add(1, Ordering::Relaxed);
     }
 
     fn record_sent(&self, entries: u64, bytes: u64) {
@@ -488,6 +516,7 @@ impl PeerStatus {
             "lag_seconds": self.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
             "sent_entries": self.sent_entries.load(Ordering::Relaxed),
             "sent_bytes": self.sent_bytes.load(Ordering::Relaxed),
+            "catch_ups_requested": self.catch_ups.load(Ordering::Relaxed),
             "errors": errors,
         })
     }

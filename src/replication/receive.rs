@@ -46,6 +46,7 @@ pub fn router(node: Arc<NodeContext>, mesh: Arc<Mesh>) -> Router {
         .route("/_internal/replicate/batch", post(receive_frames))
         .route("/_internal/replicate/artifact", put(receive_frames))
         .route("/_internal/replicate/delete_project", post(receive_frames))
+        .route("/_internal/catch_up", post(catch_up))
         .route("/_internal/index", get(index))
         .route("/_internal/artifact", get(artifact))
         .fallback(|| async {
@@ -63,6 +64,35 @@ pub fn router(node: Arc<NodeContext>, mesh: Arc<Mesh>) -> Router {
 /// Who this node is: what a peer checks before it admits it.
 async fn status(State(plane): State<Plane>) -> Response {
     Json(plane.mesh.identity()).into_response()
+}
+
+/// `POST /_internal/catch_up` (`{"writer": "<node id>"}`): the writer's log no longer holds
+/// records this node lacks. 202 once the promise to walk the writer's index is persisted; the
+/// writer moves this node's cursor only then (see `catch_up.rs`).
+async fn catch_up(
+    State(plane): State<Plane>,
+    headers: HeaderMap,
+    Json(request): Json<super::catch_up::CatchUpRequest>,
+) -> Result<Response, ApiError> {
+    same_account(&plane, &headers)?;
+    super::catch_up::promise(plane.mesh.clone(), request.writer).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Refuses a request whose sender says it replicates another account (403 `wrong_account`).
+fn same_account(plane: &Plane, headers: &HeaderMap) -> Result<(), ApiError> {
+    let account = headers
+        .get(ACCOUNT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if account == plane.node.account {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "wrong_account",
+        format!("This node serves account {}", plane.node.account),
+    ))
 }
 
 /// `GET /_internal/index?after=<hex key>&limit=<n>`: a page of this node's artifacts in key
@@ -189,17 +219,8 @@ struct Applied {
 /// order. The first entry that fails stops the request; what came before it stays applied (the
 /// sender retries the whole request, and applying again is harmless).
 async fn receive_frames(State(plane): State<Plane>, headers: HeaderMap, body: Body) -> Response {
-    let account = headers
-        .get(ACCOUNT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if account != plane.node.account {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "wrong_account",
-            format!("This node serves account {}", plane.node.account),
-        )
-        .into_response();
+    if let Err(refused) = same_account(&plane, &headers) {
+        return refused.into_response();
     }
     let mut reader = FrameReader::new(body.into_data_stream());
     let mut applied = Applied::default();

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use rand::Rng;
 
+use super::catch_up::CatchUpRequest;
 use super::wire::Entry;
 use super::{ACCOUNT_HEADER, Identity, Mesh, PeerState, PeerStatus};
 use crate::storage::{BodyStream, LogRecord, Store, StoreError, now_ms};
@@ -68,7 +69,8 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
 /// Why a round of sending stopped.
 #[derive(Debug)]
 struct Failure {
-    /// A bounded label: `connect`, `status`, `rejected`, `refused`, `storage`.
+    /// A bounded label: `connect`, `tls`, `status`, `rejected`, `refused`, `storage`,
+    /// `catch_up`, `log_dropped`.
     reason: &'static str,
     detail: String,
 }
@@ -177,8 +179,8 @@ async fn replicate_until_failure(
     loop {
         let records = blocking(&store, move |store| {
             if store.log_lost(cursor)? {
-                // The bound dropped records this peer never had: it catches up from this
-                // node's index; the log resumes after what was dropped.
+                // The log no longer holds records this peer lacks: it catches up from this
+                // node's index instead (catch_up.rs).
                 return Ok(Err(()));
             }
             store.log_after(cursor, READ_AHEAD).map(Ok)
@@ -187,7 +189,7 @@ async fn replicate_until_failure(
         let slice = match records {
             Ok(slice) => slice,
             Err(()) => {
-                cursor = skip_dropped(&store, peer, node_id, cursor).await?;
+                cursor = hand_over_to_catch_up(mesh, peer, node_id, cursor).await?;
                 continue;
             }
         };
@@ -223,29 +225,44 @@ async fn replicate_until_failure(
     }
 }
 
-/// Moves a peer's cursor past the records the log's bound dropped, and says so.
-async fn skip_dropped(
-    store: &Store,
+/// Asks `peer` to catch up from this node's index, then moves its cursor to the head of the log
+/// as it was before asking: the index covers everything up to there.
+async fn hand_over_to_catch_up(
+    mesh: &Mesh,
     peer: &PeerStatus,
     node_id: &str,
     cursor: u64,
 ) -> Result<u64, Failure> {
-    let node_id = node_id.to_owned();
-    let resumed = blocking(store, move |store| {
-        let resumed = store
-            .log_oldest()?
-            .map_or(cursor, |oldest| oldest - 1)
-            .max(cursor);
-        store.set_cursor(&node_id, resumed)?;
-        Ok(resumed)
-    })
-    .await?;
-    peer.record_error("log_dropped");
-    tracing::warn!(
-        peer = %peer.label(), from = cursor, to = resumed,
-        "records for this peer were dropped by replication.outbox.max_entries; it must catch up from this node's index"
-    );
-    Ok(resumed)
+    let head = mesh.store.stable_seq();
+    let client = mesh
+        .client_for(peer)
+        .map_err(|e| Failure::with("connect", e))?;
+    let response = client
+        .post(peer.url("/_internal/catch_up"))
+        .header(ACCOUNT_HEADER, &mesh.identity.account)
+        .json(&CatchUpRequest {
+            writer: mesh.identity.node_id.clone(),
+        })
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(Failure::from_request)?;
+    if !response.status().is_success() {
+        return Err(Failure::with("catch_up", response.status()));
+    }
+    let peer_id = node_id.to_owned();
+    blocking(&mesh.store, move |store| store.set_cursor(&peer_id, head)).await?;
+    peer.record_catch_up();
+    if cursor > 0 {
+        peer.record_error("log_dropped");
+        tracing::warn!(
+            peer = %peer.label(), from = cursor, to = head,
+            "the log's bound (replication.outbox.max_entries) dropped records this peer lacked; it catches up from this node's index"
+        );
+    } else {
+        tracing::info!(peer = %peer.label(), to = head, "peer admitted after the log was trimmed without it; it catches up from this node's index");
+    }
+    Ok(head)
 }
 
 /// Runs a store call on a blocking thread.

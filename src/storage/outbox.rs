@@ -10,8 +10,10 @@
 //! Each peer has a cursor in the `state` family: the last sequence number it acknowledged.
 //! Readers go no further than [`Store::stable_seq`], below which no publish can still commit.
 //! [`Store::trim_log`] drops what every live peer has, and the bound (`outbox.max_entries`)
-//! drops the oldest records past it; a peer whose cursor falls below the oldest record left has
-//! lost records and must catch up from an index instead ([`Store::log_lost`] tells).
+//! drops the oldest records past it. Either raises the log's *floor*: records at or below it may
+//! be gone. A peer whose cursor is below the floor (one the bound overtook, or one admitted, or
+//! admitted again after it expired, once the log was trimmed without it) has lost records and
+//! must catch up from an index instead ([`Store::log_lost`] tells).
 //!
 //! A record names what changed, not the bytes: the sender reads the artifact's current record
 //! and body when it sends, and skips a record whose artifact has since been replaced (a later
@@ -81,8 +83,15 @@ pub struct IndexEntry {
 const CURSOR_PREFIX: &[u8] = b"cursor\0";
 
 fn cursor_key(peer: &str) -> Vec<u8> {
-    let mut key = CURSOR_PREFIX.to_vec();
-    key.extend_from_slice(peer.as_bytes());
+    prefixed(CURSOR_PREFIX, peer)
+}
+
+/// Prefix of catch-up promises in the `state` family (followed by the writer's node id).
+const CATCH_UP_PREFIX: &[u8] = b"catchup\0";
+
+fn prefixed(prefix: &[u8], id: &str) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
@@ -209,11 +218,11 @@ impl Store {
         }
     }
 
-    /// Whether a peer at `cursor` has missed records that the bound dropped: the log's oldest
-    /// record is not the next one it needs and something before it was logged after `cursor`.
+    /// Whether a peer at `cursor` has missed records: the log was trimmed or bounded past it.
+    /// A peer admitted for the first time is at 0, so it has missed records unless the log still
+    /// holds everything this node ever logged.
     pub fn log_lost(&self, cursor: u64) -> Result<bool, StoreError> {
-        let dropped_through = self.dropped_through()?;
-        Ok(dropped_through > cursor)
+        Ok(self.log_floor()? > cursor)
     }
 
     /// The last peer-acknowledged sequence number of `peer` (0 when it never acknowledged).
@@ -243,21 +252,50 @@ impl Store {
 
     /// Every persisted cursor, by peer node id.
     pub fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.seqs_under(CURSOR_PREFIX)
+    }
+
+    /// Every `state` entry under `prefix` whose value is a sequence number, by the id after it.
+    fn seqs_under(&self, prefix: &[u8]) -> Result<Vec<(String, u64)>, StoreError> {
         let iter = self.inner.db.iterator_cf(
             self.cf(meta::CF_STATE),
-            rocksdb::IteratorMode::From(CURSOR_PREFIX, rocksdb::Direction::Forward),
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
         );
-        let mut cursors = Vec::new();
+        let mut found = Vec::new();
         for item in iter {
             let (key, value) = item?;
-            let Some(peer) = key.strip_prefix(CURSOR_PREFIX) else {
+            let Some(id) = key.strip_prefix(prefix) else {
                 break;
             };
-            if let (Ok(peer), Some(seq)) = (std::str::from_utf8(peer), meta::decode_seq(&value)) {
-                cursors.push((peer.to_owned(), seq));
+            if let (Ok(id), Some(seq)) = (std::str::from_utf8(id), meta::decode_seq(&value)) {
+                found.push((id.to_owned(), seq));
             }
         }
-        Ok(cursors)
+        Ok(found)
+    }
+
+    /// Persists this node's promise to catch up from `writer`'s index (`generation` tells a
+    /// promise renewed during a pass from the one the pass began with).
+    pub fn set_catch_up(&self, writer: &str, generation: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(meta::CF_STATE),
+            prefixed(CATCH_UP_PREFIX, writer),
+            meta::encode_seq(generation),
+        );
+        self.write(batch)
+    }
+
+    /// Every catch-up this node still owes, by writer node id, with its generation.
+    pub fn catch_ups(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.seqs_under(CATCH_UP_PREFIX)
+    }
+
+    /// Removes a kept promise.
+    pub fn clear_catch_up(&self, writer: &str) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(meta::CF_STATE), prefixed(CATCH_UP_PREFIX, writer));
+        self.write(batch)
     }
 
     /// Persists that `peer` has everything up to `seq`. Synced like any acknowledged write, so a
@@ -297,36 +335,34 @@ impl Store {
             // bound drops closely enough for a metric.
             dropped = bound - acknowledged.max(oldest - 1);
             below = bound;
-            self.mark_dropped_through(bound)?;
         }
         if below >= oldest {
+            // The floor moves in the batch that deletes, so no peer is ever told its records
+            // are still there when they are not.
             let mut batch = WriteBatch::default();
             batch.delete_range_cf(
                 self.cf(meta::CF_OUTBOX),
                 meta::encode_seq(oldest),
                 meta::encode_seq(below + 1),
             );
+            if below > self.log_floor()? {
+                batch.put_cf(self.cf(meta::CF_STATE), FLOOR_KEY, meta::encode_seq(below));
+            }
             self.write(batch)?;
         }
         Ok(dropped)
     }
 
-    /// The highest sequence number the bound ever dropped unacknowledged.
-    fn dropped_through(&self) -> Result<u64, StoreError> {
+    /// The highest sequence number the log may no longer hold (0: it holds everything logged).
+    pub fn log_floor(&self) -> Result<u64, StoreError> {
         Ok(self
             .inner
             .db
-            .get_cf(self.cf(meta::CF_STATE), DROPPED_KEY)?
+            .get_cf(self.cf(meta::CF_STATE), FLOOR_KEY)?
             .and_then(|bytes| meta::decode_seq(&bytes))
             .unwrap_or(0))
     }
-
-    fn mark_dropped_through(&self, seq: u64) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(meta::CF_STATE), DROPPED_KEY, meta::encode_seq(seq));
-        self.write(batch)
-    }
 }
 
-/// Key in `state` of the highest sequence number the log's bound dropped.
-const DROPPED_KEY: &[u8] = b"outbox_dropped";
+/// Key in `state` of the log's floor: the highest sequence number trimming or the bound removed.
+const FLOOR_KEY: &[u8] = b"outbox_floor";

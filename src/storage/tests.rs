@@ -879,6 +879,7 @@ async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
 async fn cursors_persist_and_the_log_is_trimmed_below_the_slowest() {
     let dir = tempfile::tempdir().unwrap();
     let store = logging_store(dir.path());
+    assert!(!store.log_lost(0).unwrap(), "nothing logged, nothing lost");
     let mut seqs = Vec::new();
     for i in 0..10 {
         seqs.push(
@@ -888,6 +889,7 @@ async fn cursors_persist_and_the_log_is_trimmed_below_the_slowest() {
                 .unwrap(),
         );
     }
+    assert!(!store.log_lost(0).unwrap(), "a new peer gets the whole log");
     store.set_cursor("fast", seqs[7]).unwrap();
     store.set_cursor("slow", seqs[3]).unwrap();
     drop(store);
@@ -899,6 +901,10 @@ async fn cursors_persist_and_the_log_is_trimmed_below_the_slowest() {
     let left: Vec<u64> = log_of(&store, 0).into_iter().map(|(s, _)| s).collect();
     assert_eq!(left, seqs[4..].to_vec(), "records every peer has are gone");
     assert!(!store.log_lost(seqs[3]).unwrap());
+    assert!(
+        store.log_lost(0).unwrap(),
+        "a peer admitted now (or again, after it expired) lacks what was trimmed"
+    );
     store.forget_cursor("slow").unwrap();
     assert_eq!(
         store.cursors().unwrap(),
@@ -932,4 +938,27 @@ async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
     drop(store);
     let store = logging_store(dir.path());
     assert!(store.log_lost(2).unwrap());
+}
+
+#[tokio::test]
+async fn catch_up_promises_persist_until_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    assert!(store.catch_ups().unwrap().is_empty());
+    store.set_catch_up("writer-a", 7).unwrap();
+    store.set_catch_up("writer-b", 9).unwrap();
+    store.set_catch_up("writer-a", 8).unwrap();
+    drop(store);
+    let store = logging_store(dir.path());
+    assert_eq!(
+        store.catch_ups().unwrap(),
+        vec![("writer-a".to_string(), 8), ("writer-b".to_string(), 9)]
+    );
+    store.clear_catch_up("writer-a").unwrap();
+    assert_eq!(
+        store.catch_ups().unwrap(),
+        vec![("writer-b".to_string(), 9)]
+    );
+    // Cursors and promises share a family and never read as each other.
+    assert!(store.cursors().unwrap().is_empty());
 }

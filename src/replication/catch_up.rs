@@ -1,0 +1,160 @@
+//! Catch-up: a peer whose records this node's log no longer holds gets them from an index.
+//!
+//! The log only holds what some live peer still needs, up to `outbox.max_entries`. A peer
+//! whose cursor is below the log's floor has missed records: the bound overtook it while it was
+//! away, or it was admitted (for the first time, or again after it expired) once the log had
+//! been trimmed without it. Its sender then asks it to catch up (`POST /_internal/catch_up`)
+//! and, once the peer has promised to, moves the peer's cursor to the head of the log as it was
+//! *before* asking: everything up to there is in this node's index, everything after it still
+//! travels through the log. Client writes never wait for any of it.
+//!
+//! The peer persists its promise, then walks the writer's index and fetches every artifact the
+//! writer wrote that it lacks or holds older (bootstrap's walk, kept to the writer's own writes:
+//! the other nodes send theirs themselves). A promise survives restarts, and only a pass that
+//! began after the latest promise from that writer removes it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::bootstrap::{Tally, pull};
+use super::{Mesh, PeerState, PeerStatus};
+use crate::storage::StoreError;
+
+/// How often owed catch-ups are retried when nothing wakes the worker (a writer not yet
+/// admitted, or a pass that failed).
+const RETRY: Duration = Duration::from_secs(1);
+
+/// `POST /_internal/catch_up`'s body: who this node must catch up from.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CatchUpRequest {
+    /// The writer's node id; the catching-up node finds it among its admitted peers.
+    pub writer: String,
+}
+
+/// The catching-up side's state.
+#[derive(Default)]
+pub(super) struct CatchUps {
+    /// Orders a new promise against the check that removes a kept one.
+    promises: Mutex<()>,
+    wake: Notify,
+    completed: AtomicU64,
+    tally: Tally,
+}
+
+impl CatchUps {
+    /// For `/status`: the writers still owed, and what the passes fetched.
+    pub(super) fn to_json(&self, mesh: &Mesh) -> serde_json::Value {
+        let owed: Vec<String> = mesh
+            .store
+            .catch_ups()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(writer, _)| writer)
+            .collect();
+        let mut json = self.tally.to_json();
+        json["owed_to"] = owed.into();
+        json["completed"] = self.completed.load(Ordering::Relaxed).into();
+        json
+    }
+}
+
+/// Records (durably) that this node will catch up from `writer`, and wakes the worker.
+pub(super) async fn promise(mesh: Arc<Mesh>, writer: String) -> Result<(), StoreError> {
+    let worker = mesh.clone();
+    tokio::task::spawn_blocking(move || {
+        let _order = lock(&mesh.catch_ups.promises);
+        let generation = generation_of(&mesh, &writer)?.map_or(1, |g| g + 1);
+        mesh.store.set_catch_up(&writer, generation)
+    })
+    .await
+    .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+    worker.catch_ups.wake.notify_one();
+    Ok(())
+}
+
+/// Keeps the promises this node made, until the process exits.
+pub(super) async fn run(mesh: Arc<Mesh>) {
+    loop {
+        let store = mesh.store.clone();
+        let owed = tokio::task::spawn_blocking(move || store.catch_ups()).await;
+        let owed = match owed {
+            Ok(Ok(owed)) => owed,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reading the owed catch-ups failed");
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::error!(%error, "reading the owed catch-ups panicked");
+                Vec::new()
+            }
+        };
+        for (writer, generation) in owed {
+            catch_up_from(&mesh, &writer, generation).await;
+        }
+        tokio::select! {
+            _ = mesh.catch_ups.wake.notified() => {}
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+/// One pass over `writer`'s index, if it is an admitted peer now.
+async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) {
+    let Some(peer) = admitted(mesh, writer) else {
+        tracing::debug!(
+            writer,
+            "catch-up owed to a node that is not an admitted peer yet"
+        );
+        return;
+    };
+    tracing::info!(peer = %peer.label(), writer, "catching up from a peer's index");
+    if let Err(error) = pull(mesh, &peer, Some(writer), &mesh.catch_ups.tally).await {
+        tracing::warn!(peer = %peer.label(), %error, "catch-up pass failed; trying again");
+        return;
+    }
+    let kept = {
+        let mesh = mesh.clone();
+        let writer = writer.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _order = lock(&mesh.catch_ups.promises);
+            // A promise renewed during the pass asks for a pass that starts after it.
+            if generation_of(&mesh, &writer)? == Some(generation) {
+                mesh.store.clear_catch_up(&writer)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+    };
+    match kept {
+        Ok(Ok(())) => {
+            mesh.catch_ups.completed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %peer.label(), writer, progress = %mesh.catch_ups.tally.to_json(), "caught up from a peer's index");
+        }
+        Ok(Err(error)) => tracing::error!(%error, "recording a finished catch-up failed"),
+        Err(error) => tracing::error!(%error, "recording a finished catch-up panicked"),
+    }
+}
+
+/// The admitted peer whose node id is `node_id`.
+fn admitted(mesh: &Mesh, node_id: &str) -> Option<Arc<PeerStatus>> {
+    mesh.peer_list().into_iter().find(|peer| {
+        peer.state() == PeerState::Admitted && peer.node_id().as_deref() == Some(node_id)
+    })
+}
+
+fn generation_of(mesh: &Mesh, writer: &str) -> Result<Option<u64>, StoreError> {
+    Ok(mesh
+        .store
+        .catch_ups()?
+        .into_iter()
+        .find(|(owed, _)| owed == writer)
+        .map(|(_, generation)| generation))
+}
+
+fn lock(mutex: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
