@@ -133,7 +133,7 @@ async fn artifact(
         .and_then(|bytes| ArtifactKey::decode(&bytes))
         .ok_or_else(|| ApiError::bad_request("bad_key", "key must be a key from the index"))?;
     let store = &plane.node.store;
-    let Some(found) = store.lookup(&key)? else {
+    let Some(found) = store.peek(&key)? else {
         return Err(ApiError::not_found());
     };
     let origin = found.origin().to_owned();

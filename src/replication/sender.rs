@@ -440,7 +440,7 @@ async fn open(
             None => return Ok(None),
         },
     };
-    let Some(found) = mesh.store.lookup(&key)? else {
+    let Some(found) = mesh.store.peek(&key)? else {
         skipped("gone");
         return Ok(None);
     };

@@ -352,6 +352,8 @@ pub struct Found {
     pub info: ArtifactInfo,
     encoded: Vec<u8>,
     record: ArtifactRecord,
+    /// Whether reading it counts as a client's access (false for [`Store::peek`]).
+    accessed: bool,
 }
 
 impl Found {
@@ -871,16 +873,27 @@ impl Store {
     /// Looks an artifact's record up once: enough to answer HEAD and conditional requests, and
     /// what [`Store::open_found`] turns into a body without a second lookup (the GET hot path).
     pub fn lookup(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
+        let found = self.peek(key)?.map(|mut found| {
+            found.accessed = true;
+            self.inner.touches.note(
+                &found.encoded,
+                found.record.accessed_ms,
+                self.access_resolution_ms(),
+            );
+            found
+        });
+        Ok(found)
+    }
+
+    /// [`Store::lookup`] that is no access: what replication sends to peers, and what they
+    /// fetch from here, must not keep an artifact from eviction that no client reads.
+    pub fn peek(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
         let encoded = key.encode();
-        Ok(self.visible_record(key, &encoded)?.map(|record| {
-            self.inner
-                .touches
-                .note(&encoded, record.accessed_ms, self.access_resolution_ms());
-            Found {
-                info: ArtifactInfo::from_record(&record),
-                encoded,
-                record,
-            }
+        Ok(self.visible_record(key, &encoded)?.map(|record| Found {
+            info: ArtifactInfo::from_record(&record),
+            encoded,
+            record,
+            accessed: false,
         }))
     }
 
@@ -975,6 +988,7 @@ impl Store {
         let Found {
             encoded,
             mut record,
+            accessed,
             ..
         } = found;
         let mut vanished: Option<BodyRef> = None;
@@ -988,9 +1002,13 @@ impl Store {
                     self.drop_corrupt(&encoded, &again.body, "body file missing");
                     return Ok(None);
                 }
-                self.inner
-                    .touches
-                    .note(&encoded, again.accessed_ms, self.access_resolution_ms());
+                if accessed {
+                    self.inner.touches.note(
+                        &encoded,
+                        again.accessed_ms,
+                        self.access_resolution_ms(),
+                    );
+                }
                 record = again;
             }
             let info = ArtifactInfo::from_record(&record);

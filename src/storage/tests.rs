@@ -732,6 +732,34 @@ async fn a_read_moves_the_access_time_without_rewriting_the_record() {
     assert_eq!(counted.access_entries as u64, counted.usage.artifacts);
 }
 
+/// What replication reads (`peek`) is no access: an artifact only peers read is evicted first.
+#[tokio::test]
+async fn replication_reads_do_not_keep_an_artifact_from_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![1u8; 600];
+    let charge = meta::charge(600, gradle("a").encode().len(), 0);
+    let store = evicting_one_at_a_time(dir.path(), 3 * charge);
+    let (peeked, read) = (gradle("a"), gradle("b"));
+    put(&store, &peeked, &body).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    put(&store, &read, &body).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+
+    // The client's read comes first: were the peek an access, it would be the younger one.
+    assert!(store.read(&read).await.unwrap().is_some());
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let found = store.peek(&peeked).unwrap().unwrap();
+    assert!(store.open_found(&peeked, found).await.unwrap().is_some());
+    put(&store, &gradle("c"), &body).await;
+    put(&store, &gradle("d"), &body).await;
+
+    assert!(
+        raw_record(&store, &peeked).is_none(),
+        "an artifact only replication read outlived one a client read"
+    );
+    assert!(raw_record(&store, &read).is_some());
+}
+
 /// Accesses within `access_time_resolution` of the last one are not written.
 #[tokio::test]
 async fn access_times_move_at_most_once_per_resolution() {
