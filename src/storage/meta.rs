@@ -15,6 +15,7 @@
 //!   index that lets the orphan sweep tell a leftover body file from a referenced one
 //! - `outbox`: the replication log, publish sequence number (8 bytes BE) → `outbox::LogRecord`,
 //!   written in the publish batch of every local write when the node has peers (`outbox.rs`)
+//! - `extra`: records callers add to a publish's batch (`BatchHook`); the store never reads them
 //!
 //! Records are `postcard`-encoded behind a one-byte format version so a later release can read
 //! what this one wrote.
@@ -30,7 +31,8 @@ pub const CF_STATE: &str = "state";
 pub const CF_BODIES: &str = "bodies";
 pub const CF_OUTBOX: &str = "outbox";
 pub const CF_ATIME: &str = "atime";
-pub const ALL_CFS: [&str; 7] = [
+pub const CF_EXTRA: &str = "extra";
+pub const ALL_CFS: [&str; 8] = [
     CF_ARTIFACTS,
     CF_ACCESS,
     CF_ATIME,
@@ -38,6 +40,7 @@ pub const ALL_CFS: [&str; 7] = [
     CF_STATE,
     CF_BODIES,
     CF_OUTBOX,
+    CF_EXTRA,
 ];
 
 /// Key of the [`Usage`] record in `state`.

@@ -273,8 +273,7 @@ impl Committed {
     }
 }
 
-/// A caller's addition to a publish's batch (the replication log will append its record here).
-/// Called under the key's lock once the publish is decided, with what is being published; the
+/// A caller's addition to a publish's batch. Called under the key's lock once the publish is decided, with what is being published; the
 /// records it adds commit atomically with the artifact: visible if and only if it is.
 pub type BatchHook = Box<dyn FnOnce(&Publication<'_>, &mut ExtraRecords) + Send>;
 
@@ -287,18 +286,18 @@ pub struct Publication<'a> {
     pub origin: &'a str,
 }
 
-/// The column families a caller may write in a publish's batch. The store's own families are
-/// not among them.
+/// The column families a caller may write in a publish's batch. The store's own families
+/// (the replication log among them) are not among them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
-    /// The replication log.
-    Outbox,
+    /// Records of the caller's own, which the store keeps and never reads.
+    Extra,
 }
 
 impl Family {
     fn name(self) -> &'static str {
         match self {
-            Family::Outbox => meta::CF_OUTBOX,
+            Family::Extra => meta::CF_EXTRA,
         }
     }
 }

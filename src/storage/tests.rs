@@ -412,11 +412,11 @@ async fn a_clean_refuses_remote_versions_from_before_it() {
     assert!(applied.seq().is_some());
 }
 
-fn outbox(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn extra_records(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
     store
         .inner
         .db
-        .iterator_cf(store.cf(meta::CF_OUTBOX), rocksdb::IteratorMode::Start)
+        .iterator_cf(store.cf(meta::CF_EXTRA), rocksdb::IteratorMode::Start)
         .map(|item| {
             let (k, v) = item.unwrap();
             (k.to_vec(), v.to_vec())
@@ -424,13 +424,13 @@ fn outbox(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-fn outbox_hook() -> BatchHook {
+fn recording_hook() -> BatchHook {
     Box::new(|publication: &Publication<'_>, extra: &mut ExtraRecords| {
         let value = format!(
             "{}@{}:{}",
             publication.key, publication.info.version_ms, publication.origin
         );
-        extra.put(Family::Outbox, publication.seq.to_be_bytes(), value);
+        extra.put(Family::Extra, publication.seq.to_be_bytes(), value);
     })
 }
 
@@ -451,7 +451,7 @@ async fn a_hooks_records_commit_if_and_only_if_the_artifact_does() {
                     NewArtifact::default(),
                     mode,
                     provenance,
-                    outbox_hook(),
+                    recording_hook(),
                 )
                 .await
         }
@@ -462,7 +462,7 @@ async fn a_hooks_records_commit_if_and_only_if_the_artifact_does() {
     let seq = committed.seq().unwrap();
     let expected = format!("p/nx/k@{}:test", committed.info.version_ms);
     assert_eq!(
-        outbox(&store),
+        extra_records(&store),
         vec![(seq.to_be_bytes().to_vec(), expected.into_bytes())]
     );
     // Refused (write-once) and stale writes add nothing.
@@ -478,7 +478,7 @@ async fn a_hooks_records_commit_if_and_only_if_the_artifact_does() {
     .await
     .unwrap();
     assert_eq!(stale.outcome, Outcome::Stale);
-    assert_eq!(outbox(&store).len(), 1);
+    assert_eq!(extra_records(&store).len(), 1);
     // A publish refused on its way to the batch (the disk is full) commits neither.
     drop(store);
     let store = Store::open(StoreOptions {
@@ -494,12 +494,12 @@ async fn a_hooks_records_commit_if_and_only_if_the_artifact_does() {
             NewArtifact::default(),
             WriteMode::Overwrite,
             Provenance::local(&store),
-            outbox_hook(),
+            recording_hook(),
         )
         .await;
     assert!(matches!(refused, Err(StoreError::DiskFull { .. })));
     assert!(store.head(&other).unwrap().is_none());
-    assert_eq!(outbox(&store).len(), 1);
+    assert_eq!(extra_records(&store).len(), 1);
     assert_eq!(body_of(&store, &key).await.unwrap(), b"one");
 }
 
