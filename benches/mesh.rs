@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use common::mesh::{eventually, gradle_path, node_options, wait_admitted, wait_ready};
+use common::mesh::{eventually, gradle_path, node_options, put_with, wait_admitted, wait_ready};
 use common::{Node, payload};
 
 const PEER_PORT: u16 = common::mesh::PEER_PORT;
@@ -107,18 +107,6 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
 
-/// Writes `body` under `path`; panics on anything but success (a client write must not fail).
-async fn put(client: &reqwest::Client, node: &Node, path: &str, body: Vec<u8>) {
-    let status = client
-        .put(node.url(path))
-        .body(body)
-        .send()
-        .await
-        .expect("PUT")
-        .status();
-    assert!(status.is_success(), "PUT {path}: {status}");
-}
-
 /// Writes `count` bodies of `size` bytes under `prefix`, `at_once` at a time; returns each
 /// write's latency.
 async fn write_many(
@@ -133,13 +121,8 @@ async fn write_many(
         .map(|i| async move {
             let body = payload(i, size);
             let started = Instant::now();
-            put(
-                client,
-                node,
-                &gradle_path("bench", &format!("{prefix}{i}")),
-                body,
-            )
-            .await;
+            let path = gradle_path("bench", &format!("{prefix}{i}"));
+            put_with(client, node, &path, body).await;
             started.elapsed()
         })
         .buffer_unordered(at_once)
@@ -164,7 +147,7 @@ async fn lag() {
         writes.push(tokio::spawn(async move {
             let body = payload(10_000_000 + i, 4096);
             let path = gradle_path("bench", &format!("lag{i}"));
-            put(&client, &nodes[0], &path, body.clone()).await;
+            put_with(&client, &nodes[0], &path, body.clone()).await;
             let acknowledged = Instant::now();
             let pollers = nodes[1..]
                 .iter()

@@ -134,15 +134,10 @@ async fn admit(mesh: &Mesh, peer: &PeerStatus) -> Result<Admission, Failure> {
     let client = mesh
         .client_for(peer)
         .map_err(|e| Failure::with("connect", e))?;
-    let response = client
+    let request = client
         .get(peer.url("/_internal/status"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(Failure::from_request)?;
-    if !response.status().is_success() {
-        return Err(Failure::with("status", response.status()));
-    }
+        .timeout(Duration::from_secs(5));
+    let response = succeed(request, "status").await?;
     let identity: Identity = response
         .json()
         .await
@@ -237,19 +232,14 @@ async fn hand_over_to_catch_up(
     let client = mesh
         .client_for(peer)
         .map_err(|e| Failure::with("connect", e))?;
-    let response = client
+    let request = client
         .post(peer.url("/_internal/catch_up"))
         .header(ACCOUNT_HEADER, &mesh.identity.account)
         .json(&CatchUpRequest {
             writer: mesh.identity.node_id.clone(),
         })
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(Failure::from_request)?;
-    if !response.status().is_success() {
-        return Err(Failure::with("catch_up", response.status()));
-    }
+        .timeout(Duration::from_secs(10));
+    succeed(request, "catch_up").await?;
     let peer_id = node_id.to_owned();
     blocking(&mesh.store, move |store| store.set_cursor(&peer_id, head)).await?;
     peer.record_catch_up();
@@ -263,6 +253,18 @@ async fn hand_over_to_catch_up(
         tracing::info!(peer = %peer.label(), to = head, "peer admitted after the log was trimmed without it; it catches up from this node's index");
     }
     Ok(head)
+}
+
+/// Sends a control request to a peer; an answer other than 2xx is the failure `reason`.
+async fn succeed(
+    request: reqwest::RequestBuilder,
+    reason: &'static str,
+) -> Result<reqwest::Response, Failure> {
+    let response = request.send().await.map_err(Failure::from_request)?;
+    if !response.status().is_success() {
+        return Err(Failure::with(reason, response.status()));
+    }
+    Ok(response)
 }
 
 /// Runs a store call on a blocking thread.

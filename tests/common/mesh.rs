@@ -194,7 +194,12 @@ pub fn gradle_path(project: &str, key: &str) -> String {
 
 /// Writes `body` under `path` with PUT and checks it was stored.
 pub async fn put(node: &Node, path: &str, body: Vec<u8>) {
-    let status = client()
+    put_with(&client(), node, path, body).await;
+}
+
+/// [`put`] through `client` (a benchmark's, which keeps its connections).
+pub async fn put_with(client: &reqwest::Client, node: &Node, path: &str, body: Vec<u8>) {
+    let status = client
         .put(node.url(path))
         .body(body)
         .send()
