@@ -46,6 +46,10 @@ pub const REPLICATION_APPLIED_TOTAL: &str = "kura_replication_applied_total";
 pub const REPLICATION_APPLIED_BYTES_TOTAL: &str = "kura_replication_applied_bytes_total";
 pub const REPLICATION_LOG_DROPPED_TOTAL: &str = "kura_replication_log_dropped_total";
 pub const REPLICATION_LIMITER_WAIT_SECONDS: &str = "kura_replication_limiter_wait_seconds";
+pub const REPLICATION_CATCH_UPS_REQUESTED_TOTAL: &str =
+    "kura_replication_catch_ups_requested_total";
+pub const REPLICATION_CATCH_UP_PASSES_TOTAL: &str = "kura_replication_catch_up_passes_total";
+pub const REPLICATION_CATCH_UPS_OWED: &str = "kura_replication_catch_ups_owed";
 
 /// Installs the global recorder and returns the handle `/metrics` renders from.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -144,6 +148,18 @@ fn describe() {
     describe_counter!(
         REPLICATION_LOG_DROPPED_TOTAL,
         "Log records dropped unacknowledged by replication.outbox.max_entries."
+    );
+    describe_counter!(
+        REPLICATION_CATCH_UPS_REQUESTED_TOTAL,
+        "Times this node asked a peer its log no longer covers to catch up from its index, by peer."
+    );
+    describe_counter!(
+        REPLICATION_CATCH_UP_PASSES_TOTAL,
+        "Walks of a writer's index this node made to catch up, by result (completed, failed)."
+    );
+    describe_gauge!(
+        REPLICATION_CATCH_UPS_OWED,
+        "Writers whose index this node has promised to walk and has not yet."
     );
     describe_counter!(CACHE_HITS_TOTAL, "Reads that found the artifact, by kind.");
     describe_counter!(CACHE_MISSES_TOTAL, "Reads that did not, by kind.");

@@ -333,6 +333,26 @@ async fn a_peer_the_logs_bound_overtook_catches_up_from_the_writers_index() {
     // One pass fetched what b lacked, each artifact once.
     let fetched = caught_up.unwrap()["fetched_artifacts"].as_u64().unwrap();
     assert!((3000..=5000).contains(&fetched), "fetched {fetched}");
+    let requested = a
+        .metric(&format!(
+            "kura_replication_catch_ups_requested_total{{peer=\"{}\"}}",
+            crate::common::mesh::peer_url(111)
+        ))
+        .await;
+    assert_eq!(requested, 1);
+    let passes = b
+        .metric("kura_replication_catch_up_passes_total{result=\"completed\"}")
+        .await;
+    assert_eq!(passes, 1);
+    let owed = eventually(Duration::from_secs(5), || async {
+        let metrics = b.metrics().await;
+        metrics
+            .lines()
+            .any(|line| line == "kura_replication_catch_ups_owed 0")
+            .then_some(())
+    })
+    .await;
+    assert!(owed.is_some(), "the promise is still counted as owed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,6 +92,7 @@ pub(super) async fn run(mesh: Arc<Mesh>) {
                 Vec::new()
             }
         };
+        metrics::gauge!(crate::metrics::REPLICATION_CATCH_UPS_OWED).set(owed.len() as f64);
         for (writer, generation) in owed {
             catch_up_from(&mesh, &writer, generation).await;
         }
@@ -112,10 +113,16 @@ async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) {
         return;
     };
     tracing::info!(peer = %peer.label(), writer, "catching up from a peer's index");
+    let passes = |result: &'static str| {
+        metrics::counter!(crate::metrics::REPLICATION_CATCH_UP_PASSES_TOTAL, "result" => result)
+            .increment(1);
+    };
     if let Err(error) = pull(mesh, &peer, Some(writer), &mesh.catch_ups.tally).await {
+        passes("failed");
         tracing::warn!(peer = %peer.label(), %error, "catch-up pass failed; trying again");
         return;
     }
+    passes("completed");
     let kept = {
         let mesh = mesh.clone();
         let writer = writer.to_owned();

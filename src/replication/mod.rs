@@ -486,6 +486,8 @@ impl PeerStatus {
 
     fn record_catch_up(&self) {
         self.catch_ups.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::REPLICATION_CATCH_UPS_REQUESTED_TOTAL, "peer" => self.target.label.clone())
+            .increment(1);
     }
 
     fn record_sent(&self, entries: u64, bytes: u64) {
