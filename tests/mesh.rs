@@ -4,7 +4,7 @@
 //! Loopback octets by test (each test owns its addresses, so tests run in parallel):
 //! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
-//! account, 80–83 a proxy between two nodes, 110–111 the log's bound.
+//! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests.
 
 use std::time::Duration;
 
@@ -353,6 +353,35 @@ async fn a_peer_the_logs_bound_overtook_catches_up_from_the_writers_index() {
     })
     .await;
     assert!(owed.is_some(), "the promise is still counted as owed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_catch_up_requests_get_specific_errors_and_promise_nothing() {
+    let node = Node::start_with(mesh_options(112, &[113]));
+    let url = format!("{}/_internal/catch_up", peer_url(112));
+    let send = |account: &'static str, body: &'static str| {
+        client()
+            .post(url.clone())
+            .header("x-kura-account", account)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let other_account = send("globex", r#"{"writer":"node-1"}"#).await.unwrap();
+    assert_eq!(other_account.status(), 403);
+    let not_json = send(ACCOUNT, "writer=node-1").await.unwrap();
+    assert_eq!(not_json.status(), 400);
+    let error: serde_json::Value = not_json.json().await.unwrap();
+    assert_eq!(error["error"], "bad_catch_up", "{error}");
+    let itself = send(ACCOUNT, r#"{"writer":"node-112"}"#).await.unwrap();
+    assert_eq!(itself.status(), 400);
+    let owed = &node.status().await["replication"]["catch_up"]["owed_to"];
+    assert_eq!(*owed, json!([]), "a refused request left a promise");
+    // A good one is kept until that writer is an admitted peer (it never is here).
+    let good = send(ACCOUNT, r#"{"writer":"node-113"}"#).await.unwrap();
+    assert_eq!(good.status(), 202);
+    let owed = &node.status().await["replication"]["catch_up"]["owed_to"];
+    assert_eq!(*owed, json!(["node-113"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,15 +64,15 @@ impl CatchUps {
 
 /// Records (durably) that this node will catch up from `writer`, and wakes the worker.
 pub(super) async fn promise(mesh: Arc<Mesh>, writer: String) -> Result<(), StoreError> {
-    let worker = mesh.clone();
+    let recorder = mesh.clone();
     tokio::task::spawn_blocking(move || {
-        let _order = lock(&mesh.catch_ups.promises);
-        let generation = generation_of(&mesh, &writer)?.map_or(1, |g| g + 1);
-        mesh.store.set_catch_up(&writer, generation)
+        let _order = lock(&recorder.catch_ups.promises);
+        let generation = generation_of(&recorder, &writer)?.map_or(1, |g| g + 1);
+        recorder.store.set_catch_up(&writer, generation)
     })
     .await
     .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-    worker.catch_ups.wake.notify_one();
+    mesh.catch_ups.wake.notify_one();
     Ok(())
 }
 

@@ -72,9 +72,21 @@ async fn status(State(plane): State<Plane>) -> Response {
 async fn catch_up(
     State(plane): State<Plane>,
     headers: HeaderMap,
-    Json(request): Json<super::catch_up::CatchUpRequest>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     same_account(&plane, &headers)?;
+    let request: super::catch_up::CatchUpRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "bad_catch_up",
+            format!("expected {{\"writer\": \"<node id>\"}}: {e}"),
+        )
+    })?;
+    if request.writer.is_empty() || request.writer == plane.mesh.identity().node_id {
+        return Err(ApiError::bad_request(
+            "bad_catch_up",
+            "writer must be another node's id",
+        ));
+    }
     super::catch_up::promise(plane.mesh.clone(), request.writer).await?;
     Ok(StatusCode::ACCEPTED.into_response())
 }
