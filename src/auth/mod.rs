@@ -11,7 +11,7 @@ pub(crate) mod grants;
 pub(crate) mod introspection;
 pub(crate) mod static_tokens;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cache::{DecisionCache, Lookup};
 pub use grants::Grants;
@@ -133,16 +133,43 @@ pub enum Decision {
     Unavailable,
 }
 
+/// `kura_auth_decisions_total`, one handle per result: resolved at the first decision (after
+/// the node installed its recorder), so a decision increments a handle instead of looking its
+/// series up by name and label.
+fn count(decision: &Decision) {
+    static COUNTERS: OnceLock<[metrics::Counter; Decision::LABELS.len()]> = OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| {
+        Decision::LABELS
+            .map(|label| metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => label))
+    });
+    counters[decision.index()].increment(1);
+}
+
 impl Decision {
+    /// Every value of [`Decision::label`].
+    const LABELS: [&'static str; 6] = [
+        "allow",
+        "wrong_account",
+        "missing_token",
+        "invalid_token",
+        "forbidden",
+        "unavailable",
+    ];
+
     /// Bounded label for metrics.
     pub fn label(&self) -> &'static str {
+        Decision::LABELS[self.index()]
+    }
+
+    /// The position of this decision's label in [`Decision::LABELS`].
+    fn index(&self) -> usize {
         match self {
-            Decision::Allow { .. } => "allow",
-            Decision::WrongAccount => "wrong_account",
-            Decision::MissingToken => "missing_token",
-            Decision::InvalidToken => "invalid_token",
-            Decision::Forbidden => "forbidden",
-            Decision::Unavailable => "unavailable",
+            Decision::Allow { .. } => 0,
+            Decision::WrongAccount => 1,
+            Decision::MissingToken => 2,
+            Decision::InvalidToken => 3,
+            Decision::Forbidden => 4,
+            Decision::Unavailable => 5,
         }
     }
 }
@@ -163,16 +190,14 @@ impl Authorizer {
     /// one), then the credentials and their grants.
     pub async fn decide(&self, node_account: &str, request: &AccessRequest<'_>) -> Decision {
         if request.account != node_account {
-            metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => Decision::WrongAccount.label())
-                .increment(1);
+            count(&Decision::WrongAccount);
             return Decision::WrongAccount;
         }
         let token = match request.authorization.map(Token::from_authorization) {
             None => None,
             Some(Ok(token)) => token,
             Some(Err(MalformedCredentials)) => {
-                metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => Decision::InvalidToken.label())
-                    .increment(1);
+                count(&Decision::InvalidToken);
                 return Decision::InvalidToken;
             }
         };
@@ -211,8 +236,7 @@ impl Authorizer {
                 }
             }
         };
-        metrics::counter!(crate::metrics::AUTH_DECISIONS_TOTAL, "result" => decision.label())
-            .increment(1);
+        count(&decision);
         decision
     }
 }

@@ -5,7 +5,9 @@
 //! Extractors run before the body is read, so a refused `Expect: 100-continue` upload gets its
 //! final status without the client sending the body.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 
 use axum::extract::{FromRequestParts, Query, RawPathParams};
 use http::request::Parts;
@@ -28,28 +30,46 @@ pub enum ScopeRule {
     Fixed(&'static str),
 }
 
-/// A request that passed authorization, with the project it may touch.
+/// A route's [`ScopeRule`], as a type: each route's extractor is compiled for its rule, so no
+/// per-request layer has to carry it.
+pub trait Scope: Send + Sync + 'static {
+    const RULE: ScopeRule;
+}
+
+/// [`ScopeRule::Query`], the rule of most routes.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryScope;
+
+impl Scope for QueryScope {
+    const RULE: ScopeRule = ScopeRule::Query;
+}
+
+/// [`ScopeRule::Path`].
+#[derive(Clone, Copy, Debug)]
+pub struct PathScope;
+
+impl Scope for PathScope {
+    const RULE: ScopeRule = ScopeRule::Path;
+}
+
+/// A request that passed authorization under the scope rule `S`, with the project it may touch.
 #[derive(Clone, Debug)]
-pub struct Authorized {
+pub struct Authorized<S = QueryScope> {
     /// Lowercased project handle; empty for account-scoped requests.
     pub project: String,
     /// Who is calling (a token's name, never the token).
     pub principal: std::sync::Arc<str>,
+    scope: PhantomData<fn() -> S>,
 }
 
-impl FromRequestParts<AppState> for Authorized {
+impl<S: Scope> FromRequestParts<AppState> for Authorized<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut Parts,
         app: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let rule = parts
-            .extensions
-            .get::<ScopeRule>()
-            .copied()
-            .unwrap_or(ScopeRule::Query);
-        let (account, project) = match rule {
+        let (account, project) = match S::RULE {
             ScopeRule::Query => scope_from_query(parts)?,
             ScopeRule::Path => scope_from_path(parts, app).await?,
             ScopeRule::Fixed(project) => (app.account.clone(), Some(project.to_string())),
@@ -72,6 +92,7 @@ impl FromRequestParts<AppState> for Authorized {
             Decision::Allow { principal } => Ok(Authorized {
                 project: project.unwrap_or_default(),
                 principal,
+                scope: PhantomData,
             }),
             refused => {
                 Err(ApiError::from_decision(&refused, &app.account)
@@ -89,23 +110,33 @@ pub fn query_params(parts: &Parts) -> Result<HashMap<String, String>, ApiError> 
 }
 
 fn scope_from_query(parts: &Parts) -> Result<(String, Option<String>), ApiError> {
-    let params = query_params(parts)?;
-    let pick = |a: &str, b: &str| {
-        params
-            .get(a)
-            .or_else(|| params.get(b))
-            .filter(|v| !v.is_empty())
-    };
-    let account = pick("account_handle", "tenant_id").ok_or_else(|| {
+    let query = parts.uri.query().unwrap_or("");
+    let account = query_value(query, "account_handle", "tenant_id").ok_or_else(|| {
         ApiError::bad_request(
             "missing_account",
             "The account_handle (or tenant_id) query parameter is required",
         )
     })?;
-    let project = pick("project_handle", "namespace_id")
-        .map(|p| handle(p, "bad_project"))
+    let project = query_value(query, "project_handle", "namespace_id")
+        .map(|p| handle(&p, "bad_project"))
         .transpose()?;
-    Ok((handle(account, "bad_account")?, project))
+    Ok((handle(&account, "bad_account")?, project))
+}
+
+/// The percent-decoded value of query parameter `name` (or, when it is absent, of `alias`), the
+/// last one when repeated; `None` when absent or empty. Walks the query once, building no map:
+/// this runs on every request of the query-scoped routes.
+fn query_value<'q>(query: &'q str, name: &str, alias: &str) -> Option<Cow<'q, str>> {
+    let mut named = None;
+    let mut aliased = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key == name {
+            named = Some(value);
+        } else if key == alias {
+            aliased = Some(value);
+        }
+    }
+    named.or(aliased).filter(|value| !value.is_empty())
 }
 
 async fn scope_from_path(
@@ -203,6 +234,20 @@ mod tests {
             scope("account_handle=acme&project_handle=.."),
             Err("bad_project")
         );
+        // Percent- and plus-decoded; the last of a repeated name counts; a name given empty
+        // does not fall back to its alias.
+        assert_eq!(
+            scope("account_handle=ac%6De&project_handle=a+b&project_handle=ios"),
+            Ok(("acme".into(), Some("ios".into())))
+        );
+        assert_eq!(
+            scope("tenant_id=acme&account_handle="),
+            Err("missing_account")
+        );
+        assert_eq!(
+            scope("tenant_id=globex&account_handle=acme"),
+            Ok(("acme".into(), None))
+        );
     }
 
     proptest! {
@@ -262,7 +307,9 @@ mod tests {
                         }
                         let (mut parts, ()) = request.body(()).unwrap().into_parts();
                         let through_http =
-                            match Authorized::from_request_parts(&mut parts, app).await {
+                            match Authorized::<QueryScope>::from_request_parts(&mut parts, app)
+                                .await
+                            {
                                 Ok(_) => "allow",
                                 Err(error) => error.code,
                             };

@@ -1,14 +1,13 @@
 //! The key → blob surfaces, described as data: Gradle, Xcode CAS, Nx, Metro and the Bazel HTTP
-//! cache differ only in the [`Surface`] their routes carry. One pair of handlers serves them all.
+//! cache differ only in the [`Surface`] and scope rule of their routes ([`BlobRoute`]). One
+//! pair of handlers serves them all.
 
-use axum::Extension;
-use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, Method, StatusCode};
+use http::{Method, StatusCode};
 
 use super::AppState;
-use super::access::{Authorized, KeyParam};
+use super::access::{Authorized, KeyParam, Scope};
 use super::error::ApiError;
 use super::transfer::{self, ServeOptions};
 use crate::config::LimitsConfig;
@@ -47,6 +46,13 @@ pub enum KeyRule {
     Sha256OfBody,
 }
 
+/// One key → blob route: its surface and where it finds its account and project. A type per
+/// route, so its handlers are compiled for it and no per-request layer has to carry either.
+pub trait BlobRoute: Send + Sync + 'static {
+    const SURFACE: Surface;
+    type Scope: Scope;
+}
+
 impl Surface {
     fn key(&self, project: String, key: String) -> Result<ArtifactKey, ApiError> {
         if self.keys != KeyRule::Any && !names::is_lower_hex(&key, 64) {
@@ -59,32 +65,33 @@ impl Surface {
     }
 }
 
-/// GET and HEAD of one artifact.
-pub async fn load(
+/// GET and HEAD of one artifact. Takes the request itself, not a copy of its headers: the
+/// handler only borrows them.
+pub async fn load<R: BlobRoute>(
     State(app): State<AppState>,
-    Extension(surface): Extension<Surface>,
-    method: Method,
     KeyParam(key): KeyParam,
-    auth: Authorized,
-    headers: HeaderMap,
+    auth: Authorized<R::Scope>,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let surface = R::SURFACE;
     let key = surface.key(auth.project, key)?;
     let options = ServeOptions {
         default_content_type: surface.content_type,
-        head: method == Method::HEAD,
+        head: request.method() == Method::HEAD,
     };
-    transfer::serve(&app, &key, &headers, options).await
+    transfer::serve(&app, &key, request.headers(), options).await
 }
 
 /// PUT (or POST) of one artifact.
-pub async fn save(
+pub async fn save<R: BlobRoute>(
     State(app): State<AppState>,
-    Extension(surface): Extension<Surface>,
     KeyParam(key): KeyParam,
-    auth: Authorized,
-    headers: HeaderMap,
-    body: Body,
+    auth: Authorized<R::Scope>,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let surface = R::SURFACE;
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let key = surface.key(auth.project, key)?;
     // Write-once surfaces refuse an existing key before reading the body.
     if surface.write_mode == WriteMode::WriteOnce && app.store.head(&key)?.is_some() {

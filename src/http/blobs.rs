@@ -2,12 +2,12 @@
 //! (`/api/metro/cache/{key}`, project `metro`) and the Bazel HTTP cache
 //! (`/bazel/{account}/{project}/ac|cas/{key}`, also ccache's `layout=bazel`).
 
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Router;
+use axum::routing::{MethodRouter, get};
 
 use super::AppState;
-use super::access::ScopeRule;
-use super::artifacts::{self, KeyRule, Stored, Surface};
+use super::access::{PathScope, Scope, ScopeRule};
+use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
 use crate::storage::{Kind, WriteMode};
 
 const OCTET_STREAM: &str = "application/octet-stream";
@@ -38,25 +38,56 @@ const BAZEL_CAS: Surface = Surface {
     ..METRO
 };
 
+/// Nx and Metro have no account or project in their requests: the node's account, and a project
+/// of their own.
+struct NxScope;
+
+impl Scope for NxScope {
+    const RULE: ScopeRule = ScopeRule::Fixed("nx");
+}
+
+struct MetroScope;
+
+impl Scope for MetroScope {
+    const RULE: ScopeRule = ScopeRule::Fixed("metro");
+}
+
+struct Nx;
+
+impl BlobRoute for Nx {
+    const SURFACE: Surface = NX;
+    type Scope = NxScope;
+}
+
+struct Metro;
+
+impl BlobRoute for Metro {
+    const SURFACE: Surface = METRO;
+    type Scope = MetroScope;
+}
+
+struct BazelAc;
+
+impl BlobRoute for BazelAc {
+    const SURFACE: Surface = BAZEL_AC;
+    type Scope = PathScope;
+}
+
+struct BazelCas;
+
+impl BlobRoute for BazelCas {
+    const SURFACE: Surface = BAZEL_CAS;
+    type Scope = PathScope;
+}
+
+fn blob<R: BlobRoute>() -> MethodRouter<AppState> {
+    get(artifacts::load::<R>).put(artifacts::save::<R>)
+}
+
 pub fn routes() -> Router<AppState> {
-    let blob = || get(artifacts::load).put(artifacts::save);
-    let nx = Router::new()
-        .route("/v1/cache/{key}", blob())
-        .route_layer(Extension(NX))
-        .route_layer(Extension(ScopeRule::Fixed("nx")));
-    let metro = Router::new()
-        .route("/api/metro/cache/{key}", blob())
-        .route_layer(Extension(METRO))
-        .route_layer(Extension(ScopeRule::Fixed("metro")));
-    let bazel_ac = Router::new()
-        .route("/bazel/{account}/{project}/ac/{key}", blob())
-        .route_layer(Extension(BAZEL_AC));
-    let bazel_cas = Router::new()
-        .route("/bazel/{account}/{project}/cas/{key}", blob())
-        .route_layer(Extension(BAZEL_CAS));
-    nx.merge(metro).merge(
-        bazel_ac
-            .merge(bazel_cas)
-            .route_layer(Extension(ScopeRule::Path)),
-    )
+    Router::new()
+        .route("/v1/cache/{key}", blob::<Nx>())
+        .route("/api/metro/cache/{key}", blob::<Metro>())
+        .route("/bazel/{account}/{project}/ac/{key}", blob::<BazelAc>())
+        .route("/bazel/{account}/{project}/cas/{key}", blob::<BazelCas>())
 }

@@ -4,12 +4,12 @@
 //! Gradle turns its remote cache off on unexpected statuses, so in normal operation these
 //! answer only 200/201/404 (and 413 for bodies over the limit).
 
+use axum::Router;
 use axum::routing::get;
-use axum::{Extension, Router};
 
 use super::AppState;
-use super::access::ScopeRule;
-use super::artifacts::{self, KeyRule, Stored, Surface};
+use super::access::{PathScope, QueryScope};
+use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
 use crate::storage::{Kind, WriteMode};
 
 const GRADLE: Surface = Surface {
@@ -21,18 +21,30 @@ const GRADLE: Surface = Surface {
     keys: KeyRule::Any,
 };
 
+/// `/api/cache/gradle/{key}?account_handle=...`
+struct QueryForm;
+
+impl BlobRoute for QueryForm {
+    const SURFACE: Surface = GRADLE;
+    type Scope = QueryScope;
+}
+
+/// `/api/cache/gradle/{account}/{project}/{key}`
+struct PathForm;
+
+impl BlobRoute for PathForm {
+    const SURFACE: Surface = GRADLE;
+    type Scope = PathScope;
+}
+
 pub fn routes() -> Router<AppState> {
-    let query_form = Router::new()
+    Router::new()
         .route(
             "/api/cache/gradle/{key}",
-            get(artifacts::load).put(artifacts::save),
+            get(artifacts::load::<QueryForm>).put(artifacts::save::<QueryForm>),
         )
-        .route_layer(Extension(ScopeRule::Query));
-    let path_form = Router::new()
         .route(
             "/api/cache/gradle/{account}/{project}/{key}",
-            get(artifacts::load).put(artifacts::save),
+            get(artifacts::load::<PathForm>).put(artifacts::save::<PathForm>),
         )
-        .route_layer(Extension(ScopeRule::Path));
-    query_form.merge(path_form).route_layer(Extension(GRADLE))
 }

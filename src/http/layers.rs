@@ -2,11 +2,16 @@
 //! an HTTP route and refuse HTTP work, and the two concerns that only HTTP has (uniform JSON
 //! errors for the framework's own answers, plain-text errors for Nx).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
+use axum::extract::MatchedPath;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, Uri, header};
+use http::{HeaderValue, Request, Uri, header};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
 
 use super::error::{ApiError, ErrorBody};
 use crate::layers::observe_labels;
@@ -48,10 +53,75 @@ impl Refusals<Body> for HttpRefusals {
     }
 }
 
-/// Gives the framework's own bare error answers (405 for a known route with another method,
-/// for one) the same JSON shape as every other error.
-pub async fn uniform_errors(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+/// Shapes the error answers that handlers did not: the framework's own bare ones (405 for a
+/// known route with another method, for one) get the JSON shape of every other error, and on
+/// Nx's routes every error is re-rendered as `text/plain` (Nx reports JSON error bodies as a
+/// misconfigured endpoint). Wraps the whole router, outside every layer that can answer an
+/// error (drain, overload, 405), so none of them reaches Nx as JSON.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ErrorShapeLayer;
+
+impl<S> Layer<S> for ErrorShapeLayer {
+    type Service = ErrorShape<S>;
+
+    fn layer(&self, inner: S) -> ErrorShape<S> {
+        ErrorShape { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ErrorShape<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for ErrorShape<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = ErrorShapeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let plain_text = request.uri().path().starts_with("/v1/cache/");
+        ErrorShapeFuture {
+            inner: self.inner.call(request),
+            plain_text,
+        }
+    }
+}
+
+pin_project! {
+    pub struct ErrorShapeFuture<F> {
+        #[pin]
+        inner: F,
+        plain_text: bool,
+    }
+}
+
+impl<F, E> Future for ErrorShapeFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = uniform(ready!(this.inner.poll(cx))?);
+        Poll::Ready(Ok(if *this.plain_text {
+            as_plain_text(response)
+        } else {
+            response
+        }))
+    }
+}
+
+/// A bare framework error answer in the JSON shape of every other error.
+fn uniform(response: Response) -> Response {
     let status = response.status();
     // Bare framework answers carry no content type; handlers' own bodies (`/ready`'s 503, every
     // `ApiError`) do and are left alone.
@@ -74,28 +144,19 @@ pub async fn uniform_errors(request: Request, next: Next) -> Response {
     answer
 }
 
-/// Nx reports JSON error bodies as a misconfigured endpoint: re-render errors on its routes as
-/// `text/plain`. Applied outside every layer that can answer an error (drain, overload, 405),
-/// so none of them reaches Nx as JSON.
-pub async fn plain_text_errors(request: Request, next: Next) -> Response {
-    let is_nx = request.uri().path().starts_with("/v1/cache/");
-    let response = next.run(request).await;
-    if !is_nx {
+/// An error answer (one carrying its [`ErrorBody`]) re-rendered as `text/plain`.
+fn as_plain_text(response: Response) -> Response {
+    let Some(error) = response.extensions().get::<ErrorBody>().cloned() else {
         return response;
-    }
-    match response.extensions().get::<ErrorBody>().cloned() {
-        Some(error) => {
-            let (mut parts, _) = response.into_parts();
-            parts.headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            parts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(
-                parts,
-                Body::from(format!("{}: {}\n", error.code, error.message)),
-            )
-        }
-        None => response,
-    }
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(
+        parts,
+        Body::from(format!("{}: {}\n", error.code, error.message)),
+    )
 }

@@ -1,9 +1,9 @@
 //! The public HTTP listener: one router per protocol surface, all on the same layers.
 //!
-//! A request flows through the shared layers of `crate::layers` and two of HTTP's own:
-//! request id → observe (metrics, logs) → plain-text errors (Nx) → uniform JSON errors →
-//! admission (drain, overload) → route → [`access::Authorized`] (account, project, token) →
-//! handler → [`transfer`] → storage.
+//! A request flows through the shared layers of `crate::layers` and one of HTTP's own:
+//! request id → error shape (uniform JSON errors, plain text for Nx) → route → observe
+//! (metrics, logs) → admission (drain, overload) → [`access::Authorized`] (account, project,
+//! token) → handler → [`transfer`] → storage.
 
 pub(crate) mod access;
 mod artifacts;
@@ -21,8 +21,8 @@ mod xcode;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::response::IntoResponse;
-use axum::{Router, middleware};
 
 use crate::context::NodeContext;
 use crate::layers::{AdmissionLayer, ObserveLayer, RequestIdLayer};
@@ -39,9 +39,20 @@ impl Deref for AppState {
     }
 }
 
-/// The full public router.
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The full public service: the routes, each wrapped in observation and admission (which need
+/// the matched route), inside the two layers that apply to the whole listener. Those two wrap
+/// the router once rather than every route, so a request pays for each layer once.
+pub fn router(
+    state: AppState,
+) -> impl tower::Service<
+    http::Request<axum::body::Body>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let routes = Router::new()
         .merge(probes::routes())
         .merge(gradle::routes())
         .merge(xcode::routes())
@@ -57,9 +68,10 @@ pub fn router(state: AppState) -> Router {
             state.config.limits.max_in_flight_requests,
             layers::HttpRefusals,
         ))
-        .layer(middleware::from_fn(layers::uniform_errors))
-        .layer(middleware::from_fn(layers::plain_text_errors))
         .layer(ObserveLayer::new("http", layers::MatchedRoute))
+        .with_state(state);
+    tower::ServiceBuilder::new()
         .layer(RequestIdLayer)
-        .with_state(state)
+        .layer(layers::ErrorShapeLayer)
+        .service(routes)
 }

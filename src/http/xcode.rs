@@ -1,17 +1,17 @@
 //! The Tuist CLI's Xcode cache: CAS blobs (`/api/cache/cas/{id}`) and the keyvalue index
 //! (`/api/cache/keyvalue`) that maps a CAS id to its entries.
 
+use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::{Extension, Router};
 use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::access::{Authorized, KeyParam, invalid_key};
-use super::artifacts::{self, KeyRule, Stored, Surface};
+use super::access::{Authorized, KeyParam, QueryScope, invalid_key};
+use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
 use super::error::ApiError;
 use super::transfer::{self, ServeOptions};
 use crate::storage::{ArtifactKey, Kind, WriteMode};
@@ -25,13 +25,19 @@ const XCODE_CAS: Surface = Surface {
     keys: KeyRule::Any,
 };
 
+struct XcodeCas;
+
+impl BlobRoute for XcodeCas {
+    const SURFACE: Surface = XCODE_CAS;
+    type Scope = QueryScope;
+}
+
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/api/cache/cas/{key}",
-            get(artifacts::load).post(artifacts::save),
+            get(artifacts::load::<XcodeCas>).post(artifacts::save::<XcodeCas>),
         )
-        .route_layer(Extension(XCODE_CAS))
         .route("/api/cache/keyvalue", put(save_entries))
         .route("/api/cache/keyvalue/{key}", get(load_entries))
 }
@@ -103,12 +109,12 @@ async fn load_entries(
     State(app): State<AppState>,
     KeyParam(key): KeyParam,
     auth: Authorized,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let key = ArtifactKey::new(auth.project, Kind::KeyValue, key);
     let options = ServeOptions {
         default_content_type: "application/json",
         head: false,
     };
-    transfer::serve(&app, &key, &headers, options).await
+    transfer::serve(&app, &key, request.headers(), options).await
 }

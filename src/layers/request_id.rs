@@ -6,11 +6,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// [`REQUEST_ID`] as a ready header name: inserting a `&str` name would allocate one per response.
+static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 
 /// The request id of a request, in its extensions; shared, so whoever logs it copies a
 /// pointer, not the string.
@@ -47,14 +49,16 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let id: Arc<str> = request
-            .headers()
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| is_sane(v))
-            .map(Arc::from)
-            // The thread-local generator: no system call per request.
-            .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()).into());
+        let mut generated = [0u8; 32];
+        let id: Arc<str> = Arc::from(
+            request
+                .headers()
+                .get(&REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| is_sane(v))
+                // The thread-local generator: no system call per request.
+                .unwrap_or_else(|| generate(&mut generated)),
+        );
         let header = HeaderValue::from_str(&id).ok();
         request.extensions_mut().insert(RequestId(id));
         RequestIdFuture {
@@ -82,10 +86,22 @@ where
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
         if let Some(value) = this.header.take() {
-            response.headers_mut().insert(REQUEST_ID, value);
+            response
+                .headers_mut()
+                .insert(REQUEST_ID_HEADER.clone(), value);
         }
         Poll::Ready(Ok(response))
     }
+}
+
+/// A fresh id: 32 hex digits of a random 128-bit number, written into `buffer`.
+fn generate(buffer: &mut [u8; 32]) -> &str {
+    let random = rand::random::<u128>().to_be_bytes();
+    // 16 bytes always fit 32 hex digits, and hex digits are ASCII.
+    if hex::encode_to_slice(random, buffer).is_err() {
+        return "0";
+    }
+    std::str::from_utf8(buffer).unwrap_or("0")
 }
 
 /// 1–128 of `[A-Za-z0-9._:-]`: safe in a header, a log line and a URL.
