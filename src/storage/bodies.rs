@@ -398,6 +398,48 @@ pub(super) fn read_verified(path: &Path, size: u64, blake3: &[u8; 32]) -> io::Re
     Ok(Verified::Intact(Bytes::from(bytes)))
 }
 
+/// [`read_verified`] without blocking, when the kernel can answer from its caches: the path
+/// resolved from the dentry cache (`RESOLVE_CACHED`) and every byte from the page cache
+/// (`RWF_NOWAIT`). `None` when it cannot (a cold file, a short read, an older kernel, any
+/// error): the caller then reads on the blocking pool, which also decides what a missing or
+/// odd-sized file means. A hot small body is so served without a thread hop.
+#[cfg(target_os = "linux")]
+pub(super) fn read_cached(path: &Path, size: u64, blake3: &[u8; 32]) -> Option<Verified> {
+    use rustix::fs::{CWD, Mode, OFlags, ResolveFlags, openat2};
+    use rustix::io::{ReadWriteFlags, preadv2};
+    let file = openat2(
+        CWD,
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::CACHED,
+    )
+    .ok()?;
+    let size = usize::try_from(size).ok()?;
+    // One byte more than expected, so that a grown file reads long and is left to the slow path.
+    let mut bytes = vec![0; size.checked_add(1)?];
+    let read = preadv2(
+        &file,
+        &mut [io::IoSliceMut::new(&mut bytes)],
+        0,
+        ReadWriteFlags::NOWAIT,
+    )
+    .ok()?;
+    if read != size {
+        return None;
+    }
+    bytes.truncate(size);
+    if blake3::hash(&bytes).as_bytes() != blake3 {
+        return Some(Verified::Corrupt);
+    }
+    Some(Verified::Intact(Bytes::from(bytes)))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn read_cached(_path: &Path, _size: u64, _blake3: &[u8; 32]) -> Option<Verified> {
+    None
+}
+
 /// What a verified stream does when the bytes on disk do not match.
 pub type OnCorrupt = Arc<dyn Fn() + Send + Sync>;
 
@@ -530,6 +572,35 @@ mod tests {
     use super::*;
     use futures_util::StreamExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_cached_read_serves_only_bytes_that_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("body");
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let hash = *blake3::hash(&body).as_bytes();
+        std::fs::write(&path, &body).unwrap();
+        // Just written, so in the page cache.
+        match read_cached(&path, body.len() as u64, &hash) {
+            Some(Verified::Intact(bytes)) => assert!(bytes == body, "the stored bytes"),
+            _ => panic!("a hot file is read without the blocking pool"),
+        }
+        let mut flipped = body.clone();
+        flipped[150_000] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(matches!(
+            read_cached(&path, body.len() as u64, &hash),
+            Some(Verified::Corrupt)
+        ));
+        // Longer or shorter than the record says, or gone: left to the slow path.
+        std::fs::write(&path, [&body[..], b"x"].concat()).unwrap();
+        assert!(read_cached(&path, body.len() as u64, &hash).is_none());
+        std::fs::write(&path, &body[1..]).unwrap();
+        assert!(read_cached(&path, body.len() as u64, &hash).is_none());
+        std::fs::remove_file(&path).unwrap();
+        assert!(read_cached(&path, body.len() as u64, &hash).is_none());
+    }
 
     async fn collect(
         path: &Path,
