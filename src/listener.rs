@@ -395,6 +395,10 @@ async fn drive<I, S, B>(
         closing_since: None,
     };
     let mut phase_open = true;
+    // One timer for the connection's life. It is moved only when the clock must look sooner
+    // than it is set for; firing early is harmless (the clock just decides again).
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
+    let mut armed: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let wake_at = match decide(&activity.snapshot(), &situation, &shared.limits, now) {
@@ -422,27 +426,73 @@ async fn drive<I, S, B>(
                 return;
             }
         };
-        tokio::select! {
-            result = connection.as_mut() => {
+        arm(timer.as_mut(), &mut armed, wake_at);
+        let event = {
+            let changed = std::pin::pin!(activity.changed());
+            let mut changed = changed;
+            let phase_changed = std::pin::pin!(phase.changed());
+            let mut phase_changed = phase_changed;
+            std::future::poll_fn(|cx| {
+                activity.polling.store(true, Ordering::SeqCst);
+                let served = connection.as_mut().poll(cx);
+                activity.polling.store(false, Ordering::SeqCst);
+                if let Poll::Ready(result) = served {
+                    return Poll::Ready(Event::Ended(result));
+                }
+                // What this poll's own requests changed (a head arriving, a request starting
+                // or ending) is looked at here, without a wake-up for each.
+                if activity.dirty.swap(false, Ordering::SeqCst) {
+                    let snapshot = activity.snapshot();
+                    match decide(&snapshot, &situation, &shared.limits, Instant::now()) {
+                        Step::Wait(at) => arm(timer.as_mut(), &mut armed, at),
+                        Step::Close(_) | Step::Cut(_) => return Poll::Ready(Event::Look),
+                    }
+                }
+                if changed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Look);
+                }
+                if phase_open && let Poll::Ready(changed) = phase_changed.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Phase(changed.is_ok()));
+                }
+                if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+                    armed = None;
+                    return Poll::Ready(Event::Look);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        match event {
+            Event::Ended(result) => {
                 if let Err(error) = result {
                     tracing::debug!(listener = shared.limits.name, %error, "connection ended with an error");
                 }
                 return;
             }
-            () = activity.changed() => {}
-            changed = phase.changed(), if phase_open => match changed {
-                Ok(()) => situation.phase = *phase.borrow_and_update(),
-                Err(_) => phase_open = false,
-            },
-            () = sleep_until(wake_at) => {}
+            Event::Look => {}
+            Event::Phase(true) => situation.phase = *phase.borrow_and_update(),
+            Event::Phase(false) => phase_open = false,
         }
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Why the connection task looks at its clock again.
+enum Event<E> {
+    /// The connection is done.
+    Ended(Result<(), E>),
+    /// Something changed or a deadline passed.
+    Look,
+    /// The node's phase changed (`false`: its owner went away).
+    Phase(bool),
+}
+
+/// Sets `timer` to fire at `at` unless it is already set to fire sooner.
+fn arm(timer: Pin<&mut tokio::time::Sleep>, armed: &mut Option<Instant>, at: Option<Instant>) {
+    if let Some(at) = at
+        && armed.is_none_or(|current| at < current)
+    {
+        timer.reset(at);
+        *armed = Some(at);
     }
 }
 
@@ -583,7 +633,12 @@ struct Activity {
     served: AtomicBool,
     evict: AtomicBool,
     times: Mutex<Times>,
-    /// Wakes the connection task to look at its clock again.
+    /// Something the clock looks at changed since it last looked.
+    dirty: AtomicBool,
+    /// The connection task is polling the connection itself: what changes meanwhile (nearly
+    /// everything on HTTP/1) is seen when that poll returns, without a wake-up.
+    polling: AtomicBool,
+    /// Wakes the connection task for a change made elsewhere (HTTP/2 streams, eviction).
     changed: Notify,
     gone: AtomicBool,
     gone_notify: Notify,
@@ -604,6 +659,8 @@ impl Activity {
                 idle_since: Instant::now(),
                 head_since: None,
             }),
+            dirty: AtomicBool::new(false),
+            polling: AtomicBool::new(false),
             changed: Notify::new(),
             gone: AtomicBool::new(false),
             gone_notify: Notify::new(),
@@ -636,6 +693,16 @@ impl Activity {
         self.changed.notified().await
     }
 
+    /// Tells the connection task to look at its clock: marks the change, and wakes the task only
+    /// when it is not the one making it. (Both flags are sequentially consistent: either the
+    /// task's check after its poll sees `dirty`, or this sees `polling` false and wakes it.)
+    fn touched(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            self.changed.notify_one();
+        }
+    }
+
     /// Bytes of a request head arrived on an HTTP/1 connection (or one not yet known).
     fn head_bytes(&self) {
         if !self.is_idle() {
@@ -645,27 +712,27 @@ impl Activity {
         if times.head_since.is_none() {
             times.head_since = Some(Instant::now());
             drop(times);
-            self.changed.notify_one();
+            self.touched();
         }
     }
 
     /// The connection turned out to be HTTP/2: it has no HTTP/1 head to time.
     fn not_http1(&self) {
         self.times().head_since = None;
-        self.changed.notify_one();
+        self.touched();
     }
 
     fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.served.store(true, Ordering::SeqCst);
         self.times().head_since = None;
-        self.changed.notify_one();
+        self.touched();
         InFlight(self.clone())
     }
 
     fn evict(&self) {
         self.evict.store(true, Ordering::SeqCst);
-        self.changed.notify_one();
+        self.touched();
     }
 
     /// Resolves once the connection task has ended.
@@ -691,7 +758,7 @@ impl Drop for InFlight {
             times.idle_since = Instant::now();
             times.head_since = None;
             drop(times);
-            activity.changed.notify_one();
+            activity.touched();
         }
     }
 }
