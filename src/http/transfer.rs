@@ -17,6 +17,8 @@ use crate::storage::{
 
 /// Header carrying a client's SHA-256 of an upload (and returned on later reads).
 pub const CHECKSUM_HEADER: &str = "tuist-checksum-sha256";
+/// [`CHECKSUM_HEADER`] as a ready header name: inserting by `&str` allocates one per response.
+static CHECKSUM_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(CHECKSUM_HEADER);
 
 /// What an upload holds in memory at most: the store's write buffer (512 KiB) and one chunk
 /// from the network.
@@ -171,11 +173,11 @@ pub async fn serve(
         return Err(ApiError::not_found());
     };
     let info = &found.info;
-    let mut etag = format!("\"{}\"", info.blake3_hex());
+    let mut etag = ETag::of(&info.blake3);
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| etag_matches(v, &etag))
+        .is_some_and(|v| etag_matches(v, etag.as_str()))
     {
         app.counters.hit(key.kind);
         let mut response = StatusCode::NOT_MODIFIED.into_response();
@@ -216,12 +218,12 @@ pub async fn serve(
     app.counters.hit(key.kind);
     let info = artifact.info.clone();
     if info.blake3 != stored_blake3 {
-        etag = format!("\"{}\"", info.blake3_hex());
+        etag = ETag::of(&info.blake3);
     }
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     // If-Range: honour the range only while the client's validator is still current.
     let range_header = match headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
-        Some(validator) if validator.trim() != etag => None,
+        Some(validator) if validator.trim() != etag.as_str() => None,
         _ => range_header,
     };
     let (status, start, end) = match range::answer(range_header, info.size) {
@@ -250,6 +252,8 @@ pub async fn serve(
     let body = hold_until_sent(body, lease);
     let mut response = Response::new(body);
     *response.status_mut() = status;
+    // Room for every header this answer and the layers add, so the map never grows.
+    *response.headers_mut() = HeaderMap::with_capacity(12);
     let response_headers = response.headers_mut();
     set_artifact_headers(response_headers, &info, &etag, options.default_content_type);
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
@@ -262,13 +266,29 @@ pub async fn serve(
     Ok(response)
 }
 
+/// An artifact's entity tag: the hex of its BLAKE3 in quotes, formatted without allocating.
+struct ETag([u8; 66]);
+
+impl ETag {
+    fn of(blake3: &[u8; 32]) -> ETag {
+        let mut tag = [b'"'; 66];
+        // 32 bytes always fill the 64 hex digits between the quotes.
+        let _ = hex::encode_to_slice(blake3, &mut tag[1..65]);
+        ETag(tag)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 fn set_artifact_headers(
     headers: &mut HeaderMap,
     info: &ArtifactInfo,
-    etag: &str,
+    etag: &ETag,
     default_content_type: &'static str,
 ) {
-    if let Ok(etag) = HeaderValue::from_str(etag) {
+    if let Ok(etag) = HeaderValue::from_bytes(&etag.0) {
         headers.insert(header::ETAG, etag);
     }
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -291,7 +311,7 @@ fn set_artifact_headers(
     if let Some(sha) = info.sha256
         && let Ok(value) = HeaderValue::from_str(&hex::encode(sha))
     {
-        headers.insert(CHECKSUM_HEADER, value);
+        headers.insert(CHECKSUM_HEADER_NAME.clone(), value);
     }
 }
 

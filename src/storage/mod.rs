@@ -343,11 +343,6 @@ impl ArtifactInfo {
             version_ms: record.version_ms,
         }
     }
-
-    /// The BLAKE3 of the body in lowercase hex (used as the HTTP ETag).
-    pub fn blake3_hex(&self) -> String {
-        hex::encode(self.blake3)
-    }
 }
 
 /// An artifact's record as [`Store::lookup`] found it.
