@@ -157,6 +157,7 @@ sha256 = "$token_sha"
 account = { read = ["dev"], write = ["dev"] }
 EOF
 KURA_SERVER_HTTP="127.0.0.1:$kura_port" \
+  KURA_SERVER_GRPC=127.0.0.1:0 \
   KURA_STORAGE_DATA_DIR="$work/kura-data" \
   KURA_STORAGE_DURABILITY=process \
   KURA_AUTH_MODE=static \
@@ -372,7 +373,8 @@ durability_node() {
   local name="$1" port pid
   port="$(free_port)"
   mkdir -p "$disk_dir/$name"
-  KURA_SERVER_HTTP="127.0.0.1:$port" KURA_STORAGE_DATA_DIR="$disk_dir/$name" \
+  KURA_SERVER_HTTP="127.0.0.1:$port" KURA_SERVER_GRPC=127.0.0.1:0 \
+    KURA_STORAGE_DATA_DIR="$disk_dir/$name" \
     KURA_STORAGE_DURABILITY="$2" KURA_AUTH_MODE=static \
     KURA_AUTH_STATIC_TOKENS_FILE="$work/tokens.toml" \
     KURA_LOG_FORMAT=json KURA_LOG_LEVEL=warn "$bin" serve >"$work/$name.log" 2>&1 &
@@ -452,7 +454,8 @@ launch_kura() {
   shift
   port="$(free_port)"
   mkdir -p "$work/$name-data"
-  env KURA_SERVER_HTTP="127.0.0.1:$port" KURA_STORAGE_DATA_DIR="$work/$name-data" \
+  env KURA_SERVER_HTTP="127.0.0.1:$port" KURA_SERVER_GRPC=127.0.0.1:0 \
+    KURA_STORAGE_DATA_DIR="$work/$name-data" \
     KURA_LOG_FORMAT=json KURA_LOG_LEVEL=warn "$@" "$bin" serve >"$work/$name.log" 2>&1 &
   pid=$!
   extra_pids+=("$pid")
