@@ -428,10 +428,8 @@ async fn drive<I, S, B>(
         };
         arm(timer.as_mut(), &mut armed, wake_at);
         let event = {
-            let changed = std::pin::pin!(activity.changed());
-            let mut changed = changed;
-            let phase_changed = std::pin::pin!(phase.changed());
-            let mut phase_changed = phase_changed;
+            let mut changed = std::pin::pin!(activity.changed());
+            let mut phase_changed = std::pin::pin!(phase.changed());
             std::future::poll_fn(|cx| {
                 activity.polling.store(true, Ordering::SeqCst);
                 let served = connection.as_mut().poll(cx);
