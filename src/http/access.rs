@@ -6,10 +6,9 @@
 //! final status without the client sending the body.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::marker::PhantomData;
 
-use axum::extract::{FromRequestParts, Query, RawPathParams};
+use axum::extract::{FromRequestParts, RawPathParams};
 use http::request::Parts;
 use http::{Method, header};
 
@@ -102,13 +101,6 @@ impl<S: Scope> FromRequestParts<AppState> for Authorized<S> {
     }
 }
 
-/// The query parameters of a request (first value of each name).
-pub fn query_params(parts: &Parts) -> Result<HashMap<String, String>, ApiError> {
-    Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
-        .map(|Query(params)| params)
-        .map_err(|e| ApiError::bad_request("bad_query", format!("Malformed query string: {e}")))
-}
-
 fn scope_from_query(parts: &Parts) -> Result<(String, Option<String>), ApiError> {
     let query = parts.uri.query().unwrap_or("");
     let account = query_value(query, "account_handle", "tenant_id").ok_or_else(|| {
@@ -126,7 +118,7 @@ fn scope_from_query(parts: &Parts) -> Result<(String, Option<String>), ApiError>
 /// The percent-decoded value of query parameter `name` (or, when it is absent, of `alias`), the
 /// last one when repeated; `None` when absent or empty. Walks the query once, building no map:
 /// this runs on every request of the query-scoped routes.
-fn query_value<'q>(query: &'q str, name: &str, alias: &str) -> Option<Cow<'q, str>> {
+pub fn query_value<'q>(query: &'q str, name: &str, alias: &str) -> Option<Cow<'q, str>> {
     let mut named = None;
     let mut aliased = None;
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {

@@ -4,7 +4,7 @@
 //! A module artifact is addressed by `(cache_category, hash, name)` inside its project; the
 //! storage key joins them with `/`, which no component may contain.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
@@ -16,7 +16,7 @@ use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 
 use super::AppState;
-use super::access::{Authorized, invalid_key, query_params};
+use super::access::{Authorized, invalid_key, query_value};
 use super::error::ApiError;
 use super::transfer::{self, ServeOptions};
 use crate::names;
@@ -30,41 +30,33 @@ pub fn routes() -> Router<AppState> {
         .route("/api/cache/module/{hash}", get(load))
 }
 
-/// The query parameters of a module request.
-struct Params(HashMap<String, String>);
+/// The query string of a module request, read by name.
+struct Params(String);
 
 impl FromRequestParts<AppState> for Params {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
-        query_params(parts).map(Params)
+        Ok(Params(parts.uri.query().unwrap_or("").to_owned()))
     }
 }
 
 impl Params {
-    fn required(&self, name: &'static str) -> Result<&str, ApiError> {
-        self.0
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "missing_parameter",
-                    format!("The {name} query parameter is required"),
-                )
-            })
+    fn required(&self, name: &'static str) -> Result<Cow<'_, str>, ApiError> {
+        query_value(&self.0, name, name).ok_or_else(|| {
+            ApiError::bad_request(
+                "missing_parameter",
+                format!("The {name} query parameter is required"),
+            )
+        })
     }
 
     /// The artifact key of `(cache_category, hash, name)`.
     fn module_key(&self, project: String, hash: &str) -> Result<ArtifactKey, ApiError> {
         let name = self.required("name")?;
-        let category = self
-            .0
-            .get("cache_category")
-            .map(String::as_str)
-            .filter(|c| !c.is_empty())
-            .unwrap_or("builds");
-        if ![hash, name, category]
+        let category =
+            query_value(&self.0, "cache_category", "cache_category").unwrap_or("builds".into());
+        if ![hash, &name, &category]
             .iter()
             .all(|part| names::valid_key(part))
         {
@@ -78,9 +70,9 @@ impl Params {
     }
 
     /// The upload id, checked to be one this node could have issued.
-    fn upload_id(&self) -> Result<&str, ApiError> {
+    fn upload_id(&self) -> Result<Cow<'_, str>, ApiError> {
         let id = self.required("upload_id")?;
-        if !names::is_lower_hex(id, 32) {
+        if !names::is_lower_hex(&id, 32) {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "upload_not_found",
@@ -96,7 +88,7 @@ async fn start(
     params: Params,
     auth: Authorized,
 ) -> Result<Response, ApiError> {
-    let key = params.module_key(auth.project, params.required("hash")?)?;
+    let key = params.module_key(auth.project, &params.required("hash")?)?;
     if app.store.head(&key)?.is_some() {
         return Ok(Json(serde_json::json!({ "upload_id": null })).into_response());
     }
@@ -144,10 +136,10 @@ async fn part(
         .ok()
         .filter(|n| (1..=limits.max_parts).contains(n))
         .ok_or(StoreError::BadPartNumber(limits.max_parts))?;
-    owned_upload(&app, id, &auth)?;
+    owned_upload(&app, &id, &auth)?;
     let staged =
         transfer::receive(&app, &headers, body, app.config.limits.module_part.0, false).await?;
-    app.store.put_part(id, number, staged, &limits).await?;
+    app.store.put_part(&id, number, staged, &limits).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -165,7 +157,7 @@ async fn complete(
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = params.upload_id()?;
-    owned_upload(&app, id, &auth)?;
+    owned_upload(&app, &id, &auth)?;
     let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|_| {
         ApiError::bad_request(
             "bad_json",
@@ -207,7 +199,7 @@ async fn complete(
         .transpose()?;
     let committed = app
         .store
-        .complete_upload(id, &request.parts, checksum, &limits)
+        .complete_upload(&id, &request.parts, checksum, &limits)
         .await?;
     app.counters.written(Kind::Module, committed.info.size);
     Ok(StatusCode::NO_CONTENT.into_response())
