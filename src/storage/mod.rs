@@ -67,6 +67,8 @@ pub use uploads::UploadLimits;
 pub const DEFAULT_INLINE_MAX: usize = 32 * 1024;
 /// Default of `storage.block_cache`: holds the hot records of a busy node while keeping RSS low.
 pub const DEFAULT_BLOCK_CACHE: usize = 32 << 20;
+/// Default of [`StoreOptions::wal_limit`]: a few memtables' worth, so a restart replays little.
+pub const DEFAULT_WAL_LIMIT: u64 = 64 << 20;
 /// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
 /// it, a thread hop costs more than it saves.
 const PRESENT_CHUNK_MIN: usize = 1024;
@@ -107,6 +109,9 @@ pub struct StoreOptions {
     pub access_time_resolution: Duration,
     /// Bytes of RocksDB data blocks cached in memory (shared by all column families).
     pub block_cache: usize,
+    /// RocksDB's write-ahead log is kept around this size: past it, the column families that
+    /// still hold the oldest log file are flushed so that it can go.
+    pub wal_limit: u64,
     /// Overrides the generated node id when set.
     pub node_id: Option<String>,
     /// Log local publishes for the mesh (see `outbox.rs`); on when the node has peers.
@@ -125,6 +130,7 @@ impl StoreOptions {
             min_free: 0,
             access_time_resolution: DEFAULT_ACCESS_TIME_RESOLUTION,
             block_cache: DEFAULT_BLOCK_CACHE,
+            wal_limit: DEFAULT_WAL_LIMIT,
             node_id: None,
             replication_log: false,
         }
@@ -518,7 +524,7 @@ impl Store {
         // blocks. Filters and indexes stay with their table readers (about 1.5 MB per million
         // keys).
         let block_cache = Cache::new_lru_cache(options.block_cache);
-        let db = open_db(&dir.join("meta"), &block_cache)?;
+        let db = open_db(&dir.join("meta"), &block_cache, options.wal_limit)?;
         let usage = match db.get_cf(cf(&db, meta::CF_STATE), meta::USAGE_KEY)? {
             Some(bytes) => meta::decode(&bytes).unwrap_or_default(),
             None => Usage::default(),
@@ -1357,12 +1363,22 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
         .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
 }
 
-fn open_db(path: &Path, cache: &Cache) -> Result<DB, StoreError> {
+fn open_db(path: &Path, cache: &Cache, wal_limit: u64) -> Result<DB, StoreError> {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.set_keep_log_file_num(4);
     options.increase_parallelism(2);
+    // A log file can be deleted only once every family with writes in it has flushed, and the
+    // small families (usage counter, access times, sequence number) take hours to fill a
+    // memtable: without a bound, every log written meanwhile stays on disk (hundreds of MB,
+    // uncounted by `storage.capacity`, all replayed at the next start). Past `wal_limit`
+    // RocksDB flushes the families that hold the oldest log instead.
+    options.set_max_total_wal_size(wal_limit);
+    // Obsolete logs are overwritten in place rather than deleted: an fdatasync of a block
+    // already allocated does not have to commit the file's size and extents to the
+    // filesystem journal, which is most of a synced write's latency (`fsync` durability).
+    options.set_recycle_log_file_num(4);
     // Bound memtable memory across all families: the node's memory must stay flat.
     options.set_db_write_buffer_size(32 << 20);
     let families = meta::ALL_CFS.iter().map(|name| {
