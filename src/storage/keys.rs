@@ -86,11 +86,23 @@ impl ArtifactKey {
     /// Encoding used as the RocksDB key: `project \0 kind \0 key`. Project first, so deleting a
     /// project is one prefix range.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = project_prefix(&self.project);
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`ArtifactKey::encode`] appended to `out`: many keys share one buffer.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.project.as_bytes());
+        out.push(0);
         out.extend_from_slice(self.kind.as_str().as_bytes());
         out.push(0);
         out.extend_from_slice(self.key.as_bytes());
-        out
+    }
+
+    /// Length of [`ArtifactKey::encode`].
+    pub(crate) fn encoded_len(&self) -> usize {
+        self.project.len() + self.kind.as_str().len() + self.key.len() + 2
     }
 
     /// Inverse of [`ArtifactKey::encode`]; `None` for bytes this version did not write.

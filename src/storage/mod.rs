@@ -938,11 +938,26 @@ impl Store {
     }
 
     fn sizes_blocking(&self, keys: &[ArtifactKey]) -> Result<Vec<Option<u64>>, StoreError> {
-        let encoded: Vec<Vec<u8>> = keys.iter().map(ArtifactKey::encode).collect();
-        let values =
-            self.inner
-                .db
-                .batched_multi_get_cf(self.cf(meta::CF_ARTIFACTS), &encoded, false);
+        // Every key encoded into one buffer: one allocation instead of one per key.
+        let mut buffer = Vec::with_capacity(keys.iter().map(ArtifactKey::encoded_len).sum());
+        let mut ends = Vec::with_capacity(keys.len());
+        for key in keys {
+            key.encode_into(&mut buffer);
+            ends.push(buffer.len());
+        }
+        let encoded: Vec<&[u8]> = ends
+            .iter()
+            .scan(0, |start, &end| {
+                let slice = &buffer[*start..end];
+                *start = end;
+                Some(slice)
+            })
+            .collect();
+        let values = self.inner.db.batched_multi_get_cf(
+            self.cf(meta::CF_ARTIFACTS),
+            encoded.iter().copied(),
+            false,
+        );
         let resolution = self.access_resolution_ms();
         let mut sizes = Vec::with_capacity(keys.len());
         for ((key, encoded), value) in keys.iter().zip(&encoded).zip(values) {
