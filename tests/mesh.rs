@@ -203,6 +203,11 @@ async fn a_clean_on_one_node_removes_the_project_everywhere_and_older_copies_sta
         .status();
     assert!(status.is_success(), "{status}");
     c.signal(libc::SIGCONT);
+    // A write stamped in the same millisecond as the clean is older-or-equal and loses to it on
+    // every node (replication.md: a tombstone removes `version_ms` ≤ its own). The write must be
+    // a millisecond later to be "after" it; without this wait, a write on `a` that beat the
+    // clean's arrival there within the same millisecond was removed everywhere, now and then.
+    tokio::time::sleep(Duration::from_millis(2)).await;
     let after = payload(9, 100);
     put(a, &gradle_path("ios", "after"), after.clone()).await;
     for node in &nodes {
