@@ -406,7 +406,6 @@ pub(super) fn read_verified(path: &Path, size: u64, blake3: &[u8; 32]) -> io::Re
 #[cfg(target_os = "linux")]
 pub(super) fn read_cached(path: &Path, size: u64, blake3: &[u8; 32]) -> Option<Verified> {
     use rustix::fs::{CWD, Mode, OFlags, ResolveFlags, openat2};
-    use rustix::io::{ReadWriteFlags, preadv2};
     let file = openat2(
         CWD,
         path,
@@ -418,13 +417,7 @@ pub(super) fn read_cached(path: &Path, size: u64, blake3: &[u8; 32]) -> Option<V
     let size = usize::try_from(size).ok()?;
     // One byte more than expected, so that a grown file reads long and is left to the slow path.
     let mut bytes = vec![0; size.checked_add(1)?];
-    let read = preadv2(
-        &file,
-        &mut [io::IoSliceMut::new(&mut bytes)],
-        0,
-        ReadWriteFlags::NOWAIT,
-    )
-    .ok()?;
+    let read = read_at_cached(&file, 0, &mut bytes)?;
     if read != size {
         return None;
     }
@@ -437,6 +430,26 @@ pub(super) fn read_cached(path: &Path, size: u64, blake3: &[u8; 32]) -> Option<V
 
 #[cfg(not(target_os = "linux"))]
 pub(super) fn read_cached(_path: &Path, _size: u64, _blake3: &[u8; 32]) -> Option<Verified> {
+    None
+}
+
+/// Reads into `buf` from `offset` only as far as the page cache holds the bytes (`RWF_NOWAIT`);
+/// returns how many it read. `None` when the kernel would have to wait for the disk (or on any
+/// error): the caller then reads on the blocking pool, which decides what an error means.
+#[cfg(target_os = "linux")]
+fn read_at_cached(file: impl std::os::fd::AsFd, offset: u64, buf: &mut [u8]) -> Option<usize> {
+    use rustix::io::{ReadWriteFlags, preadv2};
+    preadv2(
+        file,
+        &mut [io::IoSliceMut::new(buf)],
+        offset,
+        ReadWriteFlags::NOWAIT,
+    )
+    .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_at_cached(_file: impl std::os::fd::AsFd, _offset: u64, _buf: &mut [u8]) -> Option<usize> {
     None
 }
 
@@ -538,14 +551,16 @@ impl ReadState {
             .take()
             .ok_or_else(|| io::Error::other("body file closed"))?;
         let offset = self.offset;
-        if let Some(chunk) = read_chunk_cached(&file, offset) {
-            self.hasher.update(&chunk);
+        let mut buf = BytesMut::zeroed(READ_CHUNK);
+        // What the page cache holds of the chunk (a short chunk when only its start is there).
+        if let Some(n) = read_at_cached(&file, offset, &mut buf) {
+            buf.truncate(n);
+            self.hasher.update(&buf);
             self.file = Some(file);
-            return Ok(chunk);
+            return Ok(buf.freeze());
         }
         let mut hasher = std::mem::take(&mut self.hasher);
         let (file, hasher, result) = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(READ_CHUNK);
             let result = read_full_at(&file, offset, &mut buf).map(|n| {
                 buf.truncate(n);
                 hasher.update(&buf);
@@ -559,29 +574,6 @@ impl ReadState {
         self.hasher = hasher;
         result
     }
-}
-
-/// Up to [`READ_CHUNK`] bytes at `offset` when the page cache holds them (`RWF_NOWAIT`): a
-/// short chunk when it holds only the start of them, an empty one at the end of the file.
-/// `None` when the kernel would have to wait (or on any error): the blocking read then decides.
-#[cfg(target_os = "linux")]
-fn read_chunk_cached(file: &File, offset: u64) -> Option<Bytes> {
-    use rustix::io::{ReadWriteFlags, preadv2};
-    let mut buf = BytesMut::zeroed(READ_CHUNK);
-    let n = preadv2(
-        file,
-        &mut [io::IoSliceMut::new(&mut buf)],
-        offset,
-        ReadWriteFlags::NOWAIT,
-    )
-    .ok()?;
-    buf.truncate(n);
-    Some(buf.freeze())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_chunk_cached(_file: &File, _offset: u64) -> Option<Bytes> {
-    None
 }
 
 /// Fills `buf` from `offset` unless the file ends first; returns how many bytes were read.

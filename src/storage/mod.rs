@@ -940,19 +940,13 @@ impl Store {
     fn sizes_blocking(&self, keys: &[ArtifactKey]) -> Result<Vec<Option<u64>>, StoreError> {
         // Every key encoded into one buffer: one allocation instead of one per key.
         let mut buffer = Vec::with_capacity(keys.iter().map(ArtifactKey::encoded_len).sum());
-        let mut ends = Vec::with_capacity(keys.len());
+        let mut spans = Vec::with_capacity(keys.len());
         for key in keys {
+            let start = buffer.len();
             key.encode_into(&mut buffer);
-            ends.push(buffer.len());
+            spans.push(start..buffer.len());
         }
-        let encoded: Vec<&[u8]> = ends
-            .iter()
-            .scan(0, |start, &end| {
-                let slice = &buffer[*start..end];
-                *start = end;
-                Some(slice)
-            })
-            .collect();
+        let encoded: Vec<&[u8]> = spans.into_iter().map(|span| &buffer[span]).collect();
         let values = self.inner.db.batched_multi_get_cf(
             self.cf(meta::CF_ARTIFACTS),
             encoded.iter().copied(),
