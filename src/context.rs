@@ -57,4 +57,18 @@ impl NodeContext {
             mesh,
         })
     }
+
+    /// Whether the node takes traffic, and if not why: what `/ready` and the gRPC health check
+    /// both answer, so a load balancer reads the same state whichever it probes.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        match self.lifecycle.state() {
+            crate::lifecycle::State::Serving
+                if self.mesh.as_ref().is_some_and(|mesh| mesh.bootstrapping()) =>
+            {
+                Err("bootstrapping")
+            }
+            crate::lifecycle::State::Serving => Ok(()),
+            other => Err(other.as_str()),
+        }
+    }
 }

@@ -231,6 +231,24 @@ async fn basic_credentials_carry_the_token_as_password() {
 }
 
 #[tokio::test]
+async fn an_empty_bearer_token_is_a_missing_token_not_an_invalid_one() {
+    // What a client sends when its token variable is unset: it must learn that no token came.
+    let (node, _dir) = start();
+    let url = node.url("/api/cache/gradle/acme/ios/0123456789abcdef0123456789abcdef");
+    for value in ["Bearer ", "Bearer"] {
+        let response = client()
+            .get(&url)
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{value:?}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "missing_token", "{value:?}");
+    }
+}
+
+#[tokio::test]
 async fn probes_need_no_token_and_tokens_never_reach_logs_or_metrics() {
     let (node, _dir) = start();
     let http = client();

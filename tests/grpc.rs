@@ -341,19 +341,25 @@ async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wron
         .await
         .unwrap();
     assert_eq!(committed, sent.len() as i64);
-    let read = grpc
-        .read(
-            &format!(
-                "ios/compressed-blobs/zstd/{}/{}",
-                sha256(&data).hash,
-                data.len()
-            ),
-            0,
-            0,
-        )
-        .await
-        .unwrap();
+    let compressed_read = format!(
+        "ios/compressed-blobs/zstd/{}/{}",
+        sha256(&data).hash,
+        data.len()
+    );
+    let read = grpc.read(&compressed_read, 0, 0).await.unwrap();
     assert_eq!(zstd::stream::decode_all(&read[..]).unwrap(), data);
+    // A compressed read's offset counts uncompressed bytes: a resumed download gets a frame of
+    // the rest. A limit cannot apply to compressed bytes, so REAPI has it refused.
+    let rest = grpc.read(&compressed_read, 100_000, 0).await.unwrap();
+    assert_eq!(
+        zstd::stream::decode_all(&rest[..]).unwrap(),
+        data[100_000..]
+    );
+    let status = grpc.read(&compressed_read, 0, 10).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let past = data.len() as i64 + 1;
+    let status = grpc.read(&compressed_read, past, 0).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(
         grpc.read(&blob_name("ios", &sha256(&data)), 0, 0)
             .await

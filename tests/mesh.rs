@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use kura::grpc::proto::health::HealthCheckRequest;
+use kura::grpc::proto::health::health_check_response::ServingStatus;
 use kura::grpc::proto::reapi::{ActionResult, OutputFile, UpdateActionResultRequest};
 use serde_json::json;
 
@@ -655,6 +657,20 @@ async fn an_empty_node_is_not_ready_until_bootstrap_ends_or_times_out() {
     assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["state"], "bootstrapping");
+    // A gRPC health probe gives the same answer as `/ready`.
+    let grpc = Grpc::connect(&node).await;
+    let health = || async {
+        let check = grpc.request(HealthCheckRequest {
+            service: String::new(),
+        });
+        grpc.health()
+            .check(check)
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    };
+    assert_eq!(health().await, ServingStatus::NotServing as i32);
     // The public API serves meanwhile.
     put(&node, &gradle_path("ios", "early"), payload(13, 10)).await;
     let became_ready = eventually(Duration::from_secs(10), || async {
@@ -663,6 +679,7 @@ async fn an_empty_node_is_not_ready_until_bootstrap_ends_or_times_out() {
     })
     .await;
     assert!(became_ready.is_some());
+    assert_eq!(health().await, ServingStatus::Serving as i32);
     let status = node.status().await;
     assert_eq!(
         status["replication"]["bootstrap"]["state"], "timed_out",

@@ -43,7 +43,10 @@ impl Token {
     /// token is no token.
     pub fn from_authorization(value: &str) -> Result<Option<Token>, MalformedCredentials> {
         use base64::Engine as _;
-        let (scheme, rest) = value.trim().split_once(' ').ok_or(MalformedCredentials)?;
+        // A scheme alone counts as an empty token: HTTP parsers strip the trailing space of
+        // `Bearer `, which is how a client with an unset token variable sends it.
+        let value = value.trim();
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
             return Ok((!rest.is_empty()).then(|| Token::new(rest)));
@@ -258,7 +261,14 @@ mod tests {
             Ok(None),
             "an empty password is no token"
         );
-        assert_eq!(token("Bearer "), Err(MalformedCredentials));
+        // An unset token variable: `Bearer ` arrives trimmed to the bare scheme.
+        assert_eq!(
+            token("Bearer "),
+            Ok(None),
+            "an empty bearer token is no token"
+        );
+        assert_eq!(token("Bearer"), Ok(None));
+        assert_eq!(token("abc"), Err(MalformedCredentials));
         assert_eq!(token("Digest abc"), Err(MalformedCredentials));
         assert_eq!(token("Basic !!!"), Err(MalformedCredentials));
     }

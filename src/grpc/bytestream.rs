@@ -69,19 +69,27 @@ impl ByteStream for ByteStreamService {
         let limit = u64::try_from(read_limit)
             .map_err(|_| Status::out_of_range(format!("read_limit {read_limit} is negative")))?;
         let body = self.open(&name).await?;
+        if offset > name.digest.size {
+            return Err(past_the_end(offset, name.digest.size));
+        }
         let lease = lease_memory(&self.node, name.digest.size.min(STREAM_FOOTPRINT)).await?;
         let chunks = match name.compressed {
             false => {
-                if offset > name.digest.size {
-                    return Err(past_the_end(offset, name.digest.size));
-                }
                 let end = match limit {
                     0 => name.digest.size,
                     limit => name.digest.size.min(offset.saturating_add(limit)),
                 };
                 body.range(offset, end)
             }
-            true => window(compressed(body.range(0, name.digest.size)), offset, limit),
+            // REAPI: a compressed read's offset counts uncompressed bytes (a client resuming a
+            // download gets a fresh frame of the rest), and a limit cannot be honoured on
+            // compressed bytes, so a non-zero one is refused.
+            true if limit != 0 => {
+                return Err(Status::invalid_argument(format!(
+                    "read_limit {limit} on a compressed read: REAPI requires 0"
+                )));
+            }
+            true => compressed(body.range(offset, name.digest.size)),
         };
         let responses = chunks.map(move |chunk| {
             let _held = &lease;
@@ -268,41 +276,6 @@ fn compressed(chunks: Chunks) -> Chunks {
         })
         .filter(|chunk| std::future::ready(!matches!(chunk, Ok(bytes) if bytes.is_empty()))),
     )
-}
-
-/// Skips `offset` bytes of a stream and ends it after `limit` more (0: no limit). An offset
-/// past the end is OUT_OF_RANGE, found once the stream ends short of it.
-fn window(chunks: Chunks, offset: u64, limit: u64) -> Chunks {
-    let limit = if limit == 0 { u64::MAX } else { limit };
-    let state = (chunks, 0u64, 0u64);
-    Box::pin(stream::unfold(
-        state,
-        move |(mut chunks, mut seen, mut sent)| async move {
-            loop {
-                if sent >= limit {
-                    return None;
-                }
-                let chunk = match chunks.next().await {
-                    Some(Ok(chunk)) => chunk,
-                    Some(Err(status)) => return Some((Err(status), (chunks, u64::MAX, u64::MAX))),
-                    None if seen < offset => {
-                        let status = past_the_end(offset, seen);
-                        return Some((Err(status), (chunks, u64::MAX, u64::MAX)));
-                    }
-                    None => return None,
-                };
-                let (start, end) = (seen, seen + chunk.len() as u64);
-                seen = end;
-                if end <= offset {
-                    continue;
-                }
-                let from = offset.saturating_sub(start) as usize;
-                let take = (chunk.len() - from).min((limit - sent) as usize);
-                sent += take as u64;
-                return Some((Ok(chunk.slice(from..from + take)), (chunks, seen, sent)));
-            }
-        },
-    ))
 }
 
 fn past_the_end(offset: u64, size: u64) -> Status {

@@ -17,7 +17,6 @@ use super::proto::reapi::{
 use super::proto::semver::SemVer;
 use crate::auth::Action;
 use crate::context::NodeContext;
-use crate::lifecycle::State;
 
 /// The services whose health `Check` answers for (and the empty name: the whole node).
 const SERVICES: [&str; 5] = [
@@ -81,10 +80,10 @@ impl Health for HealthService {
         if !SERVICES.contains(&request.get_ref().service.as_str()) {
             return Err(Status::not_found("unknown service"));
         }
-        // The same answer as `/ready`: serving, or not (starting, draining).
-        let status = match self.node.lifecycle.state() {
-            State::Serving => ServingStatus::Serving,
-            _ => ServingStatus::NotServing,
+        // The same answer as `/ready`: serving, or not (starting, bootstrapping, draining).
+        let status = match self.node.readiness() {
+            Ok(()) => ServingStatus::Serving,
+            Err(_) => ServingStatus::NotServing,
         };
         Ok(Response::new(HealthCheckResponse {
             status: status as i32,

@@ -9,7 +9,6 @@ use http::{HeaderValue, StatusCode, header};
 use super::AppState;
 use crate::auth::Authorizer;
 use crate::auth::static_tokens::Health;
-use crate::lifecycle::State as NodeState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -32,16 +31,11 @@ async fn up(State(app): State<AppState>) -> Response {
 }
 
 async fn ready(State(app): State<AppState>) -> Response {
-    match app.lifecycle.state() {
-        NodeState::Serving if app.mesh.as_ref().is_some_and(|mesh| mesh.bootstrapping()) => (
+    match app.readiness() {
+        Ok(()) => Json(serde_json::json!({ "state": "serving" })).into_response(),
+        Err(state) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "state": "bootstrapping" })),
-        )
-            .into_response(),
-        NodeState::Serving => Json(serde_json::json!({ "state": "serving" })).into_response(),
-        other => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "state": other.as_str() })),
+            Json(serde_json::json!({ "state": state })),
         )
             .into_response(),
     }

@@ -167,11 +167,7 @@ impl Store {
             let mut delta = UsageDelta::default();
             let mut bodies = Vec::new();
             for key in &candidates {
-                let Some(value) = self
-                    .inner
-                    .db
-                    .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), key)?
-                else {
+                let Some(value) = self.get(meta::CF_ARTIFACTS, key)? else {
                     continue;
                 };
                 match meta::decode::<ArtifactRecord>(&value) {

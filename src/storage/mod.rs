@@ -50,8 +50,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DataBlockIndexType, Options, WriteBatch,
-    WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBPinnableSlice, DataBlockIndexType,
+    Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
 pub use bodies::{BodyWriter, StagedBody};
@@ -446,6 +446,9 @@ pub struct Store {
 
 struct Inner {
     db: DB,
+    /// Default options shared by every point read: `DB::get_pinned_cf` would create and destroy
+    /// a C++ `ReadOptions` on each call, two allocations on every small GET.
+    point_reads: ReadOptions,
     block_cache: Cache,
     options: StoreOptions,
     node_id: String,
@@ -534,6 +537,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 db,
+                point_reads: ReadOptions::default(),
                 block_cache,
                 node_id,
                 tmp_dir,
@@ -782,10 +786,10 @@ impl Store {
             .is_some_and(|old| cleaned_at.is_none_or(|t| old.version_ms > t));
         if record.origin == self.inner.node_id {
             if let Some(cleaned_at) = cleaned_at {
-                record.version_ms = record.version_ms.max(cleaned_at + 1);
+                record.version_ms = record.version_ms.max(cleaned_at.saturating_add(1));
             }
             if let Some(old) = previous.as_ref().filter(|_| live) {
-                record.version_ms = record.version_ms.max(old.version_ms + 1);
+                record.version_ms = record.version_ms.max(old.version_ms.saturating_add(1));
             }
         } else {
             let not_published = |outcome| {
@@ -1164,10 +1168,7 @@ impl Store {
     /// its `atime` entry once a read was noted since the publish, else the record's time. The
     /// caller holds the key's lock, so the answer names its current eviction-queue entry.
     fn last_access(&self, encoded: &[u8], published_ms: u64) -> Result<u64, StoreError> {
-        let noted = self
-            .inner
-            .db
-            .get_pinned_cf(self.cf(meta::CF_ATIME), encoded)?;
+        let noted = self.get(meta::CF_ATIME, encoded)?;
         Ok(noted
             .and_then(|bytes| meta::decode_time(&bytes))
             .map_or(published_ms, |ms| ms.max(published_ms)))
@@ -1232,18 +1233,12 @@ impl Store {
 
     /// The access time a record was published with, read without decoding its body.
     fn published_ms(&self, encoded: &[u8]) -> Result<Option<u64>, StoreError> {
-        let value = self
-            .inner
-            .db
-            .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), encoded)?;
+        let value = self.get(meta::CF_ARTIFACTS, encoded)?;
         Ok(value.and_then(|bytes| meta::decode::<meta::RecordView>(&bytes).map(|r| r.accessed_ms)))
     }
 
     fn record(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {
-        let value = self
-            .inner
-            .db
-            .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), encoded)?;
+        let value = self.get(meta::CF_ARTIFACTS, encoded)?;
         Ok(value.and_then(|bytes| meta::decode(&bytes)))
     }
 
@@ -1323,6 +1318,17 @@ impl Store {
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         cf(&self.inner.db, name)
+    }
+
+    /// One point read of `key` in the family `name`, pinned in RocksDB's cache (no copy).
+    fn get(
+        &self,
+        name: &str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<DBPinnableSlice<'_>>, rocksdb::Error> {
+        self.inner
+            .db
+            .get_pinned_cf_opt(self.cf(name), key, &self.inner.point_reads)
     }
 
     fn accounting(&self) -> MutexGuard<'_, Accounting> {

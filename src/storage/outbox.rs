@@ -194,11 +194,7 @@ impl Store {
     /// The version stored under `key` as `(version_ms, origin)`, if any (no body is read).
     pub fn version_of(&self, key: &ArtifactKey) -> Result<Option<(u64, String)>, StoreError> {
         let encoded = key.encode();
-        let Some(value) = self
-            .inner
-            .db
-            .get_pinned_cf(self.cf(meta::CF_ARTIFACTS), &encoded)?
-        else {
+        let Some(value) = self.get(meta::CF_ARTIFACTS, &encoded)? else {
             return Ok(None);
         };
         Ok(meta::decode::<meta::RecordView>(&value)

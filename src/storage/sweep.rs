@@ -77,9 +77,7 @@ impl Store {
     fn backfill_body_index(&self) -> Result<(), StoreError> {
         let state = self.cf(meta::CF_STATE);
         if self
-            .inner
-            .db
-            .get_pinned_cf(state, meta::BODIES_INDEXED_KEY)?
+            .get(meta::CF_STATE, meta::BODIES_INDEXED_KEY)?
             .is_some()
         {
             return Ok(());
@@ -140,9 +138,7 @@ impl Store {
                 if !older_than(&entry.path(), cutoff)?
                     || self.inner.live_bodies.contains(id)
                     || self
-                        .inner
-                        .db
-                        .get_pinned_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id))?
+                        .get(meta::CF_BODIES, meta::body_index_key(id))?
                         .is_some()
                     || self.inner.live_bodies.contains(id)
                 {

@@ -120,7 +120,7 @@ impl Store {
 
     /// The artifact an upload will become, or `None` for an unknown (or expired) upload.
     pub fn upload_target(&self, id: &str) -> Result<Option<ArtifactKey>, StoreError> {
-        let value = self.inner.db.get_pinned_cf(self.cf(meta::CF_UPLOADS), id)?;
+        let value = self.get(meta::CF_UPLOADS, id)?;
         Ok(value
             .and_then(|bytes| meta::decode::<UploadRecord>(&bytes))
             .and_then(|record| record.target.decode()))
