@@ -294,6 +294,13 @@ fn spawn_maintenance(store: Store, config: &Config) {
     let expiry = config.uploads.expiry.0;
     let upload_expiry = expiry.as_millis() as u64;
     tokio::spawn(async move {
+        match store.finish_unfinished_cleans().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "finished the project cleans a stop cut short"),
+            Err(error) => {
+                tracing::error!(%error, "could not finish the project cleans a stop cut short")
+            }
+        }
         let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
         for tick in 0u64.. {
             ticker.tick().await;

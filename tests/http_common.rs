@@ -363,6 +363,40 @@ async fn checksum_header_is_verified_and_returned() {
 }
 
 #[tokio::test]
+async fn the_keyvalue_upload_verifies_the_checksum_header_too() {
+    let node = Node::start();
+    let http = client();
+    let url = node.url("/api/cache/keyvalue?account_handle=dev&project_handle=ios");
+    let document = br#"{"cas_id": "kv1", "entries": [{"value": "abc"}]}"#.to_vec();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&document))
+    };
+    let put = |checksum: String| {
+        http.put(&url)
+            .header("content-type", "application/json")
+            .header("tuist-checksum-sha256", checksum)
+            .body(document.clone())
+            .send()
+    };
+    let stored = || async {
+        let url = node.url("/api/cache/keyvalue/kv1?account_handle=dev&project_handle=ios");
+        http.get(url).send().await.unwrap().status()
+    };
+    let bad = put("0".repeat(64)).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        bad.json::<serde_json::Value>().await.unwrap()["error"],
+        "checksum_mismatch"
+    );
+    let malformed = put("xyz".into()).await.unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(stored().await, StatusCode::NOT_FOUND, "nothing stored");
+    assert_eq!(put(sha).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(stored().await, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn size_limits_answer_413_before_and_while_reading() {
     let node = Node::start_with(NodeOptions::default().env("KURA_LIMITS_GRADLE", "64KiB"));
     let http = client();

@@ -287,6 +287,31 @@ async fn a_full_disk_answers_507_and_writes_resume_once_space_is_freed() {
             "{key}"
         );
     }
+
+    // Room over the floor, but not for this upload on top of it: refused before its body is
+    // read (the client has sent 64 KiB of 12 MiB and waits), so it never takes the room that
+    // other writes' logs need. A write that fits still goes in.
+    mount.fill(&ballast, 16 * MIB as u64);
+    let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(vec![0u8; 64 << 10]) });
+    let stalled = reqwest::Body::wrap_stream(first.chain(futures_util::stream::pending()));
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        http.put(gradle(&node, "too-big"))
+            .header("content-length", 12 * MIB)
+            .body(stalled)
+            .send(),
+    )
+    .await
+    .expect("answered without waiting for the body")
+    .unwrap();
+    assert_eq!(refused.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("disk"), "{body}");
+    assert_eq!(
+        put("fits", MIB).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    std::fs::remove_file(&ballast).unwrap();
     drop(node);
 
     // Without the floor, RocksDB itself meets the full disk: still 507, never 500.

@@ -374,6 +374,10 @@ impl Upload<'_> {
         mut decoder: Option<StreamDecoder>,
     ) -> Result<i64, Status> {
         let digest = &self.name.blob.digest;
+        self.node
+            .store
+            .check_room(digest.size)
+            .map_err(of_store_error)?;
         let mut writer = self
             .node
             .store

@@ -68,9 +68,8 @@ pub(crate) fn project_of_instance(instance: &str) -> Result<String, Status> {
 /// Parses a `Read` resource name.
 pub(crate) fn parse_read(name: &str) -> Result<BlobName, Status> {
     let segments: Vec<&str> = name.split('/').collect();
-    let at = segments
-        .iter()
-        .position(|s| *s == "blobs" || *s == "compressed-blobs")
+    let is_blobs = |at: usize| matches!(segments.get(at), Some(&("blobs" | "compressed-blobs")));
+    let at = keyword_at(&segments, is_blobs)
         .ok_or_else(|| bad(name, "expected {instance}/blobs/{hash}/{size}"))?;
     let (blob, rest) = parse_blob(name, &segments[..at], &segments[at..])?;
     if !rest.is_empty() {
@@ -82,9 +81,13 @@ pub(crate) fn parse_read(name: &str) -> Result<BlobName, Status> {
 /// Parses a `Write` (or `QueryWriteStatus`) resource name.
 pub(crate) fn parse_write(name: &str) -> Result<UploadName, Status> {
     let segments: Vec<&str> = name.split('/').collect();
-    let at = segments
-        .iter()
-        .position(|s| *s == "uploads")
+    // `uploads/{uuid}/[compressed-]blobs`: a project or an upload id may itself be "uploads".
+    let is_upload = |at: usize| {
+        segments.get(at) == Some(&"uploads")
+            && matches!(segments.get(at + 2), Some(&("blobs" | "compressed-blobs")))
+    };
+    let at = keyword_at(&segments, is_upload)
+        .or_else(|| segments.iter().position(|s| *s == "uploads"))
         .ok_or_else(|| {
             bad(
                 name,
@@ -106,6 +109,17 @@ pub(crate) fn parse_write(name: &str) -> Result<UploadName, Status> {
         blob,
         upload_id: upload_id.to_string(),
     })
+}
+
+/// Where the instance name ends: the keyword after a one-segment instance (a project may be
+/// named like a keyword, "blobs" or "uploads"), else the keyword starting the name (the empty
+/// instance), else the first segment that matches anywhere, so that a multi-segment instance is
+/// refused as "not a project" rather than as a malformed name.
+fn keyword_at(segments: &[&str], is_keyword: impl Fn(usize) -> bool) -> Option<usize> {
+    [1, 0]
+        .into_iter()
+        .chain(2..segments.len())
+        .find(|&at| is_keyword(at))
 }
 
 /// `instance` and `[compressed-]blobs/...`; returns the segments after the size.
@@ -213,6 +227,32 @@ mod tests {
         assert_eq!(upload.staging_name(), without.staging_name());
         assert!(parse_write(&format!("ios/uploads/../blobs/{hash}/3")).is_err());
         assert!(parse_write(&format!("ios/uploads//blobs/{hash}/3")).is_err());
+    }
+
+    #[test]
+    fn projects_and_upload_ids_named_like_keywords_parse() {
+        let hash = sha(b"abc");
+        for project in ["blobs", "compressed-blobs", "uploads"] {
+            let read = parse_read(&format!("{project}/blobs/{hash}/3")).unwrap();
+            assert_eq!(read.project, project);
+            let zstd = parse_read(&format!("{project}/compressed-blobs/zstd/{hash}/3")).unwrap();
+            assert_eq!((zstd.project.as_str(), zstd.compressed), (project, true));
+            let write = parse_write(&format!("{project}/uploads/u1/blobs/{hash}/3")).unwrap();
+            assert_eq!(
+                (write.blob.project.as_str(), write.upload_id.as_str()),
+                (project, "u1")
+            );
+        }
+        let id = parse_write(&format!("uploads/uploads/blobs/{hash}/3")).unwrap();
+        assert_eq!(
+            (id.blob.project.as_str(), id.upload_id.as_str()),
+            (DEFAULT_PROJECT, "uploads")
+        );
+        let both = parse_write(&format!("uploads/uploads/uploads/blobs/{hash}/3")).unwrap();
+        assert_eq!(
+            (both.blob.project.as_str(), both.upload_id.as_str()),
+            ("uploads", "uploads")
+        );
     }
 
     #[test]

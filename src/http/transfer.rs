@@ -91,6 +91,8 @@ pub async fn receive(
 ) -> Result<StagedBody, ApiError> {
     let declared = check_declared_length(headers, limit)?;
     let expected = client_checksum(headers)?;
+    // Before the body is read: a disk without room for it answers 507 at once.
+    app.store.check_room(declared.unwrap_or(0))?;
     let _lease = lease_memory(app, declared.unwrap_or(limit).min(UPLOAD_FOOTPRINT)).await?;
     let mut writer = app
         .store

@@ -8,13 +8,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::AppState;
 use super::access::{Authorized, KeyParam, QueryScope, invalid_key};
 use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
 use super::error::ApiError;
 use super::transfer::{self, ServeOptions};
-use crate::storage::{ArtifactKey, Kind, WriteMode};
+use crate::storage::{ArtifactKey, Kind, StoreError, WriteMode};
 
 const XCODE_CAS: Surface = Surface {
     kind: Kind::XcodeCas,
@@ -66,6 +67,7 @@ async fn save_entries(
 ) -> Result<Response, ApiError> {
     let limit = app.config.limits.keyvalue.0;
     transfer::check_declared_length(&headers, limit)?;
+    let expected = transfer::client_checksum(&headers)?;
     let bytes = axum::body::to_bytes(body, limit as usize)
         .await
         .map_err(|e| {
@@ -77,6 +79,11 @@ async fn save_entries(
                 ApiError::truncated_body()
             }
         })?;
+    // The checksum covers the bytes sent. What is stored is the entries re-serialised, so a
+    // later GET does not carry it (its body is not those bytes).
+    if expected.is_some_and(|expected| <[u8; 32]>::from(Sha256::digest(&bytes)) != expected) {
+        return Err(StoreError::ChecksumMismatch.into());
+    }
     let request: PutEntries = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             "bad_json",

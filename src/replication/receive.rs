@@ -321,6 +321,8 @@ where
                     ApiError::bad_request("bad_kind", format!("Unknown artifact kind {kind:?}"))
                 })?;
             let artifact = ArtifactKey::new(project, kind, key);
+            // A peer's push obeys the disk floor like a client's upload; it is sent again later.
+            store.check_room(size)?;
             let mut writer = store.writer(size, sha256.is_some());
             while let Some(chunk) = reader
                 .body_chunk()

@@ -28,6 +28,10 @@ use super::{Store, StoreError, keys, now_ms};
 
 /// Prefix of tombstone keys in the `state` column family (followed by the project).
 const TOMBSTONE_PREFIX: &[u8] = b"tombstone\0";
+/// Prefix of the marks of cleans whose deletions have not finished (followed by the project):
+/// written with the tombstone, removed once every older record is gone, so a clean cut short
+/// by a crash or an I/O error is finished at the next start.
+const UNFINISHED_PREFIX: &[u8] = b"clean-unfinished\0";
 /// Records examined per deletion batch.
 const CLEAN_BATCH: usize = 512;
 
@@ -101,7 +105,48 @@ impl Store {
         let project = project.to_owned();
         tokio::task::spawn_blocking(move || {
             let at = store.write_tombstone(&project, remote_at)?;
-            store.delete_older(&keys::project_prefix(&project), at)
+            store.finish_clean(&project, at)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Deletes what a clean of `project` at `at` left, then drops its unfinished mark.
+    fn finish_clean(&self, project: &str, at: u64) -> Result<u64, StoreError> {
+        let removed = self.delete_older(&keys::project_prefix(project), at)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(meta::CF_STATE), unfinished_key(project));
+        self.write(batch)?;
+        Ok(removed)
+    }
+
+    /// Finishes the cleans that a crash or an error cut short (their tombstones were written,
+    /// not all their deletions); returns how many records went. Run once at start, in the
+    /// background: the tombstones already hide those records meanwhile.
+    pub async fn finish_unfinished_cleans(&self) -> Result<u64, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut unfinished = Vec::new();
+            let iter = store.inner.db.iterator_cf(
+                store.cf(meta::CF_STATE),
+                rocksdb::IteratorMode::From(UNFINISHED_PREFIX, rocksdb::Direction::Forward),
+            );
+            for item in iter {
+                let (key, value) = item?;
+                let Some(project) = key.strip_prefix(UNFINISHED_PREFIX) else {
+                    break;
+                };
+                if let (Ok(project), Some(at)) =
+                    (std::str::from_utf8(project), meta::decode::<u64>(&value))
+                {
+                    unfinished.push((project.to_owned(), at));
+                }
+            }
+            let mut removed = 0;
+            for (project, at) in unfinished {
+                removed += store.finish_clean(&project, at)?;
+            }
+            Ok(removed)
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
@@ -109,7 +154,11 @@ impl Store {
 
     /// The instant of the clean (now, or a remote clean's time): durable, and ordered with
     /// publishes by `publish_order`. A local clean's batch carries its replication log record.
-    fn write_tombstone(&self, project: &str, remote_at: Option<u64>) -> Result<u64, StoreError> {
+    pub(super) fn write_tombstone(
+        &self,
+        project: &str,
+        remote_at: Option<u64>,
+    ) -> Result<u64, StoreError> {
         let _order = self
             .inner
             .publish_order
@@ -122,6 +171,11 @@ impl Store {
         key.extend_from_slice(project.as_bytes());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(meta::CF_STATE), key, meta::encode(&at));
+        batch.put_cf(
+            self.cf(meta::CF_STATE),
+            unfinished_key(project),
+            meta::encode(&at),
+        );
         let ticket = self.inner.sequencer.take();
         batch.merge_cf(
             self.cf(meta::CF_STATE),
@@ -197,4 +251,10 @@ impl Store {
             from.push(0);
         }
     }
+}
+
+fn unfinished_key(project: &str) -> Vec<u8> {
+    let mut key = UNFINISHED_PREFIX.to_vec();
+    key.extend_from_slice(project.as_bytes());
+    key
 }

@@ -159,8 +159,14 @@ pub enum StoreError {
     AlreadyExists,
     #[error("not enough storage: eviction cannot free room for this artifact")]
     InsufficientStorage,
-    #[error("the data dir's filesystem has {free} bytes free, under storage.min_free ({min_free})")]
-    DiskFull { free: u64, min_free: u64 },
+    #[error(
+        "the data dir's filesystem has {free} bytes free: too few to take {incoming} more and keep storage.min_free ({min_free})"
+    )]
+    DiskFull {
+        free: u64,
+        min_free: u64,
+        incoming: u64,
+    },
     #[error("unknown upload")]
     UploadNotFound,
     #[error("part {0} was not uploaded")]
@@ -679,7 +685,7 @@ impl Store {
     ) -> Result<Committed, StoreError> {
         // `WriteOnce` and last-writer-wins are decided in `publish_record`, under the key's lock.
         let encoded = key.encode();
-        self.check_free_space()?;
+        self.check_room(0)?;
         let content_type_len = attributes.content_type.as_ref().map_or(0, String::len);
         let charge = meta::charge(staged.size, encoded.len(), content_type_len);
         // An overwrite gives back what the version it replaces costs.
@@ -1302,16 +1308,24 @@ impl Store {
         Ok(())
     }
 
-    /// Refuses writes while the filesystem is nearly full, before RocksDB or a body file finds
-    /// out the hard way: RocksDB cannot take writes again after its log failed on a full disk.
-    fn check_free_space(&self) -> Result<(), StoreError> {
+    /// Refuses a write of `incoming` more bytes that would take the filesystem under
+    /// `storage.min_free`, before RocksDB or a body file finds out the hard way: RocksDB cannot
+    /// take writes again after its log failed on a full disk, so one large upload streaming
+    /// into staging must not use up the room every other write's log needs. Callers pass what
+    /// they are about to stream (a declared length, a blob's size), or 0 at publish, when the
+    /// body is already on disk.
+    pub fn check_room(&self, incoming: u64) -> Result<(), StoreError> {
         let min_free = self.inner.options.min_free;
         if min_free == 0 {
             return Ok(());
         }
         let free = filesystem_space(&self.inner.options.data_dir)?.available;
-        if free < min_free {
-            return Err(StoreError::DiskFull { free, min_free });
+        if free < min_free.saturating_add(incoming) {
+            return Err(StoreError::DiskFull {
+                free,
+                min_free,
+                incoming,
+            });
         }
         Ok(())
     }

@@ -120,6 +120,7 @@ impl Store {
         if written > limit {
             return Err(StoreError::TooLarge { limit });
         }
+        self.check_room(limit - written)?;
         Ok(ResumableUpload {
             store: self.clone(),
             claim,
@@ -458,6 +459,26 @@ mod tests {
             None,
             "published: gone"
         );
+    }
+
+    #[tokio::test]
+    async fn an_upload_without_room_for_its_rest_over_the_disk_floor_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreOptions {
+            min_free: 1,
+            ..StoreOptions::for_tests(dir.path())
+        })
+        .unwrap();
+        // No filesystem has an exabyte free; every one has a few KiB.
+        assert!(matches!(
+            store.resume_upload("huge", 1 << 60, false).await,
+            Err(StoreError::DiskFull { incoming, .. }) if incoming == 1 << 60
+        ));
+        let mut small = store
+            .resume_upload("small", 2 * CHUNK as u64, false)
+            .await
+            .unwrap();
+        small.write(chunk(0)).await.unwrap();
     }
 
     #[tokio::test]

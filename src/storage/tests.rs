@@ -783,6 +783,40 @@ async fn access_times_move_at_most_once_per_resolution() {
     assert_eq!(atime, None, "an access within the resolution was written");
 }
 
+/// A clean cut short after its tombstone (a crash, an I/O error) hides the project's older
+/// records at once, and the next start deletes them: their bodies and usage do not linger until
+/// eviction happens to reach them.
+#[tokio::test]
+async fn a_clean_cut_short_is_finished_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions::for_tests(dir.path())).unwrap();
+    let cleaned = |n: usize| ArtifactKey::new("gone", Kind::Gradle, format!("k{n}"));
+    for n in 0..3 {
+        put(&store, &cleaned(n), &vec![7u8; 100_000]).await;
+    }
+    put(&store, &gradle("kept"), b"kept").await;
+    // Only the tombstone is written: the process stops before any deletion batch.
+    let at = store.write_tombstone("gone", None).unwrap();
+    assert!(store.head(&cleaned(0)).unwrap().is_none(), "hidden at once");
+    drop(store);
+
+    let store = Store::open(StoreOptions::for_tests(dir.path())).unwrap();
+    assert!(raw_record(&store, &cleaned(0)).is_some(), "still on disk");
+    assert_eq!(store.finish_unfinished_cleans().await.unwrap(), 3);
+    for n in 0..3 {
+        assert!(raw_record(&store, &cleaned(n)).is_none());
+    }
+    assert_eq!(store.stats().artifacts, 1);
+    assert_eq!(recount(&store).usage, store.accounting().usage);
+    assert_eq!(
+        store.inner.tombstones.of("gone"),
+        Some(at),
+        "the tombstone stays"
+    );
+    // Finished: nothing left for the start after.
+    assert_eq!(store.finish_unfinished_cleans().await.unwrap(), 0);
+}
+
 /// The multi-key lookup answers in order, hides cleaned projects, and refreshes what it finds.
 #[tokio::test]
 async fn present_answers_in_order_and_refreshes_what_it_finds() {

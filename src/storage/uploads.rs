@@ -78,6 +78,15 @@ impl Drop for CompletionClaim<'_> {
     }
 }
 
+/// Why an upload's record and parts go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// Published: the completion that claimed it removes it.
+    Completed,
+    /// Too old: unless a completion has claimed it meanwhile.
+    Expired,
+}
+
 impl Store {
     /// Registers a new upload that will become `target`; returns its id. Blocking (a directory,
     /// a metadata write, and syncs in `fsync` durability): call it off the async workers.
@@ -90,7 +99,7 @@ impl Store {
         if open.len() >= limits.max_in_flight {
             return Err(StoreError::TooManyUploads(limits.max_in_flight));
         }
-        self.check_free_space()?;
+        self.check_room(0)?;
         let id = format!("{:032x}", rand::random::<u128>());
         let dir = self.upload_dir(&id);
         std::fs::create_dir(&dir).map_err(StoreError::from_write)?;
@@ -205,6 +214,8 @@ impl Store {
         }
         let (claim, staged_bytes) = self.claim_completion(id, parts)?;
         let target = self.upload_target(id)?.ok_or(StoreError::UploadNotFound)?;
+        // The assembled copy needs room of its own until the parts are removed.
+        self.check_room(staged_bytes)?;
         let assembled = self
             .assemble(&self.upload_dir(id), parts, expected_sha256, limits)
             .await?;
@@ -222,7 +233,7 @@ impl Store {
                 staged_bytes,
             )
             .await?;
-        self.remove_upload(id)?;
+        self.remove_upload(id, Removal::Completed)?;
         drop(claim);
         Ok(committed)
     }
@@ -288,7 +299,7 @@ impl Store {
             .collect();
         let mut removed = 0;
         for id in &expired {
-            if self.remove_upload(id)? {
+            if self.remove_upload(id, Removal::Expired)? {
                 removed += 1;
             }
         }
@@ -296,12 +307,17 @@ impl Store {
     }
 
     /// Deletes an upload's record, its parts and their accounting, once: `false` when it was
-    /// already gone.
-    fn remove_upload(&self, id: &str) -> Result<bool, StoreError> {
+    /// already gone, or when it expired but a completion claimed it since the expiry listed it
+    /// (its parts are being assembled).
+    fn remove_upload(&self, id: &str, removal: Removal) -> Result<bool, StoreError> {
         let mut open = self.inner.uploads.lock();
-        let Some(staged) = open.get(id).map(OpenUpload::staged) else {
+        let Some(upload) = open.get(id) else {
             return Ok(false);
         };
+        if removal == Removal::Expired && upload.completing {
+            return Ok(false);
+        }
+        let staged = upload.staged();
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(meta::CF_UPLOADS), id);
         self.write(batch)?;
@@ -474,6 +490,23 @@ mod tests {
         let mut writer = store.writer(u64::MAX, false);
         writer.write(bytes).await.unwrap();
         writer.finish(None).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_expiry_leaves_an_upload_that_a_completion_claimed_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let key = ArtifactKey::new("p", Kind::Module, "m");
+        let id = store.start_upload(&key, &LIMITS).unwrap();
+        let part = staged(&store, b"part one").await;
+        store.put_part(&id, 1, part, &LIMITS).await.unwrap();
+        // The expiry listed the upload just before the completion claimed it.
+        let (claim, _) = store.claim_completion(&id, &[1]).unwrap();
+        assert!(!store.remove_upload(&id, Removal::Expired).unwrap());
+        assert!(store.upload_dir(&id).join("1").exists(), "parts kept");
+        drop(claim);
+        let committed = store.complete_upload(&id, &[1], None, &LIMITS).await;
+        assert!(committed.is_ok(), "{committed:?}");
     }
 
     proptest! {
