@@ -190,6 +190,35 @@ fn token_hash_prints_the_sha256_of_stdin() {
     );
 }
 
+/// The node re-executes itself with glibc's larger thread cache in `GLIBC_TUNABLES` (as the same
+/// process: the harness still reads its log), and an operator's own settings win.
+#[test]
+fn the_node_runs_with_its_malloc_tunables_unless_the_operator_set_them() {
+    // The node logs them at start (its /proc environ no longer shows them whole: glibc splits
+    // the original string in place when it parses it).
+    let tunables = |node: &Node| -> Option<String> {
+        node.logs().lines().find_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            Some(value["fields"]["glibc_tunables"].as_str()?.to_owned())
+        })
+    };
+    let node = Node::start();
+    assert_eq!(
+        tunables(&node).as_deref(),
+        Some(
+            "glibc.malloc.tcache_count=64:glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=524288"
+        )
+    );
+    let node = Node::start_with(NodeOptions::default().env("MALLOC_ARENA_MAX", "4"));
+    assert_eq!(
+        tunables(&node).as_deref(),
+        Some("glibc.malloc.tcache_count=64:glibc.malloc.mmap_threshold=524288")
+    );
+    let node =
+        Node::start_with(NodeOptions::default().env("GLIBC_TUNABLES", "glibc.malloc.arena_max=8"));
+    assert_eq!(tunables(&node).as_deref(), Some("glibc.malloc.arena_max=8"));
+}
+
 #[tokio::test]
 async fn restart_keeps_artifacts_and_node_id() {
     let mut node = Node::start();
