@@ -83,18 +83,6 @@ die() {
 
 # A free TCP port on 127.0.0.1: a random high port that nothing accepts on. (Runs in a
 # subshell; nginx listens before Kura's port is picked, so the two never get the same one.)
-free_port() {
-  local port i
-  for ((i = 0; i < 200; i++)); do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return 0
-    fi
-  done
-  die "no free port found on 127.0.0.1"
-}
-
 # Waits until url answers 200; fails early when pid has exited.
 wait_up() {
   local name="$1" pid="$2" url="$3" log="$4" i

@@ -46,7 +46,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port=$((20000 + RANDOM % 40000))
+port="$(free_port)"
 KURA_SERVER_HTTP="127.0.0.1:$port" \
   KURA_SERVER_GRPC=127.0.0.1:0 \
   KURA_STORAGE_DATA_DIR="$work/data" \
