@@ -149,6 +149,7 @@ fn load(path: Option<PathBuf>) -> Option<Config> {
 /// than 7 of a size; the rest went to the shared bins, which glibc merges again on every
 /// page-sized allocation (each response makes one). Measured in `docs/benchmarks.md`: about 10 %
 /// more small GETs per second, peak RSS of `tests/memory.rs` unchanged.
+///
 /// Each comes with the variable through which an operator may have set it already (theirs wins).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MALLOC_TUNABLES: [(&str, Option<&str>); 3] = [
@@ -160,15 +161,23 @@ const MALLOC_TUNABLES: [(&str, Option<&str>); 3] = [
     ),
 ];
 
+/// Marks the re-executed node. glibc erases `GLIBC_TUNABLES` from a process in secure-execution
+/// mode (a binary given file capabilities to bind a low port, say), so that variable alone
+/// cannot tell the second start from the first: without the mark such a node would re-execute
+/// itself forever.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const REEXECUTED: &str = "KURA_MALLOC_TUNED";
+
 /// Runs the node again with [`MALLOC_TUNABLES`] in its environment, as the same process (pid,
 /// arguments and open files stay): glibc reads the thread-cache size only from the environment
-/// at exec. Returns only when no re-exec happens: the operator set `GLIBC_TUNABLES` (theirs
-/// wins), or the exec failed, and then the node runs with what [`tune_malloc`] can set.
+/// at exec. Returns only when no re-exec happens: this is the re-executed node, the operator set
+/// `GLIBC_TUNABLES` (theirs wins), or the exec failed, and then the node runs with what
+/// [`tune_malloc`] can set.
 fn reexec_with_malloc_tunables() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt as _;
-        if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        if std::env::var_os("GLIBC_TUNABLES").is_some() || std::env::var_os(REEXECUTED).is_some() {
             return;
         }
         let Ok(exe) = std::env::current_exe() else {
@@ -182,8 +191,11 @@ fn reexec_with_malloc_tunables() {
         let error = std::process::Command::new(exe)
             .args(std::env::args_os().skip(1))
             .env("GLIBC_TUNABLES", tunables.join(":"))
+            .env(REEXECUTED, "1")
             .exec();
-        eprintln!("kura: could not re-exec with GLIBC_TUNABLES ({error}); using glibc's defaults");
+        eprintln!(
+            "kura: could not re-exec with GLIBC_TUNABLES ({error}); running without the larger malloc thread cache"
+        );
     }
 }
 

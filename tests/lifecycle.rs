@@ -217,6 +217,10 @@ fn the_node_runs_with_its_malloc_tunables_unless_the_operator_set_them() {
     let node =
         Node::start_with(NodeOptions::default().env("GLIBC_TUNABLES", "glibc.malloc.arena_max=8"));
     assert_eq!(tunables(&node).as_deref(), Some("glibc.malloc.arena_max=8"));
+    // Marked as re-executed already (glibc erased the variable: secure execution), it starts
+    // as it is instead of re-executing again.
+    let node = Node::start_with(NodeOptions::default().env("KURA_MALLOC_TUNED", "1"));
+    assert_eq!(tunables(&node), None, "started, and without re-executing");
 }
 
 #[tokio::test]
