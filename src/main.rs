@@ -161,10 +161,10 @@ const MALLOC_TUNABLES: [(&str, Option<&str>); 3] = [
     ),
 ];
 
-/// Marks the re-executed node. glibc erases `GLIBC_TUNABLES` from a process in secure-execution
-/// mode (a binary given file capabilities to bind a low port, say), so that variable alone
-/// cannot tell the second start from the first: without the mark such a node would re-execute
-/// itself forever.
+/// Marks the re-executed node. In secure-execution mode (a binary given file capabilities to
+/// bind a low port, say) glibc may strip `GLIBC_TUNABLES` from the environment, so that variable
+/// alone cannot tell the second start from the first: without the mark such a node could
+/// re-execute itself forever.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const REEXECUTED: &str = "KURA_MALLOC_TUNED";
 
