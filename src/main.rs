@@ -152,14 +152,26 @@ fn load(path: Option<PathBuf>) -> Option<Config> {
 ///
 /// Each comes with the variable through which an operator may have set it already (theirs wins).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MALLOC_TUNABLES: [(&str, Option<&str>); 3] = [
-    ("glibc.malloc.tcache_count=64", None),
-    ("glibc.malloc.arena_max=2", Some("MALLOC_ARENA_MAX")),
+const MALLOC_TUNABLES: [(&str, i32, Option<&str>); 3] = [
+    ("glibc.malloc.tcache_count", 64, None),
     (
-        "glibc.malloc.mmap_threshold=524288",
+        "glibc.malloc.arena_max",
+        ARENA_MAX,
+        Some("MALLOC_ARENA_MAX"),
+    ),
+    (
+        "glibc.malloc.mmap_threshold",
+        MMAP_THRESHOLD,
         Some("MALLOC_MMAP_THRESHOLD_"),
     ),
 ];
+
+/// Malloc arenas for the whole process (see [`tune_malloc`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const ARENA_MAX: i32 = 2;
+/// Blocks from this size on are mapped on their own (see [`tune_malloc`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: i32 = 512 * 1024;
 
 /// Marks the re-executed node. In secure-execution mode (a binary given file capabilities to
 /// bind a low port, say) glibc may strip `GLIBC_TUNABLES` from the environment, so that variable
@@ -183,10 +195,10 @@ fn reexec_with_malloc_tunables() {
         let Ok(exe) = std::env::current_exe() else {
             return;
         };
-        let tunables: Vec<&str> = MALLOC_TUNABLES
+        let tunables: Vec<String> = MALLOC_TUNABLES
             .iter()
-            .filter(|(_, legacy)| legacy.is_none_or(|name| std::env::var_os(name).is_none()))
-            .map(|(tunable, _)| *tunable)
+            .filter(|(_, _, legacy)| legacy.is_none_or(|name| std::env::var_os(name).is_none()))
+            .map(|(tunable, value, _)| format!("{tunable}={value}"))
             .collect();
         let error = std::process::Command::new(exe)
             .args(std::env::args_os().skip(1))
@@ -216,11 +228,11 @@ fn tune_malloc() {
         if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
             // SAFETY: mallopt only adjusts allocator parameters; called before other threads
             // exist.
-            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX) };
         }
         if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
             // SAFETY: as above.
-            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024) };
+            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
         }
     }
 }
