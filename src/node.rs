@@ -294,6 +294,21 @@ fn spawn_maintenance(store: Store, config: &Config) {
     let expiry = config.uploads.expiry.0;
     let upload_expiry = expiry.as_millis() as u64;
     tokio::spawn(async move {
+        let backfill = store.clone();
+        match tokio::task::spawn_blocking(move || backfill.backfill_presence()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(written)) => {
+                tracing::info!(
+                    written,
+                    "indexed the presence of the artifacts stored before"
+                )
+            }
+            Ok(Err(error)) => tracing::error!(
+                %error,
+                "could not index the presence of stored artifacts; existence checks read the records"
+            ),
+            Err(error) => tracing::error!(%error, "the presence backfill panicked"),
+        }
         match store.finish_unfinished_cleans().await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "finished the project cleans a stop cut short"),

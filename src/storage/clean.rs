@@ -234,6 +234,7 @@ impl Store {
                     // found stale and deleted by eviction).
                     None => {
                         batch.delete_cf(self.cf(meta::CF_ARTIFACTS), key);
+                        batch.delete_cf(self.cf(meta::CF_PRESENCE), self.presence_key(key));
                         batch.delete_cf(self.cf(meta::CF_ATIME), key);
                     }
                 }

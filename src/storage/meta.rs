@@ -4,6 +4,9 @@
 //! - `artifacts`: [`ArtifactKey::encode`] → [`ArtifactRecord`]
 //! - `access`: `last_access_ms (8 bytes BE) ++ encoded key` → empty; ordered oldest first, it
 //!   is the eviction queue
+//! - `presence`: encoded key → [`Presence`] (size, version, access time at publish), written
+//!   and deleted in the same batches as the record: what an existence check (FindMissingBlobs)
+//!   reads, a few dozen bytes per artifact where the record can hold a 32 KiB inline body
 //! - `atime`: encoded key → last access (8 bytes BE), for artifacts read since their publish
 //!   (until then the record's `accessed_ms` is the last access). Kept apart from the record so
 //!   that noting a read never rewrites a record, whose inline body can be 32 KiB
@@ -32,8 +35,10 @@ pub const CF_BODIES: &str = "bodies";
 pub const CF_OUTBOX: &str = "outbox";
 pub const CF_ATIME: &str = "atime";
 pub const CF_EXTRA: &str = "extra";
-pub const ALL_CFS: [&str; 8] = [
+pub const CF_PRESENCE: &str = "presence";
+pub const ALL_CFS: [&str; 9] = [
     CF_ARTIFACTS,
+    CF_PRESENCE,
     CF_ACCESS,
     CF_ATIME,
     CF_UPLOADS,
@@ -48,6 +53,10 @@ pub const USAGE_KEY: &[u8] = b"usage";
 /// Present in `state` once `bodies` indexes every file body (data dirs from before the index
 /// get it by a backfill; until then the orphan sweep deletes nothing in `bodies/`).
 pub const BODIES_INDEXED_KEY: &[u8] = b"bodies_indexed";
+
+/// Present in `state` once `presence` has an entry for every record (data dirs from before the
+/// family get them by a backfill; until then existence checks read `artifacts`).
+pub const PRESENCE_INDEXED_KEY: &[u8] = b"presence_indexed";
 
 /// Key of a body file in the `bodies` family.
 pub fn body_index_key(id: u128) -> [u8; 16] {
@@ -125,6 +134,55 @@ pub struct RecordView<'a> {
 pub enum BodyView<'a> {
     Inline(#[serde(borrow)] &'a [u8]),
     File(u128),
+}
+
+/// What an existence check needs of a record, kept in the `presence` family: a fixed 24 bytes
+/// (three big-endian `u64`s), so a later format can be told apart by its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub size: u64,
+    pub version_ms: u64,
+    pub accessed_ms: u64,
+}
+
+impl Presence {
+    pub fn of(record: &ArtifactRecord) -> Presence {
+        Presence {
+            size: record.size,
+            version_ms: record.version_ms,
+            accessed_ms: record.accessed_ms,
+        }
+    }
+
+    pub fn of_view(record: &RecordView<'_>) -> Presence {
+        Presence {
+            size: record.size,
+            version_ms: record.version_ms,
+            accessed_ms: record.accessed_ms,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; 24] {
+        let mut out = [0; 24];
+        out[..8].copy_from_slice(&self.size.to_be_bytes());
+        out[8..16].copy_from_slice(&self.version_ms.to_be_bytes());
+        out[16..].copy_from_slice(&self.accessed_ms.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Presence> {
+        let bytes: &[u8; 24] = bytes.try_into().ok()?;
+        let field = |at: usize| {
+            let mut word = [0; 8];
+            word.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_be_bytes(word)
+        };
+        Some(Presence {
+            size: field(0),
+            version_ms: field(8),
+            accessed_ms: field(16),
+        })
+    }
 }
 
 /// What every artifact costs beside its body: its record's fixed fields and RocksDB's own
@@ -357,6 +415,18 @@ mod tests {
         future[0] = 99;
         assert_eq!(decode::<ArtifactRecord>(&future), None);
         assert_eq!(decode::<ArtifactRecord>(&[]), None);
+    }
+
+    #[test]
+    fn presence_entries_round_trip_and_reject_other_lengths() {
+        let presence = Presence {
+            size: 1 << 40,
+            version_ms: 11,
+            accessed_ms: u64::MAX,
+        };
+        assert_eq!(Presence::decode(&presence.encode()), Some(presence));
+        assert_eq!(Presence::decode(&presence.encode()[..23]), None);
+        assert_eq!(Presence::decode(&[0; 25]), None);
     }
 
     #[test]

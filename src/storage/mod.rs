@@ -9,10 +9,11 @@
 //! - `uploads/<upload id>/<part>`: parts of module multipart uploads
 //!
 //! Publishing a body is: stage + hash ([`bodies::BodyWriter`]) → rename into `bodies/` → one
-//! RocksDB batch with the record, its eviction-queue entry and the usage counter. The batch is
-//! the moment the artifact becomes visible, so readers never see half of it. A crash between the
-//! rename and the batch leaves an unreferenced body file, which the orphan sweep (`sweep.rs`)
-//! finds through the `bodies` reverse index and deletes; see `docs/storage.md`.
+//! RocksDB batch with the record, its presence entry (`presence.rs`), its eviction-queue entry
+//! and the usage counter. The batch is the moment the artifact becomes visible, so readers never
+//! see half of it. A crash between the rename and the batch leaves an unreferenced body file,
+//! which the orphan sweep (`sweep.rs`) finds through the `bodies` reverse index and deletes; see
+//! `docs/storage.md`.
 //!
 //! There is no global write lock: writers of different keys reach RocksDB concurrently, so
 //! synced batches share device flushes (group commit). What keeps them consistent:
@@ -35,6 +36,7 @@ pub mod keys;
 mod locks;
 pub mod meta;
 mod outbox;
+mod presence;
 mod resumable;
 mod seq;
 mod sweep;
@@ -45,6 +47,7 @@ mod uploads;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -476,6 +479,8 @@ struct Inner {
     /// One eviction pass at a time.
     evicting: tokio::sync::Mutex<()>,
     touches: evict::PendingTouches,
+    /// Whether `presence` has an entry for every record (see `presence.rs`).
+    presence_indexed: AtomicBool,
     uploads: uploads::OpenUploads,
     tombstones: clean::Tombstones,
     sequencer: seq::Sequencer,
@@ -540,6 +545,7 @@ impl Store {
         };
         let tombstones = clean::Tombstones::load(&db)?;
         let sequencer = seq::Sequencer::recover(&db)?;
+        let presence_indexed = presence::indexed_at_open(&db)?;
         let store = Store {
             inner: Arc::new(Inner {
                 db,
@@ -560,6 +566,7 @@ impl Store {
                 publish_order: RwLock::new(()),
                 evicting: tokio::sync::Mutex::new(()),
                 touches: evict::PendingTouches::default(),
+                presence_indexed: AtomicBool::new(presence_indexed),
                 uploads: uploads::OpenUploads::default(),
                 tombstones,
                 sequencer,
@@ -838,6 +845,11 @@ impl Store {
         delta.add(record.charge(encoded.len()));
         let new_entry = meta::access_key(record.accessed_ms, encoded);
         batch.put_cf(self.cf(meta::CF_ARTIFACTS), encoded, meta::encode(record));
+        batch.put_cf(
+            self.cf(meta::CF_PRESENCE),
+            self.presence_key(encoded),
+            meta::Presence::of(record).encode(),
+        );
         batch.put_cf(self.cf(meta::CF_ACCESS), new_entry, []);
         if let BodyRef::File(id) = record.body {
             batch.put_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id), encoded);
@@ -943,39 +955,6 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::Io(io::Error::other(e)))??;
             sizes.extend(part);
-        }
-        Ok(sizes)
-    }
-
-    fn sizes_blocking(&self, keys: &[ArtifactKey]) -> Result<Vec<Option<u64>>, StoreError> {
-        // Every key encoded into one buffer: one allocation instead of one per key.
-        let mut buffer = Vec::with_capacity(keys.iter().map(ArtifactKey::encoded_len).sum());
-        let mut spans = Vec::with_capacity(keys.len());
-        for key in keys {
-            let start = buffer.len();
-            key.encode_into(&mut buffer);
-            spans.push(start..buffer.len());
-        }
-        let encoded: Vec<&[u8]> = spans.into_iter().map(|span| &buffer[span]).collect();
-        let values = self.inner.db.batched_multi_get_cf(
-            self.cf(meta::CF_ARTIFACTS),
-            encoded.iter().copied(),
-            false,
-        );
-        let resolution = self.access_resolution_ms();
-        let mut sizes = Vec::with_capacity(keys.len());
-        for ((key, encoded), value) in keys.iter().zip(&encoded).zip(values) {
-            let size = value?.and_then(|value| {
-                let record = meta::decode::<meta::RecordView>(&value)?;
-                if self.inner.tombstones.hides(&key.project, record.version_ms) {
-                    return None;
-                }
-                self.inner
-                    .touches
-                    .note(encoded, record.accessed_ms, resolution);
-                Some(record.size)
-            });
-            sizes.push(size);
         }
         Ok(sizes)
     }
@@ -1160,6 +1139,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let accessed_ms = self.last_access(encoded, record.accessed_ms)?;
         batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
+        batch.delete_cf(self.cf(meta::CF_PRESENCE), self.presence_key(encoded));
         batch.delete_cf(
             self.cf(meta::CF_ACCESS),
             meta::access_key(accessed_ms, encoded),
@@ -1419,6 +1399,9 @@ fn open_db(path: &Path, cache: &Cache, wal_limit: u64) -> Result<DB, StoreError>
         table.set_bloom_filter(10.0, false);
         table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
         table.set_data_block_hash_ratio(0.75);
+        if *name == meta::CF_PRESENCE {
+            table.set_block_size(1024);
+        }
         let mut family = Options::default();
         family.set_block_based_table_factory(&table);
         family.set_write_buffer_size(8 << 20);

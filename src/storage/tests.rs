@@ -37,6 +37,14 @@ fn recount(store: &Store) -> Recount {
         let record: ArtifactRecord = meta::decode(&value).unwrap();
         usage.bytes += record.charge(key.len());
         usage.artifacts += 1;
+        let presence = store
+            .get(meta::CF_PRESENCE, store.presence_key(&key))
+            .unwrap();
+        assert_eq!(
+            presence.and_then(|bytes| meta::Presence::decode(&bytes)),
+            Some(meta::Presence::of(&record)),
+            "a record whose presence entry is missing or stale"
+        );
         if let BodyRef::File(id) = record.body {
             file_bodies.insert(id);
         }
@@ -68,6 +76,16 @@ fn recount(store: &Store) -> Recount {
             "an atime without a record"
         );
     }
+    // Every record has its entry (above), so as many entries as records means none is stray.
+    let entries = store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_PRESENCE), rocksdb::IteratorMode::Start)
+        .count();
+    assert_eq!(
+        entries as u64, usage.artifacts,
+        "presence entries without a record"
+    );
     Recount {
         usage,
         access_entries,
@@ -848,6 +866,52 @@ async fn present_answers_in_order_and_refreshes_what_it_finds() {
         raw_record(&store, &gradle("k1")).is_none(),
         "k1 was the oldest unvouched"
     );
+}
+
+/// A data dir written before the `presence` family existed: existence checks read the records
+/// until the backfill has written every entry, then the family, and both give the same answers.
+#[tokio::test]
+async fn a_data_dir_from_before_the_presence_family_answers_the_same_before_and_after_backfill() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let (small, large) = (gradle("small"), gradle("large"));
+    put(&store, &small, b"tiny").await;
+    put(&store, &large, &vec![5u8; 5000]).await;
+    // What an older release left: records, but no presence entries and no flag.
+    for key in [&small, &large] {
+        let encoded = key.encode();
+        store
+            .inner
+            .db
+            .delete_cf(store.cf(meta::CF_PRESENCE), &encoded)
+            .unwrap();
+    }
+    store
+        .inner
+        .db
+        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
+        .unwrap();
+    drop(store);
+
+    let store = store_with(dir.path(), 1 << 30);
+    let asked = || vec![small.clone(), gradle("missing"), large.clone()];
+    let expected = vec![Some(4), None, Some(5000)];
+    assert_eq!(store.stored_sizes(asked()).await.unwrap(), expected);
+    assert_eq!(store.backfill_presence().unwrap(), 2);
+    assert_eq!(store.stored_sizes(asked()).await.unwrap(), expected);
+    assert_eq!(recount(&store).usage, store.accounting().usage);
+    assert_eq!(store.backfill_presence().unwrap(), 0, "once is enough");
+    drop(store);
+
+    // The flag survives a restart, and new writes keep the family complete.
+    let store = store_with(dir.path(), 1 << 30);
+    assert_eq!(store.backfill_presence().unwrap(), 0);
+    put(&store, &gradle("new"), b"later").await;
+    assert_eq!(
+        store.stored_sizes(vec![gradle("new")]).await.unwrap(),
+        vec![Some(5)]
+    );
+    recount(&store);
 }
 
 fn logging_store(dir: &Path) -> Store {
