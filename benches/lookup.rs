@@ -73,7 +73,7 @@ fn present(c: &mut Criterion) {
     let store = data_set(&runtime);
     let rounds = AtomicU64::new(0);
     let check = |keys: Vec<ArtifactKey>| {
-        let found = runtime.block_on(store.present(keys)).expect("present");
+        let found = runtime.block_on(store.present(&keys)).expect("present");
         assert_eq!(found.iter().filter(|p| **p).count() as u64, ASKED / 2);
     };
     c.bench_function("present_10k_of_1m", |b| {

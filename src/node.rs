@@ -293,8 +293,10 @@ fn build_authorizer(config: &Config) -> anyhow::Result<(Authorizer, Option<Arc<S
 fn spawn_maintenance(store: Store, config: &Config) {
     let expiry = config.uploads.expiry.0;
     let upload_expiry = expiry.as_millis() as u64;
+    // Its own task: on a large data dir from an older release it takes a while, and eviction
+    // and expiry must not wait for it.
+    let backfill = store.clone();
     tokio::spawn(async move {
-        let backfill = store.clone();
         match tokio::task::spawn_blocking(move || backfill.backfill_presence()).await {
             Ok(Ok(0)) => {}
             Ok(Ok(written)) => {
@@ -309,6 +311,8 @@ fn spawn_maintenance(store: Store, config: &Config) {
             ),
             Err(error) => tracing::error!(%error, "the presence backfill panicked"),
         }
+    });
+    tokio::spawn(async move {
         match store.finish_unfinished_cleans().await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "finished the project cleans a stop cut short"),

@@ -20,6 +20,7 @@ use super::proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActi
 use super::status::of_store_error;
 use crate::auth::Action;
 use crate::context::NodeContext;
+use crate::storage::KeyBatch;
 
 pub(crate) struct ActionCacheService {
     pub node: Arc<NodeContext>,
@@ -160,11 +161,12 @@ async fn all_present(
     let Some(outputs) = outputs else {
         return Ok(false);
     };
-    let (keys, sizes): (Vec<_>, Vec<_>) = outputs
-        .iter()
-        .filter(|digest| !digest.is_empty_blob())
-        .map(|digest| (digest.cas_key(project), digest.size))
-        .unzip();
+    let mut keys = KeyBatch::with_capacity(outputs.len());
+    let mut sizes = Vec::with_capacity(outputs.len());
+    for digest in outputs.iter().filter(|digest| !digest.is_empty_blob()) {
+        keys.push(project, digest.function.cas_kind(), &digest.hash);
+        sizes.push(digest.size);
+    }
     let stored = node
         .store
         .stored_sizes(keys)

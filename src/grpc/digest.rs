@@ -105,6 +105,16 @@ impl BlobDigest {
         hash: &str,
         size: i64,
     ) -> Result<BlobDigest, String> {
+        let size = BlobDigest::check(function, hash, size)?;
+        Ok(BlobDigest {
+            function,
+            hash: hash.to_string(),
+            size,
+        })
+    }
+
+    /// [`BlobDigest::parse`] without keeping a copy of the hash: the checked size.
+    pub(crate) fn check(function: HashFunction, hash: &str, size: i64) -> Result<u64, String> {
         if !names::is_lower_hex(hash, 64) {
             return Err(format!(
                 "hash {:?} is not 64 lowercase hex characters",
@@ -115,11 +125,7 @@ impl BlobDigest {
         if size == 0 && hash != function.empty_hash() {
             return Err("a blob of size 0 must have the hash of the empty blob".into());
         }
-        Ok(BlobDigest {
-            function,
-            hash: hash.to_string(),
-            size,
-        })
+        Ok(size)
     }
 
     /// The empty blob: always present, never stored.

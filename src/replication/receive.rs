@@ -320,7 +320,9 @@ where
                 .ok_or_else(|| {
                     ApiError::bad_request("bad_kind", format!("Unknown artifact kind {kind:?}"))
                 })?;
-            let artifact = ArtifactKey::new(project, kind, key);
+            let artifact = ArtifactKey::new_checked(&project, kind, &key).ok_or_else(|| {
+                ApiError::bad_request("bad_key", "project and key must not contain NUL")
+            })?;
             // A peer's push obeys the disk floor like a client's upload; it is sent again later.
             store.check_room(size)?;
             let mut writer = store.writer(size, sha256.is_some());

@@ -53,6 +53,34 @@ impl PendingTouches {
         }
     }
 
+    /// [`PendingTouches::note`] of many artifacts (encoded key, publish time) at once: one
+    /// clock read, and each shard locked once rather than once per key.
+    pub(super) fn note_all(&self, accessed: Vec<(&[u8], u64)>, resolution: u64) {
+        let now = now_ms();
+        let mut by_shard: Vec<(usize, &[u8])> = accessed
+            .into_iter()
+            .filter(|(_, published_ms)| now.saturating_sub(*published_ms) >= resolution)
+            .map(|(encoded, _)| {
+                let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
+                (shard, encoded)
+            })
+            .collect();
+        by_shard.sort_unstable_by_key(|(shard, _)| *shard);
+        for group in by_shard.chunk_by(|a, b| a.0 == b.0) {
+            let mut pending = self.shards[group[0].0]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (_, encoded) in group {
+                match pending.get_mut(*encoded) {
+                    Some(time) => *time = now,
+                    None => {
+                        pending.insert(encoded.to_vec(), now);
+                    }
+                }
+            }
+        }
+    }
+
     fn take(&self) -> Vec<(Vec<u8>, u64)> {
         let mut all = Vec::new();
         for shard in &self.shards {

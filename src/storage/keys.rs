@@ -83,6 +83,14 @@ impl ArtifactKey {
         }
     }
 
+    /// [`ArtifactKey::new`] of parts from outside this node's validation (a peer's log, a
+    /// stored key): `None` when the project or the key contains NUL, which would make two
+    /// different keys encode alike.
+    pub fn new_checked(project: &str, kind: Kind, key: &str) -> Option<ArtifactKey> {
+        (!project.contains('\0') && !key.contains('\0'))
+            .then(|| ArtifactKey::new(project, kind, key))
+    }
+
     /// Encoding used as the RocksDB key: `project \0 kind \0 key`. Project first, so deleting a
     /// project is one prefix range.
     pub fn encode(&self) -> Vec<u8> {
@@ -93,11 +101,16 @@ impl ArtifactKey {
 
     /// [`ArtifactKey::encode`] appended to `out`: many keys share one buffer.
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.project.as_bytes());
+        ArtifactKey::encode_parts_into(&self.project, self.kind, &self.key, out);
+    }
+
+    /// [`ArtifactKey::encode_into`] of a key given by its parts (no `ArtifactKey` built).
+    pub(crate) fn encode_parts_into(project: &str, kind: Kind, key: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(project.as_bytes());
         out.push(0);
-        out.extend_from_slice(self.kind.as_str().as_bytes());
+        out.extend_from_slice(kind.as_str().as_bytes());
         out.push(0);
-        out.extend_from_slice(self.key.as_bytes());
+        out.extend_from_slice(key.as_bytes());
     }
 
     /// Length of [`ArtifactKey::encode`].
@@ -111,7 +124,7 @@ impl ArtifactKey {
         let project = std::str::from_utf8(parts.next()?).ok()?;
         let kind = Kind::from_str(std::str::from_utf8(parts.next()?).ok()?)?;
         let key = std::str::from_utf8(parts.next()?).ok()?;
-        Some(ArtifactKey::new(project, kind, key))
+        ArtifactKey::new_checked(project, kind, key)
     }
 }
 
@@ -149,6 +162,17 @@ mod tests {
         assert_eq!(
             ArtifactKey::decode(&account_scoped.encode()),
             Some(account_scoped)
+        );
+    }
+
+    #[test]
+    fn keys_from_outside_with_a_nul_are_refused() {
+        assert!(ArtifactKey::new_checked("p", Kind::CasSha256, "a\0b").is_none());
+        assert!(ArtifactKey::new_checked("p\0q", Kind::Gradle, "k").is_none());
+        assert!(ArtifactKey::decode(b"p\0gradle\0k\0more").is_none());
+        assert_eq!(
+            ArtifactKey::decode(b"p\0gradle\0k"),
+            Some(ArtifactKey::new("p", Kind::Gradle, "k"))
         );
     }
 

@@ -62,6 +62,7 @@ pub use evict::DEFAULT_ACCESS_TIME_RESOLUTION;
 pub use keys::{ArtifactKey, Kind};
 use meta::{ArtifactRecord, BodyRef, Usage, UsageDelta};
 pub use outbox::{IndexEntry, LogRecord, LogSlice};
+pub use presence::KeyBatch;
 pub use resumable::ResumableUpload;
 pub use sweep::SweepReport;
 pub use uploads::UploadLimits;
@@ -72,9 +73,6 @@ pub const DEFAULT_INLINE_MAX: usize = 32 * 1024;
 pub const DEFAULT_BLOCK_CACHE: usize = 32 << 20;
 /// Default of [`StoreOptions::wal_limit`]: a few memtables' worth, so a restart replays little.
 pub const DEFAULT_WAL_LIMIT: u64 = 64 << 20;
-/// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
-/// it, a thread hop costs more than it saves.
-const PRESENT_CHUNK_MIN: usize = 1024;
 /// How often a read looks again when the body file it was about to open was replaced.
 const READ_ATTEMPTS: usize = 4;
 /// File bodies up to this size are read whole and verified before a response starts, so a
@@ -921,42 +919,6 @@ impl Store {
             record,
             accessed: false,
         }))
-    }
-
-    /// Which of `keys` are stored (and not hidden by a clean), in order, noting an access of
-    /// each one present: what `FindMissingBlobs` vouches for must not be the next evicted. One
-    /// batched RocksDB lookup per chunk, and no body decoded. Runs off the async workers, a
-    /// large request split over the cores (the lookups are memory-bound CPU work).
-    pub async fn present(&self, keys: Vec<ArtifactKey>) -> Result<Vec<bool>, StoreError> {
-        let sizes = self.stored_sizes(keys).await?;
-        Ok(sizes.into_iter().map(|size| size.is_some()).collect())
-    }
-
-    /// [`Store::present`] that also tells each present artifact's size (REAPI digests carry
-    /// one, and a digest whose size differs from the stored blob's names no stored blob).
-    pub async fn stored_sizes(
-        &self,
-        keys: Vec<ArtifactKey>,
-    ) -> Result<Vec<Option<u64>>, StoreError> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = keys.len().div_ceil(cores).max(PRESENT_CHUNK_MIN);
-        let keys = Arc::new(keys);
-        let lookups: Vec<_> = (0..keys.len())
-            .step_by(chunk)
-            .map(|start| {
-                let (store, keys) = (self.clone(), keys.clone());
-                let end = (start + chunk).min(keys.len());
-                tokio::task::spawn_blocking(move || store.sizes_blocking(&keys[start..end]))
-            })
-            .collect();
-        let mut sizes = Vec::with_capacity(keys.len());
-        for lookup in lookups {
-            let part = lookup
-                .await
-                .map_err(|e| StoreError::Io(io::Error::other(e)))??;
-            sizes.extend(part);
-        }
-        Ok(sizes)
     }
 
     /// The record under `key` unless a clean of its project hides it.

@@ -12,15 +12,21 @@
 //! once in the background (`state` flag [`meta::PRESENCE_INDEXED_KEY`]); until the flag is set,
 //! existence checks read `artifacts` as before, so no answer is ever wrong meanwhile.
 
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use rocksdb::{DB, WriteBatch};
 
 use super::meta::{self, Presence};
-use super::{ArtifactKey, Store, StoreError, cf};
+use super::{ArtifactKey, Kind, Store, StoreError, cf};
 
-/// Records re-read per backfill batch.
-const BACKFILL_BATCH: usize = 512;
+/// Records re-read per backfill batch: small, so that the key locks it holds delay few writes.
+const BACKFILL_BATCH: usize = 128;
+/// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
+/// it, a thread hop costs more than it saves.
+const CHUNK_MIN: usize = 1024;
 
 /// Appends the `presence` key of the artifact encoded as `encoded`: the encoded key itself,
 /// except that a key of 64 lowercase hex digits (what every content-addressed kind uses) is
@@ -29,11 +35,7 @@ const BACKFILL_BATCH: usize = 512;
 pub(super) fn presence_key(encoded: &[u8], out: &mut Vec<u8>) {
     if let Some(split) = key_start(encoded) {
         let (prefix, key) = encoded.split_at(split);
-        let mut packed = [0u8; 32];
-        if key.len() == 64
-            && key.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            && hex::decode_to_slice(key, &mut packed).is_ok()
-        {
+        if let Some(packed) = pack_hash(key) {
             out.extend_from_slice(prefix);
             out.push(0);
             out.extend_from_slice(&packed);
@@ -42,6 +44,36 @@ pub(super) fn presence_key(encoded: &[u8], out: &mut Vec<u8>) {
     }
     out.extend_from_slice(encoded);
 }
+
+/// The 32 bytes spelled by 64 lowercase hex digits; `None` for anything else (uppercase too, so
+/// that two spellings of one hash never share an entry). Branch-free per digit: it runs for
+/// every key of every existence check.
+fn pack_hash(key: &[u8]) -> Option<[u8; 32]> {
+    let digits: &[u8; 64] = key.try_into().ok()?;
+    let mut packed = [0u8; 32];
+    let mut invalid = 0u8;
+    for (byte, pair) in packed.iter_mut().zip(digits.chunks_exact(2)) {
+        let (high, low) = (NIBBLES[pair[0] as usize], NIBBLES[pair[1] as usize]);
+        invalid |= high | low;
+        *byte = high << 4 | low;
+    }
+    (invalid & NOT_HEX == 0).then_some(packed)
+}
+
+/// Marks a byte that is not a lowercase hex digit in [`NIBBLES`].
+const NOT_HEX: u8 = 0x10;
+
+/// Each byte's value as a lowercase hex digit, or [`NOT_HEX`].
+const NIBBLES: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut digit = 0;
+    while digit < 16 {
+        let symbol = b"0123456789abcdef"[digit];
+        table[symbol as usize] = digit as u8;
+        digit += 1;
+    }
+    table
+};
 
 /// Where the key part of an encoded `project \0 kind \0 key` starts.
 fn key_start(encoded: &[u8]) -> Option<usize> {
@@ -54,45 +86,100 @@ fn key_start(encoded: &[u8]) -> Option<usize> {
 /// (then the flag is written, since every record from now on gets its entry).
 pub(super) fn indexed_at_open(db: &DB) -> Result<bool, StoreError> {
     let state = cf(db, meta::CF_STATE);
-    if db
+    let flagged = db
         .get_pinned_cf(state, meta::PRESENCE_INDEXED_KEY)?
-        .is_some()
-    {
-        return Ok(true);
-    }
-    let mut records = db.iterator_cf(cf(db, meta::CF_ARTIFACTS), rocksdb::IteratorMode::Start);
-    if records.next().transpose()?.is_some() {
+        .is_some();
+    let records = !is_empty(db, meta::CF_ARTIFACTS)?;
+    if flagged && records && is_empty(db, meta::CF_PRESENCE)? {
+        // Records but not one entry: the family was lost (dropped by hand, or the data dir
+        // went through a release without it). Answering from it would call every blob missing.
+        tracing::warn!("the presence family is empty while artifacts are stored; rebuilding it");
+        db.delete_cf(state, meta::PRESENCE_INDEXED_KEY)?;
         return Ok(false);
+    }
+    if flagged || records {
+        return Ok(flagged);
     }
     db.put_cf(state, meta::PRESENCE_INDEXED_KEY, [])?;
     Ok(true)
 }
 
+fn is_empty(db: &DB, family: &str) -> Result<bool, StoreError> {
+    let mut entries = db.iterator_cf(cf(db, family), rocksdb::IteratorMode::Start);
+    Ok(entries.next().transpose()?.is_none())
+}
+
 /// Many keys in one allocation.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct KeyBuffer {
     bytes: Vec<u8>,
     ends: Vec<usize>,
 }
 
 impl KeyBuffer {
-    fn new<W: FnOnce(&mut Vec<u8>)>(writers: impl ExactSizeIterator<Item = W>) -> KeyBuffer {
-        let mut buffer = KeyBuffer {
-            bytes: Vec::with_capacity(writers.len() * 64),
-            ends: Vec::with_capacity(writers.len()),
-        };
-        for write in writers {
-            write(&mut buffer.bytes);
-            buffer.ends.push(buffer.bytes.len());
+    fn with_capacity(keys: usize) -> KeyBuffer {
+        KeyBuffer {
+            bytes: Vec::with_capacity(keys * 64),
+            ends: Vec::with_capacity(keys),
         }
-        buffer
     }
 
-    fn keys(&self) -> impl ExactSizeIterator<Item = &[u8]> {
-        self.ends.iter().enumerate().map(|(i, end)| {
-            let start = if i == 0 { 0 } else { self.ends[i - 1] };
-            &self.bytes[start..*end]
-        })
+    /// Adds the key that `write` appends.
+    fn push(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.bytes);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, index: usize) -> &[u8] {
+        let start = index.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.bytes[start..self.ends[index]]
+    }
+
+    fn range(&self, range: Range<usize>) -> impl ExactSizeIterator<Item = &[u8]> {
+        range.map(|index| self.get(index))
+    }
+}
+
+/// The keys of a multi-key lookup ([`Store::stored_sizes`]), encoded into one buffer as they are
+/// added: a lookup of 10,000 keys makes a few allocations, not tens of thousands.
+#[derive(Clone, Default)]
+pub struct KeyBatch {
+    encoded: KeyBuffer,
+}
+
+impl KeyBatch {
+    pub fn with_capacity(keys: usize) -> KeyBatch {
+        KeyBatch {
+            encoded: KeyBuffer::with_capacity(keys),
+        }
+    }
+
+    /// Adds the key of `project`, `kind` and `key` (see [`ArtifactKey`]).
+    pub fn push(&mut self, project: &str, kind: Kind, key: &str) {
+        self.encoded
+            .push(|out| ArtifactKey::encode_parts_into(project, kind, key, out));
+    }
+
+    pub fn len(&self) -> usize {
+        self.encoded.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'a> FromIterator<&'a ArtifactKey> for KeyBatch {
+    fn from_iter<I: IntoIterator<Item = &'a ArtifactKey>>(keys: I) -> KeyBatch {
+        let mut batch = KeyBatch::default();
+        for key in keys {
+            batch.push(&key.project, key.kind, &key.key);
+        }
+        batch
     }
 }
 
@@ -104,57 +191,91 @@ impl Store {
         out
     }
 
-    /// The size of each artifact that is stored and visible (`None` otherwise), noting an
-    /// access of each one found. Blocking: RocksDB `MultiGet` over one chunk of a lookup.
-    pub(super) fn sizes_blocking(
+    /// Which of `keys` are stored (and not hidden by a clean), in order, noting an access of
+    /// each one present: what `FindMissingBlobs` vouches for must not be the next evicted. One
+    /// batched RocksDB lookup per chunk, and no record decoded. Runs off the async workers, a
+    /// large request split over the cores (the lookups are memory-bound CPU work).
+    pub async fn present(&self, keys: &[ArtifactKey]) -> Result<Vec<bool>, StoreError> {
+        let sizes = self.stored_sizes(keys.iter().collect()).await?;
+        Ok(sizes.into_iter().map(|size| size.is_some()).collect())
+    }
+
+    /// [`Store::present`] that also tells each present artifact's size (REAPI digests carry
+    /// one, and a digest whose size differs from the stored blob's names no stored blob).
+    pub async fn stored_sizes(&self, keys: KeyBatch) -> Result<Vec<Option<u64>>, StoreError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = keys.len().div_ceil(cores).max(CHUNK_MIN);
+        let keys = Arc::new(keys);
+        let lookups: Vec<_> = (0..keys.len())
+            .step_by(chunk)
+            .map(|start| {
+                let (store, keys) = (self.clone(), keys.clone());
+                let end = (start + chunk).min(keys.len());
+                tokio::task::spawn_blocking(move || store.sizes_blocking(&keys, start..end))
+            })
+            .collect();
+        let mut sizes = Vec::with_capacity(keys.len());
+        for lookup in lookups {
+            let part = lookup
+                .await
+                .map_err(|e| StoreError::Io(io::Error::other(e)))??;
+            sizes.extend(part);
+        }
+        Ok(sizes)
+    }
+
+    /// [`Store::stored_sizes`] of the keys in `range`. Blocking: one RocksDB `MultiGet`.
+    fn sizes_blocking(
         &self,
-        keys: &[ArtifactKey],
+        keys: &KeyBatch,
+        range: Range<usize>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
         let indexed = self.inner.presence_indexed.load(Ordering::Acquire);
-        // Every key encoded into one buffer (one allocation instead of one per key): the
-        // access-time note names an artifact by its encoded key, the lookup by its family's key.
-        let encoded = KeyBuffer::new(
-            keys.iter()
-                .map(|key| move |out: &mut Vec<u8>| key.encode_into(out)),
-        );
-        let (family, looked_up) = if indexed {
-            let packed = KeyBuffer::new(
-                encoded
-                    .keys()
-                    .map(|key| move |out: &mut Vec<u8>| presence_key(key, out)),
-            );
-            (meta::CF_PRESENCE, packed)
+        let values = if indexed {
+            let mut packed = KeyBuffer::with_capacity(range.len());
+            for encoded in keys.encoded.range(range.clone()) {
+                packed.push(|out| presence_key(encoded, out));
+            }
+            self.inner.db.batched_multi_get_cf(
+                self.cf(meta::CF_PRESENCE),
+                packed.range(0..packed.len()),
+                false,
+            )
         } else {
-            (meta::CF_ARTIFACTS, encoded.clone())
+            self.inner.db.batched_multi_get_cf(
+                self.cf(meta::CF_ARTIFACTS),
+                keys.encoded.range(range.clone()),
+                false,
+            )
         };
-        let values = self
-            .inner
-            .db
-            .batched_multi_get_cf(self.cf(family), looked_up.keys(), false);
-        let resolution = self.access_resolution_ms();
-        let mut sizes = Vec::with_capacity(keys.len());
-        for ((key, encoded), value) in keys.iter().zip(encoded.keys()).zip(values) {
+        let mut sizes = Vec::with_capacity(range.len());
+        let mut found = Vec::with_capacity(range.len());
+        for (encoded, value) in keys.encoded.range(range).zip(values) {
             let size = value?.and_then(|value| {
                 let presence = if indexed {
                     Presence::decode(&value)?
                 } else {
                     Presence::of_view(&meta::decode(&value)?)
                 };
-                if self
-                    .inner
-                    .tombstones
-                    .hides(&key.project, presence.version_ms)
-                {
+                if self.hidden_by_clean(encoded, presence.version_ms) {
                     return None;
                 }
-                self.inner
-                    .touches
-                    .note(encoded, presence.accessed_ms, resolution);
+                found.push((encoded, presence.accessed_ms));
                 Some(presence.size)
             });
             sizes.push(size);
         }
+        self.inner
+            .touches
+            .note_all(found, self.access_resolution_ms());
         Ok(sizes)
+    }
+
+    /// Whether a clean of the project of the artifact encoded as `encoded` hides a version.
+    fn hidden_by_clean(&self, encoded: &[u8], version_ms: u64) -> bool {
+        let project = encoded.split(|b| *b == 0).next().unwrap_or_default();
+        std::str::from_utf8(project)
+            .is_ok_and(|project| self.inner.tombstones.hides(project, version_ms))
     }
 
     /// Writes the `presence` entry of every record stored before the family existed, once, and
@@ -167,8 +288,13 @@ impl Store {
         let mut from: Vec<u8> = Vec::new();
         loop {
             let mut keys = Vec::new();
-            let iter = self.inner.db.iterator_cf(
+            // The scan reads every record, inline bodies included: kept out of the block cache,
+            // which holds what the node is serving.
+            let mut scan = rocksdb::ReadOptions::default();
+            scan.fill_cache(false);
+            let iter = self.inner.db.iterator_cf_opt(
                 self.cf(meta::CF_ARTIFACTS),
+                scan,
                 rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
             );
             for item in iter.take(BACKFILL_BATCH) {
@@ -197,7 +323,9 @@ impl Store {
                     written += 1;
                 }
             }
-            self.write(batch)?;
+            // Not synced: the flag's synced write below syncs the log up to it, and a crash
+            // before it only means the next start backfills again.
+            self.write_synced(batch, false)?;
             drop(guards);
             from = last.into_vec();
             from.push(0);

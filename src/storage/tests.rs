@@ -851,7 +851,7 @@ async fn present_answers_in_order_and_refreshes_what_it_finds() {
     store.delete_project("gone").await.unwrap();
     let asked = vec![gradle("k0"), gradle("missing"), gradle("k2"), other];
     assert_eq!(
-        store.present(asked).await.unwrap(),
+        store.present(&asked).await.unwrap(),
         vec![true, false, true, false]
     );
 
@@ -868,24 +868,36 @@ async fn present_answers_in_order_and_refreshes_what_it_finds() {
     );
 }
 
+/// Deletes every `presence` entry, as if the family had never been written.
+fn forget_presence(store: &Store) {
+    let keys: Vec<_> = store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_PRESENCE), rocksdb::IteratorMode::Start)
+        .map(|item| item.unwrap().0)
+        .collect();
+    for key in keys {
+        store
+            .inner
+            .db
+            .delete_cf(store.cf(meta::CF_PRESENCE), key)
+            .unwrap();
+    }
+}
+
 /// A data dir written before the `presence` family existed: existence checks read the records
 /// until the backfill has written every entry, then the family, and both give the same answers.
 #[tokio::test]
 async fn a_data_dir_from_before_the_presence_family_answers_the_same_before_and_after_backfill() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with(dir.path(), 1 << 30);
+    let blob = ArtifactKey::new("p", Kind::CasSha256, hex::encode([7u8; 32]));
     let (small, large) = (gradle("small"), gradle("large"));
     put(&store, &small, b"tiny").await;
     put(&store, &large, &vec![5u8; 5000]).await;
+    put(&store, &blob, b"blob").await;
     // What an older release left: records, but no presence entries and no flag.
-    for key in [&small, &large] {
-        let encoded = key.encode();
-        store
-            .inner
-            .db
-            .delete_cf(store.cf(meta::CF_PRESENCE), &encoded)
-            .unwrap();
-    }
+    forget_presence(&store);
     store
         .inner
         .db
@@ -894,10 +906,15 @@ async fn a_data_dir_from_before_the_presence_family_answers_the_same_before_and_
     drop(store);
 
     let store = store_with(dir.path(), 1 << 30);
-    let asked = || vec![small.clone(), gradle("missing"), large.clone()];
-    let expected = vec![Some(4), None, Some(5000)];
+    let missing = ArtifactKey::new("p", Kind::CasSha256, hex::encode([8u8; 32]));
+    let asked = || {
+        [&small, &gradle("missing"), &large, &blob, &missing]
+            .into_iter()
+            .collect::<KeyBatch>()
+    };
+    let expected = vec![Some(4), None, Some(5000), Some(4), None];
     assert_eq!(store.stored_sizes(asked()).await.unwrap(), expected);
-    assert_eq!(store.backfill_presence().unwrap(), 2);
+    assert_eq!(store.backfill_presence().unwrap(), 3);
     assert_eq!(store.stored_sizes(asked()).await.unwrap(), expected);
     assert_eq!(recount(&store).usage, store.accounting().usage);
     assert_eq!(store.backfill_presence().unwrap(), 0, "once is enough");
@@ -907,11 +924,64 @@ async fn a_data_dir_from_before_the_presence_family_answers_the_same_before_and_
     let store = store_with(dir.path(), 1 << 30);
     assert_eq!(store.backfill_presence().unwrap(), 0);
     put(&store, &gradle("new"), b"later").await;
-    assert_eq!(
-        store.stored_sizes(vec![gradle("new")]).await.unwrap(),
-        vec![Some(5)]
-    );
+    assert_eq!(store.present(&[gradle("new")]).await.unwrap(), vec![true]);
     recount(&store);
+
+    // A family lost while its flag stayed (dropped by hand) is noticed at open and rebuilt,
+    // instead of calling every blob missing.
+    forget_presence(&store);
+    drop(store);
+    let store = store_with(dir.path(), 1 << 30);
+    assert_eq!(store.stored_sizes(asked()).await.unwrap(), expected);
+    assert_eq!(store.backfill_presence().unwrap(), 4);
+    assert_eq!(store.stored_sizes(asked()).await.unwrap(), expected);
+    recount(&store);
+}
+
+/// A backfill racing writes, overwrites, evictions and cleans leaves exactly one entry per
+/// record, each matching its record (checked by `recount`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_racing_writes_evictions_and_cleans_leaves_the_family_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for the 600 first artifacts and little more: the overwrites below evict.
+    let capacity = 160_000;
+    let store = store_with(dir.path(), capacity);
+    for n in 0..600 {
+        put(&store, &gradle(&format!("k{n}")), &[n as u8; 40]).await;
+    }
+    forget_presence(&store);
+    store
+        .inner
+        .db
+        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
+        .unwrap();
+    drop(store);
+    let store = store_with(dir.path(), capacity);
+
+    let backfill = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.backfill_presence())
+    };
+    for n in 0..600 {
+        put(&store, &gradle(&format!("k{}", (n * 7) % 600)), &[1; 900]).await;
+        put(
+            &store,
+            &ArtifactKey::new("q", Kind::Gradle, format!("q{n}")),
+            b"x",
+        )
+        .await;
+        if n % 50 == 0 {
+            store.delete_project("q").await.unwrap();
+        }
+    }
+    assert!(backfill.await.unwrap().unwrap() > 0, "the backfill ran");
+    let counted = recount(&store);
+    assert_eq!(counted.usage, store.accounting().usage);
+    assert!(
+        counted.usage.artifacts < 600,
+        "eviction ran meanwhile ({} artifacts)",
+        counted.usage.artifacts
+    );
 }
 
 fn logging_store(dir: &Path) -> Store {
