@@ -24,6 +24,10 @@ use super::{ArtifactKey, Kind, Store, StoreError, cf};
 
 /// Records re-read per backfill batch: small, so that the key locks it holds delay few writes.
 const BACKFILL_BATCH: usize = 128;
+
+/// How many deleted entries the emptiness check at open steps over before it stops looking.
+const SKIPPABLE_TOMBSTONES: u64 = 10_000;
+
 /// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
 /// it, a thread hop costs more than it saves.
 const CHUNK_MIN: usize = 1024;
@@ -89,8 +93,12 @@ pub(super) fn indexed_at_open(db: &DB) -> Result<bool, StoreError> {
     let flagged = db
         .get_pinned_cf(state, meta::PRESENCE_INDEXED_KEY)?
         .is_some();
+    // A flagged family with entries is the common start: one seek, and `artifacts` is not read.
+    if flagged && !is_empty(db, meta::CF_PRESENCE)? {
+        return Ok(true);
+    }
     let records = !is_empty(db, meta::CF_ARTIFACTS)?;
-    if flagged && records && is_empty(db, meta::CF_PRESENCE)? {
+    if flagged && records {
         // Records but not one entry: the family was lost (dropped by hand, or the data dir
         // went through a release without it). Answering from it would call every blob missing.
         tracing::warn!("the presence family is empty while artifacts are stored; rebuilding it");
@@ -104,9 +112,22 @@ pub(super) fn indexed_at_open(db: &DB) -> Result<bool, StoreError> {
     Ok(true)
 }
 
+/// Whether a family holds no live entry. In a family whose first entries were deleted the seek
+/// steps over their tombstones, so it gives up after `SKIPPABLE_TOMBSTONES` and answers "not
+/// empty", the safe side for both questions above: tombstones in `presence` mean its entries
+/// were removed with their records (not that the family was lost), and a store wrongly taken
+/// for non-empty only runs a backfill that finds nothing.
 fn is_empty(db: &DB, family: &str) -> Result<bool, StoreError> {
-    let mut entries = db.iterator_cf(cf(db, family), rocksdb::IteratorMode::Start);
-    Ok(entries.next().transpose()?.is_none())
+    let mut bounded = rocksdb::ReadOptions::default();
+    bounded.set_max_skippable_internal_keys(SKIPPABLE_TOMBSTONES);
+    bounded.fill_cache(false);
+    let mut entries = db.iterator_cf_opt(cf(db, family), bounded, rocksdb::IteratorMode::Start);
+    match entries.next() {
+        None => Ok(true),
+        Some(Ok(_)) => Ok(false),
+        Some(Err(error)) if error.kind() == rocksdb::ErrorKind::Incomplete => Ok(false),
+        Some(Err(error)) => Err(error.into()),
+    }
 }
 
 /// Many keys in one allocation.
@@ -286,6 +307,8 @@ impl Store {
         }
         let mut written = 0u64;
         let mut from: Vec<u8> = Vec::new();
+        let mut off_cache = rocksdb::ReadOptions::default();
+        off_cache.fill_cache(false);
         loop {
             let mut keys = Vec::new();
             // The scan reads every record, inline bodies included: kept out of the block cache,
@@ -309,7 +332,12 @@ impl Store {
             let guards = self.inner.keys.lock_all(keys.iter().map(|k| &k[..]));
             let mut batch = WriteBatch::default();
             for key in &keys {
-                let Some(value) = self.get(meta::CF_ARTIFACTS, key)? else {
+                let Some(value) = self.inner.db.get_pinned_cf_opt(
+                    self.cf(meta::CF_ARTIFACTS),
+                    key,
+                    &off_cache,
+                )?
+                else {
                     continue;
                 };
                 // An undecodable record gets no entry: reads treat it as absent too.

@@ -938,15 +938,60 @@ async fn a_data_dir_from_before_the_presence_family_answers_the_same_before_and_
     recount(&store);
 }
 
+/// A lookup large enough to be split over the cores answers every key at its own position:
+/// the chunks are put back together in order, from both families.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_split_into_chunks_answers_each_key_in_its_place() {
+    const KEYS: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = |n: usize| {
+        if n.is_multiple_of(2) {
+            ArtifactKey::new(
+                "p",
+                Kind::CasSha256,
+                hex::encode(blake3::hash(&n.to_le_bytes()).as_bytes()),
+            )
+        } else {
+            gradle(&format!("k{n}"))
+        }
+    };
+    // Every third key is stored, with a size that says which one it is.
+    let stored = |n: usize| n.is_multiple_of(3);
+    for n in (0..KEYS).filter(|n| stored(*n)) {
+        put(&store, &key(n), &vec![7u8; n % 1000 + 1]).await;
+    }
+    let expected: Vec<_> = (0..KEYS)
+        .map(|n| stored(n).then_some((n % 1000 + 1) as u64))
+        .collect();
+    let asked = || (0..KEYS).map(key).collect::<Vec<_>>();
+    let batch = || asked().iter().collect::<KeyBatch>();
+    assert_eq!(store.stored_sizes(batch()).await.unwrap(), expected);
+
+    // The same answers from the records, before a backfill.
+    forget_presence(&store);
+    store
+        .inner
+        .db
+        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
+        .unwrap();
+    drop(store);
+    let store = store_with(dir.path(), 1 << 30);
+    assert_eq!(store.stored_sizes(batch()).await.unwrap(), expected);
+    let present = store.present(&asked()).await.unwrap();
+    assert_eq!(present, (0..KEYS).map(stored).collect::<Vec<_>>());
+}
+
 /// A backfill racing writes, overwrites, evictions and cleans leaves exactly one entry per
 /// record, each matching its record (checked by `recount`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_racing_writes_evictions_and_cleans_leaves_the_family_exact() {
+    const RECORDS: usize = 5000;
     let dir = tempfile::tempdir().unwrap();
-    // Room for the 600 first artifacts and little more: the overwrites below evict.
-    let capacity = 160_000;
+    // Room for the first artifacts and little more: the overwrites below evict.
+    let capacity = RECORDS as u64 * 270;
     let store = store_with(dir.path(), capacity);
-    for n in 0..600 {
+    for n in 0..RECORDS {
         put(&store, &gradle(&format!("k{n}")), &[n as u8; 40]).await;
     }
     forget_presence(&store);
@@ -962,23 +1007,38 @@ async fn a_backfill_racing_writes_evictions_and_cleans_leaves_the_family_exact()
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.backfill_presence())
     };
-    for n in 0..600 {
-        put(&store, &gradle(&format!("k{}", (n * 7) % 600)), &[1; 900]).await;
+    // Writes go on for as long as the backfill runs (and at least 600 rounds).
+    let (mut rounds, mut during_backfill) = (0usize, 0usize);
+    while rounds < 600 || !backfill.is_finished() {
         put(
             &store,
-            &ArtifactKey::new("q", Kind::Gradle, format!("q{n}")),
+            &gradle(&format!("k{}", (rounds * 7) % RECORDS)),
+            &[1; 900],
+        )
+        .await;
+        put(
+            &store,
+            &ArtifactKey::new("q", Kind::Gradle, format!("q{rounds}")),
             b"x",
         )
         .await;
-        if n % 50 == 0 {
+        if rounds % 50 == 0 {
             store.delete_project("q").await.unwrap();
+        }
+        rounds += 1;
+        if !backfill.is_finished() {
+            during_backfill += 1;
         }
     }
     assert!(backfill.await.unwrap().unwrap() > 0, "the backfill ran");
+    assert!(
+        during_backfill > 0,
+        "no write overlapped the backfill: the test checks nothing"
+    );
     let counted = recount(&store);
     assert_eq!(counted.usage, store.accounting().usage);
     assert!(
-        counted.usage.artifacts < 600,
+        counted.usage.artifacts < RECORDS as u64,
         "eviction ran meanwhile ({} artifacts)",
         counted.usage.artifacts
     );
