@@ -29,6 +29,7 @@
 //! (507) while the filesystem's free space is under `storage.min_free`, so RocksDB itself never
 //! runs out of space.
 
+mod backfill;
 pub mod bodies;
 mod clean;
 mod evict;

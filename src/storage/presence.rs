@@ -306,58 +306,18 @@ impl Store {
             return Ok(0);
         }
         let mut written = 0u64;
-        let mut from: Vec<u8> = Vec::new();
-        let mut off_cache = rocksdb::ReadOptions::default();
-        off_cache.fill_cache(false);
-        loop {
-            let mut keys = Vec::new();
-            // The scan reads every record, inline bodies included: kept out of the block cache,
-            // which holds what the node is serving.
-            let mut scan = rocksdb::ReadOptions::default();
-            scan.fill_cache(false);
-            let iter = self.inner.db.iterator_cf_opt(
-                self.cf(meta::CF_ARTIFACTS),
-                scan,
-                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
-            );
-            for item in iter.take(BACKFILL_BATCH) {
-                keys.push(item?.0);
+        self.derive_from_records(BACKFILL_BATCH, |key, value, batch| {
+            // An undecodable record gets no entry: reads treat it as absent too.
+            if let Some(record) = meta::decode(value) {
+                let presence = Presence::of_view(&record);
+                batch.put_cf(
+                    self.cf(meta::CF_PRESENCE),
+                    self.presence_key(key),
+                    presence.encode(),
+                );
+                written += 1;
             }
-            let Some(last) = keys.last().cloned() else {
-                break;
-            };
-            // Under the keys' locks no record is replaced or removed meanwhile, so each entry
-            // written here matches its record as it stands (a publish or removal after the lock
-            // is released writes or deletes the entry itself).
-            let guards = self.inner.keys.lock_all(keys.iter().map(|k| &k[..]));
-            let mut batch = WriteBatch::default();
-            for key in &keys {
-                let Some(value) = self.inner.db.get_pinned_cf_opt(
-                    self.cf(meta::CF_ARTIFACTS),
-                    key,
-                    &off_cache,
-                )?
-                else {
-                    continue;
-                };
-                // An undecodable record gets no entry: reads treat it as absent too.
-                if let Some(record) = meta::decode(&value) {
-                    let presence = Presence::of_view(&record);
-                    batch.put_cf(
-                        self.cf(meta::CF_PRESENCE),
-                        self.presence_key(key),
-                        presence.encode(),
-                    );
-                    written += 1;
-                }
-            }
-            // Not synced: the flag's synced write below syncs the log up to it, and a crash
-            // before it only means the next start backfills again.
-            self.write_synced(batch, false)?;
-            drop(guards);
-            from = last.into_vec();
-            from.push(0);
-        }
+        })?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY, []);
         self.write_synced(batch, true)?;

@@ -83,38 +83,16 @@ impl Store {
             return Ok(());
         }
         let mut indexed = 0u64;
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            let mut keys = Vec::new();
-            let iter = self.inner.db.iterator_cf(
-                self.cf(meta::CF_ARTIFACTS),
-                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
-            );
-            for item in iter.take(BACKFILL_BATCH) {
-                keys.push(item?.0);
+        self.derive_from_records(BACKFILL_BATCH, |key, value, batch| {
+            if let Some(ArtifactRecord {
+                body: BodyRef::File(id),
+                ..
+            }) = meta::decode(value)
+            {
+                batch.put_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id), key);
+                indexed += 1;
             }
-            let Some(last) = keys.last().cloned() else {
-                break;
-            };
-            // Under the keys' locks the records cannot be replaced or removed meanwhile, so
-            // the entries written here are exactly those of the records as they stand.
-            let guards = self.inner.keys.lock_all(keys.iter().map(|k| &k[..]));
-            let mut batch = WriteBatch::default();
-            for key in &keys {
-                if let Some(ArtifactRecord {
-                    body: BodyRef::File(id),
-                    ..
-                }) = self.record(key)?
-                {
-                    batch.put_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id), key);
-                    indexed += 1;
-                }
-            }
-            self.write(batch)?;
-            drop(guards);
-            from = last.into_vec();
-            from.push(0);
-        }
+        })?;
         let mut batch = WriteBatch::default();
         batch.put_cf(state, meta::BODIES_INDEXED_KEY, []);
         self.write_synced(batch, true)?;

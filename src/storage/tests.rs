@@ -885,6 +885,16 @@ fn forget_presence(store: &Store) {
     }
 }
 
+/// What an older release left: records, but no presence entries and no flag.
+fn as_before_the_presence_family(store: &Store) {
+    forget_presence(store);
+    store
+        .inner
+        .db
+        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
+        .unwrap();
+}
+
 /// A data dir written before the `presence` family existed: existence checks read the records
 /// until the backfill has written every entry, then the family, and both give the same answers.
 #[tokio::test]
@@ -896,13 +906,7 @@ async fn a_data_dir_from_before_the_presence_family_answers_the_same_before_and_
     put(&store, &small, b"tiny").await;
     put(&store, &large, &vec![5u8; 5000]).await;
     put(&store, &blob, b"blob").await;
-    // What an older release left: records, but no presence entries and no flag.
-    forget_presence(&store);
-    store
-        .inner
-        .db
-        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
-        .unwrap();
+    as_before_the_presence_family(&store);
     drop(store);
 
     let store = store_with(dir.path(), 1 << 30);
@@ -969,12 +973,7 @@ async fn a_lookup_split_into_chunks_answers_each_key_in_its_place() {
     assert_eq!(store.stored_sizes(batch()).await.unwrap(), expected);
 
     // The same answers from the records, before a backfill.
-    forget_presence(&store);
-    store
-        .inner
-        .db
-        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
-        .unwrap();
+    as_before_the_presence_family(&store);
     drop(store);
     let store = store_with(dir.path(), 1 << 30);
     assert_eq!(store.stored_sizes(batch()).await.unwrap(), expected);
@@ -994,12 +993,7 @@ async fn a_backfill_racing_writes_evictions_and_cleans_leaves_the_family_exact()
     for n in 0..RECORDS {
         put(&store, &gradle(&format!("k{n}")), &[n as u8; 40]).await;
     }
-    forget_presence(&store);
-    store
-        .inner
-        .db
-        .delete_cf(store.cf(meta::CF_STATE), meta::PRESENCE_INDEXED_KEY)
-        .unwrap();
+    as_before_the_presence_family(&store);
     drop(store);
     let store = store_with(dir.path(), capacity);
 
