@@ -173,7 +173,7 @@ fn describe() {
     describe_counter!(STORAGE_EVICTIONS_TOTAL, "Artifacts evicted for capacity.");
     describe_counter!(
         STORAGE_CORRUPT_TOTAL,
-        "Bodies that failed verification and were dropped."
+        "Artifacts found corrupt on read, answered as misses (a corrupt body is also dropped)."
     );
     describe_counter!(
         STORAGE_ORPHANS_REMOVED_TOTAL,

@@ -1259,3 +1259,88 @@ async fn the_write_ahead_log_stays_bounded_and_recycled_logs_replay() {
         );
     }
 }
+
+/// Bytes that no compressor shrinks, so they sit in an SST file as written.
+fn incompressible(seed: &str, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut bytes);
+    bytes
+}
+
+/// Flips one byte of the first SST file under `dir` that holds `needle`, in the needle's middle.
+fn damage_sst_holding(dir: &Path, needle: &[u8]) {
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|ext| ext != "sst") {
+                continue;
+            }
+            let mut bytes = std::fs::read(&path).unwrap();
+            if let Some(offset) = bytes.windows(needle.len()).position(|w| w == needle) {
+                bytes[offset + needle.len() / 2] ^= 0x5a;
+                std::fs::write(&path, bytes).unwrap();
+                return;
+            }
+        }
+    }
+    panic!("no SST file holds the body");
+}
+
+/// Inline bodies are not hashed again on read: RocksDB's block checksums stand in for it
+/// (docs/storage.md, "Reading and verification"). A damaged SST block must read as a miss,
+/// never as the damaged bytes, and leave the artifacts in other blocks readable.
+#[tokio::test]
+async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
+    // 4 KiB bodies, inline: each record is larger than a data block, so it has one to itself.
+    let damaged_body = incompressible("damaged", 4096);
+    let intact_body = incompressible("intact", 4096);
+    let open = || {
+        Store::open(StoreOptions {
+            inline_max: 8192,
+            ..StoreOptions::for_tests(dir.path())
+        })
+        .unwrap()
+    };
+    {
+        let store = open();
+        put(&store, &damaged, &damaged_body).await;
+        put(&store, &intact, &intact_body).await;
+        let record = raw_record(&store, &damaged).unwrap();
+        assert!(
+            record.windows(64).any(|w| w == &damaged_body[..64]),
+            "the body is inline in its record"
+        );
+        store
+            .inner
+            .db
+            .flush_cf(store.cf(meta::CF_ARTIFACTS))
+            .unwrap();
+    }
+    damage_sst_holding(dir.path(), &damaged_body[1024..1088]);
+
+    let store = open();
+    assert!(
+        store.lookup(&damaged).unwrap().is_none(),
+        "a lookup in the damaged block answers a miss"
+    );
+    assert_eq!(
+        body_of(&store, &damaged).await,
+        None,
+        "the damaged body is never served"
+    );
+    assert_eq!(
+        body_of(&store, &intact).await.as_deref(),
+        Some(&intact_body[..]),
+        "an artifact in another block reads back whole"
+    );
+}
