@@ -173,7 +173,7 @@ fn describe() {
     describe_counter!(STORAGE_EVICTIONS_TOTAL, "Artifacts evicted for capacity.");
     describe_counter!(
         STORAGE_CORRUPT_TOTAL,
-        "Artifacts found corrupt on read, answered as misses (a corrupt body is also dropped)."
+        "Artifacts found corrupt on read (a body failing its BLAKE3, a record in a damaged metadata block), answered as misses and dropped."
     );
     describe_counter!(
         STORAGE_ORPHANS_REMOVED_TOTAL,

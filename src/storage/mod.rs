@@ -48,7 +48,7 @@ mod uploads;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -923,7 +923,7 @@ impl Store {
     }
 
     /// The record under `key` unless a clean of its project hides it. A record RocksDB cannot
-    /// read back intact is a miss: its bytes are never served.
+    /// read back intact is a miss: its bytes are never served, and it is forgotten.
     fn visible_record(
         &self,
         key: &ArtifactKey,
@@ -931,8 +931,8 @@ impl Store {
     ) -> Result<Option<ArtifactRecord>, StoreError> {
         let record = match self.record(encoded) {
             Ok(record) => record,
-            Err(StoreError::Db(error)) if error.kind() == rocksdb::ErrorKind::Corruption => {
-                self.count_damaged_record(encoded, &error);
+            Err(StoreError::Db(error)) if is_damage(&error) => {
+                self.forget_damaged_record(encoded, &error);
                 None
             }
             Err(error) => return Err(error),
@@ -940,16 +940,54 @@ impl Store {
         Ok(record.filter(|record| !self.inner.tombstones.hides(&key.project, record.version_ms)))
     }
 
-    /// A record in a block that failed RocksDB's checksum. It cannot be dropped the way a corrupt
-    /// body is (dropping it settles its size and eviction entry, which are in the damaged
-    /// bytes), so it is only counted; RocksDB's compaction reports the damaged file too.
-    fn count_damaged_record(&self, encoded: &[u8], error: &rocksdb::Error) {
-        metrics::counter!(crate::metrics::STORAGE_CORRUPT_TOTAL).increment(1);
+    /// The key `encoded` falls in a block that failed RocksDB's checksum. Its keys are deleted
+    /// blind (a delete reads nothing, and its tombstone hides the damaged copy from every later
+    /// read), so that existence checks stop vouching for it, a new upload of the key succeeds,
+    /// and this happens once per key. The record's charge, inside the damaged bytes, is taken
+    /// from its `presence` entry, which also tells whether there was a record at all (the
+    /// damaged block is read for absent keys near it too). What is left: the content type's
+    /// few bytes of charge, an eviction-queue entry (eviction drops it when it finds no record)
+    /// and, for a file body, the file, which the body index still names and the usage count
+    /// still counts (`docs/storage.md`).
+    fn forget_damaged_record(&self, encoded: &[u8], error: &rocksdb::Error) {
+        let _key = self.inner.keys.lock(encoded);
+        // A publish may have replaced the record since the failed read.
+        match self.record(encoded) {
+            Err(StoreError::Db(again)) if is_damage(&again) => {}
+            _ => return,
+        }
         tracing::error!(
             key = %String::from_utf8_lossy(encoded).replace('\0', "/"),
             %error,
-            "the artifact's record is in a damaged metadata block; answering a miss"
+            "the key is in a damaged metadata block; forgetting its record and answering a miss"
         );
+        let presence_key = self.presence_key(encoded);
+        // Whether the key was stored, and its size, come from `presence`; while that family is
+        // still being backfilled (or cannot be read) they are unknown, and nothing is counted
+        // back: the usage count errs high, never low.
+        let indexed = self.inner.presence_indexed.load(Ordering::Acquire);
+        let presence = indexed
+            .then(|| self.get(meta::CF_PRESENCE, &presence_key).ok().flatten())
+            .flatten()
+            .and_then(|value| meta::Presence::decode(&value));
+        let mut delta = UsageDelta::default();
+        if let Some(presence) = &presence {
+            // A body larger than the inline limit was a file, which stays on disk (its id is in
+            // the damaged bytes): its size stays counted.
+            let inline = presence.size <= self.inner.options.inline_max as u64;
+            let body = if inline { presence.size } else { 0 };
+            delta.remove(meta::charge(body, encoded.len(), 0));
+        }
+        if presence.is_some() || !indexed {
+            metrics::counter!(crate::metrics::STORAGE_CORRUPT_TOTAL).increment(1);
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
+        batch.delete_cf(self.cf(meta::CF_PRESENCE), presence_key);
+        batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
+        if let Err(error) = self.write_accounted(batch, delta) {
+            tracing::error!(%error, "could not forget a damaged record");
+        }
     }
 
     /// Opens an artifact for reading. A body that fails verification is dropped, counted and
@@ -999,8 +1037,9 @@ impl Store {
             let body = match record.body {
                 // An inline body is not hashed again: it came out of a RocksDB block whose
                 // checksum RocksDB verified when it read the block from disk (a damaged block
-                // is a miss, see `visible_record`), or out of the memtable, rebuilt from
-                // checksummed log records. The length check is what is left to do.
+                // is a miss, see `visible_record`), or out of the memtable (after a restart,
+                // rebuilt from checksummed log records). docs/storage.md says what this gives
+                // up. The length check is what is left to do.
                 BodyRef::Inline(bytes) => {
                     if bytes.len() as u64 != record.size {
                         let body = BodyRef::Inline(bytes);
@@ -1354,6 +1393,11 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     // Every family in meta::ALL_CFS is created when the database opens.
     db.cf_handle(name)
         .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
+}
+
+/// Whether RocksDB found stored bytes that fail their checksum.
+fn is_damage(error: &rocksdb::Error) -> bool {
+    error.kind() == rocksdb::ErrorKind::Corruption
 }
 
 /// What every point read of a record asks of RocksDB. Checking each block read from disk

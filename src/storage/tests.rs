@@ -1296,7 +1296,8 @@ fn damage_sst_holding(dir: &Path, needle: &[u8]) {
 
 /// Inline bodies are not hashed again on read: RocksDB's block checksums stand in for it
 /// (docs/storage.md, "Reading and verification"). A damaged SST block must read as a miss,
-/// never as the damaged bytes, and leave the artifacts in other blocks readable.
+/// never as the damaged bytes, leave the artifacts in other blocks readable, and not keep the
+/// key from being stored again.
 #[tokio::test]
 async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -1342,5 +1343,24 @@ async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes()
         body_of(&store, &intact).await.as_deref(),
         Some(&intact_body[..]),
         "an artifact in another block reads back whole"
+    );
+    // The damaged record is forgotten: existence checks stop vouching for it, its charge is
+    // counted back, and the key takes a new upload.
+    assert_eq!(
+        store
+            .present(&[damaged.clone(), intact.clone()])
+            .await
+            .unwrap(),
+        vec![false, true]
+    );
+    assert_eq!(store.stats().artifacts, 1);
+    assert_eq!(
+        store.stats().used_bytes,
+        meta::charge(4096, intact.encode().len(), 0)
+    );
+    put(&store, &damaged, b"uploaded again").await;
+    assert_eq!(
+        body_of(&store, &damaged).await.as_deref(),
+        Some(&b"uploaded again"[..])
     );
 }
