@@ -232,11 +232,7 @@ impl Store {
                     Some(_) => {}
                     // Unreadable: drop it and its access time (its queue entry, if any, is
                     // found stale and deleted by eviction).
-                    None => {
-                        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), key);
-                        batch.delete_cf(self.cf(meta::CF_PRESENCE), self.presence_key(key));
-                        batch.delete_cf(self.cf(meta::CF_ATIME), key);
-                    }
+                    None => self.batch_delete_keyed(&mut batch, key),
                 }
             }
             if !batch.is_empty() {

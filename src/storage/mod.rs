@@ -961,15 +961,14 @@ impl Store {
             %error,
             "the key is in a damaged metadata block; forgetting its record and answering a miss"
         );
-        let presence_key = self.presence_key(encoded);
         // Whether the key was stored, and its size, come from `presence`; while that family is
         // still being backfilled (or cannot be read) they are unknown, and nothing is counted
         // back: the usage count errs high, never low.
         let indexed = self.inner.presence_indexed.load(Ordering::Acquire);
-        let presence = indexed
-            .then(|| self.get(meta::CF_PRESENCE, &presence_key).ok().flatten())
-            .flatten()
-            .and_then(|value| meta::Presence::decode(&value));
+        let presence = match self.get(meta::CF_PRESENCE, self.presence_key(encoded)) {
+            Ok(Some(value)) if indexed => meta::Presence::decode(&value),
+            _ => None,
+        };
         let mut delta = UsageDelta::default();
         if let Some(presence) = &presence {
             // A body larger than the inline limit was a file, which stays on disk (its id is in
@@ -982,9 +981,7 @@ impl Store {
             metrics::counter!(crate::metrics::STORAGE_CORRUPT_TOTAL).increment(1);
         }
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
-        batch.delete_cf(self.cf(meta::CF_PRESENCE), presence_key);
-        batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
+        self.batch_delete_keyed(&mut batch, encoded);
         if let Err(error) = self.write_accounted(batch, delta) {
             tracing::error!(%error, "could not forget a damaged record");
         }
@@ -1161,16 +1158,22 @@ impl Store {
         delta: &mut UsageDelta,
     ) -> Result<(), StoreError> {
         let accessed_ms = self.last_access(encoded, record.accessed_ms)?;
-        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
-        batch.delete_cf(self.cf(meta::CF_PRESENCE), self.presence_key(encoded));
+        self.batch_delete_keyed(batch, encoded);
         batch.delete_cf(
             self.cf(meta::CF_ACCESS),
             meta::access_key(accessed_ms, encoded),
         );
-        batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
         self.batch_unindex_body(batch, &record.body);
         delta.remove(record.charge(encoded.len()));
         Ok(())
+    }
+
+    /// Deletes what is keyed by the artifact key itself: its record, `presence` entry and access
+    /// time. The eviction-queue entry and the body index are keyed by what the record says.
+    pub(super) fn batch_delete_keyed(&self, batch: &mut WriteBatch, encoded: &[u8]) {
+        batch.delete_cf(self.cf(meta::CF_ARTIFACTS), encoded);
+        batch.delete_cf(self.cf(meta::CF_PRESENCE), self.presence_key(encoded));
+        batch.delete_cf(self.cf(meta::CF_ATIME), encoded);
     }
 
     /// When the artifact under `encoded`, whose record says `published_ms`, was last accessed:
