@@ -538,6 +538,7 @@ async fn probes_and_metrics() {
     assert_eq!(status["artifacts"], 1);
     let used = common::artifact_charge(5, "", "gradle", "m");
     assert_eq!(status["disk"]["used_bytes"], used);
+    assert_eq!(status["disk"]["background_errors"], 0);
     assert!(status["peers"].is_array());
 
     let metrics = node.metrics().await;
@@ -549,6 +550,7 @@ async fn probes_and_metrics() {
         "kura_storage_bytes_written_total{kind=\"gradle\"} 5",
         used_line.as_str(),
         "kura_storage_artifacts 1",
+        "kura_storage_background_errors 0",
         "kura_http_request_duration_seconds_bucket",
         "kura_process_resident_memory_bytes",
         "kura_build_info{",

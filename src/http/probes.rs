@@ -53,6 +53,8 @@ async fn status(State(app): State<AppState>) -> Response {
             "used_bytes": stats.used_bytes,
             "staged_bytes": stats.staged_bytes,
             "capacity_bytes": stats.capacity,
+            // Non-zero after RocksDB failed a flush or compaction; see docs/storage.md.
+            "background_errors": stats.background_errors,
         },
         "artifacts": stats.artifacts,
         "uploads_in_flight": app.store.uploads_in_flight(),

@@ -436,6 +436,8 @@ pub struct StoreStats {
     pub staged_bytes: u64,
     pub artifacts: u64,
     pub capacity: u64,
+    /// See [`Store::background_errors`].
+    pub background_errors: u64,
 }
 
 /// Memory RocksDB holds, by consumer (see [`Store::rocksdb_memory`]).
@@ -596,7 +598,21 @@ impl Store {
             staged_bytes: accounting.staged,
             artifacts: accounting.usage.artifacts,
             capacity: self.inner.options.capacity,
+            background_errors: self.background_errors(),
         }
+    }
+
+    /// Errors RocksDB met in its own background work (flushes and compactions) since the store
+    /// opened. After one that it cannot recover from, such as a damaged block read by a
+    /// compaction, RocksDB refuses every write until the node is restarted (`docs/storage.md`):
+    /// this is how an operator learns why.
+    pub fn background_errors(&self) -> u64 {
+        self.inner
+            .db
+            .property_int_value("rocksdb.background-errors")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 
     /// Starts receiving a body of at most `limit` bytes. SHA-256 is computed only when asked,

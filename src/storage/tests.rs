@@ -1364,3 +1364,51 @@ async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes()
         Some(&b"uploaded again"[..])
     );
 }
+
+/// A compaction that reads a damaged block is a RocksDB background error, after which RocksDB
+/// refuses writes: the store counts it, so that `/status` and `/metrics` can say why every
+/// write now fails, and the write answers an error rather than a success that is not stored.
+#[tokio::test]
+async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
+    let damaged_body = incompressible("damaged", 4096);
+    let open = || {
+        Store::open(StoreOptions {
+            inline_max: 8192,
+            ..StoreOptions::for_tests(dir.path())
+        })
+        .unwrap()
+    };
+    {
+        let store = open();
+        put(&store, &damaged, &damaged_body).await;
+        put(&store, &intact, b"intact").await;
+        store
+            .inner
+            .db
+            .flush_cf(store.cf(meta::CF_ARTIFACTS))
+            .unwrap();
+        assert_eq!(store.stats().background_errors, 0);
+    }
+    damage_sst_holding(dir.path(), &damaged_body[1024..1088]);
+
+    let store = open();
+    assert_eq!(store.stats().background_errors, 0, "nothing read it yet");
+    let mut compaction = rocksdb::CompactOptions::default();
+    compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+    store.inner.db.compact_range_cf_opt(
+        store.cf(meta::CF_ARTIFACTS),
+        None::<&[u8]>,
+        None::<&[u8]>,
+        &compaction,
+    );
+    assert!(
+        store.stats().background_errors >= 1,
+        "the failed compaction is counted"
+    );
+    assert!(
+        store.put_bytes(&gradle("after"), b"new").await.is_err(),
+        "a write after it is refused, not acknowledged and lost"
+    );
+}
