@@ -1294,31 +1294,28 @@ fn damage_sst_holding(dir: &Path, needle: &[u8]) {
     panic!("no SST file holds the body");
 }
 
-/// Inline bodies are not hashed again on read: RocksDB's block checksums stand in for it
-/// (docs/storage.md, "Reading and verification"). A damaged SST block must read as a miss,
-/// never as the damaged bytes, leave the artifacts in other blocks readable, and not keep the
-/// key from being stored again.
-#[tokio::test]
-async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
-    // 4 KiB bodies, inline: each record is larger than a data block, so it has one to itself.
-    let damaged_body = incompressible("damaged", 4096);
-    let intact_body = incompressible("intact", 4096);
+/// Stores `damaged` and `intact` with their bodies inline (a 4 KiB record is larger than a data
+/// block, so it has one to itself), flushes them to an SST file and closes the store; flips a
+/// byte inside the damaged body in that file; and opens the store again.
+async fn store_with_damaged_block(
+    dir: &Path,
+    damaged: (&ArtifactKey, &[u8]),
+    intact: (&ArtifactKey, &[u8]),
+) -> Store {
     let open = || {
         Store::open(StoreOptions {
             inline_max: 8192,
-            ..StoreOptions::for_tests(dir.path())
+            ..StoreOptions::for_tests(dir)
         })
         .unwrap()
     };
     {
         let store = open();
-        put(&store, &damaged, &damaged_body).await;
-        put(&store, &intact, &intact_body).await;
-        let record = raw_record(&store, &damaged).unwrap();
+        put(&store, damaged.0, damaged.1).await;
+        put(&store, intact.0, intact.1).await;
+        let record = raw_record(&store, damaged.0).unwrap();
         assert!(
-            record.windows(64).any(|w| w == &damaged_body[..64]),
+            record.windows(64).any(|w| w == &damaged.1[..64]),
             "the body is inline in its record"
         );
         store
@@ -1327,9 +1324,26 @@ async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes()
             .flush_cf(store.cf(meta::CF_ARTIFACTS))
             .unwrap();
     }
-    damage_sst_holding(dir.path(), &damaged_body[1024..1088]);
+    damage_sst_holding(dir, &damaged.1[1024..1088]);
+    open()
+}
 
-    let store = open();
+/// Inline bodies are not hashed again on read: RocksDB's block checksums stand in for it
+/// (docs/storage.md, "Reading and verification"). A damaged SST block must read as a miss,
+/// never as the damaged bytes, leave the artifacts in other blocks readable, and not keep the
+/// key from being stored again.
+#[tokio::test]
+async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
+    let damaged_body = incompressible("damaged", 4096);
+    let intact_body = incompressible("intact", 4096);
+    let store = store_with_damaged_block(
+        dir.path(),
+        (&damaged, &damaged_body),
+        (&intact, &intact_body),
+    )
+    .await;
     assert!(
         store.lookup(&damaged).unwrap().is_none(),
         "a lookup in the damaged block answers a miss"
@@ -1371,29 +1385,13 @@ async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes()
 #[tokio::test]
 async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
     let dir = tempfile::tempdir().unwrap();
-    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
     let damaged_body = incompressible("damaged", 4096);
-    let open = || {
-        Store::open(StoreOptions {
-            inline_max: 8192,
-            ..StoreOptions::for_tests(dir.path())
-        })
-        .unwrap()
-    };
-    {
-        let store = open();
-        put(&store, &damaged, &damaged_body).await;
-        put(&store, &intact, b"intact").await;
-        store
-            .inner
-            .db
-            .flush_cf(store.cf(meta::CF_ARTIFACTS))
-            .unwrap();
-        assert_eq!(store.stats().background_errors, 0);
-    }
-    damage_sst_holding(dir.path(), &damaged_body[1024..1088]);
-
-    let store = open();
+    let store = store_with_damaged_block(
+        dir.path(),
+        (&gradle("damaged"), &damaged_body),
+        (&gradle("intact"), b"intact"),
+    )
+    .await;
     assert_eq!(store.stats().background_errors, 0, "nothing read it yet");
     let mut compaction = rocksdb::CompactOptions::default();
     compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
