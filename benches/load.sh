@@ -209,9 +209,11 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 EOF
 
 # random_keys file prefix suffix: a wrk script that requests prefix<random key>suffix.
+# Each wrk thread runs the script in its own interpreter: init() seeds each differently, or both
+# threads would ask for the same keys in the same order.
 random_keys() {
   cat >"$1" <<EOF
-math.randomseed(os.time())
+function init(args) math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000) end
 request = function()
   return wrk.format(nil, "$2" .. math.random(0, $keys - 1) .. "$3")
 end

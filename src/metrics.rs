@@ -20,7 +20,7 @@ pub const STORAGE_ARTIFACTS: &str = "kura_storage_artifacts";
 pub const STORAGE_EVICTIONS_TOTAL: &str = "kura_storage_evictions_total";
 pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
 pub const STORAGE_ORPHANS_REMOVED_TOTAL: &str = "kura_storage_orphans_removed_total";
-pub const STORAGE_BACKGROUND_ERRORS: &str = "kura_storage_background_errors";
+pub const STORAGE_BACKGROUND_ERRORS_TOTAL: &str = "kura_storage_background_errors_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
 pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
 pub const AUTH_BACKEND_CALLS_TOTAL: &str = "kura_auth_backend_calls_total";
@@ -176,9 +176,9 @@ fn describe() {
         STORAGE_CORRUPT_TOTAL,
         "Artifacts found corrupt on read (a body failing its BLAKE3, a record in a damaged metadata block), answered as misses and dropped."
     );
-    describe_gauge!(
-        STORAGE_BACKGROUND_ERRORS,
-        "Errors RocksDB met in its background flushes and compactions since the node started; after one it cannot recover from (a damaged block), every write fails until a restart (docs/storage.md)."
+    describe_counter!(
+        STORAGE_BACKGROUND_ERRORS_TOTAL,
+        "Errors RocksDB met in its background flushes and compactions since the node started; after one it cannot recover from (a damaged block), every write fails (docs/storage.md)."
     );
     describe_counter!(
         STORAGE_ORPHANS_REMOVED_TOTAL,
@@ -243,7 +243,8 @@ pub fn sample(
     metrics::gauge!(STORAGE_USED_BYTES).set(stats.used_bytes as f64);
     metrics::gauge!(STORAGE_CAPACITY_BYTES).set(stats.capacity as f64);
     metrics::gauge!(STORAGE_ARTIFACTS).set(stats.artifacts as f64);
-    metrics::gauge!(STORAGE_BACKGROUND_ERRORS).set(stats.background_errors as f64);
+    // RocksDB keeps the count; the counter is set to it whenever metrics are sampled.
+    metrics::counter!(STORAGE_BACKGROUND_ERRORS_TOTAL).absolute(stats.background_errors);
     if let Some(rss) = resident_memory_bytes() {
         metrics::gauge!(PROCESS_RSS_BYTES).set(rss as f64);
     }

@@ -550,7 +550,7 @@ async fn probes_and_metrics() {
         "kura_storage_bytes_written_total{kind=\"gradle\"} 5",
         used_line.as_str(),
         "kura_storage_artifacts 1",
-        "kura_storage_background_errors 0",
+        "kura_storage_background_errors_total 0",
         "kura_http_request_duration_seconds_bucket",
         "kura_process_resident_memory_bytes",
         "kura_build_info{",

@@ -1405,8 +1405,16 @@ async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
         store.stats().background_errors >= 1,
         "the failed compaction is counted"
     );
-    assert!(
-        store.put_bytes(&gradle("after"), b"new").await.is_err(),
-        "a write after it is refused, not acknowledged and lost"
+    match store.put_bytes(&gradle("after"), b"new").await {
+        Err(StoreError::Db(error)) => assert!(
+            error.to_string().contains(".sst"),
+            "the refusal names the damaged file: {error}"
+        ),
+        other => panic!("a write after it is refused, not acknowledged and lost: {other:?}"),
+    }
+    assert_eq!(
+        body_of(&store, &gradle("intact")).await.as_deref(),
+        Some(&b"intact"[..]),
+        "reads keep working"
     );
 }
