@@ -16,7 +16,9 @@
 //!
 //! `cargo bench --bench ladder` (wrk and nginx: `scripts/install-deps.sh bench`).
 //! `KURA_LADDER_ROUNDS` (default 3; rungs alternate their order each round, the median is
-//! reported) and `KURA_LADDER_DURATION` (seconds per run, default 8).
+//! reported), `KURA_LADDER_DURATION` (seconds per run, default 8) and
+//! `KURA_LADDER_BLOCK_CACHE_MB` (RocksDB's block cache in the three rungs that read it; default
+//! the node's own default).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -153,6 +155,14 @@ fn main() {
     report(results);
 }
 
+/// Bytes of RocksDB block cache for every rung that reads RocksDB.
+fn block_cache() -> usize {
+    env_number(
+        "KURA_LADDER_BLOCK_CACHE_MB",
+        kura::storage::DEFAULT_BLOCK_CACHE >> 20,
+    ) << 20
+}
+
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -284,6 +294,7 @@ fn start_node(data: &Path, work: &Path) -> Server {
         .env("KURA_AUTH_MODE", "static")
         .env("KURA_AUTH_STATIC_TOKENS_FILE", &tokens)
         .env("KURA_LOG_LEVEL", "warn")
+        .env("KURA_STORAGE_BLOCK_CACHE", block_cache().to_string())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join("node.log")).expect("node log"))
         .spawn()
@@ -511,8 +522,13 @@ fn serve(rung: Rung, data: &Path) {
             rung,
             memory: Bytes::from(body(0)),
             db: (rung == Rung::RocksDb).then(|| Arc::new(open_db(data))),
-            store: (rung == Rung::Store)
-                .then(|| Store::open(StoreOptions::new(data)).expect("open store")),
+            store: (rung == Rung::Store).then(|| {
+                Store::open(StoreOptions {
+                    block_cache: block_cache(),
+                    ..StoreOptions::new(data)
+                })
+                .expect("open store")
+            }),
         };
         let router = Router::new()
             .route("/api/cache/gradle/{key}", get(answer))
@@ -529,7 +545,7 @@ fn serve(rung: Rung, data: &Path) {
 fn open_db(data: &Path) -> rocksdb::DB {
     use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DataBlockIndexType};
     let path = data.join("meta");
-    let cache = Cache::new_lru_cache(kura::storage::DEFAULT_BLOCK_CACHE);
+    let cache = Cache::new_lru_cache(block_cache());
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&cache);
     table.set_bloom_filter(10.0, false);
