@@ -426,31 +426,25 @@ fn load(server: &Server, rung: Rung, work: &Path, seconds: u64) -> Run {
         "wrk failed: {}\n{text}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let requests = wrk_number(&text, "requests in").expect("request count") as f64;
+    let requests = wrk_number(&text, "requests in", 0).expect("request count") as f64;
     assert!(
         !text.contains("Non-2xx") && !text.contains("Socket errors"),
         "{} answered errors:\n{text}",
         rung.name()
     );
     Run {
-        per_second: wrk_number(&text, "Requests/sec:").expect("req/s"),
+        per_second: wrk_number(&text, "Requests/sec:", 1).expect("req/s"),
         cpu_us: ticks as f64 / TICKS_PER_SECOND * 1e6 / requests,
         p50_us: wrk_latency(&text, "50%"),
         p99_us: wrk_latency(&text, "99%"),
     }
 }
 
-/// The number on the line containing `marker`: the first field for "N requests in ...", the
-/// second for "Requests/sec: N".
-fn wrk_number(text: &str, marker: &str) -> Option<f64> {
+/// Field `index` (counted from 0) of wrk's first output line containing `marker`, as a number:
+/// wrk prints "N requests in ..." and "Requests/sec: N".
+fn wrk_number(text: &str, marker: &str, index: usize) -> Option<f64> {
     let line = text.lines().find(|line| line.contains(marker))?;
-    let mut fields = line.split_whitespace();
-    let field = if marker == "requests in" {
-        fields.next()
-    } else {
-        fields.nth(1)
-    };
-    field?.parse().ok()
+    line.split_whitespace().nth(index)?.parse().ok()
 }
 
 /// A latency percentile of wrk's `--latency` table, in microseconds.

@@ -604,9 +604,9 @@ impl Store {
 
     /// Errors RocksDB met in its own background work (flushes and compactions) since the store
     /// opened. After one that it cannot recover from, such as a damaged block read by a
-    /// compaction, RocksDB refuses every write until the node is restarted (`docs/storage.md`):
-    /// this is how an operator learns why.
-    pub fn background_errors(&self) -> u64 {
+    /// compaction, RocksDB refuses every write (`docs/storage.md`): this is how an operator
+    /// learns why.
+    fn background_errors(&self) -> u64 {
         self.inner
             .db
             .property_int_value("rocksdb.background-errors")
@@ -981,9 +981,13 @@ impl Store {
         // still being backfilled (or cannot be read) they are unknown, and nothing is counted
         // back: the usage count errs high, never low.
         let indexed = self.inner.presence_indexed.load(Ordering::Acquire);
-        let presence = match self.get(meta::CF_PRESENCE, self.presence_key(encoded)) {
-            Ok(Some(value)) if indexed => meta::Presence::decode(&value),
-            _ => None,
+        let presence = if indexed {
+            match self.get(meta::CF_PRESENCE, self.presence_key(encoded)) {
+                Ok(Some(value)) => meta::Presence::decode(&value),
+                _ => None,
+            }
+        } else {
+            None
         };
         let mut delta = UsageDelta::default();
         if let Some(presence) = &presence {
