@@ -152,7 +152,7 @@ fn load(path: Option<PathBuf>) -> Option<Config> {
 ///
 /// Each comes with the variable through which an operator may have set it already (theirs wins).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MALLOC_TUNABLES: [(&str, i32, Option<&str>); 3] = [
+const MALLOC_TUNABLES: [(&str, i32, Option<&str>); 4] = [
     ("glibc.malloc.tcache_count", 64, None),
     (
         "glibc.malloc.arena_max",
@@ -164,6 +164,11 @@ const MALLOC_TUNABLES: [(&str, i32, Option<&str>); 3] = [
         MMAP_THRESHOLD,
         Some("MALLOC_MMAP_THRESHOLD_"),
     ),
+    (
+        "glibc.malloc.trim_threshold",
+        TRIM_THRESHOLD,
+        Some("MALLOC_TRIM_THRESHOLD_"),
+    ),
 ];
 
 /// Malloc arenas for the whole process (see [`tune_malloc`]).
@@ -172,6 +177,9 @@ const ARENA_MAX: i32 = 2;
 /// Blocks from this size on are mapped on their own (see [`tune_malloc`]).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: i32 = 512 * 1024;
+/// Free memory at the top of an arena that is kept rather than returned (see [`tune_malloc`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: i32 = 4 * 1024 * 1024;
 
 /// Marks the re-executed node. In secure-execution mode (a binary given file capabilities to
 /// bind a low port, say) glibc may strip `GLIBC_TUNABLES` from the environment, so that variable
@@ -219,9 +227,14 @@ fn reexec_with_malloc_tunables() {
 ///   mapped and unmapped on their own instead of carved from the heap. glibc would otherwise
 ///   raise that threshold after the first such block is freed and serve the rest from the heap,
 ///   where their mixed sizes fragment it.
+/// - up to 4 MiB of free memory at the top of an arena stays with the process. Fixing the mmap
+///   threshold also fixes glibc's trim threshold at its 128 KiB default, so freeing one read
+///   buffer of a 256 KiB body gave its pages back to the kernel and the next request faulted
+///   them in again: 28 page faults per GET of a 256 KiB body, a third of the node's CPU
+///   (`docs/benchmarks.md`).
 ///
 /// Measured by `tests/memory.rs` and `benches/soak.sh`. An operator's own `MALLOC_ARENA_MAX`,
-/// `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES` wins.
+/// `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES` wins.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("GLIBC_TUNABLES").is_none() {
@@ -233,6 +246,10 @@ fn tune_malloc() {
         if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
             // SAFETY: as above.
             unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        }
+        if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) };
         }
     }
 }

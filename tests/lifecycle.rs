@@ -206,10 +206,14 @@ fn the_node_runs_with_its_malloc_tunables_unless_the_operator_set_them() {
     assert_eq!(
         tunables(&node).as_deref(),
         Some(
-            "glibc.malloc.tcache_count=64:glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=524288"
+            "glibc.malloc.tcache_count=64:glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=524288:glibc.malloc.trim_threshold=4194304"
         )
     );
-    let node = Node::start_with(NodeOptions::default().env("MALLOC_ARENA_MAX", "4"));
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("MALLOC_ARENA_MAX", "4")
+            .env("MALLOC_TRIM_THRESHOLD_", "131072"),
+    );
     assert_eq!(
         tunables(&node).as_deref(),
         Some("glibc.malloc.tcache_count=64:glibc.malloc.mmap_threshold=524288")
