@@ -964,7 +964,8 @@ impl Store {
     /// damaged block is read for absent keys near it too). What is left: the content type's
     /// few bytes of charge, an eviction-queue entry (eviction drops it when it finds no record)
     /// and, for a file body, the file, which the body index still names and the usage count
-    /// still counts (`docs/storage.md`).
+    /// still counts until the next orphan sweep removes all three (`sweep.rs`,
+    /// `docs/storage.md`).
     fn forget_damaged_record(&self, encoded: &[u8], error: &rocksdb::Error) {
         let _key = self.inner.keys.lock(encoded);
         // A publish may have replaced the record since the failed read.

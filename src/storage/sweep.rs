@@ -7,7 +7,9 @@
 //! - it is older (by mtime) than the grace period,
 //! - its id is not live (see [`super::bodies::LiveBodies`]: being written, published or removed
 //!   by this process), checked before the index *and* after it, and
-//! - the index has no entry for it.
+//! - the index has no entry for it, or its entry names a key whose record no longer names the
+//!   file: a record forgotten because RocksDB found its block damaged, which leaves the index
+//!   entry behind (see [`Store::remove_if_forgotten`]).
 //!
 //! Why a publish is never raced: the file exists in `bodies/` only after the rename, and its id
 //! was made live before its temp file was created. So when the sweep finds the file and then
@@ -33,8 +35,8 @@ use std::time::{Duration, SystemTime};
 
 use rocksdb::WriteBatch;
 
-use super::meta::{self, ArtifactRecord, BodyRef};
-use super::{Store, StoreError, bodies};
+use super::meta::{self, ArtifactRecord, BodyRef, UsageDelta};
+use super::{Store, StoreError, bodies, is_damage};
 
 /// Records re-read per backfill batch.
 const BACKFILL_BATCH: usize = 512;
@@ -113,22 +115,79 @@ impl Store {
                     continue;
                 };
                 // The order matters (module docs): live, the index, live again.
-                if !older_than(&entry.path(), cutoff)?
-                    || self.inner.live_bodies.contains(id)
-                    || self
-                        .get(meta::CF_BODIES, meta::body_index_key(id))?
-                        .is_some()
-                    || self.inner.live_bodies.contains(id)
-                {
+                if !older_than(&entry.path(), cutoff)? || self.inner.live_bodies.contains(id) {
                     continue;
                 }
-                if remove_file(&entry.path())? {
+                let indexed = match self.get(meta::CF_BODIES, meta::body_index_key(id)) {
+                    Ok(indexed) => indexed,
+                    Err(error) if is_damage(&error) => {
+                        // Whether a record references it cannot be told: the file stays.
+                        tracing::error!(id = %format!("{id:032x}"), %error, "the body index entry of a file is in a damaged block; keeping the file");
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                if self.inner.live_bodies.contains(id) {
+                    continue;
+                }
+                let gone = match indexed {
+                    None => remove_file(&entry.path())?,
+                    Some(key) => self.remove_if_forgotten(id, &key, &entry.path())?,
+                };
+                if gone {
                     tracing::warn!(id = %format!("{id:032x}"), "removed a body file no record references");
                     removed += 1;
                 }
             }
         }
         Ok(removed)
+    }
+
+    /// Deletes the body file `id`, which the index says belongs to `key`, if the record of `key`
+    /// no longer names it. Publishes and removals move a record and its index entry in one
+    /// batch, so the two disagree only after a damaged record was forgotten
+    /// (`Store::forget_damaged_record`): its file id was in the damaged bytes, so the index
+    /// entry, the file and the file's size in the usage count stayed behind. This drops all
+    /// three; a crash between the batch and the file's removal leaves a file without an index
+    /// entry, which the next sweep deletes.
+    fn remove_if_forgotten(&self, id: u128, key: &[u8], path: &Path) -> Result<bool, StoreError> {
+        match self.record(key) {
+            Ok(record) if names_file(record.as_ref(), id) => return Ok(false),
+            Ok(_) => {}
+            Err(StoreError::Db(error)) if is_damage(&error) => {
+                // Nobody read the damaged record since it was damaged: forget it now.
+                self.forget_damaged_record(key, &error);
+            }
+            Err(error) => return Err(error),
+        }
+        // Under the key's lock no publish of the key can move the record meanwhile; check
+        // again, and keep the file if anything is unclear.
+        let _key = self.inner.keys.lock(key);
+        let still_indexed = self
+            .get(meta::CF_BODIES, meta::body_index_key(id))?
+            .is_some_and(|indexed| *indexed == *key);
+        let forgotten = match self.record(key) {
+            Ok(record) => !names_file(record.as_ref(), id),
+            Err(StoreError::Db(error)) if is_damage(&error) => false,
+            Err(error) => return Err(error),
+        };
+        if !still_indexed || !forgotten {
+            return Ok(false);
+        }
+        let size = match std::fs::symlink_metadata(path) {
+            Ok(metadata) => metadata.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id));
+        // The forgotten record's own charge and count went with it; its file's bytes go now.
+        let delta = UsageDelta {
+            bytes: -(size.min(i64::MAX as u64) as i64),
+            artifacts: 0,
+        };
+        self.write_accounted(batch, delta)?;
+        remove_file(path)
     }
 
     fn sweep_temps(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
@@ -146,6 +205,11 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Whether `record` keeps its body in the file `id`.
+fn names_file(record: Option<&ArtifactRecord>, id: u128) -> bool {
+    record.is_some_and(|record| record.body == BodyRef::File(id))
 }
 
 /// Whether the file was last modified before `cutoff` (a file gone meanwhile is not).

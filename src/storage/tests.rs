@@ -1379,6 +1379,62 @@ async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes()
     );
 }
 
+/// A file body's id is in its record, so forgetting a record in a damaged block leaves the file,
+/// its body-index entry and its size in the usage behind. The orphan sweep finds the key's
+/// record gone (forgetting it first when no read has) and removes all three: nothing leaks, and
+/// a referenced file next to it stays.
+#[tokio::test]
+async fn the_file_of_a_record_in_a_damaged_block_is_swept_and_uncounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, kept) = (gradle("damaged"), gradle("kept"));
+    let body = incompressible("damaged", 64 * 1024);
+    let kept_body = incompressible("kept", 2048);
+    {
+        let store = store_with(dir.path(), 1 << 30);
+        // As a node does at start: the first sweep marks the body index complete.
+        store.sweep_orphans(GRACE).unwrap();
+        put(&store, &damaged, &body).await;
+        store
+            .inner
+            .db
+            .flush_cf(store.cf(meta::CF_ARTIFACTS))
+            .unwrap();
+    }
+    // The record holds the body's BLAKE3; the body itself is a file.
+    damage_sst_holding(dir.path(), blake3::hash(&body).as_bytes());
+    let store = store_with(dir.path(), 1 << 30);
+    put(&store, &kept, &kept_body).await;
+    assert_eq!(body_ids_on_disk(dir.path()).len(), 2);
+
+    let report = store.sweep_orphans(std::time::Duration::ZERO).unwrap();
+    assert_eq!(report.bodies, 1, "the damaged record's file is removed");
+    assert_eq!(
+        body_ids_on_disk(dir.path()).len(),
+        1,
+        "the referenced one stays"
+    );
+    assert_eq!(store.stats().artifacts, 1);
+    assert_eq!(
+        store.stats().used_bytes,
+        meta::charge(2048, kept.encode().len(), 0),
+        "only the kept artifact is counted"
+    );
+    assert!(store.lookup(&damaged).unwrap().is_none());
+    assert_eq!(
+        body_of(&store, &kept).await.as_deref(),
+        Some(&kept_body[..])
+    );
+    assert_eq!(
+        store
+            .sweep_orphans(std::time::Duration::ZERO)
+            .unwrap()
+            .total(),
+        0
+    );
+    put(&store, &damaged, &body).await;
+    assert_eq!(body_of(&store, &damaged).await.as_deref(), Some(&body[..]));
+}
+
 /// A compaction that reads a damaged block is a RocksDB background error, after which RocksDB
 /// refuses writes: the store counts it, so that `/status` and `/metrics` can say why every
 /// write now fails, and the write answers an error rather than a success that is not stored.
