@@ -7,9 +7,8 @@
 //! - it is older (by mtime) than the grace period,
 //! - its id is not live (see [`super::bodies::LiveBodies`]: being written, published or removed
 //!   by this process), checked before the index *and* after it, and
-//! - the index has no entry for it, or its entry names a key whose record no longer names the
-//!   file: a record forgotten because RocksDB found its block damaged, which leaves the index
-//!   entry behind (see [`Store::remove_if_forgotten`]).
+//! - the index has no entry for it, or its entry names a key that has no record any more or
+//!   whose record names another body (see [`Store::remove_if_forgotten`]).
 //!
 //! Why a publish is never raced: the file exists in `bodies/` only after the rename, and its id
 //! was made live before its temp file was created. So when the sweep finds the file and then
@@ -143,35 +142,38 @@ impl Store {
         Ok(removed)
     }
 
-    /// Deletes the body file `id`, which the index says belongs to `key`, if the record of `key`
-    /// no longer names it. Publishes and removals move a record and its index entry in one
-    /// batch, so the two disagree only after a damaged record was forgotten
-    /// (`Store::forget_damaged_record`): its file id was in the damaged bytes, so the index
-    /// entry, the file and the file's size in the usage count stayed behind. This drops all
-    /// three; a crash between the batch and the file's removal leaves a file without an index
-    /// entry, which the next sweep deletes.
+    /// Deletes the body file `id`, which the index says belongs to `key`, if there is no record
+    /// of `key` any more or it names another body. Publishes and removals move a record and its
+    /// index entry in one batch, so the two disagree only when a record was deleted without
+    /// its body being known: forgotten because RocksDB found its block damaged
+    /// (`Store::forget_damaged_record`), or undecodable and removed by a clean. The file's id
+    /// was in the lost bytes, so the index entry and the file stayed behind. This drops both;
+    /// a crash between the batch and the file's removal leaves a file without an index entry,
+    /// which the next sweep deletes.
     fn remove_if_forgotten(&self, id: u128, key: &[u8], path: &Path) -> Result<bool, StoreError> {
-        match self.record(key) {
-            Ok(record) if names_file(record.as_ref(), id) => return Ok(false),
-            Ok(_) => {}
-            Err(StoreError::Db(error)) if is_damage(&error) => {
+        match self.claim(key, id) {
+            Ok(FileClaim::Unclaimed) => {}
+            Ok(FileClaim::Claimed | FileClaim::Undecodable) => return Ok(false),
+            Err(error) if is_damage(&error) => {
                 // Nobody read the damaged record since it was damaged: forget it now.
                 self.forget_damaged_record(key, &error);
             }
-            Err(error) => return Err(error),
+            Err(error) => return Err(error.into()),
         }
-        // Under the key's lock no publish of the key can move the record meanwhile; check
-        // again, and keep the file if anything is unclear.
+        // Again under the key's lock, where no publish of the key can move its record; any
+        // doubt keeps the file.
         let _key = self.inner.keys.lock(key);
-        let still_indexed = self
-            .get(meta::CF_BODIES, meta::body_index_key(id))?
-            .is_some_and(|indexed| *indexed == *key);
-        let forgotten = match self.record(key) {
-            Ok(record) => !names_file(record.as_ref(), id),
-            Err(StoreError::Db(error)) if is_damage(&error) => false,
-            Err(error) => return Err(error),
+        let still_indexed = match self.get(meta::CF_BODIES, meta::body_index_key(id)) {
+            Ok(indexed) => indexed.is_some_and(|indexed| *indexed == *key),
+            Err(error) if is_damage(&error) => false,
+            Err(error) => return Err(error.into()),
         };
-        if !still_indexed || !forgotten {
+        let unclaimed = match self.claim(key, id) {
+            Ok(claim) => matches!(claim, FileClaim::Unclaimed),
+            Err(error) if is_damage(&error) => false,
+            Err(error) => return Err(error.into()),
+        };
+        if !still_indexed || !unclaimed {
             return Ok(false);
         }
         let size = match std::fs::symlink_metadata(path) {
@@ -181,13 +183,33 @@ impl Store {
         };
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(meta::CF_BODIES), meta::body_index_key(id));
-        // The forgotten record's own charge and count went with it; its file's bytes go now.
+        // Forgetting a record took its charge off but left the size of a file body counted. It
+        // told a file from an inline body by `storage.inline_max`, as this does, so the size is
+        // never taken off twice (a body filed under a smaller limit stays counted: high, not
+        // low).
+        let counted = if size > self.inner.options.inline_max as u64 {
+            size
+        } else {
+            0
+        };
         let delta = UsageDelta {
-            bytes: -(size.min(i64::MAX as u64) as i64),
+            bytes: -(counted.min(i64::MAX as u64) as i64),
             artifacts: 0,
         };
         self.write_accounted(batch, delta)?;
         remove_file(path)
+    }
+
+    /// What the record of `key` says of the body file `id`.
+    fn claim(&self, key: &[u8], id: u128) -> Result<FileClaim, rocksdb::Error> {
+        Ok(match self.get(meta::CF_ARTIFACTS, key)? {
+            None => FileClaim::Unclaimed,
+            Some(value) => match meta::decode::<ArtifactRecord>(&value) {
+                Some(record) if record.body == BodyRef::File(id) => FileClaim::Claimed,
+                Some(_) => FileClaim::Unclaimed,
+                None => FileClaim::Undecodable,
+            },
+        })
     }
 
     fn sweep_temps(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
@@ -207,9 +229,14 @@ impl Store {
     }
 }
 
-/// Whether `record` keeps its body in the file `id`.
-fn names_file(record: Option<&ArtifactRecord>, id: u128) -> bool {
-    record.is_some_and(|record| record.body == BodyRef::File(id))
+/// What a key's record says of a body file the index assigns to it.
+enum FileClaim {
+    /// The record names the file.
+    Claimed,
+    /// There is no record, or it names another body.
+    Unclaimed,
+    /// A record this binary cannot decode (written by a newer one, say): it may name the file.
+    Undecodable,
 }
 
 /// Whether the file was last modified before `cutoff` (a file gone meanwhile is not).

@@ -1381,10 +1381,19 @@ async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes()
 
 /// A file body's id is in its record, so forgetting a record in a damaged block leaves the file,
 /// its body-index entry and its size in the usage behind. The orphan sweep finds the key's
-/// record gone (forgetting it first when no read has) and removes all three: nothing leaks, and
-/// a referenced file next to it stays.
+/// record gone and removes all three: nothing leaks, and a referenced file next to it stays.
 #[tokio::test]
-async fn the_file_of_a_record_in_a_damaged_block_is_swept_and_uncounted() {
+async fn the_file_of_a_record_forgotten_by_a_read_is_swept_and_uncounted() {
+    sweep_the_file_of_a_damaged_record(true).await;
+}
+
+/// As above, when no read met the damaged record before the sweep: the sweep forgets it.
+#[tokio::test]
+async fn the_sweep_forgets_a_damaged_record_and_removes_its_file() {
+    sweep_the_file_of_a_damaged_record(false).await;
+}
+
+async fn sweep_the_file_of_a_damaged_record(read_first: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (damaged, kept) = (gradle("damaged"), gradle("kept"));
     let body = incompressible("damaged", 64 * 1024);
@@ -1405,6 +1414,14 @@ async fn the_file_of_a_record_in_a_damaged_block_is_swept_and_uncounted() {
     let store = store_with(dir.path(), 1 << 30);
     put(&store, &kept, &kept_body).await;
     assert_eq!(body_ids_on_disk(dir.path()).len(), 2);
+    if read_first {
+        assert!(store.lookup(&damaged).unwrap().is_none(), "a miss");
+        assert_eq!(
+            store.stats().used_bytes,
+            64 * 1024 + meta::charge(2048, kept.encode().len(), 0),
+            "the record's charge went, its file's size is still counted"
+        );
+    }
 
     let report = store.sweep_orphans(std::time::Duration::ZERO).unwrap();
     assert_eq!(report.bodies, 1, "the damaged record's file is removed");
@@ -1433,6 +1450,32 @@ async fn the_file_of_a_record_in_a_damaged_block_is_swept_and_uncounted() {
     );
     put(&store, &damaged, &body).await;
     assert_eq!(body_of(&store, &damaged).await.as_deref(), Some(&body[..]));
+}
+
+/// A record this binary cannot decode (a newer release wrote it, say) may still name its file:
+/// the sweep keeps the file rather than guessing.
+#[tokio::test]
+async fn the_sweep_keeps_the_file_of_a_record_it_cannot_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    store.sweep_orphans(GRACE).unwrap();
+    let key = gradle("newer");
+    put(&store, &key, &incompressible("newer", 4096)).await;
+    store
+        .inner
+        .db
+        .put_cf(store.cf(meta::CF_ARTIFACTS), key.encode(), [0xee; 40])
+        .unwrap();
+    let used = store.stats().used_bytes;
+    assert_eq!(
+        store
+            .sweep_orphans(std::time::Duration::ZERO)
+            .unwrap()
+            .bodies,
+        0
+    );
+    assert_eq!(body_ids_on_disk(dir.path()).len(), 1);
+    assert_eq!(store.stats().used_bytes, used);
 }
 
 /// A compaction that reads a damaged block is a RocksDB background error, after which RocksDB
