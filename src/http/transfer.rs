@@ -20,8 +20,8 @@ pub const CHECKSUM_HEADER: &str = "tuist-checksum-sha256";
 /// [`CHECKSUM_HEADER`] as a ready header name: inserting by `&str` allocates one per response.
 static CHECKSUM_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(CHECKSUM_HEADER);
 
-/// What an upload holds in memory at most: the store's write buffer (512 KiB) and one chunk
-/// from the network.
+/// What an upload holds in memory at most: the store's write buffer (256 KiB) and one chunk
+/// from the network (hyper reads up to about 400 KiB at a time).
 const UPLOAD_FOOTPRINT: u64 = 640 * 1024;
 /// Bodies up to this size are read and verified whole before sending (the store's rule); larger
 /// ones stream with two read chunks in hand.

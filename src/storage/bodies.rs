@@ -19,7 +19,9 @@ use sha2::{Digest as _, Sha256};
 use super::StoreError;
 
 /// How many bytes are buffered before they are hashed and written out in one blocking call.
-const WRITE_BUFFER: usize = 512 * 1024;
+/// Below the mmap threshold `main.rs` sets (512 KiB), so that each upload's buffer is a heap
+/// block the next upload reuses, not a mapping of its own whose every page faults in anew.
+const WRITE_BUFFER: usize = 256 * 1024;
 /// Size of each chunk read from disk and handed to the network.
 pub const READ_CHUNK: usize = 256 * 1024;
 
@@ -203,7 +205,7 @@ impl BodyWriter {
     }
 
     /// Appends a chunk. Fails with [`StoreError::TooLarge`] as soon as the limit is passed.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+    pub async fn write(&mut self, mut chunk: &[u8]) -> Result<(), StoreError> {
         self.size += chunk.len() as u64;
         if self.size > self.limit {
             return Err(StoreError::TooLarge { limit: self.limit });
@@ -213,13 +215,18 @@ impl BodyWriter {
         {
             // Past the inline size this body goes to a file: take the whole write buffer at
             // once (and keep it across flushes) instead of growing it by doubling, which would
-            // leave a trail of differently sized blocks in the allocator for every upload.
-            self.pending
-                .reserve_exact(flush_at + chunk.len() - self.pending.len());
+            // leave a trail of differently sized blocks in the allocator for every upload. One
+            // size for every upload lets the allocator hand the same block around.
+            self.pending.reserve_exact(flush_at - self.pending.len());
         }
-        self.pending.extend_from_slice(chunk);
-        if self.pending.len() >= flush_at {
-            self.flush().await?;
+        while !chunk.is_empty() {
+            let room = flush_at.saturating_sub(self.pending.len()).max(1);
+            let (now, rest) = chunk.split_at(room.min(chunk.len()));
+            self.pending.extend_from_slice(now);
+            chunk = rest;
+            if self.pending.len() >= flush_at {
+                self.flush().await?;
+            }
         }
         Ok(())
     }
@@ -754,6 +761,26 @@ mod tests {
         let temp_path = temp.path().to_path_buf();
         drop(staged);
         assert!(!temp_path.exists(), "an unpublished temp file is removed");
+
+        // Chunks larger than the write buffer are split across its flushes, in order.
+        let mut writer = BodyWriter::new(
+            dir.path().into(),
+            Arc::default(),
+            1024,
+            1 << 30,
+            false,
+            false,
+        );
+        for chunk in big.chunks(WRITE_BUFFER + 5_000) {
+            writer.write(chunk).await.unwrap();
+            assert!(writer.pending.len() < WRITE_BUFFER, "flushed when full");
+        }
+        let staged = writer.finish(None).await.unwrap();
+        let StagedContent::File { ref temp, .. } = staged.content else {
+            panic!("a large body must spill to a file");
+        };
+        assert_eq!(std::fs::read(temp.path()).unwrap(), big);
+        assert_eq!(&staged.blake3, blake3::hash(&big).as_bytes());
     }
 
     #[tokio::test]
