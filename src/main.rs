@@ -223,10 +223,11 @@ fn reexec_with_malloc_tunables() {
 /// - each thread that allocates under contention gets an arena of its own, up to eight per core,
 ///   and memory freed into one arena is not reused by another; transfers hop between the async
 ///   workers and the blocking pool, so two arenas, not sixteen;
-/// - blocks of 512 KiB and more (write buffers, whole small bodies read for verification) are
+/// - blocks of 512 KiB and more (bodies of up to 1 MiB read whole for verification, say) are
 ///   mapped and unmapped on their own instead of carved from the heap. glibc would otherwise
 ///   raise that threshold after the first such block is freed and serve the rest from the heap,
-///   where their mixed sizes fragment it.
+///   where their mixed sizes fragment it. Upload write buffers stay below it, all of
+///   one size, so that uploads reuse each other's heap blocks (`storage::bodies`).
 /// - up to 4 MiB of free memory at the top of an arena stays with the process. Fixing the mmap
 ///   threshold also fixes glibc's trim threshold at its 128 KiB default, so freeing one read
 ///   buffer of a 256 KiB body gave its pages back to the kernel and the next request faulted

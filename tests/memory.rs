@@ -115,10 +115,15 @@ async fn a_spent_body_memory_budget_makes_new_transfers_wait_then_429() {
         stream.write_all(&[7u8; 1024]).unwrap();
         stream
     };
-    // Each upload leases 640 KiB: 102 of them spend 63.75 MiB of the 64.
-    let mut uploads: Vec<TcpStream> = (0..102).map(|i| stalled_upload(&format!("s{i}"))).collect();
+    // Each upload leases 672 KiB (the node's UPLOAD_FOOTPRINT): 97 of them spend 63.7 MiB of
+    // the 64.
+    let lease = 672 * 1024;
+    let fitting = 64 * MIB as u64 / lease;
+    let mut uploads: Vec<TcpStream> = (0..fitting)
+        .map(|i| stalled_upload(&format!("s{i}")))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while node.metric("kura_body_memory_bytes").await < 102 * 640 * 1024 {
+    while node.metric("kura_body_memory_bytes").await < fitting * lease {
         assert!(
             Instant::now() < deadline,
             "the uploads never leased their memory"

@@ -21,8 +21,8 @@ pub const CHECKSUM_HEADER: &str = "tuist-checksum-sha256";
 static CHECKSUM_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(CHECKSUM_HEADER);
 
 /// What an upload holds in memory at most: the store's write buffer (256 KiB) and one chunk
-/// from the network (hyper reads up to about 400 KiB at a time).
-const UPLOAD_FOOTPRINT: u64 = 640 * 1024;
+/// from the network (hyper reads at most 408 KiB at a time).
+const UPLOAD_FOOTPRINT: u64 = 672 * 1024;
 /// Bodies up to this size are read and verified whole before sending (the store's rule); larger
 /// ones stream with two read chunks in hand.
 const WHOLE_READ_MAX: u64 = 1 << 20;

@@ -20,7 +20,8 @@ use super::StoreError;
 
 /// How many bytes are buffered before they are hashed and written out in one blocking call.
 /// Below the mmap threshold `main.rs` sets (512 KiB), so that each upload's buffer is a heap
-/// block the next upload reuses, not a mapping of its own whose every page faults in anew.
+/// block the next upload reuses, not a mapping of its own whose every page faults in anew. (A
+/// `storage.inline_max` of 256 KiB or more makes the buffer `inline_max + 1` bytes instead.)
 const WRITE_BUFFER: usize = 256 * 1024;
 /// Size of each chunk read from disk and handed to the network.
 pub const READ_CHUNK: usize = 256 * 1024;
@@ -740,7 +741,7 @@ mod tests {
         assert_eq!(&staged.blake3, blake3::hash(b"hello").as_bytes());
         assert_eq!(staged.sha256, Some(Sha256::digest(b"hello").into()));
 
-        let big = vec![7u8; WRITE_BUFFER * 2 + 3];
+        let big: Vec<u8> = (0..WRITE_BUFFER * 2 + 3).map(|i| (i % 251) as u8).collect();
         let mut writer = BodyWriter::new(
             dir.path().into(),
             Arc::default(),
