@@ -742,46 +742,31 @@ mod tests {
         assert_eq!(staged.sha256, Some(Sha256::digest(b"hello").into()));
 
         let big: Vec<u8> = (0..WRITE_BUFFER * 2 + 3).map(|i| (i % 251) as u8).collect();
-        let mut writer = BodyWriter::new(
-            dir.path().into(),
-            Arc::default(),
-            1024,
-            1 << 30,
-            false,
-            false,
-        );
-        for chunk in big.chunks(10_000) {
-            writer.write(chunk).await.unwrap();
+        // Chunks smaller than the write buffer, and larger ones, which are split across its
+        // flushes in order.
+        for chunk_size in [10_000, WRITE_BUFFER + 5_000] {
+            let mut writer = BodyWriter::new(
+                dir.path().into(),
+                Arc::default(),
+                1024,
+                1 << 30,
+                false,
+                false,
+            );
+            for chunk in big.chunks(chunk_size) {
+                writer.write(chunk).await.unwrap();
+                assert!(writer.pending.len() < WRITE_BUFFER, "flushed when full");
+            }
+            let staged = writer.finish(None).await.unwrap();
+            let StagedContent::File { ref temp, .. } = staged.content else {
+                panic!("a large body must spill to a file");
+            };
+            assert_eq!(std::fs::read(temp.path()).unwrap(), big, "{chunk_size}");
+            assert_eq!(&staged.blake3, blake3::hash(&big).as_bytes());
+            let temp_path = temp.path().to_path_buf();
+            drop(staged);
+            assert!(!temp_path.exists(), "an unpublished temp file is removed");
         }
-        let staged = writer.finish(None).await.unwrap();
-        let StagedContent::File { ref temp, .. } = staged.content else {
-            panic!("a large body must spill to a file");
-        };
-        assert_eq!(std::fs::read(temp.path()).unwrap(), big);
-        assert_eq!(&staged.blake3, blake3::hash(&big).as_bytes());
-        let temp_path = temp.path().to_path_buf();
-        drop(staged);
-        assert!(!temp_path.exists(), "an unpublished temp file is removed");
-
-        // Chunks larger than the write buffer are split across its flushes, in order.
-        let mut writer = BodyWriter::new(
-            dir.path().into(),
-            Arc::default(),
-            1024,
-            1 << 30,
-            false,
-            false,
-        );
-        for chunk in big.chunks(WRITE_BUFFER + 5_000) {
-            writer.write(chunk).await.unwrap();
-            assert!(writer.pending.len() < WRITE_BUFFER, "flushed when full");
-        }
-        let staged = writer.finish(None).await.unwrap();
-        let StagedContent::File { ref temp, .. } = staged.content else {
-            panic!("a large body must spill to a file");
-        };
-        assert_eq!(std::fs::read(temp.path()).unwrap(), big);
-        assert_eq!(&staged.blake3, blake3::hash(&big).as_bytes());
     }
 
     #[tokio::test]
