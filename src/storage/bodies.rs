@@ -220,8 +220,9 @@ impl BodyWriter {
             // size for every upload lets the allocator hand the same block around.
             self.pending.reserve_exact(flush_at - self.pending.len());
         }
+        // `pending` is below `flush_at` here and after every pass: it is flushed on reaching it.
         while !chunk.is_empty() {
-            let room = flush_at.saturating_sub(self.pending.len()).max(1);
+            let room = flush_at.saturating_sub(self.pending.len());
             let (now, rest) = chunk.split_at(room.min(chunk.len()));
             self.pending.extend_from_slice(now);
             chunk = rest;
