@@ -20,6 +20,8 @@ pub const STORAGE_ARTIFACTS: &str = "kura_storage_artifacts";
 pub const STORAGE_EVICTIONS_TOTAL: &str = "kura_storage_evictions_total";
 pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
 pub const STORAGE_ORPHANS_REMOVED_TOTAL: &str = "kura_storage_orphans_removed_total";
+pub const STORAGE_READ_CACHE_BYTES: &str = "kura_storage_read_cache_bytes";
+pub const STORAGE_READ_CACHE_LOOKUPS_TOTAL: &str = "kura_storage_read_cache_lookups_total";
 pub const STORAGE_BACKGROUND_ERRORS_TOTAL: &str = "kura_storage_background_errors_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
 pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
@@ -184,6 +186,15 @@ fn describe() {
         STORAGE_ORPHANS_REMOVED_TOTAL,
         "Files no record referenced (left by a crash), removed by the orphan sweep."
     );
+    describe_gauge!(
+        STORAGE_READ_CACHE_BYTES,
+        Unit::Bytes,
+        "Memory held by the set of recently read small artifacts (storage.read_cache)."
+    );
+    describe_counter!(
+        STORAGE_READ_CACHE_LOOKUPS_TOTAL,
+        "Reads of an artifact's record by result: hit (answered from memory) or miss (read from RocksDB: not held, a file body, or absent)."
+    );
     describe_counter!(AUTH_DECISIONS_TOTAL, "Authorization decisions by result.");
     describe_counter!(
         AUTH_CACHE_TOTAL,
@@ -245,6 +256,13 @@ pub fn sample(
     metrics::gauge!(STORAGE_ARTIFACTS).set(stats.artifacts as f64);
     // RocksDB keeps the count; the counter is set to it whenever metrics are sampled.
     metrics::counter!(STORAGE_BACKGROUND_ERRORS_TOTAL).absolute(stats.background_errors);
+    // The set counts its own hits and misses; they are copied here rather than counted on
+    // every read.
+    metrics::gauge!(STORAGE_READ_CACHE_BYTES).set(stats.read_cache.bytes as f64);
+    metrics::counter!(STORAGE_READ_CACHE_LOOKUPS_TOTAL, "result" => "hit")
+        .absolute(stats.read_cache.hits);
+    metrics::counter!(STORAGE_READ_CACHE_LOOKUPS_TOTAL, "result" => "miss")
+        .absolute(stats.read_cache.misses);
     if let Some(rss) = resident_memory_bytes() {
         metrics::gauge!(PROCESS_RSS_BYTES).set(rss as f64);
     }

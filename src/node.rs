@@ -257,6 +257,7 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
         min_free: in_bytes(config.storage.min_free),
         access_time_resolution: config.storage.access_time_resolution.0,
         block_cache: config.storage.block_cache.0 as usize,
+        read_cache: config.storage.read_cache.0 as usize,
         wal_limit: crate::storage::DEFAULT_WAL_LIMIT,
         node_id: config.node.id.clone(),
         replication_log: config.replication.enabled(),

@@ -106,6 +106,9 @@ pub struct StorageConfig {
     pub access_time_resolution: HumanDuration,
     /// Memory for RocksDB's cache of metadata blocks (records and inline bodies).
     pub block_cache: ByteSize,
+    /// Memory for recently read small artifacts (inline bodies with their records), served
+    /// without a RocksDB read; 0 turns it off.
+    pub read_cache: ByteSize,
 }
 
 impl Default for StorageConfig {
@@ -120,6 +123,7 @@ impl Default for StorageConfig {
             orphan_grace: HumanDuration(std::time::Duration::from_secs(600)),
             access_time_resolution: HumanDuration(crate::storage::DEFAULT_ACCESS_TIME_RESOLUTION),
             block_cache: ByteSize(crate::storage::DEFAULT_BLOCK_CACHE as u64),
+            read_cache: ByteSize(crate::storage::DEFAULT_READ_CACHE as u64),
         }
     }
 }

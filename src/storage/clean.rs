@@ -236,7 +236,7 @@ impl Store {
                 }
             }
             if !batch.is_empty() {
-                self.write_accounted(batch, delta)?;
+                self.write_accounted(batch, delta, candidates.iter().map(|k| &k[..]))?;
             }
             drop(keys);
             removed += bodies.len() as u64;

@@ -204,7 +204,8 @@ impl Store {
                     break;
                 }
             }
-            self.write_accounted(batch, delta)?;
+            let removed = entries.iter().filter_map(|e| meta::split_access_key(e));
+            self.write_accounted(batch, delta, removed.map(|(_, encoded)| encoded))?;
             drop(keys);
             metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
                 .increment(bodies.len() as u64);

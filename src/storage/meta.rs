@@ -23,6 +23,7 @@
 //! Records are `postcard`-encoded behind a one-byte format version so a later release can read
 //! what this one wrote.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::keys::ArtifactKey;
@@ -89,8 +90,10 @@ const FORMAT_V1: u8 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BodyRef {
     /// Small bodies live inside the record: one lookup serves them, and they publish atomically
-    /// with their metadata for free. (`serde_bytes`: decoded as one copy, not byte by byte.)
-    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// with their metadata for free. (`Bytes`: encoded as a byte string and decoded as one
+    /// copy, not byte by byte; a clone shares the bytes, so a record held in memory, see
+    /// `hot.rs`, is served without copying its body.)
+    Inline(Bytes),
     /// A file under `bodies/`, named by this id (see `bodies::body_path`).
     File(u128),
 }
@@ -397,7 +400,7 @@ mod tests {
             version_ms: 11,
             origin: "n1".into(),
             accessed_ms: 12,
-            body: BodyRef::Inline(b"abc".to_vec()),
+            body: BodyRef::Inline(Bytes::from_static(b"abc")),
         };
         let bytes = encode(&record);
         let view = decode::<RecordView>(&bytes).expect("a view decodes what a record encodes");

@@ -33,6 +33,7 @@ mod backfill;
 pub mod bodies;
 mod clean;
 mod evict;
+mod hot;
 pub mod keys;
 mod locks;
 pub mod meta;
@@ -72,6 +73,9 @@ pub use uploads::UploadLimits;
 pub const DEFAULT_INLINE_MAX: usize = 32 * 1024;
 /// Default of `storage.block_cache`: holds the hot records of a busy node while keeping RSS low.
 pub const DEFAULT_BLOCK_CACHE: usize = 32 << 20;
+/// Default of `storage.read_cache`: the hot small artifacts of a busy node (about 15,000 of
+/// 4 KiB), so that serving them costs no RocksDB read.
+pub const DEFAULT_READ_CACHE: usize = 64 << 20;
 /// Default of [`StoreOptions::wal_limit`]: a few memtables' worth, so a restart replays little.
 pub const DEFAULT_WAL_LIMIT: u64 = 64 << 20;
 /// How often a read looks again when the body file it was about to open was replaced.
@@ -111,6 +115,8 @@ pub struct StoreOptions {
     pub access_time_resolution: Duration,
     /// Bytes of RocksDB data blocks cached in memory (shared by all column families).
     pub block_cache: usize,
+    /// Bytes of recently read inline artifacts kept decoded in memory (see `hot.rs`); 0: none.
+    pub read_cache: usize,
     /// RocksDB's write-ahead log is kept around this size: past it, the column families that
     /// still hold the oldest log file are flushed so that it can go.
     pub wal_limit: u64,
@@ -132,6 +138,7 @@ impl StoreOptions {
             min_free: 0,
             access_time_resolution: DEFAULT_ACCESS_TIME_RESOLUTION,
             block_cache: DEFAULT_BLOCK_CACHE,
+            read_cache: DEFAULT_READ_CACHE,
             wal_limit: DEFAULT_WAL_LIMIT,
             node_id: None,
             replication_log: false,
@@ -438,6 +445,19 @@ pub struct StoreStats {
     pub capacity: u64,
     /// See [`Store::background_errors`].
     pub background_errors: u64,
+    /// The set of hot small artifacts (`hot.rs`).
+    pub read_cache: ReadCacheStats,
+}
+
+/// What the set of hot small artifacts holds and how often it answered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadCacheStats {
+    /// Bytes held (bodies, keys, records and a fixed cost per entry).
+    pub bytes: u64,
+    /// Reads answered from memory.
+    pub hits: u64,
+    /// Reads that went to RocksDB: artifacts not held, file bodies, absent keys.
+    pub misses: u64,
 }
 
 /// Memory RocksDB holds, by consumer (see [`Store::rocksdb_memory`]).
@@ -460,6 +480,8 @@ struct Inner {
     /// a C++ `ReadOptions` on each call, two allocations on every small GET.
     point_reads: ReadOptions,
     block_cache: Cache,
+    /// Records of recently read inline artifacts (see `hot.rs`).
+    hot: hot::HotRecords,
     options: StoreOptions,
     node_id: String,
     tmp_dir: PathBuf,
@@ -552,6 +574,7 @@ impl Store {
                 db,
                 point_reads: point_reads(),
                 block_cache,
+                hot: hot::HotRecords::new(options.read_cache as u64),
                 node_id,
                 tmp_dir,
                 bodies_dir,
@@ -599,6 +622,7 @@ impl Store {
             artifacts: accounting.usage.artifacts,
             capacity: self.inner.options.capacity,
             background_errors: self.background_errors(),
+            read_cache: self.inner.hot.stats(),
         }
     }
 
@@ -741,7 +765,7 @@ impl Store {
         // The staged file's handle keeps its id live (safe from the orphan sweep) until the
         // batch that indexes it is written, or the body is given up: it drops at the end.
         let (body, _live) = match staged.content {
-            bodies::StagedContent::Inline(bytes) => (BodyRef::Inline(bytes), None),
+            bodies::StagedContent::Inline(bytes) => (BodyRef::Inline(Bytes::from(bytes)), None),
             bodies::StagedContent::File { id, temp } => {
                 let dest = bodies::body_path(&inner.bodies_dir, id);
                 bodies::publish_file(&temp, &dest, fsync).map_err(StoreError::from_write)?;
@@ -897,7 +921,7 @@ impl Store {
             };
             self.batch_log(&mut batch, ticket.seq, &logged);
         }
-        self.write_accounted(batch, delta)?;
+        self.write_accounted(batch, delta, [encoded])?;
         Ok(Published {
             previous,
             held,
@@ -945,7 +969,7 @@ impl Store {
         key: &ArtifactKey,
         encoded: &[u8],
     ) -> Result<Option<ArtifactRecord>, StoreError> {
-        let record = match self.record(encoded) {
+        let record = match self.record_for_reading(encoded) {
             Ok(record) => record,
             Err(StoreError::Db(error)) if is_damage(&error) => {
                 self.forget_damaged_record(encoded, &error);
@@ -1003,7 +1027,7 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         self.batch_delete_keyed(&mut batch, encoded);
-        if let Err(error) = self.write_accounted(batch, delta) {
+        if let Err(error) = self.write_accounted(batch, delta, [encoded]) {
             tracing::error!(%error, "could not forget a damaged record");
         }
     }
@@ -1064,7 +1088,7 @@ impl Store {
                         self.drop_corrupt(&encoded, &body, "stored body has the wrong length");
                         return Ok(None);
                     }
-                    ReadBody::Verified(Bytes::from(bytes))
+                    ReadBody::Verified(bytes)
                 }
                 BodyRef::File(id) => match self.open_file_body(&encoded, id, &record).await? {
                     Opened::Body(body) => body,
@@ -1163,7 +1187,7 @@ impl Store {
         let mut delta = UsageDelta::default();
         self.batch_remove(&mut batch, encoded, &record, &mut delta)?;
         let doomed = self.doom(record.body);
-        self.write_accounted(batch, delta)?;
+        self.write_accounted(batch, delta, [encoded])?;
         drop(key);
         self.remove_doomed(doomed);
         Ok(true)
@@ -1215,13 +1239,24 @@ impl Store {
         }
     }
 
-    /// Writes a batch that changes usage by `delta`: the change travels in the batch as a merge
-    /// operand, and the in-memory mirror takes it once the batch is written.
-    fn write_accounted(&self, mut batch: WriteBatch, delta: UsageDelta) -> Result<(), StoreError> {
+    /// Writes a batch that changes usage by `delta` and the records of `records` (written or
+    /// deleted): the change travels in the batch as a merge operand, and the in-memory mirror
+    /// takes it once the batch is written; the set of hot records forgets those keys then.
+    fn write_accounted<'k>(
+        &self,
+        mut batch: WriteBatch,
+        delta: UsageDelta,
+        records: impl IntoIterator<Item = &'k [u8]>,
+    ) -> Result<(), StoreError> {
         if !delta.is_zero() {
             batch.merge_cf(self.cf(meta::CF_STATE), meta::USAGE_KEY, delta.encode());
         }
-        self.write(batch)?;
+        let written = self.write(batch);
+        // Forgotten even when the write failed: whether RocksDB applied part of it is unknown.
+        for encoded in records {
+            self.inner.hot.forget(encoded);
+        }
+        written?;
         self.accounting().usage.apply(delta);
         Ok(())
     }
@@ -1268,6 +1303,20 @@ impl Store {
     fn published_ms(&self, encoded: &[u8]) -> Result<Option<u64>, StoreError> {
         let value = self.get(meta::CF_ARTIFACTS, encoded)?;
         Ok(value.and_then(|bytes| meta::decode::<meta::RecordView>(&bytes).map(|r| r.accessed_ms)))
+    }
+
+    /// The record a reader serves: from the set of hot small artifacts, or read from RocksDB
+    /// (and offered to the set). Writers read [`Store::record`] under the key's lock instead.
+    fn record_for_reading(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {
+        if let Some(hot) = self.inner.hot.get(encoded) {
+            return Ok(Some(ArtifactRecord::clone(&hot)));
+        }
+        let ticket = self.inner.hot.ticket(encoded);
+        let record = self.record(encoded)?;
+        if let Some(record) = &record {
+            self.inner.hot.offer(ticket, encoded, record);
+        }
+        Ok(record)
     }
 
     fn record(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {

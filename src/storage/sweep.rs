@@ -196,7 +196,8 @@ impl Store {
             bytes: -(counted.min(i64::MAX as u64) as i64),
             artifacts: 0,
         };
-        self.write_accounted(batch, delta)?;
+        // No record changes: the file's record was gone or named another body.
+        self.write_accounted(batch, delta, [])?;
         remove_file(path)
     }
 

@@ -622,15 +622,20 @@ async fn a_data_dir_from_before_the_index_is_backfilled_before_anything_is_swept
     assert_eq!(body_of(&store, &key).await.unwrap(), vec![1; 5000]);
 }
 
+/// A runtime whose four workers interleave tasks even on a machine of two cores.
+fn four_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Sweeps with no grace period at all, over and over, while writers publish and overwrite file
 /// bodies: no body of a write in flight is ever taken, and nothing is left over.
 #[test]
 fn sweeps_never_race_publishes_in_flight() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = four_workers();
     let dir = tempfile::tempdir().unwrap();
     runtime.block_on(async {
         let store = store_with(dir.path(), 1 << 30);
@@ -1516,4 +1521,86 @@ async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
         Some(&b"intact"[..]),
         "reads keep working"
     );
+}
+
+/// A small artifact kept in the set of hot records (`hot.rs`) is never served once it changed:
+/// after an overwrite, an eviction and a clean, reads answer what RocksDB holds.
+#[tokio::test]
+async fn a_hot_small_artifact_is_never_served_after_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let charge = meta::charge(600, gradle("a").encode().len(), 0);
+    let store = evicting_one_at_a_time(dir.path(), 3 * charge);
+    let key = gradle("a");
+    let is_hot = |store: &Store| store.inner.hot.get(&key.encode()).is_some();
+    put(&store, &key, &[1; 600]).await;
+    assert_eq!(body_of(&store, &key).await, Some(vec![1; 600]));
+    assert!(is_hot(&store), "a read did not keep the small artifact");
+
+    put(&store, &key, &[2; 600]).await;
+    assert!(
+        !is_hot(&store),
+        "an overwrite left the old record in memory"
+    );
+    assert_eq!(body_of(&store, &key).await, Some(vec![2; 600]));
+
+    // Three newer artifacts, none read: the one read least recently is evicted for the third.
+    for name in ["b", "c", "d"] {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        put(&store, &gradle(name), &[3; 600]).await;
+    }
+    assert!(
+        raw_record(&store, &key).is_none(),
+        "the test meant to evict it"
+    );
+    assert!(!is_hot(&store), "an eviction left the record in memory");
+    assert_eq!(body_of(&store, &key).await, None);
+
+    put(&store, &gradle("e"), &[4; 600]).await;
+    assert_eq!(body_of(&store, &gradle("e")).await, Some(vec![4; 600]));
+    store.delete_project("p").await.unwrap();
+    assert_eq!(body_of(&store, &gradle("e")).await, None);
+}
+
+/// Readers hammer a small artifact while it is overwritten again and again: each time the
+/// writer's overwrite returns, its own next read sees what it wrote. A read that fetched the
+/// previous record just before an overwrite must not leave it behind in memory.
+#[test]
+fn reads_racing_overwrites_never_leave_an_old_version_in_memory() {
+    let runtime = four_workers();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let store = store_with(dir.path(), 1 << 30);
+        let key = gradle("contended");
+        put(&store, &key, &[0; 64]).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, key, done) = (store.clone(), key.clone(), done.clone());
+                tokio::spawn(async move {
+                    while !done.load(Ordering::Relaxed) {
+                        body_of(&store, &key).await;
+                        // A read from memory never yields on its own.
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        let mut stale = None;
+        for version in 1..=1500u32 {
+            let body = version.to_be_bytes().repeat(16);
+            put(&store, &key, &body).await;
+            if body_of(&store, &key).await != Some(body) {
+                stale = Some(version);
+                break;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        for reader in readers {
+            reader.await.unwrap();
+        }
+        assert_eq!(
+            stale, None,
+            "a read after this version's write served an older one"
+        );
+    });
 }
