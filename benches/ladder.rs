@@ -6,8 +6,10 @@
 //! 2. the same server reading the key's record from the store's RocksDB with a point read
 //!    (the store's table options and block cache size), answering the record's bytes;
 //! 3. the same server reading through the store's own read path (`Store::lookup` and
-//!    `Store::open_found`: record decoding, clean tombstones, the access-time note);
-//! 4. the real node (`kura serve`: static auth, the Gradle route, every layer);
+//!    `Store::open_found`: record decoding, clean tombstones, the access-time note), from
+//!    RocksDB on every request (`storage.read_cache` off);
+//! 4. the real node (`kura serve`: static auth, the Gradle route, every layer, and its default
+//!    read cache, which holds the whole data set once it has been read);
 //! 5. nginx serving the same bodies as files, with `benches/load/nginx.conf` (if installed).
 //!
 //! Each rung runs in its own process, so the CPU it used per request is read from `/proc`.
@@ -519,6 +521,8 @@ fn serve(rung: Rung, data: &Path) {
             store: (rung == Rung::Store).then(|| {
                 Store::open(StoreOptions {
                     block_cache: block_cache(),
+                    // What the store's own path adds to rung 2's RocksDB read.
+                    read_cache: 0,
                     ..StoreOptions::new(data)
                 })
                 .expect("open store")

@@ -15,13 +15,14 @@
 //! Coherence: every batch that writes or deletes a record forgets the key once it is written
 //! ([`HotRecords::forget`], called by `Store::write_accounted`). A read that fetched the old
 //! record just before such a write could still insert it afterwards; to rule that out it takes a
-//! [`Ticket`] (its key stripe's write generation) before reading RocksDB, and withdraws its
-//! insert when a write of the stripe finished in between. Clean tombstones are not the set's
-//! business: readers check them against the record's version on every hit, as on a miss.
+//! [`Ticket`] (its key stripe's write generation) before reading RocksDB, and inserts only if no
+//! write of the stripe finished since. The check and the insert hold the stripe's lock, as do a
+//! forget's bump and removal, so the old record is never visible, not even for an instant. Clean
+//! tombstones are not the set's business: readers check them against the record's version on
+//! every hit, as on a miss.
 
 use std::hash::BuildHasher;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use quick_cache::Weighter;
 use quick_cache::sync::Cache;
@@ -32,8 +33,10 @@ use super::meta::{ArtifactRecord, BodyRef};
 /// Generation stripes: a write invalidates the tickets of the keys of its stripe only.
 const STRIPES: usize = 1024;
 
-/// What an entry costs beyond its bytes: the set's own slot, the `Arc` and the record's fields.
-const ENTRY_OVERHEAD: u64 = 192;
+/// What an entry costs beyond its bytes, estimated: the record's fields and its `Arc` (about
+/// 210 bytes), the set's slot and index (about 60), the shared header of the body's `Bytes` and
+/// the allocator's headers of five blocks. The budget is therefore approximate.
+const ENTRY_OVERHEAD: u64 = 384;
 
 /// An inline body smaller than this is assumed for the capacity estimate (entries, not bytes).
 const TYPICAL_ENTRY: u64 = 4096;
@@ -41,7 +44,8 @@ const TYPICAL_ENTRY: u64 = 4096;
 pub(super) struct HotRecords {
     /// `None` when `storage.read_cache` is 0.
     cache: Option<Cache<Vec<u8>, Arc<ArtifactRecord>, EntryWeight>>,
-    generations: Box<[AtomicU64]>,
+    /// Each stripe's write generation: bumped by every forget of one of its keys.
+    generations: Box<[Mutex<u64>]>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -78,7 +82,7 @@ impl HotRecords {
         });
         HotRecords {
             cache,
-            generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
@@ -93,7 +97,7 @@ impl HotRecords {
         let stripe = self.stripe(encoded);
         Ticket {
             stripe,
-            generation: self.generations[stripe].load(Ordering::SeqCst),
+            generation: *self.generation(stripe),
         }
     }
 
@@ -110,12 +114,13 @@ impl HotRecords {
             // Not to be served at all (the reader drops it): never kept.
             return;
         }
-        cache.insert(encoded.to_vec(), Arc::new(record.clone()));
-        // A write that finished after the RocksDB read and before the insert above bumped the
-        // generation before forgetting the key: then the insert may have landed after the
-        // forget and must go. (A forget after this load removes the entry itself.)
-        if self.generations[ticket.stripe].load(Ordering::SeqCst) != ticket.generation {
-            cache.remove(encoded);
+        let (key, record) = (encoded.to_vec(), Arc::new(record.clone()));
+        // Under the stripe's lock: a forget cannot run between the check and the insert, so
+        // either it came before (the generation moved: what was read may be old, and is not
+        // kept) or it comes after and removes the entry.
+        let generation = self.generation(ticket.stripe);
+        if *generation == ticket.generation {
+            cache.insert(key, record);
         }
     }
 
@@ -126,8 +131,16 @@ impl HotRecords {
         let Some(cache) = &self.cache else {
             return;
         };
-        self.generations[self.stripe(encoded)].fetch_add(1, Ordering::SeqCst);
+        let mut generation = self.generation(self.stripe(encoded));
+        *generation += 1;
         cache.remove(encoded);
+    }
+
+    fn generation(&self, stripe: usize) -> MutexGuard<'_, u64> {
+        // A panic while holding it leaves a number: poisoning is ignored.
+        self.generations[stripe]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Bytes held (by [`entry_weight`]), hits and misses.

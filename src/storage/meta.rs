@@ -420,6 +420,17 @@ mod tests {
         assert_eq!(decode::<ArtifactRecord>(&[]), None);
     }
 
+    /// Records written before inline bodies were `Bytes` (a `Vec<u8>` encoded as a byte
+    /// string) must decode, and new ones must read back in older releases: the encoding of an
+    /// inline body is pinned byte for byte (variant 0, length, bytes).
+    #[test]
+    fn an_inline_body_encodes_as_a_byte_string() {
+        let body = BodyRef::Inline(Bytes::from_static(b"abc"));
+        let pinned = [0u8, 3, b'a', b'b', b'c'];
+        assert_eq!(postcard::to_stdvec(&body).ok(), Some(pinned.to_vec()));
+        assert_eq!(postcard::from_bytes::<BodyRef>(&pinned).ok(), Some(body));
+    }
+
     #[test]
     fn presence_entries_round_trip_and_reject_other_lengths() {
         let presence = Presence {

@@ -1542,6 +1542,7 @@ async fn a_hot_small_artifact_is_never_served_after_it_changed() {
         "an overwrite left the old record in memory"
     );
     assert_eq!(body_of(&store, &key).await, Some(vec![2; 600]));
+    assert!(is_hot(&store), "a read did not keep the new version");
 
     // Three newer artifacts, none read: the one read least recently is evicted for the third.
     for name in ["b", "c", "d"] {
@@ -1555,15 +1556,39 @@ async fn a_hot_small_artifact_is_never_served_after_it_changed() {
     assert!(!is_hot(&store), "an eviction left the record in memory");
     assert_eq!(body_of(&store, &key).await, None);
 
-    put(&store, &gradle("e"), &[4; 600]).await;
-    assert_eq!(body_of(&store, &gradle("e")).await, Some(vec![4; 600]));
+    let cleaned = gradle("e");
+    put(&store, &cleaned, &[4; 600]).await;
+    assert_eq!(body_of(&store, &cleaned).await, Some(vec![4; 600]));
+    assert!(store.inner.hot.get(&cleaned.encode()).is_some());
     store.delete_project("p").await.unwrap();
-    assert_eq!(body_of(&store, &gradle("e")).await, None);
+    assert!(
+        store.inner.hot.get(&cleaned.encode()).is_none(),
+        "a clean left a deleted record in memory"
+    );
+    assert_eq!(body_of(&store, &cleaned).await, None);
+}
+
+/// The race the set's tickets close, played in order: a read fetches the record from RocksDB,
+/// an overwrite is written and acknowledged, and only then does the read offer what it fetched
+/// to the set. The overwrite's bytes are what is served afterwards.
+#[tokio::test]
+async fn a_read_that_fetched_a_record_before_an_overwrite_does_not_keep_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = gradle("a");
+    let encoded = key.encode();
+    put(&store, &key, &[1; 100]).await;
+    let ticket = store.inner.hot.ticket(&encoded);
+    let fetched = store.record(&encoded).unwrap().unwrap();
+    put(&store, &key, &[2; 100]).await;
+    store.inner.hot.offer(ticket, &encoded, &fetched);
+    assert_eq!(body_of(&store, &key).await, Some(vec![2; 100]));
 }
 
 /// Readers hammer a small artifact while it is overwritten again and again: each time the
-/// writer's overwrite returns, its own next read sees what it wrote. A read that fetched the
-/// previous record just before an overwrite must not leave it behind in memory.
+/// writer's overwrite returns, its own next read sees what it wrote. (It catches a set that
+/// forgets a key before the write instead of after it; the ticket check is pinned by
+/// `a_read_that_fetched_a_record_before_an_overwrite_does_not_keep_it`.)
 #[test]
 fn reads_racing_overwrites_never_leave_an_old_version_in_memory() {
     let runtime = four_workers();
