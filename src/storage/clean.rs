@@ -220,6 +220,7 @@ impl Store {
             let mut batch = WriteBatch::default();
             let mut delta = UsageDelta::default();
             let mut bodies = Vec::new();
+            let mut forgotten = Vec::new();
             for key in &candidates {
                 let Some(value) = self.get(meta::CF_ARTIFACTS, key)? else {
                     continue;
@@ -228,15 +229,19 @@ impl Store {
                     Some(record) if record.version_ms <= at => {
                         self.batch_remove(&mut batch, key, &record, &mut delta)?;
                         bodies.push(self.doom(record.body));
+                        forgotten.push(&key[..]);
                     }
                     Some(_) => {}
                     // Unreadable: drop it and its access time (its queue entry, if any, is
                     // found stale and deleted by eviction).
-                    None => self.batch_delete_keyed(&mut batch, key),
+                    None => {
+                        self.batch_delete_keyed(&mut batch, key);
+                        forgotten.push(&key[..]);
+                    }
                 }
             }
             if !batch.is_empty() {
-                self.write_accounted(batch, delta, candidates.iter().map(|k| &k[..]))?;
+                self.write_accounted(batch, delta, forgotten)?;
             }
             drop(keys);
             removed += bodies.len() as u64;

@@ -177,6 +177,9 @@ impl Store {
             let mut batch = WriteBatch::default();
             let mut delta = UsageDelta::default();
             let mut bodies = Vec::new();
+            // Only these leave the set of hot records: a stale queue entry names an artifact
+            // read since, which is just what the set should keep.
+            let mut removed = Vec::new();
             for access_key in &entries {
                 let Some((accessed_ms, encoded)) = meta::split_access_key(access_key) else {
                     batch.delete_cf(self.cf(meta::CF_ACCESS), access_key);
@@ -196,6 +199,7 @@ impl Store {
                         freed += charge;
                         usage = usage.saturating_sub(charge);
                         bodies.push(self.doom(record.body));
+                        removed.push(encoded);
                     }
                     // A stale queue entry (its artifact was rewritten or touched since).
                     None => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
@@ -204,8 +208,7 @@ impl Store {
                     break;
                 }
             }
-            let removed = entries.iter().filter_map(|e| meta::split_access_key(e));
-            self.write_accounted(batch, delta, removed.map(|(_, encoded)| encoded))?;
+            self.write_accounted(batch, delta, removed)?;
             drop(keys);
             metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
                 .increment(bodies.len() as u64);
