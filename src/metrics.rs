@@ -54,7 +54,15 @@ pub const REPLICATION_CATCH_UPS_REQUESTED_TOTAL: &str =
 pub const REPLICATION_CATCH_UP_PASSES_TOTAL: &str = "kura_replication_catch_up_passes_total";
 pub const REPLICATION_CATCH_UPS_OWED: &str = "kura_replication_catch_ups_owed";
 
+/// How often the recorder folds the latency samples recorded since into its histograms.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the global recorder and returns the handle `/metrics` renders from.
+///
+/// The recorder keeps every latency sample in a queue until it is folded into its histogram
+/// buckets, which happens when `/metrics` is rendered or at upkeep. A node nobody scrapes would
+/// hold eight bytes more for every request it ever served, so call [`spawn_upkeep`] with the
+/// handle (the exporter's own `install` would, but it also opens a listener of its own).
 pub fn install() -> Result<PrometheusHandle, String> {
     let buckets = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -67,6 +75,19 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?;
     describe();
     Ok(handle)
+}
+
+/// Folds queued latency samples into their histograms every [`UPKEEP_INTERVAL`], for the life of
+/// the runtime, so memory stays flat whether or not `/metrics` is scraped.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            handle.run_upkeep();
+        }
+    });
 }
 
 fn describe() {

@@ -33,6 +33,7 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
     refuse_open_auth_off_loopback(&config, allow_insecure)?;
     let metrics =
         crate::metrics::install().map_err(|e| anyhow::anyhow!("cannot install metrics: {e}"))?;
+    crate::metrics::spawn_upkeep(metrics.clone());
     let store = open_store(&config)?;
     let (auth, static_tokens) = build_authorizer(&config)?;
     let lifecycle = Lifecycle::default();
