@@ -928,8 +928,6 @@ struct Tracked<S> {
     activity: Arc<Activity>,
 }
 
-type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send + 'static>>;
-
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
 where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
@@ -937,25 +935,77 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Body>;
+    type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Error>;
+    type Future = TrackedFuture<S, B>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.request_started();
         let discard_unread = request.version() == http::Version::HTTP_2;
         let request = request.map(|body| Body::new(RequestBody::new(body, discard_unread)));
-        let service = self.inner.clone();
-        Box::pin(async move {
-            let response = service.oneshot(request).await?;
-            // The guard rides in the body: a streaming download counts until its last byte.
-            Ok(response.map(|body| {
-                Body::new(body.map_frame(move |frame| {
-                    let _in_flight = &in_flight;
-                    frame
-                }))
-            }))
-        })
+        TrackedFuture {
+            inner: self.inner.clone().oneshot(request),
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer; its [`InFlight`] guard moves into the response body.
+    struct TrackedFuture<S, B>
+    where
+        S: tower::Service<Request<Body>, Response = Response<B>>,
+    {
+        #[pin]
+        inner: tower::util::Oneshot<S, Request<Body>>,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<S, B> Future for TrackedFuture<S, B>
+where
+    S: tower::Service<Request<Body>, Response = Response<B>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(response.map(|body| TrackedBody {
+            inner: body,
+            _in_flight: in_flight,
+        })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts its request in flight until it is dropped: a streaming
+    /// download counts until its last byte.
+    struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _in_flight: Option<InFlight>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -63,12 +63,17 @@ pub fn router(
             error::ApiError::new(http::StatusCode::NOT_FOUND, "no_route", "No such route")
                 .into_response()
         })
-        .layer(AdmissionLayer::new(
-            state.lifecycle.clone(),
-            state.config.limits.max_in_flight_requests,
-            layers::HttpRefusals,
-        ))
-        .layer(ObserveLayer::new("http", layers::MatchedRoute))
+        // One `layer` call for both: the router wraps every route in a boxed service per call,
+        // and each box costs every request an allocation and an indirect call.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(ObserveLayer::new("http", layers::MatchedRoute))
+                .layer(AdmissionLayer::new(
+                    state.lifecycle.clone(),
+                    state.config.limits.max_in_flight_requests,
+                    layers::HttpRefusals,
+                )),
+        )
         .with_state(state);
     tower::ServiceBuilder::new()
         .layer(RequestIdLayer)

@@ -38,7 +38,13 @@ async fn lease_memory(app: &AppState, bytes: u64) -> Result<MemoryLease, ApiErro
 }
 
 /// Keeps `guard` alive until the last frame of `body` was sent (or the body was dropped).
-pub fn hold_until_sent<G: Send + Sync + 'static>(body: Body, guard: G) -> Body {
+/// Generic over the body, so a body of bytes in hand is boxed once, not twice.
+fn hold_until_sent<B, G>(body: B, guard: G) -> Body
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+    G: Send + Sync + 'static,
+{
     Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
         let _held = &guard;
         frame
@@ -248,10 +254,9 @@ pub async fn serve(
     };
     app.counters.read(key.kind, end - start);
     let body = match artifact.into_body(start, end) {
-        BodyStream::Bytes(bytes) => Body::from(bytes),
-        BodyStream::Stream(stream) => Body::from_stream(stream),
+        BodyStream::Bytes(bytes) => hold_until_sent(http_body_util::Full::new(bytes), lease),
+        BodyStream::Stream(stream) => hold_until_sent(Body::from_stream(stream), lease),
     };
-    let body = hold_until_sent(body, lease);
     let mut response = Response::new(body);
     *response.status_mut() = status;
     // Room for every header this answer and the layers add, so the map never grows.

@@ -81,6 +81,14 @@ impl PendingTouches {
         }
     }
 
+    /// Whether no access waits for a flush.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.shards
+            .iter()
+            .all(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
+    }
+
     fn take(&self) -> Vec<(Vec<u8>, u64)> {
         let mut all = Vec::new();
         for shard in &self.shards {

@@ -22,6 +22,7 @@
 //! every hit, as on a miss.
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use quick_cache::Weighter;
@@ -43,10 +44,39 @@ const TYPICAL_ENTRY: u64 = 4096;
 
 pub(super) struct HotRecords {
     /// `None` when `storage.read_cache` is 0.
-    cache: Option<Cache<Vec<u8>, Arc<ArtifactRecord>, EntryWeight>>,
+    cache: Option<Cache<Vec<u8>, Arc<HotRecord>, EntryWeight>>,
     /// Each stripe's write generation: bumped by every forget of one of its keys.
     generations: Box<[Mutex<u64>]>,
     hasher: std::collections::hash_map::RandomState,
+}
+
+/// A record held in memory, and when a read of it last noted an access.
+///
+/// Why the second field: a hot artifact is read many times a second, but its access time moves
+/// at most once per `storage.access_time_resolution` (`evict.rs`). Noting every read would
+/// queue the key again after each flush, and each flush would read its access time back from
+/// RocksDB only to find it recent. The entry remembers the last note instead, so a hot key is
+/// noted once per resolution, at no cost in between.
+pub(super) struct HotRecord {
+    pub(super) record: ArtifactRecord,
+    /// When a read of this entry last noted an access (ms since the epoch; 0: never).
+    noted_ms: AtomicU64,
+}
+
+impl HotRecord {
+    /// Whether a read at `now` should note an access: not within `resolution` of the artifact's
+    /// publish (its access time need not move yet) nor of the last access a read of this entry
+    /// noted. Returning true claims the note. Two readers racing may both note: harmless.
+    pub(super) fn note_due(&self, now: u64, resolution: u64) -> bool {
+        if now.saturating_sub(self.record.accessed_ms) < resolution {
+            return false;
+        }
+        if now.saturating_sub(self.noted_ms.load(Ordering::Relaxed)) < resolution {
+            return false;
+        }
+        self.noted_ms.store(now, Ordering::Relaxed);
+        true
+    }
 }
 
 /// The write generation of a key's stripe, taken before a read of RocksDB.
@@ -58,9 +88,9 @@ pub(super) struct Ticket {
 #[derive(Clone)]
 struct EntryWeight;
 
-impl Weighter<Vec<u8>, Arc<ArtifactRecord>> for EntryWeight {
-    fn weight(&self, key: &Vec<u8>, record: &Arc<ArtifactRecord>) -> u64 {
-        entry_weight(key, record)
+impl Weighter<Vec<u8>, Arc<HotRecord>> for EntryWeight {
+    fn weight(&self, key: &Vec<u8>, entry: &Arc<HotRecord>) -> u64 {
+        entry_weight(key, &entry.record)
     }
 }
 
@@ -88,7 +118,7 @@ impl HotRecords {
     }
 
     /// The record held for the key encoded as `encoded`, if any.
-    pub(super) fn get(&self, encoded: &[u8]) -> Option<Arc<ArtifactRecord>> {
+    pub(super) fn get(&self, encoded: &[u8]) -> Option<Arc<HotRecord>> {
         self.cache.as_ref()?.get(encoded)
     }
 
@@ -114,13 +144,17 @@ impl HotRecords {
             // Not to be served at all (the reader drops it): never kept.
             return;
         }
-        let (key, record) = (encoded.to_vec(), Arc::new(record.clone()));
+        let entry = HotRecord {
+            record: record.clone(),
+            noted_ms: AtomicU64::new(0),
+        };
+        let (key, entry) = (encoded.to_vec(), Arc::new(entry));
         // Under the stripe's lock: a forget cannot run between the check and the insert, so
         // either it came before (the generation moved: what was read may be old, and is not
         // kept) or it comes after and removes the entry.
         let generation = self.generation(ticket.stripe);
         if *generation == ticket.generation {
-            cache.insert(key, record);
+            cache.insert(key, entry);
         }
     }
 
@@ -188,7 +222,31 @@ mod tests {
         // A read after the write keeps what it read.
         let ticket = hot.ticket(b"k");
         hot.offer(ticket, b"k", &record(b"new"));
-        assert_eq!(hot.get(b"k").map(|r| r.size), Some(3));
+        assert_eq!(hot.get(b"k").map(|entry| entry.record.size), Some(3));
+    }
+
+    #[test]
+    fn a_hot_record_notes_an_access_once_per_resolution() {
+        let hot = HotRecords::new(1 << 20);
+        let mut published = record(b"abc");
+        published.accessed_ms = 1_000_000;
+        hot.offer(hot.ticket(b"k"), b"k", &published);
+        let entry = hot.get(b"k").expect("held");
+        let resolution = 60_000;
+        assert!(
+            !entry.note_due(1_000_000 + 59_999, resolution),
+            "within a resolution of its publish"
+        );
+        let first = 1_000_000 + resolution;
+        assert!(entry.note_due(first, resolution), "first read past it");
+        assert!(!entry.note_due(first + 1, resolution));
+        assert!(!entry.note_due(first + resolution - 1, resolution));
+        assert!(entry.note_due(first + resolution, resolution));
+        // A rewrite makes a new entry, which notes afresh.
+        hot.forget(b"k");
+        hot.offer(hot.ticket(b"k"), b"k", &published);
+        let fresh = hot.get(b"k").expect("held again");
+        assert!(fresh.note_due(first + resolution + 1, resolution));
     }
 
     #[test]

@@ -371,6 +371,8 @@ pub struct Found {
     pub info: ArtifactInfo,
     encoded: Vec<u8>,
     record: ArtifactRecord,
+    /// Its entry in the set of hot records, when it was read from there.
+    hot: Option<Arc<hot::HotRecord>>,
     /// Whether reading it counts as a client's access (false for [`Store::peek`]).
     accessed: bool,
 }
@@ -381,6 +383,10 @@ impl Found {
         &self.record.origin
     }
 }
+
+/// A record as a read found it, with its entry in the set of hot records when it came from
+/// there.
+type ReadRecord = (ArtifactRecord, Option<Arc<hot::HotRecord>>);
 
 /// An artifact opened for reading.
 pub struct Artifact {
@@ -938,13 +944,19 @@ impl Store {
     /// Looks an artifact's record up once: enough to answer HEAD and conditional requests, and
     /// what [`Store::open_found`] turns into a body without a second lookup (the GET hot path).
     pub fn lookup(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
+        let resolution = self.access_resolution_ms();
         let found = self.peek(key)?.map(|mut found| {
             found.accessed = true;
-            self.inner.touches.note(
-                &found.encoded,
-                found.record.accessed_ms,
-                self.access_resolution_ms(),
-            );
+            // A hot record remembers its last note: most reads of a hot key note nothing.
+            let due = found
+                .hot
+                .as_ref()
+                .is_none_or(|hot| hot.note_due(now_ms(), resolution));
+            if due {
+                self.inner
+                    .touches
+                    .note(&found.encoded, found.record.accessed_ms, resolution);
+            }
             found
         });
         Ok(found)
@@ -954,12 +966,15 @@ impl Store {
     /// fetch from here, must not keep an artifact from eviction that no client reads.
     pub fn peek(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
         let encoded = key.encode();
-        Ok(self.visible_record(key, &encoded)?.map(|record| Found {
-            info: ArtifactInfo::from_record(&record),
-            encoded,
-            record,
-            accessed: false,
-        }))
+        Ok(self
+            .visible_entry(key, &encoded)?
+            .map(|(record, hot)| Found {
+                info: ArtifactInfo::from_record(&record),
+                encoded,
+                record,
+                hot,
+                accessed: false,
+            }))
     }
 
     /// The record under `key` unless a clean of its project hides it. A record RocksDB cannot
@@ -969,6 +984,16 @@ impl Store {
         key: &ArtifactKey,
         encoded: &[u8],
     ) -> Result<Option<ArtifactRecord>, StoreError> {
+        Ok(self.visible_entry(key, encoded)?.map(|(record, _)| record))
+    }
+
+    /// [`Store::visible_record`], with the record's entry in the set of hot records when it
+    /// came from there.
+    fn visible_entry(
+        &self,
+        key: &ArtifactKey,
+        encoded: &[u8],
+    ) -> Result<Option<ReadRecord>, StoreError> {
         let record = match self.record_for_reading(encoded) {
             Ok(record) => record,
             Err(StoreError::Db(error)) if is_damage(&error) => {
@@ -977,7 +1002,8 @@ impl Store {
             }
             Err(error) => return Err(error),
         };
-        Ok(record.filter(|record| !self.inner.tombstones.hides(&key.project, record.version_ms)))
+        Ok(record
+            .filter(|(record, _)| !self.inner.tombstones.hides(&key.project, record.version_ms)))
     }
 
     /// The key `encoded` falls in a block that failed RocksDB's checksum. Its keys are deleted
@@ -1307,16 +1333,19 @@ impl Store {
 
     /// The record a reader serves: from the set of hot small artifacts, or read from RocksDB
     /// (and offered to the set). Writers read [`Store::record`] under the key's lock instead.
-    fn record_for_reading(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {
+    fn record_for_reading(
+        &self,
+        encoded: &[u8],
+    ) -> Result<Option<ReadRecord>, StoreError> {
         if let Some(hot) = self.inner.hot.get(encoded) {
-            return Ok(Some(ArtifactRecord::clone(&hot)));
+            return Ok(Some((hot.record.clone(), Some(hot))));
         }
         let ticket = self.inner.hot.ticket(encoded);
         let record = self.record(encoded)?;
         if let Some(record) = &record {
             self.inner.hot.offer(ticket, encoded, record);
         }
-        Ok(record)
+        Ok(record.map(|record| (record, None)))
     }
 
     fn record(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {

@@ -806,6 +806,52 @@ async fn access_times_move_at_most_once_per_resolution() {
     assert_eq!(atime, None, "an access within the resolution was written");
 }
 
+/// A hot small artifact read again and again is queued for an access-time write once per
+/// resolution, not after every flush (each of which read its access time back from RocksDB only
+/// to find it recent), and its access time still moves once a resolution has passed.
+#[tokio::test]
+async fn a_hot_artifact_is_noted_once_per_resolution_and_its_access_time_still_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let resolution = std::time::Duration::from_millis(300);
+    let store = Store::open(StoreOptions {
+        access_time_resolution: resolution,
+        ..StoreOptions::for_tests(dir.path())
+    })
+    .unwrap();
+    let key = gradle("hot");
+    let atime = |store: &Store| {
+        store
+            .inner
+            .db
+            .get_cf(store.cf(meta::CF_ATIME), key.encode())
+            .unwrap()
+            .and_then(|bytes| meta::decode_time(&bytes))
+    };
+    put(&store, &key, b"x").await;
+    tokio::time::sleep(resolution + resolution / 2).await;
+    // The first reads (from RocksDB, then from memory) note the access; the flush writes it.
+    for _ in 0..2 {
+        assert!(store.read(&key).await.unwrap().is_some());
+    }
+    store.maintain().await.unwrap();
+    let first = atime(&store).expect("the first access past the resolution was written");
+    for _ in 0..50 {
+        assert!(store.read(&key).await.unwrap().is_some());
+    }
+    assert!(
+        store.inner.touches.is_empty(),
+        "reads of a hot artifact within the resolution of its last note were queued"
+    );
+    tokio::time::sleep(resolution + resolution / 2).await;
+    assert!(store.read(&key).await.unwrap().is_some());
+    store.maintain().await.unwrap();
+    let second = atime(&store).expect("access time");
+    assert!(
+        second >= first + resolution.as_millis() as u64,
+        "the access time did not move: {first} then {second}"
+    );
+}
+
 /// A clean cut short after its tombstone (a crash, an I/O error) hides the project's older
 /// records at once, and the next start deletes them: their bodies and usage do not linger until
 /// eviction happens to reach them.
