@@ -24,10 +24,39 @@ pub struct MatchedRoute;
 impl RouteOf for MatchedRoute {
     fn route_of<B>(&self, request: &http::Request<B>) -> &'static str {
         match request.extensions().get::<MatchedPath>() {
-            Some(matched) => observe_labels::intern(matched.as_str()),
+            Some(matched) => interned(matched.as_str()),
             None => "unmatched",
         }
     }
+}
+
+/// [`observe_labels::intern`] of a matched template, remembered per thread by the template's
+/// address: the router hands every request of a route the same string, so after the first
+/// request of each route a thread finds it without the interner's shared lock (which both
+/// workers would otherwise take on every request) or hashing. The text is compared too, so a
+/// template freed and its address reused (a router dropped in tests) cannot get another's label.
+fn interned(template: &str) -> &'static str {
+    thread_local! {
+        static SEEN: std::cell::RefCell<Vec<(usize, &'static str)>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+    let address = template.as_ptr() as usize;
+    SEEN.with_borrow_mut(|seen| {
+        if let Some((_, label)) = seen
+            .iter()
+            .find(|(at, label)| *at == address && *label == template)
+        {
+            return *label;
+        }
+        let label = observe_labels::intern(template);
+        // Routes are a closed set; the bound only guards against a router rebuilt many times.
+        if seen.len() >= 256 {
+            seen.clear();
+        }
+        seen.push((address, label));
+        label
+    })
 }
 
 /// HTTP's answers to work the node does not admit: 503 `draining` with `Connection: close`,
@@ -159,4 +188,23 @@ fn as_plain_text(response: Response) -> Response {
         parts,
         Body::from(format!("{}: {}\n", error.code, error.message)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_gets_its_own_label_whatever_its_address() {
+        let first = String::from("/api/cache/gradle/{key}");
+        let label = interned(&first);
+        assert_eq!(label, "/api/cache/gradle/{key}");
+        assert!(std::ptr::eq(label, interned(&first)), "remembered");
+        // Another template at the address the first one had must not get the first's label.
+        drop(first);
+        let other = String::from("/api/cache/nx/{hash}0000");
+        assert_eq!(interned(&other), "/api/cache/nx/{hash}0000");
+        let copy = String::from("/api/cache/gradle/{key}");
+        assert!(std::ptr::eq(label, interned(&copy)), "one label per template");
+    }
 }

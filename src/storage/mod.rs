@@ -1333,10 +1333,7 @@ impl Store {
 
     /// The record a reader serves: from the set of hot small artifacts, or read from RocksDB
     /// (and offered to the set). Writers read [`Store::record`] under the key's lock instead.
-    fn record_for_reading(
-        &self,
-        encoded: &[u8],
-    ) -> Result<Option<ReadRecord>, StoreError> {
+    fn record_for_reading(&self, encoded: &[u8]) -> Result<Option<ReadRecord>, StoreError> {
         if let Some(hot) = self.inner.hot.get(encoded) {
             return Ok(Some((hot.record.clone(), Some(hot))));
         }
