@@ -10,8 +10,9 @@
 //!   `header_timeout`, or the connection is cut (slow-header clients, "slowloris").
 //! - **Idle timeout.** A connection with no request in flight for `idle_timeout` is closed
 //!   (HTTP/2 with GOAWAY). A request is in flight from the moment hyper hands it to the service
-//!   until hyper drops its response body (last byte written, or the peer gone), so a long
-//!   download is never idle, however slowly the client reads.
+//!   until its response body has given hyper its last frame (or was dropped: the peer gone), so
+//!   a long download is never idle, however slowly the client reads. (hyper drops a body in
+//!   the same poll in which it yields its end, so the two moments coincide.)
 //! - **Connection limit.** At most `max_connections` connections are open (a semaphore; each
 //!   connection task holds a permit). At the limit the connection idle the longest is closed to
 //!   make room, so idle sockets never lock out probes or real clients; only when every
@@ -745,7 +746,7 @@ impl Activity {
     }
 }
 
-/// A request in flight, until its response body is dropped.
+/// A request in flight, until its response body is done or dropped.
 struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
@@ -921,7 +922,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 }
 
 /// The service as hyper calls it: counts each request in flight until its response body is
-/// dropped, and hands the inner service a [`RequestBody`].
+/// done or dropped, and hands the inner service a [`RequestBody`].
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
@@ -972,42 +973,13 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let in_flight = this.in_flight.take();
-        Poll::Ready(Ok(response.map(|body| TrackedBody {
-            inner: body,
-            _in_flight: in_flight,
-        })))
+        Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, in_flight))))
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that counts its request in flight until it is dropped: a streaming
-    /// download counts until its last byte.
-    struct TrackedBody<B> {
-        #[pin]
-        inner: B,
-        _in_flight: Option<InFlight>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body that counts its request on the connection until it is done: a streaming
+/// download counts until its last byte.
+type TrackedBody<B> = crate::layers::GuardedBody<B, InFlight>;
 
 /// The request body handed to the service.
 ///

@@ -43,12 +43,9 @@ fn hold_until_sent<B, G>(body: B, guard: G) -> Body
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
-    G: Send + Sync + 'static,
+    G: Send + 'static,
 {
-    Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
-        let _held = &guard;
-        frame
-    }))
+    Body::new(crate::layers::GuardedBody::new(body, Some(guard)))
 }
 
 /// Rejects an upload whose declared length is over `limit` before a byte of it is read.

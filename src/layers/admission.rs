@@ -7,10 +7,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response, Uri};
-use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use super::guarded::GuardedBody;
 use crate::lifecycle::{InFlight, Lifecycle, State};
 
 /// How a protocol answers work the node does not admit (HTTP: JSON 503/429; gRPC: status
@@ -139,46 +139,9 @@ where
     }
 }
 
-pin_project! {
-    /// A response body that keeps its request counted as in flight until it is done (or
-    /// dropped, when the client goes away).
-    pub struct TrackedBody<B> {
-        #[pin]
-        inner: B,
-        in_flight: Option<InFlight>,
-    }
-}
-
-impl<B> TrackedBody<B> {
-    fn new(inner: B, in_flight: Option<InFlight>) -> Self {
-        TrackedBody { inner, in_flight }
-    }
-}
-
-impl<B: Body> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if frame.is_none() {
-            this.in_flight.take();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body that keeps its request counted as in flight until it is done (or dropped,
+/// when the client goes away).
+pub type TrackedBody<B> = GuardedBody<B, InFlight>;
 
 #[cfg(test)]
 mod tests {

@@ -66,16 +66,19 @@ pub(super) struct HotRecord {
 impl HotRecord {
     /// Whether a read at `now` should note an access: not within `resolution` of the artifact's
     /// publish (its access time need not move yet) nor of the last access a read of this entry
-    /// noted. Returning true claims the note. Two readers racing may both note: harmless.
+    /// noted. Returning true claims the note.
     pub(super) fn note_due(&self, now: u64, resolution: u64) -> bool {
         if now.saturating_sub(self.record.accessed_ms) < resolution {
             return false;
         }
-        if now.saturating_sub(self.noted_ms.load(Ordering::Relaxed)) < resolution {
+        let last = self.noted_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < resolution {
             return false;
         }
-        self.noted_ms.store(now, Ordering::Relaxed);
-        true
+        // Of readers racing here, one claims the note.
+        self.noted_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 

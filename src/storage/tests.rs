@@ -812,7 +812,8 @@ async fn access_times_move_at_most_once_per_resolution() {
 #[tokio::test]
 async fn a_hot_artifact_is_noted_once_per_resolution_and_its_access_time_still_moves() {
     let dir = tempfile::tempdir().unwrap();
-    let resolution = std::time::Duration::from_millis(300);
+    // Long enough that a flush and 50 reads fit well inside it on a loaded machine.
+    let resolution = std::time::Duration::from_secs(1);
     let store = Store::open(StoreOptions {
         access_time_resolution: resolution,
         ..StoreOptions::for_tests(dir.path())

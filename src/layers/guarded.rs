@@ -1,0 +1,98 @@
+//! A response body that carries a guard (a count of work in flight) and lets it go once the
+//! body is done: at its last frame, or when it is dropped unfinished (the client went away).
+//! The guard rides in the body, not the future, because a streaming download is work in flight
+//! until its last byte, long after the handler returned.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    pub struct GuardedBody<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> GuardedBody<B, G> {
+    pub fn new(inner: B, guard: Option<G>) -> Self {
+        GuardedBody { inner, guard }
+    }
+}
+
+impl<B: Body, G> Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if frame.is_none() {
+            this.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    /// Sets its flag when dropped.
+    struct Flag(Arc<AtomicBool>);
+
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn guarded(released: &Arc<AtomicBool>) -> GuardedBody<Full<Bytes>, Flag> {
+        GuardedBody::new(
+            Full::new(Bytes::from_static(b"abc")),
+            Some(Flag(released.clone())),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_guard_goes_at_the_end_of_the_body_not_before() {
+        let released = Arc::new(AtomicBool::new(false));
+        let mut body = guarded(&released);
+        assert_eq!(body.size_hint().exact(), Some(3));
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&data[..], b"abc");
+        assert!(!released.load(Ordering::SeqCst), "let go before the end");
+        assert!(body.frame().await.is_none());
+        assert!(
+            released.load(Ordering::SeqCst),
+            "held past the end while the body lives"
+        );
+    }
+
+    #[test]
+    fn the_guard_goes_when_an_unfinished_body_is_dropped() {
+        let released = Arc::new(AtomicBool::new(false));
+        drop(guarded(&released));
+        assert!(released.load(Ordering::SeqCst));
+    }
+}
