@@ -44,26 +44,34 @@ const TYPICAL_ENTRY: u64 = 4096;
 
 pub(super) struct HotRecords {
     /// `None` when `storage.read_cache` is 0.
-    cache: Option<Cache<Vec<u8>, Arc<HotRecord>, EntryWeight>>,
+    cache: Option<Cache<Vec<u8>, Arc<ReadRecord>, EntryWeight>>,
     /// Each stripe's write generation: bumped by every forget of one of its keys.
     generations: Box<[Mutex<u64>]>,
     hasher: std::collections::hash_map::RandomState,
 }
 
-/// A record held in memory, and when a read of it last noted an access.
+/// A record as a read holds it, shared (not copied) with the set when the set keeps it, and when
+/// a read of it last noted an access.
 ///
 /// Why the second field: a hot artifact is read many times a second, but its access time moves
 /// at most once per `storage.access_time_resolution` (`evict.rs`). Noting every read would
 /// queue the key again after each flush, and each flush would read its access time back from
 /// RocksDB only to find it recent. The entry remembers the last note instead, so a hot key is
-/// noted once per resolution, at no cost in between.
-pub(super) struct HotRecord {
-    pub(super) record: ArtifactRecord,
+/// noted once per resolution, at no cost in between. A record read from RocksDB starts afresh.
+pub(super) struct ReadRecord {
+    record: ArtifactRecord,
     /// When a read of this entry last noted an access (ms since the epoch; 0: never).
     noted_ms: AtomicU64,
 }
 
-impl HotRecord {
+impl ReadRecord {
+    pub(super) fn new(record: ArtifactRecord) -> Arc<ReadRecord> {
+        Arc::new(ReadRecord {
+            record,
+            noted_ms: AtomicU64::new(0),
+        })
+    }
+
     /// Whether a read at `now` should note an access: not within `resolution` of the artifact's
     /// publish (its access time need not move yet) nor of the last access a read of this entry
     /// noted. Returning true claims the note.
@@ -91,8 +99,16 @@ pub(super) struct Ticket {
 #[derive(Clone)]
 struct EntryWeight;
 
-impl Weighter<Vec<u8>, Arc<HotRecord>> for EntryWeight {
-    fn weight(&self, key: &Vec<u8>, entry: &Arc<HotRecord>) -> u64 {
+impl std::ops::Deref for ReadRecord {
+    type Target = ArtifactRecord;
+
+    fn deref(&self) -> &ArtifactRecord {
+        &self.record
+    }
+}
+
+impl Weighter<Vec<u8>, Arc<ReadRecord>> for EntryWeight {
+    fn weight(&self, key: &Vec<u8>, entry: &Arc<ReadRecord>) -> u64 {
         entry_weight(key, &entry.record)
     }
 }
@@ -121,7 +137,7 @@ impl HotRecords {
     }
 
     /// The record held for the key encoded as `encoded`, if any.
-    pub(super) fn get(&self, encoded: &[u8]) -> Option<Arc<HotRecord>> {
+    pub(super) fn get(&self, encoded: &[u8]) -> Option<Arc<ReadRecord>> {
         self.cache.as_ref()?.get(encoded)
     }
 
@@ -136,7 +152,7 @@ impl HotRecords {
 
     /// Keeps `record`, just read from RocksDB under `ticket`, if it has an intact inline body
     /// and no write of its stripe finished since the ticket was taken.
-    pub(super) fn offer(&self, ticket: Ticket, encoded: &[u8], record: &ArtifactRecord) {
+    pub(super) fn offer(&self, ticket: Ticket, encoded: &[u8], record: &Arc<ReadRecord>) {
         let Some(cache) = &self.cache else {
             return;
         };
@@ -147,11 +163,7 @@ impl HotRecords {
             // Not to be served at all (the reader drops it): never kept.
             return;
         }
-        let entry = HotRecord {
-            record: record.clone(),
-            noted_ms: AtomicU64::new(0),
-        };
-        let (key, entry) = (encoded.to_vec(), Arc::new(entry));
+        let (key, entry) = (encoded.to_vec(), Arc::clone(record));
         // Under the stripe's lock: a forget cannot run between the check and the insert, so
         // either it came before (the generation moved: what was read may be old, and is not
         // kept) or it comes after and removes the entry.
@@ -200,7 +212,11 @@ impl HotRecords {
 mod tests {
     use super::*;
 
-    fn record(body: &[u8]) -> ArtifactRecord {
+    fn record(body: &[u8]) -> Arc<ReadRecord> {
+        ReadRecord::new(artifact(body))
+    }
+
+    fn artifact(body: &[u8]) -> ArtifactRecord {
         ArtifactRecord {
             size: body.len() as u64,
             blake3: *blake3::hash(body).as_bytes(),
@@ -225,15 +241,15 @@ mod tests {
         // A read after the write keeps what it read.
         let ticket = hot.ticket(b"k");
         hot.offer(ticket, b"k", &record(b"new"));
-        assert_eq!(hot.get(b"k").map(|entry| entry.record.size), Some(3));
+        assert_eq!(hot.get(b"k").map(|entry| entry.size), Some(3));
     }
 
     #[test]
     fn a_hot_record_notes_an_access_once_per_resolution() {
         let hot = HotRecords::new(1 << 20);
-        let mut published = record(b"abc");
+        let mut published = artifact(b"abc");
         published.accessed_ms = 1_000_000;
-        hot.offer(hot.ticket(b"k"), b"k", &published);
+        hot.offer(hot.ticket(b"k"), b"k", &ReadRecord::new(published.clone()));
         let entry = hot.get(b"k").expect("held");
         let resolution = 60_000;
         assert!(
@@ -247,7 +263,7 @@ mod tests {
         assert!(entry.note_due(first + resolution, resolution));
         // A rewrite makes a new entry, which notes afresh.
         hot.forget(b"k");
-        hot.offer(hot.ticket(b"k"), b"k", &published);
+        hot.offer(hot.ticket(b"k"), b"k", &ReadRecord::new(published.clone()));
         let fresh = hot.get(b"k").expect("held again");
         assert!(fresh.note_due(first + resolution + 1, resolution));
     }
@@ -255,12 +271,12 @@ mod tests {
     #[test]
     fn file_bodies_and_bodies_of_the_wrong_length_are_not_kept() {
         let hot = HotRecords::new(1 << 20);
-        let mut file = record(b"abc");
+        let mut file = artifact(b"abc");
         file.body = BodyRef::File(7);
-        hot.offer(hot.ticket(b"f"), b"f", &file);
-        let mut short = record(b"abc");
+        hot.offer(hot.ticket(b"f"), b"f", &ReadRecord::new(file));
+        let mut short = artifact(b"abc");
         short.size = 4;
-        hot.offer(hot.ticket(b"s"), b"s", &short);
+        hot.offer(hot.ticket(b"s"), b"s", &ReadRecord::new(short));
         assert!(hot.get(b"f").is_none());
         assert!(hot.get(b"s").is_none());
     }

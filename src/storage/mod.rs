@@ -370,9 +370,8 @@ impl ArtifactInfo {
 pub struct Found {
     pub info: ArtifactInfo,
     encoded: Vec<u8>,
-    record: ArtifactRecord,
-    /// Its entry in the set of hot records, when it was read from there.
-    hot: Option<Arc<hot::HotRecord>>,
+    /// Shared with the set of hot records when it came from there or was kept there.
+    record: Arc<hot::ReadRecord>,
     /// Whether reading it counts as a client's access (false for [`Store::peek`]).
     accessed: bool,
 }
@@ -383,10 +382,6 @@ impl Found {
         &self.record.origin
     }
 }
-
-/// A record as a read found it, with its entry in the set of hot records when it came from
-/// there.
-type ReadRecord = (ArtifactRecord, Option<Arc<hot::HotRecord>>);
 
 /// An artifact opened for reading.
 pub struct Artifact {
@@ -947,12 +942,9 @@ impl Store {
         let resolution = self.access_resolution_ms();
         let found = self.peek(key)?.map(|mut found| {
             found.accessed = true;
-            // A hot record remembers its last note: most reads of a hot key note nothing.
-            let due = found
-                .hot
-                .as_ref()
-                .is_none_or(|hot| hot.note_due(now_ms(), resolution));
-            if due {
+            // A record held in memory remembers its last note: most reads of a hot key note
+            // nothing.
+            if found.record.note_due(now_ms(), resolution) {
                 self.inner
                     .touches
                     .note(&found.encoded, found.record.accessed_ms, resolution);
@@ -966,15 +958,12 @@ impl Store {
     /// fetch from here, must not keep an artifact from eviction that no client reads.
     pub fn peek(&self, key: &ArtifactKey) -> Result<Option<Found>, StoreError> {
         let encoded = key.encode();
-        Ok(self
-            .visible_entry(key, &encoded)?
-            .map(|(record, hot)| Found {
-                info: ArtifactInfo::from_record(&record),
-                encoded,
-                record,
-                hot,
-                accessed: false,
-            }))
+        Ok(self.visible_record(key, &encoded)?.map(|record| Found {
+            info: ArtifactInfo::from_record(&record),
+            encoded,
+            record,
+            accessed: false,
+        }))
     }
 
     /// The record under `key` unless a clean of its project hides it. A record RocksDB cannot
@@ -983,17 +972,7 @@ impl Store {
         &self,
         key: &ArtifactKey,
         encoded: &[u8],
-    ) -> Result<Option<ArtifactRecord>, StoreError> {
-        Ok(self.visible_entry(key, encoded)?.map(|(record, _)| record))
-    }
-
-    /// [`Store::visible_record`], with the record's entry in the set of hot records when it
-    /// came from there.
-    fn visible_entry(
-        &self,
-        key: &ArtifactKey,
-        encoded: &[u8],
-    ) -> Result<Option<ReadRecord>, StoreError> {
+    ) -> Result<Option<Arc<hot::ReadRecord>>, StoreError> {
         let record = match self.record_for_reading(encoded) {
             Ok(record) => record,
             Err(StoreError::Db(error)) if is_damage(&error) => {
@@ -1002,8 +981,7 @@ impl Store {
             }
             Err(error) => return Err(error),
         };
-        Ok(record
-            .filter(|(record, _)| !self.inner.tombstones.hides(&key.project, record.version_ms)))
+        Ok(record.filter(|record| !self.inner.tombstones.hides(&key.project, record.version_ms)))
     }
 
     /// The key `encoded` falls in a block that failed RocksDB's checksum. Its keys are deleted
@@ -1102,7 +1080,8 @@ impl Store {
                 record = again;
             }
             let info = ArtifactInfo::from_record(&record);
-            let body = match record.body {
+            // A shared record: its inline body is a reference-counted `Bytes`, not a copy.
+            let body = match record.body.clone() {
                 // An inline body is not hashed again: it came out of a RocksDB block whose
                 // checksum RocksDB verified when it read the block from disk (a damaged block
                 // is a miss, see `visible_record`), or out of the memtable (after a restart,
@@ -1333,16 +1312,20 @@ impl Store {
 
     /// The record a reader serves: from the set of hot small artifacts, or read from RocksDB
     /// (and offered to the set). Writers read [`Store::record`] under the key's lock instead.
-    fn record_for_reading(&self, encoded: &[u8]) -> Result<Option<ReadRecord>, StoreError> {
-        if let Some(hot) = self.inner.hot.get(encoded) {
-            return Ok(Some((hot.record.clone(), Some(hot))));
+    fn record_for_reading(
+        &self,
+        encoded: &[u8],
+    ) -> Result<Option<Arc<hot::ReadRecord>>, StoreError> {
+        if let Some(held) = self.inner.hot.get(encoded) {
+            return Ok(Some(held));
         }
         let ticket = self.inner.hot.ticket(encoded);
-        let record = self.record(encoded)?;
-        if let Some(record) = &record {
-            self.inner.hot.offer(ticket, encoded, record);
-        }
-        Ok(record.map(|record| (record, None)))
+        let Some(record) = self.record(encoded)? else {
+            return Ok(None);
+        };
+        let record = hot::ReadRecord::new(record);
+        self.inner.hot.offer(ticket, encoded, &record);
+        Ok(Some(record))
     }
 
     fn record(&self, encoded: &[u8]) -> Result<Option<ArtifactRecord>, StoreError> {

@@ -1628,7 +1628,10 @@ async fn a_read_that_fetched_a_record_before_an_overwrite_does_not_keep_it() {
     let ticket = store.inner.hot.ticket(&encoded);
     let fetched = store.record(&encoded).unwrap().unwrap();
     put(&store, &key, &[2; 100]).await;
-    store.inner.hot.offer(ticket, &encoded, &fetched);
+    store
+        .inner
+        .hot
+        .offer(ticket, &encoded, &hot::ReadRecord::new(fetched));
     assert_eq!(body_of(&store, &key).await, Some(vec![2; 100]));
 }
 
