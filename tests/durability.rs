@@ -302,6 +302,48 @@ async fn a_large_corrupted_body_is_never_delivered_complete() {
     );
 }
 
+/// A file body that verified against its BLAKE3 is checked on later reads by a checksum of
+/// those bytes (`storage::checksums`): damage after that first read is caught all the same, for
+/// bodies verified before they are sent and for bodies verified while they stream.
+#[tokio::test]
+async fn a_body_damaged_after_it_was_read_is_still_never_served() {
+    let node = Node::start();
+    let http = client();
+    let small = (
+        key_url(&node, "read-then-damaged-small"),
+        payload(9, 200_000),
+    );
+    let large = (
+        key_url(&node, "read-then-damaged-large"),
+        payload(10, 3 * MIB + 5),
+    );
+    for (url, body) in [&small, &large] {
+        http.put(url).body(body.clone()).send().await.unwrap();
+        for _ in 0..2 {
+            let served = http.get(url).send().await.unwrap().bytes().await.unwrap();
+            assert!(served == body[..], "intact bytes are served");
+        }
+    }
+    for file in body_files(&node) {
+        flip_byte(&file, 100_001);
+    }
+    assert_eq!(
+        http.get(&small.0).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND,
+        "a damaged small body is a miss"
+    );
+    let response = http.get(&large.0).send().await.unwrap();
+    assert!(
+        response.bytes().await.is_err(),
+        "a damaged large body is aborted, not completed"
+    );
+    assert_eq!(node.metric("kura_storage_corrupt_bodies_total").await, 2);
+    assert!(
+        body_files(&node).is_empty(),
+        "both damaged bodies are deleted"
+    );
+}
+
 /// A module multipart upload is state on disk, not in the process: parts acknowledged before a
 /// kill -9 are still there after the restart, and the upload completes with the right bytes.
 #[tokio::test]

@@ -9,14 +9,16 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
 use sha2::{Digest as _, Sha256};
 
 use super::StoreError;
+use super::checksums::{BodyCheck, Checked, Expected};
 
 /// How many bytes are buffered before they are hashed and written out in one blocking call.
 /// Below the mmap threshold `main.rs` sets (512 KiB), so that each upload's buffer is a heap
@@ -382,15 +384,31 @@ pub(super) fn publish_file(temp: &TempFileHandle, dest: &Path, fsync: bool) -> i
 
 /// What reading a small body file whole found.
 pub(super) enum Verified {
-    Intact(Bytes),
+    /// The bytes matched; `learned` as in [`Checked::Intact`].
+    Intact { bytes: Bytes, learned: Option<u128> },
     /// The bytes do not match the record: the caller answers a miss instead of serving them.
     Corrupt,
     /// No such file (replaced since the record was read, or lost).
     Missing,
 }
 
-/// Reads a whole small body file and checks it against its BLAKE3.
-pub(super) fn read_verified(path: &Path, size: u64, blake3: &[u8; 32]) -> io::Result<Verified> {
+impl Verified {
+    /// Checks a whole body read into `bytes`.
+    fn check(bytes: Vec<u8>, expected: Expected) -> Verified {
+        let mut check = BodyCheck::new(expected);
+        check.update(&bytes);
+        match check.finish() {
+            Checked::Intact { learned } => Verified::Intact {
+                bytes: Bytes::from(bytes),
+                learned,
+            },
+            Checked::Corrupt => Verified::Corrupt,
+        }
+    }
+}
+
+/// Reads a whole small body file and checks it (see `checksums.rs`).
+pub(super) fn read_verified(path: &Path, size: u64, expected: Expected) -> io::Result<Verified> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Verified::Missing),
@@ -401,10 +419,10 @@ pub(super) fn read_verified(path: &Path, size: u64, blake3: &[u8; 32]) -> io::Re
     Read::by_ref(&mut file)
         .take(size + 1)
         .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 != size || blake3::hash(&bytes).as_bytes() != blake3 {
+    if bytes.len() as u64 != size {
         return Ok(Verified::Corrupt);
     }
-    Ok(Verified::Intact(Bytes::from(bytes)))
+    Ok(Verified::check(bytes, expected))
 }
 
 /// [`read_verified`] without blocking, when the kernel can answer from its caches: the path
@@ -413,7 +431,7 @@ pub(super) fn read_verified(path: &Path, size: u64, blake3: &[u8; 32]) -> io::Re
 /// error): the caller then reads on the blocking pool, which also decides what a missing or
 /// odd-sized file means. A hot small body is so served without a thread hop.
 #[cfg(target_os = "linux")]
-pub(super) fn read_cached(path: &Path, size: u64, blake3: &[u8; 32]) -> Option<Verified> {
+pub(super) fn read_cached(path: &Path, size: u64, expected: Expected) -> Option<Verified> {
     use rustix::fs::{CWD, Mode, OFlags, ResolveFlags, openat2};
     let file = openat2(
         CWD,
@@ -425,68 +443,82 @@ pub(super) fn read_cached(path: &Path, size: u64, blake3: &[u8; 32]) -> Option<V
     .ok()?;
     let size = usize::try_from(size).ok()?;
     // One byte more than expected, so that a grown file reads long and is left to the slow path.
-    let mut bytes = vec![0; size.checked_add(1)?];
+    let mut bytes = Vec::with_capacity(size.checked_add(1)?);
     let read = read_at_cached(&file, 0, &mut bytes)?;
     if read != size {
         return None;
     }
-    bytes.truncate(size);
-    if blake3::hash(&bytes).as_bytes() != blake3 {
-        return Some(Verified::Corrupt);
-    }
-    Some(Verified::Intact(Bytes::from(bytes)))
+    Some(Verified::check(bytes, expected))
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn read_cached(_path: &Path, _size: u64, _blake3: &[u8; 32]) -> Option<Verified> {
+pub(super) fn read_cached(_path: &Path, _size: u64, _expected: Expected) -> Option<Verified> {
     None
 }
 
-/// Reads into `buf` from `offset` only as far as the page cache holds the bytes (`RWF_NOWAIT`);
-/// returns how many it read. `None` when the kernel would have to wait for the disk (or on any
-/// error): the caller then reads on the blocking pool, which decides what an error means.
+/// Appends to `buf`, up to its capacity, what the page cache holds of the file from `offset`
+/// (`RWF_NOWAIT`); returns how many bytes it appended. `None` when the kernel would have to wait
+/// for the disk (or on any error): the caller then reads on the blocking pool, which decides what
+/// an error means. The kernel writes into the vector's spare capacity, which is not zeroed
+/// first: zeroing every 256 KiB read buffer cost more than the read's own bookkeeping.
 #[cfg(target_os = "linux")]
-fn read_at_cached(file: impl std::os::fd::AsFd, offset: u64, buf: &mut [u8]) -> Option<usize> {
-    use rustix::io::{ReadWriteFlags, preadv2};
-    preadv2(
-        file,
-        &mut [io::IoSliceMut::new(buf)],
-        offset,
-        ReadWriteFlags::NOWAIT,
-    )
-    .ok()
+fn read_at_cached(file: impl std::os::fd::AsFd, offset: u64, buf: &mut Vec<u8>) -> Option<usize> {
+    use std::os::fd::AsRawFd as _;
+    let offset = libc::off_t::try_from(offset).ok()?;
+    let spare = buf.spare_capacity_mut();
+    let target = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // SAFETY: the one iovec covers the vector's spare capacity, which stays allocated and
+    // unaliased for the call; the kernel writes at most `iov_len` bytes into it.
+    let read = unsafe {
+        libc::preadv2(
+            file.as_fd().as_raw_fd(),
+            &target,
+            1,
+            offset,
+            libc::RWF_NOWAIT,
+        )
+    };
+    // A negative count is an error (EAGAIN when the page cache lacks the bytes).
+    let read = usize::try_from(read).ok()?;
+    // SAFETY: the kernel initialised the first `read` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + read) };
+    Some(read)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn read_at_cached(_file: impl std::os::fd::AsFd, _offset: u64, _buf: &mut [u8]) -> Option<usize> {
+fn read_at_cached(
+    _file: impl std::os::fd::AsFd,
+    _offset: u64,
+    _buf: &mut Vec<u8>,
+) -> Option<usize> {
     None
 }
 
-/// What a verified stream does when the bytes on disk do not match.
-pub type OnCorrupt = Arc<dyn Fn() + Send + Sync>;
+/// What a verified stream does with the outcome of its check (a corrupt body, or a checksum it
+/// learned); called once, when the whole body was read.
+pub(super) type OnChecked = Arc<dyn Fn(Checked) + Send + Sync>;
 
-/// A stream over `[start, end)` of a body file that hashes the whole file as it goes and holds
-/// back its last chunk until the hash matched. On a mismatch it ends with an error instead, so
-/// the HTTP response is aborted rather than completed.
-pub fn verified_stream(
+/// A stream over `[start, end)` of a body file that checks the whole file as it goes (see
+/// `checksums.rs`) and holds back its last chunk until the check passed. On a mismatch it ends
+/// with an error instead, so the HTTP response is aborted rather than completed.
+pub(super) fn verified_stream(
     file: File,
     size: u64,
-    blake3: [u8; 32],
-    start: u64,
-    end: u64,
-    on_corrupt: OnCorrupt,
+    expected: Expected,
+    range: Range<u64>,
+    on_checked: OnChecked,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let state = ReadState {
-        file: Some(file),
-        hasher: blake3::Hasher::new(),
+        reader: Some((file, BodyCheck::new(expected))),
         offset: 0,
         size,
-        expected: blake3,
-        start,
-        end,
+        range,
         held: None,
         done: false,
-        on_corrupt,
+        on_checked,
     };
     futures_util::stream::unfold(state, |mut state| async move {
         let item = state.next_item().await?;
@@ -495,16 +527,15 @@ pub fn verified_stream(
 }
 
 struct ReadState {
-    file: Option<File>,
-    hasher: blake3::Hasher,
+    /// The file and the check of what was read of it so far; away while a read is on the
+    /// blocking pool.
+    reader: Option<(File, BodyCheck)>,
     offset: u64,
     size: u64,
-    expected: [u8; 32],
-    start: u64,
-    end: u64,
+    range: Range<u64>,
     held: Option<Bytes>,
     done: bool,
-    on_corrupt: OnCorrupt,
+    on_checked: OnChecked,
 }
 
 impl ReadState {
@@ -526,8 +557,8 @@ impl ReadState {
                 return self.finish();
             }
             // The part of this chunk inside the requested range.
-            let from = self.start.max(chunk_start);
-            let to = self.end.min(self.offset);
+            let from = self.range.start.max(chunk_start);
+            let to = self.range.end.min(self.offset);
             if from < to {
                 let part = chunk.slice((from - chunk_start) as usize..(to - chunk_start) as usize);
                 if let Some(previous) = self.held.replace(part) {
@@ -540,71 +571,69 @@ impl ReadState {
     /// End of file: release the held chunk only if everything verified.
     fn finish(&mut self) -> Option<io::Result<Bytes>> {
         self.done = true;
-        let intact =
-            self.offset == self.size && self.hasher.finalize().as_bytes() == &self.expected;
-        if intact {
+        let checked = match &self.reader {
+            Some((_, check)) if self.offset == self.size => check.finish(),
+            _ => Checked::Corrupt,
+        };
+        (self.on_checked)(checked);
+        if let Checked::Intact { .. } = checked {
             return self.held.take().map(Ok);
         }
-        (self.on_corrupt)();
         Some(Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "stored body failed BLAKE3 verification",
+            "stored body failed verification",
         )))
     }
 
-    /// The next chunk of the file, hashed. A chunk the page cache holds is read on this thread;
-    /// otherwise the read (and its hashing) goes to the blocking pool.
+    /// The next chunk of the file, checked. A chunk the page cache holds is read on this
+    /// thread; otherwise the read (and its check) goes to the blocking pool.
     async fn read_chunk(&mut self) -> io::Result<Bytes> {
-        let file = self
-            .file
+        let (file, mut check) = self
+            .reader
             .take()
             .ok_or_else(|| io::Error::other("body file closed"))?;
         let offset = self.offset;
-        let mut buf = BytesMut::zeroed(READ_CHUNK);
+        let mut buf = Vec::with_capacity(READ_CHUNK);
         // What the page cache holds of the chunk (a short chunk when only its start is there).
-        if let Some(n) = read_at_cached(&file, offset, &mut buf) {
-            buf.truncate(n);
-            self.hasher.update(&buf);
-            self.file = Some(file);
-            return Ok(buf.freeze());
+        if read_at_cached(&file, offset, &mut buf).is_some() {
+            check.update(&buf);
+            self.reader = Some((file, check));
+            return Ok(Bytes::from(buf));
         }
-        let mut hasher = std::mem::take(&mut self.hasher);
-        let (file, hasher, result) = tokio::task::spawn_blocking(move || {
-            let result = read_full_at(&file, offset, &mut buf).map(|n| {
-                buf.truncate(n);
-                hasher.update(&buf);
-                buf.freeze()
+        let (reader, result) = tokio::task::spawn_blocking(move || {
+            let result = read_full_at(&file, offset, &mut buf).map(|_| {
+                check.update(&buf);
+                Bytes::from(buf)
             });
-            (file, hasher, result)
+            ((file, check), result)
         })
         .await
         .map_err(io::Error::other)?;
-        self.file = Some(file);
-        self.hasher = hasher;
+        self.reader = Some(reader);
         result
     }
 }
 
-/// Fills `buf` from `offset` unless the file ends first; returns how many bytes were read.
-fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-    use std::os::unix::fs::FileExt as _;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+/// Fills the spare capacity of `buf` from `offset` unless the file ends first; returns how many
+/// bytes were read.
+fn read_full_at(file: &File, offset: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let start = buf.len();
+    while buf.len() < buf.capacity() {
+        let at = offset + (buf.len() - start) as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(buf), at) {
             Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(filled)
+    Ok(buf.len() - start)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::StreamExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[cfg(target_os = "linux")]
     #[test]
@@ -612,47 +641,68 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("body");
         let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let hash = *blake3::hash(&body).as_bytes();
+        let size = body.len() as u64;
+        let by_blake3 = Expected::Blake3(*blake3::hash(&body).as_bytes());
         std::fs::write(&path, &body).unwrap();
         // Just written, so in the page cache.
-        match read_cached(&path, body.len() as u64, &hash) {
-            Some(Verified::Intact(bytes)) => assert!(bytes == body, "the stored bytes"),
-            _ => panic!("a hot file is read without the blocking pool"),
-        }
+        let learned = match read_cached(&path, size, by_blake3) {
+            Some(Verified::Intact {
+                bytes,
+                learned: Some(learned),
+            }) => {
+                assert!(bytes == body, "the stored bytes");
+                learned
+            }
+            _ => panic!("a hot file is read without the blocking pool, and teaches its checksum"),
+        };
+        let by_xxh3 = Expected::Xxh3(learned);
+        assert!(matches!(
+            read_cached(&path, size, by_xxh3),
+            Some(Verified::Intact { learned: None, .. })
+        ));
         let mut flipped = body.clone();
         flipped[150_000] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        assert!(matches!(
-            read_cached(&path, body.len() as u64, &hash),
-            Some(Verified::Corrupt)
-        ));
+        for expected in [by_blake3, by_xxh3] {
+            assert!(matches!(
+                read_cached(&path, size, expected),
+                Some(Verified::Corrupt)
+            ));
+            assert!(matches!(
+                read_verified(&path, size, expected),
+                Ok(Verified::Corrupt)
+            ));
+        }
         // Longer or shorter than the record says, or gone: left to the slow path.
         std::fs::write(&path, [&body[..], b"x"].concat()).unwrap();
-        assert!(read_cached(&path, body.len() as u64, &hash).is_none());
+        assert!(read_cached(&path, size, by_blake3).is_none());
         std::fs::write(&path, &body[1..]).unwrap();
-        assert!(read_cached(&path, body.len() as u64, &hash).is_none());
+        assert!(read_cached(&path, size, by_blake3).is_none());
         std::fs::remove_file(&path).unwrap();
-        assert!(read_cached(&path, body.len() as u64, &hash).is_none());
+        assert!(read_cached(&path, size, by_blake3).is_none());
     }
 
+    /// What a verified stream over `range` of the file served, whether it ended in an error,
+    /// and the outcome of its check.
     async fn collect(
         path: &Path,
         size: u64,
-        hash: [u8; 32],
-        start: u64,
-        end: u64,
-    ) -> (Vec<u8>, bool, usize) {
-        let corrupt = Arc::new(AtomicUsize::new(0));
-        let seen = corrupt.clone();
+        expected: Expected,
+        range: Range<u64>,
+    ) -> (Vec<u8>, bool, Option<Checked>) {
+        let outcome = Arc::new(Mutex::new(None));
+        let seen = outcome.clone();
         let file = File::open(path).unwrap();
         let stream = verified_stream(
             file,
             size,
-            hash,
-            start,
-            end,
-            Arc::new(move || {
-                seen.fetch_add(1, Ordering::SeqCst);
+            expected,
+            range,
+            Arc::new(move |checked| {
+                assert!(
+                    seen.lock().unwrap().replace(checked).is_none(),
+                    "called once"
+                );
             }),
         );
         futures_util::pin_mut!(stream);
@@ -664,7 +714,8 @@ mod tests {
                 Err(_) => failed = true,
             }
         }
-        (out, failed, corrupt.load(Ordering::SeqCst))
+        let checked = *outcome.lock().unwrap();
+        (out, failed, checked)
     }
 
     #[tokio::test]
@@ -675,23 +726,34 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::write(&path, &body).unwrap();
-        let hash = *blake3::hash(&body).as_bytes();
+        let by_blake3 = Expected::Blake3(*blake3::hash(&body).as_bytes());
         let size = body.len() as u64;
 
-        let (all, failed, corrupt) = collect(&path, size, hash, 0, size).await;
-        assert_eq!((all == body, failed, corrupt), (true, false, 0));
+        let (all, failed, checked) = collect(&path, size, by_blake3, 0..size).await;
+        assert_eq!((all == body, failed), (true, false));
+        let Some(Checked::Intact {
+            learned: Some(learned),
+        }) = checked
+        else {
+            panic!("a first read teaches the body's checksum: {checked:?}");
+        };
+        let by_xxh3 = Expected::Xxh3(learned);
 
-        let (part, failed, _) = collect(&path, size, hash, 10, READ_CHUNK as u64 + 20).await;
+        let range = 10..READ_CHUNK as u64 + 20;
+        let (part, failed, checked) = collect(&path, size, by_xxh3, range).await;
         assert!(!failed);
+        assert_eq!(checked, Some(Checked::Intact { learned: None }));
         assert_eq!(part, body[10..READ_CHUNK + 20]);
 
         let mut damaged = body.clone();
         damaged[READ_CHUNK * 3 + 1] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
-        let (served, failed, corrupt) = collect(&path, size, hash, 0, size).await;
-        assert!(failed, "a corrupt body must end in an error");
-        assert_eq!(corrupt, 1);
-        assert!(served.len() < body.len(), "the last chunk must be withheld");
+        for expected in [by_blake3, by_xxh3] {
+            let (served, failed, checked) = collect(&path, size, expected, 0..size).await;
+            assert!(failed, "a corrupt body must end in an error");
+            assert_eq!(checked, Some(Checked::Corrupt));
+            assert!(served.len() < body.len(), "the last chunk must be withheld");
+        }
     }
 
     /// The same stream when the page cache does not hold the file (or holds only part of it):
@@ -705,7 +767,7 @@ mod tests {
         let path = dir.path().join("b");
         let body: Vec<u8> = (0..(READ_CHUNK * 2 + 5)).map(|i| (i % 241) as u8).collect();
         std::fs::write(&path, &body).unwrap();
-        let hash = *blake3::hash(&body).as_bytes();
+        let by_blake3 = Expected::Blake3(*blake3::hash(&body).as_bytes());
         let size = body.len() as u64;
         let drop_cached = |from: u64| {
             let file = File::open(&path).unwrap();
@@ -714,15 +776,20 @@ mod tests {
         };
         for from in [0, READ_CHUNK as u64 / 2] {
             drop_cached(from);
-            let (all, failed, corrupt) = collect(&path, size, hash, 0, size).await;
-            assert_eq!((all == body, failed, corrupt), (true, false, 0));
+            let (all, failed, checked) = collect(&path, size, by_blake3, 0..size).await;
+            assert_eq!((all == body, failed), (true, false));
+            assert!(matches!(
+                checked,
+                Some(Checked::Intact { learned: Some(_) })
+            ));
         }
         let mut damaged = body.clone();
         damaged[5] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
         drop_cached(0);
-        let (served, failed, corrupt) = collect(&path, size, hash, 0, size).await;
-        assert!(failed && corrupt == 1 && served.len() < body.len());
+        let (served, failed, checked) = collect(&path, size, by_blake3, 0..size).await;
+        assert!(failed && served.len() < body.len());
+        assert_eq!(checked, Some(Checked::Corrupt));
     }
 
     #[tokio::test]

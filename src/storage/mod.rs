@@ -31,6 +31,7 @@
 
 mod backfill;
 pub mod bodies;
+mod checksums;
 mod clean;
 mod evict;
 mod hot;
@@ -404,7 +405,8 @@ enum ReadBody {
     /// Large body file, verified while it streams.
     File {
         file: File,
-        on_corrupt: bodies::OnCorrupt,
+        expected: checksums::Expected,
+        on_checked: bodies::OnChecked,
     },
 }
 
@@ -421,16 +423,17 @@ impl Artifact {
             ReadBody::Verified(bytes) => {
                 BodyStream::Bytes(bytes.slice(start as usize..end as usize))
             }
-            ReadBody::File { file, on_corrupt } => {
-                BodyStream::Stream(Box::pin(bodies::verified_stream(
-                    file,
-                    self.info.size,
-                    self.info.blake3,
-                    start,
-                    end,
-                    on_corrupt,
-                )))
-            }
+            ReadBody::File {
+                file,
+                expected,
+                on_checked,
+            } => BodyStream::Stream(Box::pin(bodies::verified_stream(
+                file,
+                self.info.size,
+                expected,
+                start..end,
+                on_checked,
+            ))),
         }
     }
 }
@@ -483,6 +486,8 @@ struct Inner {
     block_cache: Cache,
     /// Records of recently read inline artifacts (see `hot.rs`).
     hot: hot::HotRecords,
+    /// What reads learned of file bodies that verified (see `checksums.rs`).
+    checksums: checksums::KnownChecksums,
     options: StoreOptions,
     node_id: String,
     tmp_dir: PathBuf,
@@ -576,6 +581,7 @@ impl Store {
                 point_reads: point_reads(),
                 block_cache,
                 hot: hot::HotRecords::new(options.read_cache as u64),
+                checksums: checksums::KnownChecksums::new(),
                 node_id,
                 tmp_dir,
                 bodies_dir,
@@ -1121,23 +1127,29 @@ impl Store {
         record: &ArtifactRecord,
     ) -> Result<Opened, StoreError> {
         let path = bodies::body_path(&self.inner.bodies_dir, id);
-        let (size, blake3) = (record.size, record.blake3);
+        let size = record.size;
+        let expected = self.inner.checksums.expected(id, &record.blake3);
         if size <= VERIFY_BEFORE_SERVING_MAX {
             let cached = if size <= CACHED_READ_MAX {
-                bodies::read_cached(&path, size, &blake3)
+                bodies::read_cached(&path, size, expected)
             } else {
                 None
             };
             let read = match cached {
                 Some(read) => read,
-                None => {
-                    tokio::task::spawn_blocking(move || bodies::read_verified(&path, size, &blake3))
-                        .await
-                        .map_err(|e| StoreError::Io(io::Error::other(e)))??
-                }
+                None => tokio::task::spawn_blocking(move || {
+                    bodies::read_verified(&path, size, expected)
+                })
+                .await
+                .map_err(|e| StoreError::Io(io::Error::other(e)))??,
             };
             return Ok(match read {
-                bodies::Verified::Intact(bytes) => Opened::Body(ReadBody::Verified(bytes)),
+                bodies::Verified::Intact { bytes, learned } => {
+                    self.inner
+                        .checksums
+                        .learn(id, checksums::Checked::Intact { learned });
+                    Opened::Body(ReadBody::Verified(bytes))
+                }
                 bodies::Verified::Corrupt => Opened::Corrupt,
                 bodies::Verified::Missing => Opened::Vanished,
             });
@@ -1151,14 +1163,19 @@ impl Store {
         // mismatch is real corruption.
         let store = self.clone();
         let encoded = encoded.to_vec();
-        let on_corrupt: bodies::OnCorrupt = Arc::new(move || {
-            store.drop_corrupt(
+        let on_checked: bodies::OnChecked = Arc::new(move |checked| match checked {
+            checksums::Checked::Corrupt => store.drop_corrupt(
                 &encoded,
                 &BodyRef::File(id),
                 "stored body failed verification",
-            )
+            ),
+            intact => store.inner.checksums.learn(id, intact),
         });
-        Ok(Opened::Body(ReadBody::File { file, on_corrupt }))
+        Ok(Opened::Body(ReadBody::File {
+            file,
+            expected,
+            on_checked,
+        }))
     }
 
     /// Removes an artifact whose stored bytes no longer match (or are gone), if it still points
@@ -1356,6 +1373,7 @@ impl Store {
 
     fn remove_body(&self, body: &BodyRef) {
         if let BodyRef::File(id) = body {
+            self.inner.checksums.forget(*id);
             let path = bodies::body_path(&self.inner.bodies_dir, *id);
             if let Err(error) = std::fs::remove_file(&path)
                 && error.kind() != io::ErrorKind::NotFound

@@ -755,6 +755,33 @@ async fn a_read_moves_the_access_time_without_rewriting_the_record() {
     assert_eq!(counted.access_entries as u64, counted.usage.artifacts);
 }
 
+/// A file body's first read checks its BLAKE3 and teaches the store the body's checksum, which
+/// later reads check instead (`checksums.rs`); when the file goes, the store forgets it.
+#[tokio::test]
+async fn a_file_body_read_once_is_checked_by_its_checksum_until_its_file_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    let key = gradle("file");
+    let body = vec![3u8; 100_000];
+    put(&store, &key, &body).await;
+    let record = store.record(&key.encode()).unwrap().unwrap();
+    let BodyRef::File(id) = record.body else {
+        panic!("a body over inline_max is a file");
+    };
+    let expected = || store.inner.checksums.expected(id, &record.blake3);
+    assert_eq!(expected(), checksums::Expected::Blake3(record.blake3));
+    assert_eq!(body_of(&store, &key).await, Some(body.clone()));
+    assert!(matches!(expected(), checksums::Expected::Xxh3(_)));
+    assert_eq!(body_of(&store, &key).await, Some(body));
+
+    put(&store, &key, &[4u8; 100_000]).await;
+    assert_eq!(
+        expected(),
+        checksums::Expected::Blake3(record.blake3),
+        "forgotten with the overwritten file"
+    );
+}
+
 /// What replication reads (`peek`) is no access: an artifact only peers read is evicted first.
 #[tokio::test]
 async fn replication_reads_do_not_keep_an_artifact_from_eviction() {
