@@ -460,7 +460,8 @@ pub(super) fn read_cached(_path: &Path, _size: u64, _expected: Expected) -> Opti
 /// (`RWF_NOWAIT`); returns how many bytes it appended. `None` when the kernel would have to wait
 /// for the disk (or on any error): the caller then reads on the blocking pool, which decides what
 /// an error means. The kernel writes into the vector's spare capacity, which is not zeroed
-/// first: zeroing every 256 KiB read buffer cost more than the read's own bookkeeping.
+/// first: zeroing every 256 KiB read buffer cost more than the read's own bookkeeping. (Raw
+/// `libc`: rustix's `preadv2` takes initialised buffers only.)
 #[cfg(target_os = "linux")]
 fn read_at_cached(file: impl std::os::fd::AsFd, offset: u64, buf: &mut Vec<u8>) -> Option<usize> {
     use std::os::fd::AsRawFd as _;

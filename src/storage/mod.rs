@@ -1145,9 +1145,7 @@ impl Store {
             };
             return Ok(match read {
                 bodies::Verified::Intact { bytes, learned } => {
-                    self.inner
-                        .checksums
-                        .learn(id, checksums::Checked::Intact { learned });
+                    self.inner.checksums.learn(id, learned);
                     Opened::Body(ReadBody::Verified(bytes))
                 }
                 bodies::Verified::Corrupt => Opened::Corrupt,
@@ -1169,7 +1167,7 @@ impl Store {
                 &BodyRef::File(id),
                 "stored body failed verification",
             ),
-            intact => store.inner.checksums.learn(id, intact),
+            checksums::Checked::Intact { learned } => store.inner.checksums.learn(id, learned),
         });
         Ok(Opened::Body(ReadBody::File {
             file,
