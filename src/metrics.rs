@@ -22,6 +22,7 @@ pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
 pub const STORAGE_ORPHANS_REMOVED_TOTAL: &str = "kura_storage_orphans_removed_total";
 pub const STORAGE_READ_CACHE_BYTES: &str = "kura_storage_read_cache_bytes";
 pub const STORAGE_READ_CACHE_LOOKUPS_TOTAL: &str = "kura_storage_read_cache_lookups_total";
+pub const STORAGE_BODY_CHECKS_TOTAL: &str = "kura_storage_body_checks_total";
 pub const STORAGE_BACKGROUND_ERRORS_TOTAL: &str = "kura_storage_background_errors_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
 pub const AUTH_CACHE_TOTAL: &str = "kura_auth_cache_lookups_total";
@@ -197,7 +198,7 @@ fn describe() {
     describe_counter!(STORAGE_EVICTIONS_TOTAL, "Artifacts evicted for capacity.");
     describe_counter!(
         STORAGE_CORRUPT_TOTAL,
-        "Artifacts found corrupt on read (a body failing its BLAKE3, a record in a damaged metadata block), answered as misses and dropped."
+        "Artifacts found corrupt on read (a body failing its check, a record in a damaged metadata block), answered as misses and dropped."
     );
     describe_counter!(
         STORAGE_BACKGROUND_ERRORS_TOTAL,
@@ -215,6 +216,10 @@ fn describe() {
     describe_counter!(
         STORAGE_READ_CACHE_LOOKUPS_TOTAL,
         "Reads of an artifact's record by result: hit (answered from memory) or miss (read from RocksDB: not held, a file body, or absent)."
+    );
+    describe_counter!(
+        STORAGE_BODY_CHECKS_TOTAL,
+        "Reads of file bodies by what their bytes were checked against: blake3 (a body's first read, or one no longer remembered) or checksum (the XXH3-128 learned when an earlier read matched the BLAKE3; docs/storage.md)."
     );
     describe_counter!(AUTH_DECISIONS_TOTAL, "Authorization decisions by result.");
     describe_counter!(
@@ -284,6 +289,10 @@ pub fn sample(
         .absolute(stats.read_cache.hits);
     metrics::counter!(STORAGE_READ_CACHE_LOOKUPS_TOTAL, "result" => "miss")
         .absolute(stats.read_cache.misses);
+    metrics::counter!(STORAGE_BODY_CHECKS_TOTAL, "against" => "blake3")
+        .absolute(stats.body_checks.blake3);
+    metrics::counter!(STORAGE_BODY_CHECKS_TOTAL, "against" => "checksum")
+        .absolute(stats.body_checks.checksum);
     if let Some(rss) = resident_memory_bytes() {
         metrics::gauge!(PROCESS_RSS_BYTES).set(rss as f64);
     }

@@ -324,6 +324,18 @@ async fn a_body_damaged_after_it_was_read_is_still_never_served() {
             assert!(served == body[..], "intact bytes are served");
         }
     }
+    let checked =
+        |against: &str| format!("kura_storage_body_checks_total{{against=\"{against}\"}}");
+    assert_eq!(
+        node.metric(&checked("blake3")).await,
+        2,
+        "each body's first read"
+    );
+    assert_eq!(
+        node.metric(&checked("checksum")).await,
+        2,
+        "each body's second read"
+    );
     for file in body_files(&node) {
         flip_byte(&file, 100_001);
     }

@@ -105,6 +105,14 @@ impl KnownChecksums {
         }
     }
 
+    /// How many reads were checked against BLAKE3 and how many against a learned checksum.
+    pub(super) fn stats(&self) -> super::BodyCheckStats {
+        super::BodyCheckStats {
+            blake3: self.0.misses(),
+            checksum: self.0.hits(),
+        }
+    }
+
     /// Forgets body `id`, whose file is going. (A read of it still in flight may learn it
     /// again: the same bytes' checksum, under an id no other file will have, so it only holds
     /// a slot until the set drops it. Files the orphan sweep removes are left to the same.)
@@ -139,9 +147,7 @@ mod tests {
         else {
             panic!("a first read of intact bytes learns their checksum: {first:?}");
         };
-        if let Checked::Intact { learned } = first {
-            known.learn(7, learned);
-        }
+        known.learn(7, Some(xxh3));
         assert_eq!(known.expected(7, &blake3), Expected::Xxh3(xxh3));
         assert_eq!(
             checked(known.expected(7, &blake3), &[body]),
@@ -161,6 +167,12 @@ mod tests {
 
         known.forget(7);
         assert_eq!(known.expected(7, &blake3), Expected::Blake3(blake3));
+        let counted = known.stats();
+        assert_eq!(
+            (counted.blake3, counted.checksum),
+            (3, 4),
+            "one count per read"
+        );
     }
 
     #[test]

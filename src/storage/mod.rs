@@ -451,6 +451,17 @@ pub struct StoreStats {
     pub background_errors: u64,
     /// The set of hot small artifacts (`hot.rs`).
     pub read_cache: ReadCacheStats,
+    /// What file body reads were checked against (`checksums.rs`).
+    pub body_checks: BodyCheckStats,
+}
+
+/// How many reads of file bodies were checked against what, since the store opened.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BodyCheckStats {
+    /// Against the record's BLAKE3: a body's first read, or one no longer remembered.
+    pub blake3: u64,
+    /// Against the XXH3-128 an earlier read learned.
+    pub checksum: u64,
 }
 
 /// What the set of hot small artifacts holds and how often it answered.
@@ -630,6 +641,7 @@ impl Store {
             capacity: self.inner.options.capacity,
             background_errors: self.background_errors(),
             read_cache: self.inner.hot.stats(),
+            body_checks: self.inner.checksums.stats(),
         }
     }
 
