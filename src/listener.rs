@@ -936,7 +936,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<TrackedBody<B>>;
+    type Response = Response<ConnectionBody<B>>;
     type Error = S::Error;
     type Future = TrackedFuture<S, B>;
 
@@ -967,19 +967,19 @@ impl<S, B> Future for TrackedFuture<S, B>
 where
     S: tower::Service<Request<Body>, Response = Response<B>>,
 {
-    type Output = Result<Response<TrackedBody<B>>, S::Error>;
+    type Output = Result<Response<ConnectionBody<B>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
         let in_flight = this.in_flight.take();
-        Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, in_flight))))
+        Poll::Ready(Ok(response.map(|body| ConnectionBody::new(body, in_flight))))
     }
 }
 
 /// A response body that counts its request on the connection until it is done: a streaming
 /// download counts until its last byte.
-type TrackedBody<B> = crate::layers::GuardedBody<B, InFlight>;
+type ConnectionBody<B> = crate::layers::GuardedBody<B, InFlight>;
 
 /// The request body handed to the service.
 ///

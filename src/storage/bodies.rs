@@ -602,7 +602,7 @@ impl ReadState {
             return Ok(Bytes::from(buf));
         }
         let (reader, result) = tokio::task::spawn_blocking(move || {
-            let result = read_full_at(&file, offset, &mut buf).map(|_| {
+            let result = read_full_at(&file, offset, &mut buf).map(|()| {
                 check.update(&buf);
                 Bytes::from(buf)
             });
@@ -615,9 +615,8 @@ impl ReadState {
     }
 }
 
-/// Fills the spare capacity of `buf` from `offset` unless the file ends first; returns how many
-/// bytes were read.
-fn read_full_at(file: &File, offset: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// Fills the spare capacity of `buf` from `offset` unless the file ends first.
+fn read_full_at(file: &File, offset: u64, buf: &mut Vec<u8>) -> io::Result<()> {
     let start = buf.len();
     while buf.len() < buf.capacity() {
         let at = offset + (buf.len() - start) as u64;
@@ -628,7 +627,7 @@ fn read_full_at(file: &File, offset: u64, buf: &mut Vec<u8>) -> io::Result<usize
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(buf.len() - start)
+    Ok(())
 }
 
 #[cfg(test)]

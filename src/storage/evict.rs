@@ -34,23 +34,33 @@ pub(super) struct PendingTouches {
     hasher: RandomState,
 }
 
+/// Sets a pending access time, allocating the key only when it is not pending yet.
+fn upsert(pending: &mut HashMap<Vec<u8>, u64>, encoded: &[u8], now: u64) {
+    match pending.get_mut(encoded) {
+        Some(time) => *time = now,
+        None => {
+            pending.insert(encoded.to_vec(), now);
+        }
+    }
+}
+
 impl PendingTouches {
     /// Notes an access now of the artifact under `encoded` whose record was published at
-    /// `published_ms`. Accesses within `resolution` of the publish are not worth noting; a key
-    /// already pending costs a lookup, not an allocation.
+    /// `published_ms`. Accesses within `resolution` of the publish are not worth noting.
     pub(super) fn note(&self, encoded: &[u8], published_ms: u64, resolution: u64) {
         let now = now_ms();
-        if now.saturating_sub(published_ms) < resolution {
-            return;
+        if now.saturating_sub(published_ms) >= resolution {
+            self.note_at(encoded, now);
         }
+    }
+
+    /// Notes an access at `now` of the artifact under `encoded`, which the caller found worth
+    /// noting (`hot::ReadRecord::note_due` on the read path). A key already pending costs a
+    /// lookup, not an allocation.
+    pub(super) fn note_at(&self, encoded: &[u8], now: u64) {
         let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
         let mut pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
-        match pending.get_mut(encoded) {
-            Some(time) => *time = now,
-            None => {
-                pending.insert(encoded.to_vec(), now);
-            }
-        }
+        upsert(&mut pending, encoded, now);
     }
 
     /// [`PendingTouches::note`] of many artifacts (encoded key, publish time) at once: one
@@ -71,12 +81,7 @@ impl PendingTouches {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             for (_, encoded) in group {
-                match pending.get_mut(*encoded) {
-                    Some(time) => *time = now,
-                    None => {
-                        pending.insert(encoded.to_vec(), now);
-                    }
-                }
+                upsert(&mut pending, encoded, now);
             }
         }
     }

@@ -962,10 +962,9 @@ impl Store {
             found.accessed = true;
             // A record held in memory remembers its last note: most reads of a hot key note
             // nothing.
-            if found.record.note_due(now_ms(), resolution) {
-                self.inner
-                    .touches
-                    .note(&found.encoded, found.record.accessed_ms, resolution);
+            let now = now_ms();
+            if found.record.note_due(now, resolution) {
+                self.inner.touches.note_at(&found.encoded, now);
             }
             found
         });
