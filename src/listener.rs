@@ -2,8 +2,9 @@
 //!
 //! [`serve`] runs the accept loop of one TCP listener for one service: today the public HTTP
 //! router, later the gRPC and internal listeners with services of their own. Connections are
-//! served by hyper-util's auto builder (HTTP/1.1, and HTTP/2 with prior knowledge: h2c), and each
-//! is watched by a small clock of its own ([`decide`]) that enforces the [`ListenerLimits`]:
+//! served by hyper-util's auto builder (HTTP/1.1, and HTTP/2 with prior knowledge: h2c; an
+//! HTTP/2 connection's writes are gathered by [`coalesce`]), and each is watched by a small clock
+//! of its own ([`decide`]) that enforces the [`ListenerLimits`]:
 //!
 //! - **Header timeout.** Once the first byte of an HTTP/1 request arrives on a connection with no
 //!   request in flight, the rest of the request line and headers must follow within
@@ -54,6 +55,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, timeout};
 use tower::ServiceExt;
+
+mod coalesce;
+
+use coalesce::Coalesced;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -847,9 +852,10 @@ impl Protocol {
     }
 }
 
-/// The accepted socket, telling the connection's clock when request bytes arrive.
+/// The accepted socket, telling the connection's clock when request bytes arrive, and
+/// gathering its writes once it turns out to speak HTTP/2 ([`coalesce`]).
 struct Watched<I> {
-    stream: I,
+    stream: Coalesced<I>,
     activity: Arc<Activity>,
     protocol: Protocol,
 }
@@ -857,7 +863,7 @@ struct Watched<I> {
 impl<I> Watched<I> {
     fn new(stream: I, activity: Arc<Activity>) -> Watched<I> {
         Watched {
-            stream,
+            stream: Coalesced::new(stream),
             activity,
             protocol: Protocol::Detecting { matched: 0 },
         }
@@ -867,7 +873,10 @@ impl<I> Watched<I> {
         let before = self.protocol;
         self.protocol = before.after(bytes);
         match self.protocol {
-            Protocol::Http2 if before != Protocol::Http2 => self.activity.not_http1(),
+            Protocol::Http2 if before != Protocol::Http2 => {
+                self.activity.not_http1();
+                self.stream.gather();
+            }
             Protocol::Http2 => {}
             Protocol::Http1 | Protocol::Detecting { .. } => self.activity.head_bytes(),
         }

@@ -261,6 +261,35 @@ async fn bytestream_reads_ranges_and_refuses_offsets_past_the_end() {
     assert_eq!(bad.code(), Code::InvalidArgument);
 }
 
+/// The node reads file bodies in chunks of up to 1 MiB; with the smallest message limit a node
+/// accepts, each chunk must go out as several messages within it, or the client refuses them.
+#[tokio::test]
+async fn bytestream_reads_stay_within_the_smallest_message_limit() {
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_GRPC_MAX_MESSAGE_SIZE", "64KiB")
+            .env("KURA_GRPC_MAX_BATCH_TOTAL_SIZE", "32KiB")
+            .env("KURA_GRPC_INLINE_MAX", "32KiB"),
+    );
+    let grpc = Grpc::connect(&node).await;
+    let data = payload(13, 3 * 1024 * 1024 + 5);
+    let digest = sha256(&data);
+    let messages = write_messages(
+        &upload_name("ios", "small", &digest),
+        &data,
+        0,
+        32 * 1024,
+        true,
+    );
+    assert_eq!(grpc.send(messages).await.unwrap(), data.len() as i64);
+    let name = blob_name("ios", &digest);
+    assert_eq!(grpc.read(&name, 0, 0).await.unwrap(), data);
+    assert_eq!(
+        grpc.read(&name, 70_000, 200_000).await.unwrap(),
+        &data[70_000..270_000]
+    );
+}
+
 #[tokio::test]
 async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wrong() {
     let node = Node::start();

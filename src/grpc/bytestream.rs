@@ -44,7 +44,7 @@ pub(crate) struct ByteStreamService {
     pub node: Arc<NodeContext>,
 }
 
-type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+pub(super) type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {

@@ -7,7 +7,8 @@
 //! by `grpc-status` when the response ends) → admission → method. Each
 //! method parses its request (`digest.rs`, `resource.rs`), asks the one authorizer
 //! (`access.rs`), and works on the one store with its publish path, so a blob written here is
-//! the blob the Bazel HTTP routes of the same project serve, and the reverse.
+//! the blob the Bazel HTTP routes of the same project serve, and the reverse. ByteStream `Read`
+//! has a route of its own (`read.rs`) that sends each chunk without copying it.
 
 pub(crate) mod access;
 mod action_cache;
@@ -20,6 +21,7 @@ mod digest;
 mod layers;
 #[doc(hidden)]
 pub mod proto;
+mod read;
 mod resource;
 mod status;
 
@@ -63,6 +65,7 @@ pub(crate) fn router(node: Arc<NodeContext>) -> axum::Router {
     }));
     routes
         .into_axum_router()
+        .route(read::PATH, read::route(node.clone(), message_limit))
         .layer(AdmissionLayer::new(
             node.lifecycle.clone(),
             node.config.limits.max_in_flight_requests,
