@@ -56,6 +56,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, timeout};
 use tower::ServiceExt;
 
+use crate::layers::{GuardedBody, GuardedFuture};
+
 mod coalesce;
 
 use coalesce::Coalesced;
@@ -947,48 +949,20 @@ where
 {
     type Response = Response<ConnectionBody<B>>;
     type Error = S::Error;
-    type Future = TrackedFuture<S, B>;
+    /// A request's answer; its [`InFlight`] guard moves into the response body.
+    type Future = GuardedFuture<tower::util::Oneshot<S, Request<Body>>, InFlight>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.request_started();
         let discard_unread = request.version() == http::Version::HTTP_2;
         let request = request.map(|body| Body::new(RequestBody::new(body, discard_unread)));
-        TrackedFuture {
-            inner: self.inner.clone().oneshot(request),
-            in_flight: Some(in_flight),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A request's answer; its [`InFlight`] guard moves into the response body.
-    struct TrackedFuture<S, B>
-    where
-        S: tower::Service<Request<Body>, Response = Response<B>>,
-    {
-        #[pin]
-        inner: tower::util::Oneshot<S, Request<Body>>,
-        in_flight: Option<InFlight>,
-    }
-}
-
-impl<S, B> Future for TrackedFuture<S, B>
-where
-    S: tower::Service<Request<Body>, Response = Response<B>>,
-{
-    type Output = Result<Response<ConnectionBody<B>>, S::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx))?;
-        let in_flight = this.in_flight.take();
-        Poll::Ready(Ok(response.map(|body| ConnectionBody::new(body, in_flight))))
+        GuardedFuture::new(self.inner.clone().oneshot(request), Some(in_flight))
     }
 }
 
 /// A response body that counts its request on the connection until it is done: a streaming
 /// download counts until its last byte.
-type ConnectionBody<B> = crate::layers::GuardedBody<B, InFlight>;
+type ConnectionBody<B> = GuardedBody<B, InFlight>;
 
 /// The request body handed to the service.
 ///

@@ -4,13 +4,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use http::{Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::guarded::GuardedBody;
+use super::guarded::{GuardedBody, GuardedFuture};
 use crate::lifecycle::{InFlight, Lifecycle, State};
 
 /// How a protocol answers work the node does not admit (HTTP: JSON 503/429; gRPC: status
@@ -78,8 +78,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if self.refusals.is_probe(request.uri()) {
             return AdmissionFuture::Admitted {
-                inner: self.inner.call(request),
-                in_flight: None,
+                inner: GuardedFuture::new(self.inner.call(request), None),
             };
         }
         if self.lifecycle.state() == State::Draining {
@@ -93,9 +92,9 @@ where
                 response: Some(self.refusals.overloaded()),
             };
         }
+        // The guard moves into the body: a download counts until its last byte.
         AdmissionFuture::Admitted {
-            inner: self.inner.call(request),
-            in_flight: Some(in_flight),
+            inner: GuardedFuture::new(self.inner.call(request), Some(in_flight)),
         }
     }
 }
@@ -105,8 +104,7 @@ pin_project! {
     pub enum AdmissionFuture<F, R> {
         Admitted {
             #[pin]
-            inner: F,
-            in_flight: Option<InFlight>,
+            inner: GuardedFuture<F, InFlight>,
         },
         Refused {
             response: Option<Response<R>>,
@@ -122,12 +120,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            AdmissionProjection::Admitted { inner, in_flight } => {
-                let response = ready!(inner.poll(cx))?;
-                // The guard moves into the body: a download counts until its last byte.
-                let in_flight = in_flight.take();
-                Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, in_flight))))
-            }
+            AdmissionProjection::Admitted { inner } => inner.poll(cx),
             AdmissionProjection::Refused { response } => match response.take() {
                 Some(response) => {
                     Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, None))))

@@ -1,13 +1,46 @@
 //! A response body that carries a guard (a count of work in flight) and lets it go once the
 //! body is done: at its last frame, or when it is dropped unfinished (the client went away).
 //! The guard rides in the body, not the future, because a streaming download is work in flight
-//! until its last byte, long after the handler returned.
+//! until its last byte, long after the handler returned. [`GuardedFuture`] holds the guard
+//! while the response is being made and hands it to the body.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+pin_project! {
+    /// A response future whose guard moves into the response's body once the response is
+    /// ready (or goes with the future, if it is dropped first).
+    pub struct GuardedFuture<F, G> {
+        #[pin]
+        inner: F,
+        guard: Option<G>,
+    }
+}
+
+impl<F, G> GuardedFuture<F, G> {
+    pub fn new(inner: F, guard: Option<G>) -> Self {
+        GuardedFuture { inner, guard }
+    }
+}
+
+impl<F, G, R, E> Future for GuardedFuture<F, G>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+{
+    type Output = Result<Response<GuardedBody<R, G>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(response.map(|body| GuardedBody::new(body, guard))))
+    }
+}
 
 pin_project! {
     pub struct GuardedBody<B, G> {
@@ -93,6 +126,26 @@ mod tests {
     fn the_guard_goes_when_an_unfinished_body_is_dropped() {
         let released = Arc::new(AtomicBool::new(false));
         drop(guarded(&released));
+        assert!(released.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_ready_response_carries_the_guard_in_its_body() {
+        let released = Arc::new(AtomicBool::new(false));
+        let answer = async { Ok::<_, ()>(Response::new(Full::new(Bytes::from_static(b"ok")))) };
+        let future = GuardedFuture::new(answer, Some(Flag(released.clone())));
+        let response = future.await.unwrap();
+        assert!(!released.load(Ordering::SeqCst), "let go with the future");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert!(released.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn the_guard_goes_when_the_future_is_dropped_before_its_response() {
+        let released = Arc::new(AtomicBool::new(false));
+        let never = std::future::pending::<Result<Response<Full<Bytes>>, ()>>();
+        drop(GuardedFuture::new(never, Some(Flag(released.clone()))));
         assert!(released.load(Ordering::SeqCst));
     }
 }
