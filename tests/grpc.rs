@@ -283,11 +283,13 @@ async fn bytestream_reads_stay_within_the_smallest_message_limit() {
     );
     assert_eq!(grpc.send(messages).await.unwrap(), data.len() as i64);
     let name = blob_name("ios", &digest);
-    assert_eq!(grpc.read(&name, 0, 0).await.unwrap(), data);
-    assert_eq!(
-        grpc.read(&name, 70_000, 200_000).await.unwrap(),
-        &data[70_000..270_000]
-    );
+    let limit = 64 * 1024;
+    let whole = grpc.read_messages_of_at_most(&name, 0, 0, limit).await;
+    assert_eq!(whole.unwrap(), data);
+    let range = grpc
+        .read_messages_of_at_most(&name, 70_000, 200_000, limit)
+        .await;
+    assert_eq!(range.unwrap(), &data[70_000..270_000]);
 }
 
 #[tokio::test]

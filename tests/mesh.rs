@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
 use crate::common::mesh::{
     ACCOUNT, PEER_PORT, assert_replicated, body_at, eventually, gradle_path, mesh_options,
-    node_options, peer_url, put, start_discovered_mesh, start_mesh, wait_admitted,
+    node_options, peer_url, put, start_discovered_mesh, start_mesh, wait_admitted, wait_ready,
 };
 use crate::common::proxy::Proxy;
 use crate::common::{Node, client, payload};
@@ -502,6 +502,10 @@ async fn mesh_through_proxy(a: u8, b: u8) -> (Node, Node, Proxy) {
     let sender = Node::start_with(node_options(a, PEER_PORT, &[peer_url(b)]));
     wait_admitted(&sender, 1).await;
     wait_admitted(&receiver, 1).await;
+    // Bootstrap over first: the receiver's bootstrap pulls from the sender directly, not
+    // through the proxy, and on a loaded machine it could otherwise fetch what a test wrote.
+    wait_ready(&receiver).await;
+    wait_ready(&sender).await;
     (sender, receiver, proxy)
 }
 

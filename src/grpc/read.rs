@@ -33,6 +33,10 @@ pub(super) const PATH: &str = "/google.bytestream.ByteStream/Read";
 /// The tag of `ReadResponse.data`: field 10, length-delimited.
 const DATA_TAG: u8 = 10 << 3 | 2;
 
+/// The most a message's field header takes beside its data: the tag, and a length of at most
+/// 10 varint bytes, rounded up.
+const FIELD_HEADER_MAX: usize = 16;
+
 /// The route's handler; `message_limit` bounds the request and every response message, as the
 /// generated servers are bounded.
 pub(super) fn route(node: Arc<NodeContext>, message_limit: usize) -> axum::routing::MethodRouter {
@@ -73,32 +77,47 @@ async fn decode(
     request: Request<Body>,
     message_limit: usize,
 ) -> Result<tonic::Request<ReadRequest>, Status> {
-    // The node accepts no compressed requests (none of its services does).
+    // The node accepts no compressed requests (none of its services does), and says which
+    // encoding it takes, as tonic does.
     if let Some(encoding) = request.headers().get("grpc-encoding")
         && encoding != "identity"
     {
-        return Err(Status::unimplemented(format!(
+        let mut status = Status::unimplemented(format!(
             "the request is compressed with {encoding:?}, which this node does not accept"
-        )));
+        ));
+        status.metadata_mut().insert(
+            "grpc-accept-encoding",
+            tonic::metadata::MetadataValue::from_static("identity"),
+        );
+        return Err(status);
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let mut messages = Streaming::new_request(
         ProstDecoder::<ReadRequest>::default(),
         body,
         None,
         Some(message_limit),
     );
+    // A call without its one message is the client's mistake (tonic says INTERNAL).
     let message = messages
         .message()
         .await?
         .ok_or_else(|| Status::invalid_argument("the call carried no ReadRequest"))?;
+    // Read to the end of the request (its END_STREAM often comes in a frame of its own): a
+    // body dropped unread would be drained in the background (`listener::RequestBody`).
+    // Request trailers, if any, join the metadata, as tonic merges them.
+    if let Some(trailers) = messages.trailers().await? {
+        parts.headers.extend(trailers.into_headers());
+    }
     Ok(tonic::Request::from_http(Request::from_parts(
         parts, message,
     )))
 }
 
 /// The response stream as gRPC frames: each chunk's framing, then the chunk itself, then the
-/// status in trailers.
+/// status in trailers. The framing and the chunk go out as two DATA frames (h2 does not merge
+/// a body's frames): 9 bytes more per message of up to 1 MiB, and the listener sends both in
+/// one socket write.
 struct ReadBody {
     responses: ReadStream,
     /// Data of the current chunk not yet framed.
@@ -116,7 +135,7 @@ impl ReadBody {
             responses,
             rest: Bytes::new(),
             framed: None,
-            most_per_message: message_limit.saturating_sub(16).max(1),
+            most_per_message: message_limit.saturating_sub(FIELD_HEADER_MAX).max(1),
             ended: false,
         }
     }
@@ -292,5 +311,64 @@ mod tests {
             (Code::DataLoss as i32).to_string().as_str()
         );
         assert_eq!(trailers["grpc-message"], "the%20body%20is%20damaged");
+    }
+
+    fn call(headers: &[(&str, &str)], body: Vec<u8>) -> Request<Body> {
+        let mut request = Request::post(PATH);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(Body::from(body)).unwrap()
+    }
+
+    fn framed(message: &ReadRequest) -> Vec<u8> {
+        let encoded = message.encode_to_vec();
+        let mut out = vec![0];
+        out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        out.extend_from_slice(&encoded);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_request_is_decoded_with_its_metadata() {
+        let message = ReadRequest {
+            resource_name: "ios/blobs/abc/3".into(),
+            read_offset: 1,
+            read_limit: 2,
+        };
+        let request = call(&[("authorization", "Bearer t")], framed(&message));
+        let decoded = decode(request, 1 << 20).await.unwrap();
+        assert_eq!(decoded.metadata().get("authorization").unwrap(), "Bearer t");
+        assert_eq!(decoded.into_inner(), message);
+    }
+
+    #[tokio::test]
+    async fn a_compressed_request_is_refused_with_the_encoding_the_node_takes() {
+        let request = call(
+            &[("grpc-encoding", "gzip")],
+            framed(&ReadRequest::default()),
+        );
+        let status = decode(request, 1 << 20).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert_eq!(
+            status.metadata().get("grpc-accept-encoding").unwrap(),
+            "identity"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_without_its_message_is_invalid() {
+        let status = decode(call(&[], Vec::new()), 1 << 20).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_message_limit_is_refused() {
+        let message = ReadRequest {
+            resource_name: "x".repeat(2000),
+            ..ReadRequest::default()
+        };
+        let status = decode(call(&[], framed(&message)), 1000).await.unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange);
     }
 }

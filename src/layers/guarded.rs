@@ -135,7 +135,10 @@ mod tests {
         let answer = async { Ok::<_, ()>(Response::new(Full::new(Bytes::from_static(b"ok")))) };
         let future = GuardedFuture::new(answer, Some(Flag(released.clone())));
         let response = future.await.unwrap();
-        assert!(!released.load(Ordering::SeqCst), "let go with the future");
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "released before the body ended"
+        );
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
         assert!(released.load(Ordering::SeqCst));

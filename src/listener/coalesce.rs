@@ -6,13 +6,24 @@
 //! where HTTP/1.1 sends the same bytes in a thousand. [`Coalesced`] copies what h2 writes into
 //! one buffer and sends it when the buffer is full or when h2 has nothing more to add.
 //!
-//! When h2 has nothing more to add is what h2 does not say: it flushes after every frame and
-//! again when its queue is empty, the same call both times. So a flush right after a write is
-//! put off once: the call returns at once, and the task is woken so that it runs again. If h2
-//! had another frame ready it writes it on (into the buffer); a flush with no write since the
-//! one put off is the end of what h2 had, and sends the buffer. h2 flushes on every poll of its
-//! connection (its `poll_complete` ends with one), so a flush put off is always followed by a
-//! real one within one more poll of the task: no bytes wait for the peer.
+//! h2 does not tell which of its flushes is the last one: `FramedWrite::flush` flushes the
+//! socket after every frame, and `Streams::poll_complete` flushes again once its queue is empty.
+//! So while a burst is under way (at least one full frame gathered, [`DEFER_FROM`]), a flush
+//! that follows a write is put off: it returns at once and wakes the task. If h2 had another
+//! frame ready it writes it on, into the buffer; a flush with no write since the one put off
+//! is the end of what h2 had, and sends the buffer. Every poll of an open h2 connection ends in
+//! `poll_complete`, and so in a flush, so a flush put off is followed by a real one within one
+//! more poll of the task; a closing connection goes through `poll_shutdown`, which sends first.
+//! Smaller writes (a unary call's answer, a WINDOW_UPDATE) are flushed at once, so they never
+//! wait for a second trip through the run queue.
+//!
+//! Gathered bytes are lost only with the connection itself: when hyper drops it without a
+//! shutdown (an I/O error, a peer that vanished, the listener cutting it after the drain
+//! timeout), as the bytes h2 still held would be.
+//!
+//! Memory: a connection holds up to [`GATHER_MAX`] while it sends a burst, and nothing once
+//! the burst is out (the buffer is freed; with the node's malloc settings it comes from the
+//! heap, not from `mmap`). h2 itself buffers up to 400 KiB per stream besides.
 //!
 //! HTTP/1.1 connections are not gathered (hyper already writes a response's head and body
 //! chunks in one `writev`, and putting off its flush would cost a small GET a task poll).
@@ -23,11 +34,13 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes gathered before they are sent without waiting for h2 to finish: about sixteen
-/// 16 KiB frames per write. A connection holds at most this much, and nothing once its burst
-/// is sent (the buffer is freed; with the node's malloc settings it comes from the heap, not
-/// from `mmap`).
+/// Bytes gathered before they are sent without waiting for h2 to finish: sixteen 16 KiB frames
+/// per write.
 const GATHER_MAX: usize = 256 * 1024;
+
+/// Gathered bytes from which a flush is put off: one full DATA frame at the default frame size.
+/// Below it the connection is answering small calls, and sends at once.
+const DEFER_FROM: usize = 16 * 1024;
 
 /// A socket whose writes can be gathered (once [`Coalesced::gather`] is called).
 pub(super) struct Coalesced<I> {
@@ -36,8 +49,8 @@ pub(super) struct Coalesced<I> {
     /// Bytes written by h2 and not yet sent; `sent` of them already went out.
     pending: Vec<u8>,
     sent: usize,
-    /// Whether something was written since the last flush (which is then put off).
-    written_since_flush: bool,
+    /// Whether a write came since the last flush, so that the next flush may be put off.
+    defer_next_flush: bool,
 }
 
 impl<I> Coalesced<I> {
@@ -47,7 +60,7 @@ impl<I> Coalesced<I> {
             gathering: false,
             pending: Vec::new(),
             sent: 0,
-            written_since_flush: false,
+            defer_next_flush: false,
         }
     }
 
@@ -83,7 +96,7 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
     }
 
     /// Sends every pending byte and gives the buffer back: an idle connection holds none.
-    fn poll_send_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_send_and_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_send_pending(cx))?;
         self.pending = Vec::new();
         Poll::Ready(Ok(()))
@@ -102,13 +115,14 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             }
         }
-        if self.pending.capacity() == 0 {
+        if self.pending.capacity() == 0 && len >= DEFER_FROM {
+            // A burst: room for all of it at once. Small answers grow a small buffer.
             self.pending.reserve_exact(GATHER_MAX);
         }
         for buf in bufs {
             self.pending.extend_from_slice(buf);
         }
-        self.written_since_flush = true;
+        self.defer_next_flush = true;
         Poll::Ready(Ok(len))
     }
 }
@@ -146,20 +160,21 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesced<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.written_since_flush && this.pending.len() < GATHER_MAX {
+        let burst = (DEFER_FROM..GATHER_MAX).contains(&this.pending.len());
+        if this.defer_next_flush && burst {
             // Put off (module docs): the task runs again and the next flush sends.
-            this.written_since_flush = false;
+            this.defer_next_flush = false;
             cx.waker().wake_by_ref();
             return Poll::Ready(Ok(()));
         }
-        this.written_since_flush = false;
-        ready!(this.poll_send_all(cx))?;
+        this.defer_next_flush = false;
+        ready!(this.poll_send_and_release(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send_all(cx))?;
+        ready!(this.poll_send_and_release(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
@@ -171,11 +186,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
 
-    /// A socket that takes up to `room` bytes per write and records each write.
+    /// A socket that takes up to `room` bytes per write and records each write and flush.
     #[derive(Default)]
     struct Socket {
         writes: Vec<Vec<u8>>,
         room: Option<usize>,
+        flushes: usize,
         shut: bool,
     }
 
@@ -193,7 +209,8 @@ mod tests {
             Poll::Ready(Ok(n))
         }
 
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
             Poll::Ready(Ok(()))
         }
 
@@ -251,10 +268,16 @@ mod tests {
         }
     }
 
+    /// A DATA frame as h2 writes it: 16 KiB of `byte`.
+    fn frame(byte: u8) -> Vec<u8> {
+        vec![byte; 16 * 1024]
+    }
+
     #[test]
     fn frames_flushed_one_by_one_go_out_in_one_write_when_h2_has_no_more() {
         let mut h = Harness::gathering();
-        for frame in [b"frame one;".as_slice(), b"frame two;", b"frame three"] {
+        let frames = [frame(1), frame(2), frame(3)];
+        for frame in &frames {
             assert!(matches!(h.write(frame), Poll::Ready(Ok(n)) if n == frame.len()));
             // h2 flushes after each frame: put off, and the task is woken to come back.
             assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
@@ -263,6 +286,7 @@ mod tests {
             h.io.inner.writes.is_empty(),
             "nothing sent while h2 kept writing"
         );
+        assert_eq!(h.io.inner.flushes, 0);
         assert_eq!(h.wakes(), 3, "every put-off flush wakes the task");
         // The next poll of the connection finds nothing more to write and flushes again.
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
@@ -271,7 +295,11 @@ mod tests {
             1,
             "one socket write for the three frames"
         );
-        assert_eq!(h.sent(), b"frame one;frame two;frame three");
+        assert_eq!(h.sent(), frames.concat());
+        assert_eq!(
+            h.io.inner.flushes, 1,
+            "the real flush reaches the socket (TLS needs it)"
+        );
         assert_eq!(
             h.io.pending.capacity(),
             0,
@@ -280,9 +308,29 @@ mod tests {
     }
 
     #[test]
+    fn a_small_answer_is_sent_at_its_first_flush() {
+        let mut h = Harness::gathering();
+        assert!(matches!(
+            h.write(b"HEADERS DATA TRAILERS"),
+            Poll::Ready(Ok(21))
+        ));
+        assert!(
+            h.io.pending.capacity() < DEFER_FROM,
+            "no burst-sized buffer for it"
+        );
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
+        assert_eq!(h.sent(), b"HEADERS DATA TRAILERS");
+        assert_eq!(
+            h.wakes(),
+            0,
+            "not put off: no second trip through the run queue"
+        );
+    }
+
+    #[test]
     fn a_full_buffer_is_sent_without_waiting_for_the_flush() {
         let mut h = Harness::gathering();
-        let frame = vec![7u8; 16 * 1024];
+        let frame = frame(7);
         let frames = GATHER_MAX / frame.len() + 1;
         for _ in 0..frames {
             assert!(matches!(h.write(&frame), Poll::Ready(Ok(_))));
@@ -295,6 +343,29 @@ mod tests {
             h.sent().len(),
             frames * frame.len(),
             "every byte sent, in order"
+        );
+    }
+
+    #[test]
+    fn a_full_buffer_and_a_full_socket_take_no_more_bytes() {
+        let mut h = Harness::gathering();
+        let frame = frame(9);
+        for _ in 0..GATHER_MAX / frame.len() {
+            assert!(matches!(h.write(&frame), Poll::Ready(Ok(_))));
+        }
+        h.io.inner.room = Some(0);
+        assert!(
+            h.write(&frame).is_pending(),
+            "no room anywhere: h2 must wait"
+        );
+        h.io.inner.room = Some(100_000);
+        assert!(matches!(h.write(&frame), Poll::Ready(Ok(n)) if n == frame.len()));
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
+        assert_eq!(
+            h.sent().len(),
+            GATHER_MAX + frame.len(),
+            "nothing lost, nothing twice"
         );
     }
 
@@ -314,7 +385,6 @@ mod tests {
         let mut h = Harness::gathering();
         assert!(matches!(h.write(b"0123456789"), Poll::Ready(Ok(10))));
         h.io.inner.room = Some(0);
-        assert!(matches!(h.flush(), Poll::Ready(Ok(()))), "put off");
         assert!(h.flush().is_pending(), "the socket is full");
         h.io.inner.room = Some(4);
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
@@ -324,10 +394,11 @@ mod tests {
     #[test]
     fn shutdown_sends_what_is_pending_first() {
         let mut h = Harness::gathering();
-        assert!(matches!(h.write(b"GOAWAY"), Poll::Ready(Ok(6))));
+        let frame = frame(5);
+        assert!(matches!(h.write(&frame), Poll::Ready(Ok(_))));
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))), "put off");
         assert!(matches!(h.shutdown(), Poll::Ready(Ok(()))));
-        assert_eq!(h.sent(), b"GOAWAY");
+        assert_eq!(h.sent(), frame);
         assert!(h.io.inner.shut);
     }
 
@@ -335,8 +406,8 @@ mod tests {
     fn a_connection_not_gathering_writes_at_once() {
         let mut h = Harness::gathering();
         h.io.gathering = false;
-        assert!(matches!(h.write(b"HTTP/1.1 200 OK"), Poll::Ready(Ok(15))));
-        assert_eq!(h.sent(), b"HTTP/1.1 200 OK");
+        assert!(matches!(h.write(&frame(3)), Poll::Ready(Ok(_))));
+        assert_eq!(h.sent(), frame(3));
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
         assert_eq!(h.wakes(), 0, "no flush put off");
     }

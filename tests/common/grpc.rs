@@ -117,6 +117,18 @@ impl Grpc {
     }
 
     pub async fn read(&self, resource: &str, offset: i64, limit: i64) -> Result<Vec<u8>, Status> {
+        self.read_messages_of_at_most(resource, offset, limit, 4 << 20)
+            .await
+    }
+
+    /// [`Grpc::read`] by a client that refuses messages over `max_message` bytes.
+    pub async fn read_messages_of_at_most(
+        &self,
+        resource: &str,
+        offset: i64,
+        limit: i64,
+        max_message: usize,
+    ) -> Result<Vec<u8>, Status> {
         let request = ReadRequest {
             resource_name: resource.to_string(),
             read_offset: offset,
@@ -124,6 +136,7 @@ impl Grpc {
         };
         let mut stream = self
             .bytestream()
+            .max_decoding_message_size(max_message)
             .read(self.request(request))
             .await?
             .into_inner();
