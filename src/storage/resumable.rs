@@ -317,7 +317,13 @@ fn open_and_rehash(
     }
     let mut digests = Digests::new(want_sha256);
     let mut written = 0u64;
-    let mut buffer = vec![0u8; REHASH_CHUNK];
+    // Most uploads start empty: no buffer then (a zeroed 1 MiB one was a few percent of every
+    // ByteStream write's CPU, `docs/benchmarks.md`).
+    let held = file.metadata()?.len();
+    if held == 0 {
+        return Ok((file, digests, 0));
+    }
+    let mut buffer = vec![0u8; REHASH_CHUNK.min(usize::try_from(held).unwrap_or(REHASH_CHUNK))];
     loop {
         let n = file.read(&mut buffer)?;
         if n == 0 {
