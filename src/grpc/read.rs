@@ -154,16 +154,17 @@ impl ReadBody {
 /// The gRPC message prefix and the field header of a `ReadResponse` carrying `len` bytes of
 /// data. An empty chunk is an empty message, as prost encodes it.
 fn framing(len: usize) -> Bytes {
-    let mut field = BytesMut::with_capacity(16);
-    if len > 0 {
-        field.put_u8(DATA_TAG);
-        prost::encoding::encode_varint(len as u64, &mut field);
-    }
-    let message_len = field.len() + len;
-    let mut out = BytesMut::with_capacity(5 + field.len());
+    let field_header = match len {
+        0 => 0,
+        len => 1 + prost::encoding::encoded_len_varint(len as u64),
+    };
+    let mut out = BytesMut::with_capacity(5 + field_header);
     out.put_u8(0); // not compressed
-    out.put_u32(message_len as u32);
-    out.extend_from_slice(&field);
+    out.put_u32((field_header + len) as u32);
+    if len > 0 {
+        out.put_u8(DATA_TAG);
+        prost::encoding::encode_varint(len as u64, &mut out);
+    }
     out.freeze()
 }
 

@@ -14,8 +14,8 @@
 //! is the end of what h2 had, and sends the buffer. Every poll of an open h2 connection ends in
 //! `poll_complete`, and so in a flush, so a flush put off is followed by a real one within one
 //! more poll of the task; a closing connection goes through `poll_shutdown`, which sends first.
-//! Smaller writes (a unary call's answer, a WINDOW_UPDATE) are flushed at once, so they never
-//! wait for a second trip through the run queue.
+//! Smaller writes with no burst under way (a unary call's answer, a WINDOW_UPDATE) go straight
+//! to the socket, uncopied, and never wait for a second trip through the run queue.
 //!
 //! Gathered bytes are lost only with the connection itself: when hyper drops it without a
 //! shutdown (an I/O error, a peer that vanished, the listener cutting it after the drain
@@ -109,14 +109,19 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len: usize = bufs.iter().map(|buf| buf.len()).sum();
+        if self.pending.is_empty() && len < DEFER_FROM {
+            // No burst under way: a small answer (h2 writes a unary call's frames in one go)
+            // goes to the socket as before, without a copy or a buffer.
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
         if self.pending.len() + len > GATHER_MAX {
             ready!(self.poll_send_pending(cx))?;
             if len >= GATHER_MAX {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             }
         }
-        if self.pending.capacity() == 0 && len >= DEFER_FROM {
-            // A burst: room for all of it at once. Small answers grow a small buffer.
+        if self.pending.capacity() == 0 {
+            // A burst begins: room for all of it at once.
             self.pending.reserve_exact(GATHER_MAX);
         }
         for buf in bufs {
@@ -383,12 +388,14 @@ mod tests {
     #[test]
     fn a_full_socket_keeps_the_bytes_until_it_has_room() {
         let mut h = Harness::gathering();
-        assert!(matches!(h.write(b"0123456789"), Poll::Ready(Ok(10))));
+        let frame = frame(4);
+        assert!(matches!(h.write(&frame), Poll::Ready(Ok(_))));
         h.io.inner.room = Some(0);
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))), "put off");
         assert!(h.flush().is_pending(), "the socket is full");
-        h.io.inner.room = Some(4);
+        h.io.inner.room = Some(4000);
         assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
-        assert_eq!(h.sent(), b"0123456789");
+        assert_eq!(h.sent(), frame);
     }
 
     #[test]
