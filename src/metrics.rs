@@ -22,6 +22,7 @@ pub const STORAGE_CORRUPT_TOTAL: &str = "kura_storage_corrupt_bodies_total";
 pub const STORAGE_ORPHANS_REMOVED_TOTAL: &str = "kura_storage_orphans_removed_total";
 pub const STORAGE_READ_CACHE_BYTES: &str = "kura_storage_read_cache_bytes";
 pub const STORAGE_READ_CACHE_LOOKUPS_TOTAL: &str = "kura_storage_read_cache_lookups_total";
+pub const STORAGE_PRESENCE_MAP_ENTRIES: &str = "kura_storage_presence_map_entries";
 pub const STORAGE_BODY_CHECKS_TOTAL: &str = "kura_storage_body_checks_total";
 pub const STORAGE_BACKGROUND_ERRORS_TOTAL: &str = "kura_storage_background_errors_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
@@ -213,6 +214,10 @@ fn describe() {
         Unit::Bytes,
         "Memory held by the set of recently read small artifacts (storage.read_cache)."
     );
+    describe_gauge!(
+        STORAGE_PRESENCE_MAP_ENTRIES,
+        "Content-addressed artifacts whose existence is held in memory (storage.presence_in_memory; about 100 bytes each); 0 while it loads at start or when off."
+    );
     describe_counter!(
         STORAGE_READ_CACHE_LOOKUPS_TOTAL,
         "Reads of an artifact's record by result: hit (answered from memory) or miss (read from RocksDB: not held, a file body, or absent)."
@@ -289,6 +294,7 @@ pub fn sample(
         .absolute(stats.read_cache.hits);
     metrics::counter!(STORAGE_READ_CACHE_LOOKUPS_TOTAL, "result" => "miss")
         .absolute(stats.read_cache.misses);
+    metrics::gauge!(STORAGE_PRESENCE_MAP_ENTRIES).set(stats.presence_map_entries as f64);
     metrics::counter!(STORAGE_BODY_CHECKS_TOTAL, "against" => "blake3")
         .absolute(stats.body_checks.blake3);
     metrics::counter!(STORAGE_BODY_CHECKS_TOTAL, "against" => "checksum")

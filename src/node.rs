@@ -262,6 +262,7 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
         wal_limit: crate::storage::DEFAULT_WAL_LIMIT,
         node_id: config.node.id.clone(),
         replication_log: config.replication.enabled(),
+        presence_in_memory: config.storage.presence_in_memory,
     })
     .with_context(|| format!("cannot open storage.data_dir {}", data_dir.display()))
 }

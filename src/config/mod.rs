@@ -109,6 +109,9 @@ pub struct StorageConfig {
     /// Memory for recently read small artifacts (inline bodies with their records), served
     /// without a RocksDB read; 0 turns it off.
     pub read_cache: ByteSize,
+    /// Hold the existence of content-addressed artifacts in memory (about 100 bytes each), so
+    /// that `FindMissingBlobs` needs no metadata lookup.
+    pub presence_in_memory: bool,
 }
 
 impl Default for StorageConfig {
@@ -124,6 +127,7 @@ impl Default for StorageConfig {
             access_time_resolution: HumanDuration(crate::storage::DEFAULT_ACCESS_TIME_RESOLUTION),
             block_cache: ByteSize(crate::storage::DEFAULT_BLOCK_CACHE as u64),
             read_cache: ByteSize(crate::storage::DEFAULT_READ_CACHE as u64),
+            presence_in_memory: true,
         }
     }
 }

@@ -241,7 +241,7 @@ impl Store {
                 }
             }
             if !batch.is_empty() {
-                self.write_accounted(batch, delta, forgotten)?;
+                self.write_accounted(batch, delta, forgotten.into_iter().map(|key| (key, None)))?;
             }
             drop(keys);
             removed += bodies.len() as u64;

@@ -221,7 +221,7 @@ impl Store {
                     break;
                 }
             }
-            self.write_accounted(batch, delta, removed)?;
+            self.write_accounted(batch, delta, removed.into_iter().map(|key| (key, None)))?;
             drop(keys);
             metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
                 .increment(bodies.len() as u64);

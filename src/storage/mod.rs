@@ -40,6 +40,7 @@ mod locks;
 pub mod meta;
 mod outbox;
 mod presence;
+mod presence_map;
 mod resumable;
 mod seq;
 mod sweep;
@@ -125,6 +126,9 @@ pub struct StoreOptions {
     pub node_id: Option<String>,
     /// Log local publishes for the mesh (see `outbox.rs`); on when the node has peers.
     pub replication_log: bool,
+    /// Hold the `presence` entries of content-addressed artifacts in memory, so that existence
+    /// checks need no RocksDB lookup (see `presence_map.rs`).
+    pub presence_in_memory: bool,
 }
 
 impl StoreOptions {
@@ -143,6 +147,7 @@ impl StoreOptions {
             wal_limit: DEFAULT_WAL_LIMIT,
             node_id: None,
             replication_log: false,
+            presence_in_memory: true,
         }
     }
 
@@ -453,6 +458,8 @@ pub struct StoreStats {
     pub read_cache: ReadCacheStats,
     /// What file body reads were checked against (`checksums.rs`).
     pub body_checks: BodyCheckStats,
+    /// Artifacts the presence map holds (`presence_map.rs`); 0 while it loads or when off.
+    pub presence_map_entries: u64,
 }
 
 /// How many reads of file bodies were checked against what, since the store opened.
@@ -521,6 +528,8 @@ struct Inner {
     touches: evict::PendingTouches,
     /// Whether `presence` has an entry for every record (see `presence.rs`).
     presence_indexed: AtomicBool,
+    /// The entries of `presence` for content-addressed keys, in memory (see `presence_map.rs`).
+    presence_map: presence_map::PresenceMap,
     uploads: uploads::OpenUploads,
     tombstones: clean::Tombstones,
     sequencer: seq::Sequencer,
@@ -609,6 +618,11 @@ impl Store {
                 evicting: tokio::sync::Mutex::new(()),
                 touches: evict::PendingTouches::default(),
                 presence_indexed: AtomicBool::new(presence_indexed),
+                // Only a complete family can be loaded; a data dir still being backfilled gets
+                // the map at its next start.
+                presence_map: presence_map::PresenceMap::new(
+                    options.presence_in_memory && presence_indexed,
+                ),
                 uploads: uploads::OpenUploads::default(),
                 tombstones,
                 sequencer,
@@ -619,6 +633,7 @@ impl Store {
         };
         let staged = store.recover_uploads()?;
         store.accounting().staged = staged;
+        store.load_presence_map();
         Ok(store)
     }
 
@@ -633,6 +648,7 @@ impl Store {
     }
 
     pub fn stats(&self) -> StoreStats {
+        let presence_map_entries = self.inner.presence_map.served_len();
         let accounting = self.accounting();
         StoreStats {
             used_bytes: accounting.usage.bytes + accounting.staged,
@@ -642,6 +658,7 @@ impl Store {
             background_errors: self.background_errors(),
             read_cache: self.inner.hot.stats(),
             body_checks: self.inner.checksums.stats(),
+            presence_map_entries,
         }
     }
 
@@ -940,7 +957,8 @@ impl Store {
             };
             self.batch_log(&mut batch, ticket.seq, &logged);
         }
-        self.write_accounted(batch, delta, [encoded])?;
+        let presence = meta::Presence::of(record);
+        self.write_accounted(batch, delta, [(encoded, Some(presence))])?;
         Ok(Published {
             previous,
             held,
@@ -1048,7 +1066,7 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         self.batch_delete_keyed(&mut batch, encoded);
-        if let Err(error) = self.write_accounted(batch, delta, [encoded]) {
+        if let Err(error) = self.write_accounted(batch, delta, [(encoded, None)]) {
             tracing::error!(%error, "could not forget a damaged record");
         }
     }
@@ -1218,7 +1236,7 @@ impl Store {
         let mut delta = UsageDelta::default();
         self.batch_remove(&mut batch, encoded, &record, &mut delta)?;
         let doomed = self.doom(record.body);
-        self.write_accounted(batch, delta, [encoded])?;
+        self.write_accounted(batch, delta, [(encoded, None)])?;
         drop(key);
         self.remove_doomed(doomed);
         Ok(true)
@@ -1270,22 +1288,28 @@ impl Store {
         }
     }
 
-    /// Writes a batch that changes usage by `delta` and the records of `records` (written or
-    /// deleted): the change travels in the batch as a merge operand, and the in-memory mirror
-    /// takes it once the batch is written; the set of hot records forgets those keys then.
+    /// Writes a batch that changes usage by `delta` and the records of `records` (each key with
+    /// its new `presence` entry, or `None` when deleted): the change travels in the batch as a
+    /// merge operand, and the in-memory mirror takes it once the batch is written; the set of
+    /// hot records forgets those keys then, and the presence map follows them. The caller holds
+    /// the keys' locks, so both change in the order RocksDB did.
     fn write_accounted<'k>(
         &self,
         mut batch: WriteBatch,
         delta: UsageDelta,
-        records: impl IntoIterator<Item = &'k [u8]>,
+        records: impl IntoIterator<Item = (&'k [u8], Option<meta::Presence>)>,
     ) -> Result<(), StoreError> {
         if !delta.is_zero() {
             batch.merge_cf(self.cf(meta::CF_STATE), meta::USAGE_KEY, delta.encode());
         }
         let written = self.write(batch);
         // Forgotten even when the write failed: whether RocksDB applied part of it is unknown.
-        for encoded in records {
+        // For the same reason a failed write leaves its keys absent from the presence map: a
+        // blob wrongly called missing is uploaded again, one wrongly called present is not.
+        for (encoded, presence) in records {
             self.inner.hot.forget(encoded);
+            let presence = presence.filter(|_| written.is_ok());
+            self.inner.presence_map.apply(encoded, presence);
         }
         written?;
         self.accounting().usage.apply(delta);

@@ -20,13 +20,39 @@ use std::sync::atomic::Ordering;
 use rocksdb::{DB, WriteBatch};
 
 use super::meta::{self, Presence};
-use super::{ArtifactKey, Kind, Store, StoreError, cf};
+use super::presence_map::Held;
+use super::{ArtifactKey, Inner, Kind, Store, StoreError, cf};
 
 /// Records re-read per backfill batch: small, so that the key locks it holds delay few writes.
 const BACKFILL_BATCH: usize = 128;
 
 /// How many deleted entries the emptiness check at open steps over before it stops looking.
 const SKIPPABLE_TOMBSTONES: u64 = 10_000;
+
+/// A family estimated to hold at most this many entries is loaded into the presence map before
+/// `Store::open` returns (about 15 ms); a larger one in the background (about 0.8 s per million
+/// entries on the machines of `docs/benchmarks.md`).
+const LOAD_AT_OPEN_MAX: u64 = 20_000;
+
+/// Entries a background load reads per step. Between steps it holds no reference to the store,
+/// so a store that is closed meanwhile closes (and stops the load) within one step. Tests take
+/// small steps, so that writes racing a load meet it at many points.
+const LOAD_STEP: usize = if cfg!(test) { 64 } else { 8192 };
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to load even a small family in the background, as a large one is.
+    pub(super) static LOAD_IN_BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the family is small enough to load before `Store::open` returns.
+fn load_at_open(estimated_entries: u64) -> bool {
+    #[cfg(test)]
+    if LOAD_IN_BACKGROUND.get() {
+        return false;
+    }
+    estimated_entries <= LOAD_AT_OPEN_MAX
+}
 
 /// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
 /// it, a thread hop costs more than it saves.
@@ -52,7 +78,7 @@ pub(super) fn presence_key(encoded: &[u8], out: &mut Vec<u8>) {
 /// The 32 bytes spelled by 64 lowercase hex digits; `None` for anything else (uppercase too, so
 /// that two spellings of one hash never share an entry). Branch-free per digit: it runs for
 /// every key of every existence check.
-fn pack_hash(key: &[u8]) -> Option<[u8; 32]> {
+pub(super) fn pack_hash(key: &[u8]) -> Option<[u8; 32]> {
     let digits: &[u8; 64] = key.try_into().ok()?;
     let mut packed = [0u8; 32];
     let mut invalid = 0u8;
@@ -80,7 +106,7 @@ const NIBBLES: [u8; 256] = {
 };
 
 /// Where the key part of an encoded `project \0 kind \0 key` starts.
-fn key_start(encoded: &[u8]) -> Option<usize> {
+pub(super) fn key_start(encoded: &[u8]) -> Option<usize> {
     let first = encoded.iter().position(|b| *b == 0)?;
     let second = encoded[first + 1..].iter().position(|b| *b == 0)?;
     Some(first + 1 + second + 1)
@@ -245,39 +271,37 @@ impl Store {
         Ok(sizes)
     }
 
-    /// [`Store::stored_sizes`] of the keys in `range`. Blocking: one RocksDB `MultiGet`.
+    /// [`Store::stored_sizes`] of the keys in `range`. Blocking: the presence map answers what
+    /// it holds, one RocksDB `MultiGet` the rest.
     fn sizes_blocking(
         &self,
         keys: &KeyBatch,
         range: Range<usize>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
-        let indexed = self.inner.presence_indexed.load(Ordering::Acquire);
-        let values = if indexed {
-            let mut packed = KeyBuffer::with_capacity(range.len());
-            for encoded in keys.encoded.range(range.clone()) {
-                packed.push(|out| presence_key(encoded, out));
+        let map = &self.inner.presence_map;
+        let mut entries: Vec<Option<Presence>> = Vec::with_capacity(range.len());
+        // Positions within `range` that the map cannot answer.
+        let mut unknown = Vec::new();
+        for (at, encoded) in keys.encoded.range(range.clone()).enumerate() {
+            entries.push(match map.get(encoded) {
+                Held::Present(presence) => Some(presence),
+                Held::Absent => None,
+                Held::Unknown => {
+                    unknown.push(range.start + at);
+                    None
+                }
+            });
+        }
+        if !unknown.is_empty() {
+            let looked_up = self.presence_from_rocksdb(keys, &unknown)?;
+            for (at, presence) in unknown.into_iter().zip(looked_up) {
+                entries[at - range.start] = presence;
             }
-            self.inner.db.batched_multi_get_cf(
-                self.cf(meta::CF_PRESENCE),
-                packed.range(0..packed.len()),
-                false,
-            )
-        } else {
-            self.inner.db.batched_multi_get_cf(
-                self.cf(meta::CF_ARTIFACTS),
-                keys.encoded.range(range.clone()),
-                false,
-            )
-        };
+        }
         let mut sizes = Vec::with_capacity(range.len());
         let mut found = Vec::with_capacity(range.len());
-        for (encoded, value) in keys.encoded.range(range).zip(values) {
-            let size = value?.and_then(|value| {
-                let presence = if indexed {
-                    Presence::decode(&value)?
-                } else {
-                    Presence::of_view(&meta::decode(&value)?)
-                };
+        for (encoded, presence) in keys.encoded.range(range).zip(entries) {
+            let size = presence.and_then(|presence| {
                 if self.hidden_by_clean(encoded, presence.version_ms) {
                     return None;
                 }
@@ -290,6 +314,121 @@ impl Store {
             .touches
             .note_all(found, self.access_resolution_ms());
         Ok(sizes)
+    }
+
+    /// The `presence` entries of the keys at `positions` of `keys`, from RocksDB: one
+    /// `MultiGet` of the family, or of the records while the family is being backfilled.
+    fn presence_from_rocksdb(
+        &self,
+        keys: &KeyBatch,
+        positions: &[usize],
+    ) -> Result<Vec<Option<Presence>>, StoreError> {
+        let indexed = self.inner.presence_indexed.load(Ordering::Acquire);
+        let asked = || positions.iter().map(|at| keys.encoded.get(*at));
+        let values = if indexed {
+            let mut packed = KeyBuffer::with_capacity(positions.len());
+            for encoded in asked() {
+                packed.push(|out| presence_key(encoded, out));
+            }
+            self.inner.db.batched_multi_get_cf(
+                self.cf(meta::CF_PRESENCE),
+                packed.range(0..packed.len()),
+                false,
+            )
+        } else {
+            self.inner
+                .db
+                .batched_multi_get_cf(self.cf(meta::CF_ARTIFACTS), asked(), false)
+        };
+        values
+            .into_iter()
+            .map(|value| {
+                Ok(value?.and_then(|value| {
+                    if indexed {
+                        Presence::decode(&value)
+                    } else {
+                        Some(Presence::of_view(&meta::decode(&value)?))
+                    }
+                }))
+            })
+            .collect()
+    }
+
+    /// Whether existence checks are answered from memory (the presence map is on and loaded).
+    pub fn presence_in_memory(&self) -> bool {
+        self.inner.presence_map.serving()
+    }
+
+    /// Fills the presence map from the family: before returning if the family is small, else on
+    /// a thread of its own (see `presence_map.rs`). A load that fails turns the map off, and
+    /// existence checks keep reading RocksDB.
+    pub(super) fn load_presence_map(&self) {
+        if !self.inner.presence_map.following() {
+            return;
+        }
+        let estimate = self
+            .inner
+            .db
+            .property_int_value_cf(self.cf(meta::CF_PRESENCE), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(u64::MAX);
+        if load_at_open(estimate) {
+            let started = std::time::Instant::now();
+            let loaded = self.load_presence_step(&[], usize::MAX);
+            self.presence_load_ended(loaded.map(|_| ()), started);
+            return;
+        }
+        let store = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("kura-presence-load".into())
+            .spawn(move || load_in_steps(store));
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "could not start loading the presence map; existence checks read RocksDB");
+            self.inner.presence_map.turn_off();
+        }
+    }
+
+    /// Reads up to `limit` entries of the family, from `from` on, into the presence map.
+    /// Returns the key to go on from, or `None` at the end of the family.
+    fn load_presence_step(&self, from: &[u8], limit: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut options = rocksdb::ReadOptions::default();
+        // A one-off scan: it must not push the working set out of the block cache.
+        options.fill_cache(false);
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        let entries = self
+            .inner
+            .db
+            .iterator_cf_opt(self.cf(meta::CF_PRESENCE), options, mode);
+        for (read, entry) in entries.enumerate() {
+            let (key, value) = entry?;
+            if read == limit {
+                return Ok(Some(key.into_vec()));
+            }
+            // An entry that does not decode has no record behind it for existence checks either.
+            if let Some(presence) = Presence::decode(&value) {
+                self.inner.presence_map.load(&key, presence);
+            }
+        }
+        Ok(None)
+    }
+
+    fn presence_load_ended(&self, result: Result<(), StoreError>, started: std::time::Instant) {
+        let map = &self.inner.presence_map;
+        match result {
+            Ok(()) => {
+                map.loaded();
+                tracing::info!(
+                    entries = map.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "presence map loaded"
+                );
+            }
+            Err(error) => {
+                map.turn_off();
+                tracing::error!(%error, "could not load the presence map; existence checks read RocksDB");
+            }
+        }
     }
 
     /// Whether a clean of the project of the artifact encoded as `encoded` hides a version.
@@ -323,6 +462,23 @@ impl Store {
         self.write_synced(batch, true)?;
         self.inner.presence_indexed.store(true, Ordering::Release);
         Ok(written)
+    }
+}
+
+/// The background load: a step at a time, each with the store borrowed for its duration only.
+fn load_in_steps(store: std::sync::Weak<Inner>) {
+    let started = std::time::Instant::now();
+    let mut from = Vec::new();
+    loop {
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        let store = Store { inner };
+        match store.load_presence_step(&from, LOAD_STEP) {
+            Ok(Some(next)) => from = next,
+            Ok(None) => return store.presence_load_ended(Ok(()), started),
+            Err(error) => return store.presence_load_ended(Err(error), started),
+        }
     }
 }
 

@@ -76,6 +76,7 @@ fn recount(store: &Store) -> Recount {
             "an atime without a record"
         );
     }
+    check_presence_map(store);
     // Every record has its entry (above), so as many entries as records means none is stray.
     let entries = store
         .inner
@@ -91,6 +92,38 @@ fn recount(store: &Store) -> Recount {
         access_entries,
         file_bodies,
     }
+}
+
+/// Once the presence map answers, it holds exactly the `presence` entry of every record of a
+/// content-addressed shape, and nothing else.
+fn check_presence_map(store: &Store) {
+    let map = &store.inner.presence_map;
+    if !map.serving() {
+        return;
+    }
+    let mut shaped = 0;
+    for item in store
+        .inner
+        .db
+        .iterator_cf(store.cf(meta::CF_ARTIFACTS), rocksdb::IteratorMode::Start)
+    {
+        let (key, value) = item.unwrap();
+        if !presence_map::PresenceMap::holds_shape(&key) {
+            continue;
+        }
+        let record: ArtifactRecord = meta::decode(&value).unwrap();
+        assert_eq!(
+            map.get(&key),
+            presence_map::Held::Present(meta::Presence::of(&record)),
+            "the presence map misses or misstates a record"
+        );
+        shaped += 1;
+    }
+    assert_eq!(
+        map.len(),
+        shaped,
+        "the presence map holds removed artifacts"
+    );
 }
 
 pub(super) fn body_ids_on_disk(dir: &Path) -> HashSet<u128> {
@@ -125,11 +158,13 @@ fn accounting_stays_exact_under_concurrent_writers_evictions_and_cleans() {
             tasks.push(tokio::spawn(async move {
                 for i in 0..60u64 {
                     let project = if (writer + i) % 3 == 0 { "a" } else { "b" };
-                    let key = ArtifactKey::new(
-                        project,
-                        Kind::Gradle,
-                        format!("k{}", (writer * 7 + i) % 40),
-                    );
+                    let n = (writer * 7 + i) % 40;
+                    // Half of the keys content-addressed, which the presence map holds.
+                    let key = if n % 2 == 0 {
+                        ArtifactKey::new(project, Kind::Gradle, format!("k{n}"))
+                    } else {
+                        ArtifactKey::new(project, Kind::CasSha256, digest_of(n))
+                    };
                     let size = ((writer * 131 + i * 977) % 6000) as usize;
                     let body = vec![(writer + i) as u8; size];
                     match i % 4 {
@@ -714,6 +749,11 @@ fn evicting_one_at_a_time(dir: &Path, capacity: u64) -> Store {
     .unwrap()
 }
 
+/// A SHA-256-shaped key (64 lowercase hex digits) named by `n`.
+fn digest_of(n: u64) -> String {
+    hex::encode(blake3::hash(&n.to_le_bytes()).as_bytes())
+}
+
 fn gradle(name: &str) -> ArtifactKey {
     ArtifactKey::new("p", Kind::Gradle, name.to_string())
 }
@@ -1115,6 +1155,66 @@ async fn a_backfill_racing_writes_evictions_and_cleans_leaves_the_family_exact()
         "eviction ran meanwhile ({} artifacts)",
         counted.usage.artifacts
     );
+}
+
+/// A presence map loaded in the background while writes, overwrites, evictions and cleans go
+/// on ends up exactly what RocksDB holds (checked by `recount`), and answers from the end of
+/// the load on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_map_loaded_while_writes_evictions_and_cleans_run_is_exact() {
+    const RECORDS: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    // Room for the first artifacts and little more: the overwrites below evict.
+    let capacity = RECORDS * 300;
+    let blob = |n: u64| ArtifactKey::new("p", Kind::CasSha256, digest_of(n));
+    let store = store_with(dir.path(), capacity);
+    for n in 0..RECORDS {
+        put(&store, &blob(n), &[n as u8; 40]).await;
+    }
+    drop(store);
+
+    presence::LOAD_IN_BACKGROUND.set(true);
+    let store = store_with(dir.path(), capacity);
+    presence::LOAD_IN_BACKGROUND.set(false);
+    assert!(
+        !store.presence_in_memory(),
+        "not loaded before open returns"
+    );
+    let (mut rounds, mut during_load) = (0u64, 0u64);
+    while rounds < 300 || !store.presence_in_memory() {
+        let loading = !store.presence_in_memory();
+        put(&store, &blob((rounds * 7) % RECORDS), &[1; 900]).await;
+        let other = ArtifactKey::new("q", Kind::CasSha256, digest_of(RECORDS + rounds));
+        put(&store, &other, b"x").await;
+        if rounds % 50 == 0 {
+            store.delete_project("q").await.unwrap();
+            store.maintain().await.unwrap();
+        }
+        rounds += 1;
+        if loading {
+            during_load += 1;
+        }
+        assert!(rounds < 100_000, "the load never ended");
+    }
+    assert!(
+        during_load > 0,
+        "no write overlapped the load: the test checks nothing"
+    );
+    store.maintain().await.unwrap();
+    let counted = recount(&store);
+    assert_eq!(counted.usage, store.accounting().usage);
+    assert!(
+        counted.usage.artifacts < RECORDS,
+        "eviction ran meanwhile ({} artifacts)",
+        counted.usage.artifacts
+    );
+    assert_eq!(store.stats().presence_map_entries, counted.usage.artifacts);
+    // Answers come from the map now, and match what the family says.
+    let asked: Vec<_> = (0..RECORDS + rounds).map(blob).collect();
+    let in_memory = store.present(&asked).await.unwrap();
+    store.inner.presence_map.turn_off();
+    assert_eq!(store.present(&asked).await.unwrap(), in_memory);
+    assert!(in_memory.iter().any(|p| *p) && in_memory.iter().any(|p| !*p));
 }
 
 fn logging_store(dir: &Path) -> Store {

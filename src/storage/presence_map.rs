@@ -1,0 +1,365 @@
+//! The `presence` entries of content-addressed artifacts held in memory, so that an existence
+//! check of thousands of digests (`FindMissingBlobs`) costs a hash lookup per key instead of a
+//! RocksDB `MultiGet`.
+//!
+//! Why: with the `presence` family in SST files, each key of a `MultiGet` is a bloom probe per
+//! file, an index search, a block-cache lookup (or a copy from the page cache) and a data-block
+//! search: about 2 µs of memory-bound work per key on the machines of `docs/benchmarks.md`, so
+//! 10,000 keys took 17–24 ms on two cores however the family was tuned. A hash map answers the
+//! same question in well under a tenth of that. The price is memory: about 100 bytes per
+//! content-addressed artifact (a key of 64 hex digits packed into 32 bytes, its project and kind
+//! as a small number, and the 24 bytes of its `presence` entry), so `storage.presence_in_memory`
+//! can turn it off on a node with far more artifacts than memory to spare.
+//!
+//! Only keys of 64 lowercase hex digits (every content-addressed kind) are held; any other key is
+//! answered [`Held::Unknown`] and looked up in RocksDB as before.
+//!
+//! Coherence, while serving ([`State::Serving`]): every batch that writes or deletes records
+//! passes them to [`PresenceMap::apply`] after it is written, still under the keys' locks
+//! (`Store::write_accounted`), so the map changes in the same order as RocksDB does for each key.
+//! A batch whose write failed removes its keys: a blob wrongly called missing is uploaded again,
+//! one wrongly called present would fail a build.
+//!
+//! Loading, at open ([`State::Loading`]): the map follows every write from before the first one
+//! can happen (it is built before the store is returned), while the family is read into it. An
+//! entry read by the loader goes in only if no write touched its key since the map was created:
+//! a write's entry is newer than anything the loader can have read, and a removal is remembered
+//! for the load's duration so that the loader cannot bring the key back. Until the load ends,
+//! existence checks read RocksDB. A small family is loaded before `Store::open` returns; a large
+//! one in the background, so that start-up time does not grow with the number of artifacts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use super::meta::Presence;
+use super::presence::{key_start, pack_hash};
+
+/// Independent locks, so that two threads checking keys (and writers) rarely meet.
+const SHARDS: usize = 64;
+
+/// What the map holds of one artifact's key: its `project \0 kind \0` prefix as a number (see
+/// [`PresenceMap::prefix_id`]) and its 32-byte hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct HeldKey {
+    prefix: u32,
+    hash: [u8; 32],
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<HeldKey, Presence>,
+    /// While loading: keys removed since the map was created, which the loader must not add.
+    removed: HashSet<HeldKey>,
+}
+
+/// What the map knows of one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Held {
+    /// Stored, with its `presence` entry.
+    Present(Presence),
+    Absent,
+    /// Not the map's to answer (not loaded yet, turned off, or not a content-addressed key):
+    /// ask RocksDB.
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    Off = 0,
+    Loading = 1,
+    Serving = 2,
+}
+
+pub(super) struct PresenceMap {
+    shards: Box<[Mutex<Shard>]>,
+    /// Each `project \0 kind \0` prefix seen, numbered in order of appearance. A node holds a
+    /// few kinds for each of its projects, so this stays small; numbers are never reused.
+    prefixes: RwLock<HashMap<Box<[u8]>, u32>>,
+    state: AtomicU8,
+}
+
+impl PresenceMap {
+    /// A map that follows writes from now on and answers once [`PresenceMap::loaded`] is
+    /// called; or, when `enabled` is false, one that holds nothing and answers nothing.
+    pub(super) fn new(enabled: bool) -> PresenceMap {
+        let state = if enabled { State::Loading } else { State::Off };
+        PresenceMap {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            prefixes: RwLock::default(),
+            state: AtomicU8::new(state as u8),
+        }
+    }
+
+    fn state(&self) -> State {
+        match self.state.load(Ordering::Acquire) {
+            2 => State::Serving,
+            1 => State::Loading,
+            _ => State::Off,
+        }
+    }
+
+    /// Whether existence checks are answered from memory.
+    pub(super) fn serving(&self) -> bool {
+        self.state() == State::Serving
+    }
+
+    /// Whether the map holds (or is loading) entries, so writes must reach it.
+    pub(super) fn following(&self) -> bool {
+        self.state() != State::Off
+    }
+
+    /// What the map knows of the artifact encoded as `encoded` (`project \0 kind \0 key`).
+    pub(super) fn get(&self, encoded: &[u8]) -> Held {
+        if !self.serving() {
+            return Held::Unknown;
+        }
+        let Some((prefix, hash)) = split_encoded(encoded) else {
+            return Held::Unknown;
+        };
+        // A prefix never seen has no entry: every entry's prefix was numbered before it went in.
+        let Some(prefix) = self.known_prefix(prefix) else {
+            return Held::Absent;
+        };
+        let key = HeldKey { prefix, hash };
+        match self.shard(&key).entries.get(&key) {
+            Some(presence) => Held::Present(*presence),
+            None => Held::Absent,
+        }
+    }
+
+    /// Follows a write of the record encoded as `encoded`: `Some` its new `presence` entry,
+    /// `None` for a removal (or a write that failed). The caller holds the key's lock.
+    pub(super) fn apply(&self, encoded: &[u8], presence: Option<Presence>) {
+        if !self.following() {
+            return;
+        }
+        let Some(key) = split_encoded(encoded).map(|split| self.held_key(split)) else {
+            return;
+        };
+        let mut shard = self.shard(&key);
+        // Read under the shard's lock: `loaded` and `turn_off` change the state holding every
+        // shard's lock, so this write lands wholly before or wholly after them.
+        let loading = match self.state() {
+            State::Off => return,
+            State::Loading => true,
+            State::Serving => false,
+        };
+        match presence {
+            Some(presence) => {
+                shard.entries.insert(key, presence);
+                if loading {
+                    shard.removed.remove(&key);
+                }
+            }
+            None => {
+                shard.entries.remove(&key);
+                if loading {
+                    shard.removed.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Adds an entry the loader read from the family (its key as the family spells it), unless
+    /// a write since the map was created decided that key. Other keys (not packed) are skipped.
+    pub(super) fn load(&self, presence_key: &[u8], presence: Presence) {
+        let Some(key) = split_packed(presence_key).map(|split| self.held_key(split)) else {
+            return;
+        };
+        let mut shard = self.shard(&key);
+        if self.state() == State::Loading && !shard.removed.contains(&key) {
+            shard.entries.entry(key).or_insert(presence);
+        }
+    }
+
+    /// Ends the load: the map answers from now on.
+    pub(super) fn loaded(&self) {
+        // Under each shard's lock, so that no write is between its two halves meanwhile.
+        let shards: Vec<_> = self.shards.iter().map(lock).collect();
+        let previous = self.state.compare_exchange(
+            State::Loading as u8,
+            State::Serving as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        for mut shard in shards {
+            shard.removed = HashSet::new();
+            if previous.is_err() {
+                shard.entries = HashMap::new();
+            }
+        }
+    }
+
+    /// Stops following writes and frees the entries (a load that failed, or a family found
+    /// incomplete): existence checks read RocksDB from now on.
+    pub(super) fn turn_off(&self) {
+        let shards: Vec<_> = self.shards.iter().map(lock).collect();
+        self.state.store(State::Off as u8, Ordering::Release);
+        for mut shard in shards {
+            *shard = Shard::default();
+        }
+    }
+
+    /// Whether the map would hold the artifact encoded as `encoded` (its key is 64 lowercase hex
+    /// digits).
+    #[cfg(test)]
+    pub(super) fn holds_shape(encoded: &[u8]) -> bool {
+        split_encoded(encoded).is_some()
+    }
+
+    /// How many artifacts the map holds.
+    pub(super) fn len(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).entries.len() as u64)
+            .sum()
+    }
+
+    /// [`PresenceMap::len`] once it answers; 0 before.
+    pub(super) fn served_len(&self) -> u64 {
+        if self.serving() { self.len() } else { 0 }
+    }
+
+    fn shard(&self, key: &HeldKey) -> MutexGuard<'_, Shard> {
+        // The hash is a digest, spread evenly; the map inside hashes it again with a random key,
+        // so crafted digests that share a shard still cannot make its lookups slow.
+        lock(&self.shards[key.hash[0] as usize % SHARDS])
+    }
+
+    /// The key held for a prefix and hash, numbering the prefix if it is new.
+    fn held_key(&self, (prefix, hash): (&[u8], [u8; 32])) -> HeldKey {
+        HeldKey {
+            prefix: self.prefix_id(prefix),
+            hash,
+        }
+    }
+
+    fn known_prefix(&self, prefix: &[u8]) -> Option<u32> {
+        let prefixes = self.prefixes.read().unwrap_or_else(|p| p.into_inner());
+        prefixes.get(prefix).copied()
+    }
+
+    fn prefix_id(&self, prefix: &[u8]) -> u32 {
+        if let Some(id) = self.known_prefix(prefix) {
+            return id;
+        }
+        let mut prefixes = self.prefixes.write().unwrap_or_else(|p| p.into_inner());
+        let next = prefixes.len() as u32;
+        *prefixes.entry(prefix.into()).or_insert(next)
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `project \0 kind \0` prefix and packed hash of an encoded key whose key part is 64
+/// lowercase hex digits.
+fn split_encoded(encoded: &[u8]) -> Option<(&[u8], [u8; 32])> {
+    let (prefix, key) = encoded.split_at(key_start(encoded)?);
+    Some((prefix, pack_hash(key)?))
+}
+
+/// The same of a `presence` key that holds a packed hash (`project \0 kind \0 \0 hash`).
+fn split_packed(presence_key: &[u8]) -> Option<(&[u8], [u8; 32])> {
+    let (prefix, rest) = presence_key.split_at(key_start(presence_key)?);
+    let (&0, hash) = rest.split_first()? else {
+        return None;
+    };
+    Some((prefix, hash.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{ArtifactKey, Kind};
+
+    fn encoded(n: u8) -> Vec<u8> {
+        ArtifactKey::new("p", Kind::CasSha256, format!("{n:02x}").repeat(32)).encode()
+    }
+
+    fn packed(n: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        super::super::presence::presence_key(&encoded(n), &mut out);
+        out
+    }
+
+    fn entry(size: u64) -> Presence {
+        Presence {
+            size,
+            version_ms: 1,
+            accessed_ms: 1,
+        }
+    }
+
+    #[test]
+    fn answers_nothing_until_loaded_and_then_what_it_holds() {
+        let map = PresenceMap::new(true);
+        map.load(&packed(1), entry(10));
+        assert_eq!(map.get(&encoded(1)), Held::Unknown, "still loading");
+        map.loaded();
+        assert_eq!(map.get(&encoded(1)), Held::Present(entry(10)));
+        assert_eq!(map.get(&encoded(2)), Held::Absent);
+        let other_project = ArtifactKey::new("q", Kind::CasSha256, "01".repeat(32)).encode();
+        assert_eq!(map.get(&other_project), Held::Absent);
+        let text_key = ArtifactKey::new("p", Kind::Gradle, "not-a-digest").encode();
+        assert_eq!(map.get(&text_key), Held::Unknown, "RocksDB answers it");
+    }
+
+    #[test]
+    fn the_loader_never_overrides_a_write_made_while_it_ran() {
+        let map = PresenceMap::new(true);
+        // Written, then read by the loader from an older view: the write wins.
+        map.apply(&encoded(1), Some(entry(2)));
+        map.load(&packed(1), entry(1));
+        // Removed, then read by the loader from a view that still had it: stays removed.
+        map.apply(&encoded(2), Some(entry(2)));
+        map.apply(&encoded(2), None);
+        map.load(&packed(2), entry(2));
+        // Removed, then written again: the write counts, not the removal.
+        map.apply(&encoded(3), None);
+        map.apply(&encoded(3), Some(entry(3)));
+        map.load(&packed(3), entry(1));
+        // Untouched: the loader's entry.
+        map.load(&packed(4), entry(4));
+        map.loaded();
+        assert_eq!(map.get(&encoded(1)), Held::Present(entry(2)));
+        assert_eq!(map.get(&encoded(2)), Held::Absent);
+        assert_eq!(map.get(&encoded(3)), Held::Present(entry(3)));
+        assert_eq!(map.get(&encoded(4)), Held::Present(entry(4)));
+        assert_eq!(map.len(), 3);
+        // Once serving, a removed key can come back through the next write.
+        map.apply(&encoded(2), Some(entry(5)));
+        assert_eq!(map.get(&encoded(2)), Held::Present(entry(5)));
+    }
+
+    #[test]
+    fn turned_off_it_holds_and_answers_nothing() {
+        let map = PresenceMap::new(true);
+        map.apply(&encoded(1), Some(entry(1)));
+        map.turn_off();
+        map.apply(&encoded(2), Some(entry(1)));
+        map.loaded();
+        assert_eq!(map.get(&encoded(1)), Held::Unknown);
+        assert_eq!(map.len(), 0);
+        let off = PresenceMap::new(false);
+        off.apply(&encoded(1), Some(entry(1)));
+        assert_eq!(off.get(&encoded(1)), Held::Unknown);
+        assert_eq!(off.len(), 0);
+    }
+
+    #[test]
+    fn keys_of_other_shapes_are_never_held() {
+        let map = PresenceMap::new(true);
+        for key in ["ab".repeat(31), "AB".repeat(32), "ab".repeat(33)] {
+            let encoded = ArtifactKey::new("p", Kind::CasSha256, key).encode();
+            map.apply(&encoded, Some(entry(1)));
+            let mut family_key = Vec::new();
+            super::super::presence::presence_key(&encoded, &mut family_key);
+            map.load(&family_key, entry(1));
+        }
+        assert_eq!(map.len(), 0);
+    }
+}
