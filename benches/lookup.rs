@@ -63,7 +63,13 @@ fn data_set(runtime: &tokio::runtime::Runtime) -> Store {
         while !store.presence_in_memory() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        eprintln!("presence map loaded {:?} after open", started.elapsed());
+        let stats = store.stats();
+        eprintln!(
+            "presence map loaded {:?} after open: {} entries in {} MB",
+            started.elapsed(),
+            stats.presence_map_entries,
+            stats.presence_map_bytes >> 20
+        );
     }
     store
 }

@@ -23,6 +23,7 @@ pub const STORAGE_ORPHANS_REMOVED_TOTAL: &str = "kura_storage_orphans_removed_to
 pub const STORAGE_READ_CACHE_BYTES: &str = "kura_storage_read_cache_bytes";
 pub const STORAGE_READ_CACHE_LOOKUPS_TOTAL: &str = "kura_storage_read_cache_lookups_total";
 pub const STORAGE_PRESENCE_MAP_ENTRIES: &str = "kura_storage_presence_map_entries";
+pub const STORAGE_PRESENCE_MAP_BYTES: &str = "kura_storage_presence_map_bytes";
 pub const STORAGE_BODY_CHECKS_TOTAL: &str = "kura_storage_body_checks_total";
 pub const STORAGE_BACKGROUND_ERRORS_TOTAL: &str = "kura_storage_background_errors_total";
 pub const AUTH_DECISIONS_TOTAL: &str = "kura_auth_decisions_total";
@@ -216,7 +217,12 @@ fn describe() {
     );
     describe_gauge!(
         STORAGE_PRESENCE_MAP_ENTRIES,
-        "Content-addressed artifacts whose existence is held in memory (storage.presence_in_memory; about 100 bytes each); 0 while it loads at start or when off."
+        "Content-addressed artifacts whose existence is held in memory (storage.presence_in_memory); 0 while it loads at start or when off."
+    );
+    describe_gauge!(
+        STORAGE_PRESENCE_MAP_BYTES,
+        Unit::Bytes,
+        "Memory taken by the tables of the presence map (75-150 bytes per artifact held; tables keep their size when artifacts go)."
     );
     describe_counter!(
         STORAGE_READ_CACHE_LOOKUPS_TOTAL,
@@ -295,6 +301,7 @@ pub fn sample(
     metrics::counter!(STORAGE_READ_CACHE_LOOKUPS_TOTAL, "result" => "miss")
         .absolute(stats.read_cache.misses);
     metrics::gauge!(STORAGE_PRESENCE_MAP_ENTRIES).set(stats.presence_map_entries as f64);
+    metrics::gauge!(STORAGE_PRESENCE_MAP_BYTES).set(stats.presence_map_bytes as f64);
     metrics::counter!(STORAGE_BODY_CHECKS_TOTAL, "against" => "blake3")
         .absolute(stats.body_checks.blake3);
     metrics::counter!(STORAGE_BODY_CHECKS_TOTAL, "against" => "checksum")

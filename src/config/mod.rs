@@ -109,7 +109,7 @@ pub struct StorageConfig {
     /// Memory for recently read small artifacts (inline bodies with their records), served
     /// without a RocksDB read; 0 turns it off.
     pub read_cache: ByteSize,
-    /// Hold the existence of content-addressed artifacts in memory (about 100 bytes each), so
+    /// Hold the existence of content-addressed artifacts in memory (75–150 bytes each), so
     /// that `FindMissingBlobs` needs no metadata lookup.
     pub presence_in_memory: bool,
 }

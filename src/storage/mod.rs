@@ -460,6 +460,8 @@ pub struct StoreStats {
     pub body_checks: BodyCheckStats,
     /// Artifacts the presence map holds (`presence_map.rs`); 0 while it loads or when off.
     pub presence_map_entries: u64,
+    /// Memory its tables take (also while it loads).
+    pub presence_map_bytes: u64,
 }
 
 /// How many reads of file bodies were checked against what, since the store opened.
@@ -649,6 +651,7 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         let presence_map_entries = self.inner.presence_map.served_len();
+        let presence_map_bytes = self.inner.presence_map.bytes();
         let accounting = self.accounting();
         StoreStats {
             used_bytes: accounting.usage.bytes + accounting.staged,
@@ -659,6 +662,7 @@ impl Store {
             read_cache: self.inner.hot.stats(),
             body_checks: self.inner.checksums.stats(),
             presence_map_entries,
+            presence_map_bytes,
         }
     }
 

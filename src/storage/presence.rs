@@ -29,10 +29,10 @@ const BACKFILL_BATCH: usize = 128;
 /// How many deleted entries the emptiness check at open steps over before it stops looking.
 const SKIPPABLE_TOMBSTONES: u64 = 10_000;
 
-/// A family estimated to hold at most this many entries is loaded into the presence map before
-/// `Store::open` returns (about 15 ms); a larger one in the background (about 0.8 s per million
-/// entries on the machines of `docs/benchmarks.md`).
-const LOAD_AT_OPEN_MAX: u64 = 20_000;
+/// Entries of the family loaded into the presence map before `Store::open` returns (about
+/// 15 ms); the rest load in the background (about 0.8 s per million entries on the machines of
+/// `docs/benchmarks.md`).
+const LOAD_AT_OPEN_MAX: usize = 20_000;
 
 /// Entries a background load reads per step. Between steps it holds no reference to the store,
 /// so a store that is closed meanwhile closes (and stops the load) within one step. Tests take
@@ -45,13 +45,14 @@ thread_local! {
     pub(super) static LOAD_IN_BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether the family is small enough to load before `Store::open` returns.
-fn load_at_open(estimated_entries: u64) -> bool {
+/// How many entries to load before `Store::open` returns: [`LOAD_AT_OPEN_MAX`], or none in tests
+/// that set [`LOAD_IN_BACKGROUND`].
+fn load_at_open() -> usize {
     #[cfg(test)]
     if LOAD_IN_BACKGROUND.get() {
-        return false;
+        return 0;
     }
-    estimated_entries <= LOAD_AT_OPEN_MAX
+    LOAD_AT_OPEN_MAX
 }
 
 /// A multi-key lookup is split over the cores only in chunks of at least this many keys: below
@@ -239,9 +240,10 @@ impl Store {
     }
 
     /// Which of `keys` are stored (and not hidden by a clean), in order, noting an access of
-    /// each one present: what `FindMissingBlobs` vouches for must not be the next evicted. One
-    /// batched RocksDB lookup per chunk, and no record decoded. Runs off the async workers, a
-    /// large request split over the cores (the lookups are memory-bound CPU work).
+    /// each one present: what `FindMissingBlobs` vouches for must not be the next evicted. The
+    /// presence map answers what it holds, one batched RocksDB lookup per chunk the rest; no
+    /// record is decoded. Runs off the async workers, a large request split over the cores (the
+    /// lookups are memory-bound CPU work).
     pub async fn present(&self, keys: &[ArtifactKey]) -> Result<Vec<bool>, StoreError> {
         let sizes = self.stored_sizes(keys.iter().collect()).await?;
         Ok(sizes.into_iter().map(|size| size.is_some()).collect())
@@ -359,30 +361,22 @@ impl Store {
         self.inner.presence_map.serving()
     }
 
-    /// Fills the presence map from the family: before returning if the family is small, else on
-    /// a thread of its own (see `presence_map.rs`). A load that fails turns the map off, and
-    /// existence checks keep reading RocksDB.
+    /// Fills the presence map from the family (see `presence_map.rs`): its first
+    /// [`LOAD_AT_OPEN_MAX`] entries before returning, the rest, if any, on a thread of its own. A
+    /// load that fails turns the map off, and existence checks keep reading RocksDB.
     pub(super) fn load_presence_map(&self) {
         if !self.inner.presence_map.following() {
             return;
         }
-        let estimate = self
-            .inner
-            .db
-            .property_int_value_cf(self.cf(meta::CF_PRESENCE), "rocksdb.estimate-num-keys")
-            .ok()
-            .flatten()
-            .unwrap_or(u64::MAX);
-        if load_at_open(estimate) {
-            let started = std::time::Instant::now();
-            let loaded = self.load_presence_step(&[], usize::MAX);
-            self.presence_load_ended(loaded.map(|_| ()), started);
-            return;
-        }
+        let started = std::time::Instant::now();
+        let from = match self.load_presence_step(&[], load_at_open()) {
+            Ok(Some(from)) => from,
+            ended => return self.presence_load_ended(ended.map(|_| ()), started),
+        };
         let store = Arc::downgrade(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("kura-presence-load".into())
-            .spawn(move || load_in_steps(store));
+            .spawn(move || load_in_steps(store, from, started));
         if let Err(error) = spawned {
             tracing::warn!(%error, "could not start loading the presence map; existence checks read RocksDB");
             self.inner.presence_map.turn_off();
@@ -392,14 +386,29 @@ impl Store {
     /// Reads up to `limit` entries of the family, from `from` on, into the presence map.
     /// Returns the key to go on from, or `None` at the end of the family.
     fn load_presence_step(&self, from: &[u8], limit: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        self.load_presence_entries(self.presence_entries(from), limit)
+    }
+
+    /// The family's entries from `from` on, as of now (the iterator reads a snapshot).
+    pub(super) fn presence_entries(
+        &self,
+        from: &[u8],
+    ) -> rocksdb::DBIteratorWithThreadMode<'_, rocksdb::DB> {
         let mut options = rocksdb::ReadOptions::default();
         // A one-off scan: it must not push the working set out of the block cache.
         options.fill_cache(false);
         let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
-        let entries = self
-            .inner
+        self.inner
             .db
-            .iterator_cf_opt(self.cf(meta::CF_PRESENCE), options, mode);
+            .iterator_cf_opt(self.cf(meta::CF_PRESENCE), options, mode)
+    }
+
+    /// [`Store::load_presence_step`] of entries already read (or being read) from the family.
+    pub(super) fn load_presence_entries(
+        &self,
+        entries: rocksdb::DBIteratorWithThreadMode<'_, rocksdb::DB>,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         for (read, entry) in entries.enumerate() {
             let (key, value) = entry?;
             if read == limit {
@@ -466,18 +475,42 @@ impl Store {
 }
 
 /// The background load: a step at a time, each with the store borrowed for its duration only.
-fn load_in_steps(store: std::sync::Weak<Inner>) {
-    let started = std::time::Instant::now();
-    let mut from = Vec::new();
-    loop {
-        let Some(inner) = store.upgrade() else {
-            return;
-        };
+fn load_in_steps(store: std::sync::Weak<Inner>, mut from: Vec<u8>, started: std::time::Instant) {
+    // A load that stops without ending (a panic) must not leave the map following writes
+    // forever and never answering.
+    let mut unfinished = TurnOffUnlessEnded {
+        store: store.clone(),
+        ended: false,
+    };
+    while let Some(inner) = store.upgrade() {
         let store = Store { inner };
         match store.load_presence_step(&from, LOAD_STEP) {
-            Ok(Some(next)) => from = next,
-            Ok(None) => return store.presence_load_ended(Ok(()), started),
-            Err(error) => return store.presence_load_ended(Err(error), started),
+            Ok(Some(next)) => {
+                from = next;
+                // Tests race writes against the load: a pause per step makes sure they meet.
+                #[cfg(test)]
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            ended => {
+                unfinished.ended = true;
+                return store.presence_load_ended(ended.map(|_| ()), started);
+            }
+        }
+    }
+}
+
+/// Turns the presence map off when dropped before the load ended (see [`load_in_steps`]).
+struct TurnOffUnlessEnded {
+    store: std::sync::Weak<Inner>,
+    ended: bool,
+}
+
+impl Drop for TurnOffUnlessEnded {
+    fn drop(&mut self) {
+        if !self.ended
+            && let Some(inner) = self.store.upgrade()
+        {
+            inner.presence_map.turn_off();
         }
     }
 }

@@ -6,13 +6,16 @@
 //! file, an index search, a block-cache lookup (or a copy from the page cache) and a data-block
 //! search: about 2 µs of memory-bound work per key on the machines of `docs/benchmarks.md`, so
 //! 10,000 keys took 17–24 ms on two cores however the family was tuned. A hash map answers the
-//! same question in well under a tenth of that. The price is memory: about 100 bytes per
-//! content-addressed artifact (a key of 64 hex digits packed into 32 bytes, its project and kind
-//! as a small number, and the 24 bytes of its `presence` entry), so `storage.presence_in_memory`
-//! can turn it off on a node with far more artifacts than memory to spare.
+//! same question in a fifth of that. The price is memory: a slot of 65 bytes per artifact (its
+//! 64 hex digits packed into 32 bytes, its project and kind as a number, the 24 bytes of its
+//! `presence` entry, the table's control byte), in tables that are between 7/16 and 7/8 full as
+//! they grow: 75–150 bytes per artifact ([`PresenceMap::bytes`], on `/metrics`). Tables do not
+//! shrink when artifacts go; they are sized for the most the node held since it started.
+//! `storage.presence_in_memory` turns the map off on a node with more artifacts than memory to
+//! spare.
 //!
-//! Only keys of 64 lowercase hex digits (every content-addressed kind) are held; any other key is
-//! answered [`Held::Unknown`] and looked up in RocksDB as before.
+//! Only the content-addressed kinds (`cas-sha256`, `cas-blake3`) with keys of 64 lowercase hex
+//! digits are held; any other key is answered [`Held::Unknown`] and looked up in RocksDB.
 //!
 //! Coherence, while serving ([`State::Serving`]): every batch that writes or deletes records
 //! passes them to [`PresenceMap::apply`] after it is written, still under the keys' locks
@@ -32,6 +35,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
+use super::Kind;
 use super::meta::Presence;
 use super::presence::{key_start, pack_hash};
 
@@ -192,13 +196,23 @@ impl PresenceMap {
         }
     }
 
-    /// Stops following writes and frees the entries (a load that failed, or a family found
-    /// incomplete): existence checks read RocksDB from now on.
+    /// Stops following writes and frees the entries (a load that failed or was cut short):
+    /// existence checks read RocksDB from now on.
     pub(super) fn turn_off(&self) {
         let shards: Vec<_> = self.shards.iter().map(lock).collect();
         self.state.store(State::Off as u8, Ordering::Release);
         for mut shard in shards {
             *shard = Shard::default();
+        }
+    }
+
+    /// Empties the map and starts loading again, as at open.
+    #[cfg(test)]
+    pub(super) fn restart_loading(&self) {
+        let mut shards: Vec<_> = self.shards.iter().map(lock).collect();
+        self.state.store(State::Loading as u8, Ordering::Release);
+        for shard in &mut shards {
+            **shard = Shard::default();
         }
     }
 
@@ -215,6 +229,24 @@ impl PresenceMap {
             .iter()
             .map(|shard| lock(shard).entries.len() as u64)
             .sum()
+    }
+
+    /// Memory the map's tables take, in bytes: their slots, full or not (sized by the table, not
+    /// by what it holds), and the prefix table.
+    pub(super) fn bytes(&self) -> u64 {
+        let slot = std::mem::size_of::<(HeldKey, Presence)>() as u64 + 1;
+        let tables: u64 = self
+            .shards
+            .iter()
+            .map(|shard| {
+                let shard = lock(shard);
+                // `capacity` is 7/8 of the buckets allocated.
+                (shard.entries.capacity() + shard.removed.capacity()) as u64 * 8 / 7 * slot
+            })
+            .sum();
+        let prefixes = self.prefixes.read().unwrap_or_else(|p| p.into_inner());
+        let prefix_bytes: u64 = prefixes.keys().map(|prefix| prefix.len() as u64 + 32).sum();
+        tables + prefix_bytes
     }
 
     /// [`PresenceMap::len`] once it answers; 0 before.
@@ -255,20 +287,34 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The `project \0 kind \0` prefix and packed hash of an encoded key whose key part is 64
-/// lowercase hex digits.
+/// The `project \0 kind \0` prefix and packed hash of an encoded key of a content-addressed
+/// kind whose key part is 64 lowercase hex digits.
 fn split_encoded(encoded: &[u8]) -> Option<(&[u8], [u8; 32])> {
     let (prefix, key) = encoded.split_at(key_start(encoded)?);
+    held_kind(prefix).then_some(())?;
     Some((prefix, pack_hash(key)?))
 }
 
 /// The same of a `presence` key that holds a packed hash (`project \0 kind \0 \0 hash`).
 fn split_packed(presence_key: &[u8]) -> Option<(&[u8], [u8; 32])> {
     let (prefix, rest) = presence_key.split_at(key_start(presence_key)?);
+    held_kind(prefix).then_some(())?;
     let (&0, hash) = rest.split_first()? else {
         return None;
     };
     Some((prefix, hash.try_into().ok()?))
+}
+
+/// Whether a `project \0 kind \0` prefix names a kind the map holds: the content-addressed
+/// ones, the only kinds existence checks ask about. Action-cache keys are digests too, but
+/// nothing asks whether they exist, so holding them would only cost memory.
+fn held_kind(prefix: &[u8]) -> bool {
+    [Kind::CasSha256, Kind::CasBlake3].iter().any(|kind| {
+        prefix
+            .strip_suffix(b"\0")
+            .and_then(|rest| rest.strip_suffix(kind.as_str().as_bytes()))
+            .is_some_and(|rest| rest.ends_with(b"\0"))
+    })
 }
 
 #[cfg(test)]
@@ -306,6 +352,10 @@ mod tests {
         assert_eq!(map.get(&other_project), Held::Absent);
         let text_key = ArtifactKey::new("p", Kind::Gradle, "not-a-digest").encode();
         assert_eq!(map.get(&text_key), Held::Unknown, "RocksDB answers it");
+        let action = ArtifactKey::new("p", Kind::ActionCache, "01".repeat(32)).encode();
+        assert_eq!(map.get(&action), Held::Unknown, "not a kind the map holds");
+        let blake3 = ArtifactKey::new("p", Kind::CasBlake3, "01".repeat(32)).encode();
+        assert_eq!(map.get(&blake3), Held::Absent, "held, and not stored");
     }
 
     #[test]
@@ -353,8 +403,15 @@ mod tests {
     #[test]
     fn keys_of_other_shapes_are_never_held() {
         let map = PresenceMap::new(true);
-        for key in ["ab".repeat(31), "AB".repeat(32), "ab".repeat(33)] {
-            let encoded = ArtifactKey::new("p", Kind::CasSha256, key).encode();
+        let shapes = [
+            (Kind::CasSha256, "ab".repeat(31)),
+            (Kind::CasSha256, "AB".repeat(32)),
+            (Kind::CasSha256, "ab".repeat(33)),
+            (Kind::ActionCache, "ab".repeat(32)),
+            (Kind::Gradle, "ab".repeat(32)),
+        ];
+        for (kind, key) in shapes {
+            let encoded = ArtifactKey::new("p", kind, key).encode();
             map.apply(&encoded, Some(entry(1)));
             let mut family_key = Vec::new();
             super::super::presence::presence_key(&encoded, &mut family_key);

@@ -1217,6 +1217,55 @@ async fn a_presence_map_loaded_while_writes_evictions_and_cleans_run_is_exact() 
     assert!(in_memory.iter().any(|p| *p) && in_memory.iter().any(|p| !*p));
 }
 
+/// With `storage.presence_in_memory` off, nothing is held and RocksDB answers.
+#[tokio::test]
+async fn without_the_presence_map_rocksdb_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions {
+        presence_in_memory: false,
+        ..StoreOptions::for_tests(dir.path())
+    })
+    .unwrap();
+    let blob = |n: u64| ArtifactKey::new("p", Kind::CasSha256, digest_of(n));
+    put(&store, &blob(1), b"one").await;
+    let asked = [blob(1), blob(2)];
+    let sizes = store.stored_sizes(asked.iter().collect()).await.unwrap();
+    assert_eq!(sizes, vec![Some(3), None]);
+    assert!(!store.presence_in_memory());
+    let stats = store.stats();
+    assert_eq!(
+        (stats.presence_map_entries, stats.presence_map_bytes),
+        (0, 0)
+    );
+}
+
+/// The loader reads the family from a snapshot; an overwrite, a removal and a new blob
+/// committed after that snapshot win over what the loader reads from it afterwards.
+#[tokio::test]
+async fn writes_after_the_loaders_snapshot_win_over_what_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = |n: u64| ArtifactKey::new("p", Kind::CasSha256, digest_of(n));
+    let store = store_with(dir.path(), 1 << 30);
+    for n in 0..3 {
+        put(&store, &blob(n), b"old").await;
+    }
+    store.inner.presence_map.restart_loading();
+    let snapshot = store.presence_entries(&[]);
+    put(&store, &blob(0), b"a longer body").await;
+    let encoded = blob(1).encode();
+    assert!(store.remove_if(&encoded, |_| true).unwrap());
+    put(&store, &blob(9), b"new").await;
+    assert_eq!(
+        store.load_presence_entries(snapshot, usize::MAX).unwrap(),
+        None
+    );
+    store.inner.presence_map.loaded();
+    check_presence_map(&store);
+    let asked = [blob(0), blob(1), blob(2), blob(9)];
+    let sizes = store.stored_sizes(asked.iter().collect()).await.unwrap();
+    assert_eq!(sizes, vec![Some(13), None, Some(3), Some(3)]);
+}
+
 fn logging_store(dir: &Path) -> Store {
     Store::open(StoreOptions {
         replication_log: true,
