@@ -63,8 +63,9 @@ impl PendingTouches {
         upsert(&mut pending, encoded, now);
     }
 
-    /// [`PendingTouches::note`] of many artifacts (encoded key, publish time) at once: one
-    /// clock read, and each shard locked once rather than once per key.
+    /// [`PendingTouches::note`] of many artifacts (encoded key, when an access of it was last
+    /// noted, or its publish) at once, skipping those noted within `resolution`: one clock read,
+    /// and each shard locked once rather than once per key.
     pub(super) fn note_all(&self, accessed: Vec<(&[u8], u64)>, resolution: u64) {
         let now = now_ms();
         let mut by_shard: Vec<(usize, &[u8])> = accessed

@@ -281,11 +281,12 @@ impl Store {
         range: Range<usize>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
         let map = &self.inner.presence_map;
+        let (now, resolution) = (super::now_ms(), self.access_resolution_ms());
         let mut entries: Vec<Option<Presence>> = Vec::with_capacity(range.len());
         // Positions within `range` that the map cannot answer.
         let mut unknown = Vec::new();
         for (at, encoded) in keys.encoded.range(range.clone()).enumerate() {
-            entries.push(match map.get(encoded) {
+            entries.push(match map.get_noting(encoded, now, resolution) {
                 Held::Present(presence) => Some(presence),
                 Held::Absent => None,
                 Held::Unknown => {
@@ -312,9 +313,7 @@ impl Store {
             });
             sizes.push(size);
         }
-        self.inner
-            .touches
-            .note_all(found, self.access_resolution_ms());
+        self.inner.touches.note_all(found, resolution);
         Ok(sizes)
     }
 

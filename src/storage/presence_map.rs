@@ -115,7 +115,40 @@ impl PresenceMap {
     }
 
     /// What the map knows of the artifact encoded as `encoded` (`project \0 kind \0 key`).
+    #[cfg(test)]
     pub(super) fn get(&self, encoded: &[u8]) -> Held {
+        self.with_entry(encoded, |entry| match entry {
+            Some(presence) => Held::Present(*presence),
+            None => Held::Absent,
+        })
+    }
+
+    /// [`PresenceMap::get`] for an existence check that notes an access of what it finds. The
+    /// entry's `accessed_ms` is when an access was last noted (its publish at first): once that
+    /// is `resolution_ms` old, it becomes `now_ms`, and the answer still carries the old time so
+    /// that the caller notes this access. A blob that every build asks about is thus noted once
+    /// per resolution, not on every check (as `hot.rs` does for reads): each note is a pending
+    /// entry, and each flush of one reads RocksDB twice.
+    pub(super) fn get_noting(&self, encoded: &[u8], now_ms: u64, resolution_ms: u64) -> Held {
+        self.with_entry(encoded, |entry| match entry {
+            Some(presence) => {
+                let found = *presence;
+                if now_ms.saturating_sub(presence.accessed_ms) >= resolution_ms {
+                    presence.accessed_ms = now_ms;
+                }
+                Held::Present(found)
+            }
+            None => Held::Absent,
+        })
+    }
+
+    /// `answer` of the key's entry, under its shard's lock; [`Held::Unknown`] for a key the map
+    /// cannot answer.
+    fn with_entry(
+        &self,
+        encoded: &[u8],
+        answer: impl FnOnce(Option<&mut Presence>) -> Held,
+    ) -> Held {
         if !self.serving() {
             return Held::Unknown;
         }
@@ -127,10 +160,7 @@ impl PresenceMap {
             return Held::Absent;
         };
         let key = HeldKey { prefix, hash };
-        match self.shard(&key).entries.get(&key) {
-            Some(presence) => Held::Present(*presence),
-            None => Held::Absent,
-        }
+        answer(self.shard(&key).entries.get_mut(&key))
     }
 
     /// Follows a write of the record encoded as `encoded`: `Some` its new `presence` entry,
@@ -383,6 +413,35 @@ mod tests {
         // Once serving, a removed key can come back through the next write.
         map.apply(&encoded(2), Some(entry(5)));
         assert_eq!(map.get(&encoded(2)), Held::Present(entry(5)));
+    }
+
+    #[test]
+    fn an_access_is_noted_once_per_resolution() {
+        let map = PresenceMap::new(true);
+        map.loaded();
+        map.apply(&encoded(1), Some(entry(10)));
+        // Published at 1: old enough at 100, so this check notes it (and sees the old time).
+        assert_eq!(
+            map.get_noting(&encoded(1), 100, 50),
+            Held::Present(entry(10))
+        );
+        // Noted at 100: the next checks within the resolution see it recent, and note nothing.
+        let noted = Presence {
+            accessed_ms: 100,
+            ..entry(10)
+        };
+        assert_eq!(map.get_noting(&encoded(1), 120, 50), Held::Present(noted));
+        assert_eq!(map.get_noting(&encoded(1), 149, 50), Held::Present(noted));
+        // A resolution later, noted again.
+        assert_eq!(map.get_noting(&encoded(1), 150, 50), Held::Present(noted));
+        let noted_again = Presence {
+            accessed_ms: 150,
+            ..entry(10)
+        };
+        assert_eq!(map.get(&encoded(1)), Held::Present(noted_again));
+        // A publish starts afresh from its own time.
+        map.apply(&encoded(1), Some(entry(11)));
+        assert_eq!(map.get(&encoded(1)), Held::Present(entry(11)));
     }
 
     #[test]

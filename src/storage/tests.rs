@@ -112,11 +112,17 @@ fn check_presence_map(store: &Store) {
             continue;
         }
         let record: ArtifactRecord = meta::decode(&value).unwrap();
+        let presence_map::Held::Present(held) = map.get(&key) else {
+            panic!("the presence map misses a record");
+        };
+        // The access time may have moved on: the map keeps when an access was last noted.
+        let published = meta::Presence::of(&record);
         assert_eq!(
-            map.get(&key),
-            presence_map::Held::Present(meta::Presence::of(&record)),
-            "the presence map misses or misstates a record"
+            (held.size, held.version_ms),
+            (published.size, published.version_ms),
+            "the presence map misstates a record"
         );
+        assert!(held.accessed_ms >= published.accessed_ms);
         shaped += 1;
     }
     assert_eq!(
@@ -871,6 +877,59 @@ async fn access_times_move_at_most_once_per_resolution() {
         .get_cf(store.cf(meta::CF_ATIME), key.encode())
         .unwrap();
     assert_eq!(atime, None, "an access within the resolution was written");
+}
+
+/// A blob that existence checks find again and again is queued for an access-time write once
+/// per resolution, not by every check, and its access time still moves once a resolution has
+/// passed.
+#[tokio::test]
+async fn a_blob_checked_again_and_again_is_noted_once_per_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let resolution = std::time::Duration::from_secs(1);
+    let store = Store::open(StoreOptions {
+        access_time_resolution: resolution,
+        ..StoreOptions::for_tests(dir.path())
+    })
+    .unwrap();
+    assert!(store.presence_in_memory());
+    let blob = ArtifactKey::new("p", Kind::CasSha256, digest_of(1));
+    put(&store, &blob, b"x").await;
+    let atime = || {
+        store
+            .inner
+            .db
+            .get_cf(store.cf(meta::CF_ATIME), blob.encode())
+            .unwrap()
+            .and_then(|bytes| meta::decode_time(&bytes))
+    };
+    tokio::time::sleep(resolution).await;
+    assert_eq!(
+        store.present(std::slice::from_ref(&blob)).await.unwrap(),
+        vec![true]
+    );
+    assert!(
+        !store.inner.touches.is_empty(),
+        "a resolution after the publish: noted"
+    );
+    store.maintain().await.unwrap();
+    let first = atime().expect("the access time moved");
+    for _ in 0..20 {
+        assert_eq!(
+            store.present(std::slice::from_ref(&blob)).await.unwrap(),
+            vec![true]
+        );
+    }
+    assert!(
+        store.inner.touches.is_empty(),
+        "noted again within the resolution"
+    );
+    tokio::time::sleep(resolution).await;
+    assert_eq!(
+        store.present(std::slice::from_ref(&blob)).await.unwrap(),
+        vec![true]
+    );
+    store.maintain().await.unwrap();
+    assert!(atime().expect("still there") >= first + resolution.as_millis() as u64);
 }
 
 /// A hot small artifact read again and again is queued for an access-time write once per
