@@ -860,11 +860,7 @@ async fn replication_reads_do_not_keep_an_artifact_from_eviction() {
 #[tokio::test]
 async fn access_times_move_at_most_once_per_resolution() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(StoreOptions {
-        access_time_resolution: std::time::Duration::from_secs(3600),
-        ..StoreOptions::for_tests(dir.path())
-    })
-    .unwrap();
+    let store = store_noting_per(dir.path(), std::time::Duration::from_secs(3600));
     let key = gradle("hot");
     put(&store, &key, b"x").await;
     for _ in 0..100 {
@@ -879,6 +875,25 @@ async fn access_times_move_at_most_once_per_resolution() {
     assert_eq!(atime, None, "an access within the resolution was written");
 }
 
+/// A store whose access times move at most once per `resolution`.
+fn store_noting_per(dir: &Path, resolution: std::time::Duration) -> Store {
+    Store::open(StoreOptions {
+        access_time_resolution: resolution,
+        ..StoreOptions::for_tests(dir)
+    })
+    .unwrap()
+}
+
+/// The access time written for `key` since its publish, if any.
+fn noted_access(store: &Store, key: &ArtifactKey) -> Option<u64> {
+    store
+        .inner
+        .db
+        .get_cf(store.cf(meta::CF_ATIME), key.encode())
+        .unwrap()
+        .and_then(|bytes| meta::decode_time(&bytes))
+}
+
 /// A blob that existence checks find again and again is queued for an access-time write once
 /// per resolution, not by every check, and its access time still moves once a resolution has
 /// passed.
@@ -886,22 +901,11 @@ async fn access_times_move_at_most_once_per_resolution() {
 async fn a_blob_checked_again_and_again_is_noted_once_per_resolution() {
     let dir = tempfile::tempdir().unwrap();
     let resolution = std::time::Duration::from_secs(1);
-    let store = Store::open(StoreOptions {
-        access_time_resolution: resolution,
-        ..StoreOptions::for_tests(dir.path())
-    })
-    .unwrap();
+    let store = store_noting_per(dir.path(), resolution);
     assert!(store.presence_in_memory());
     let blob = ArtifactKey::new("p", Kind::CasSha256, digest_of(1));
     put(&store, &blob, b"x").await;
-    let atime = || {
-        store
-            .inner
-            .db
-            .get_cf(store.cf(meta::CF_ATIME), blob.encode())
-            .unwrap()
-            .and_then(|bytes| meta::decode_time(&bytes))
-    };
+    let atime = || noted_access(&store, &blob);
     tokio::time::sleep(resolution).await;
     assert_eq!(
         store.present(std::slice::from_ref(&blob)).await.unwrap(),
@@ -940,20 +944,9 @@ async fn a_hot_artifact_is_noted_once_per_resolution_and_its_access_time_still_m
     let dir = tempfile::tempdir().unwrap();
     // Long enough that a flush and 50 reads fit well inside it on a loaded machine.
     let resolution = std::time::Duration::from_secs(1);
-    let store = Store::open(StoreOptions {
-        access_time_resolution: resolution,
-        ..StoreOptions::for_tests(dir.path())
-    })
-    .unwrap();
+    let store = store_noting_per(dir.path(), resolution);
     let key = gradle("hot");
-    let atime = |store: &Store| {
-        store
-            .inner
-            .db
-            .get_cf(store.cf(meta::CF_ATIME), key.encode())
-            .unwrap()
-            .and_then(|bytes| meta::decode_time(&bytes))
-    };
+    let atime = |store: &Store| noted_access(store, &key);
     put(&store, &key, b"x").await;
     tokio::time::sleep(resolution + resolution / 2).await;
     // The first reads (from RocksDB, then from memory) note the access; the flush writes it.
