@@ -282,11 +282,14 @@ impl Store {
     ) -> Result<Vec<Option<u64>>, StoreError> {
         let map = &self.inner.presence_map;
         let (now, resolution) = (super::now_ms(), self.access_resolution_ms());
+        let touches = &self.inner.touches;
         let mut entries: Vec<Option<Presence>> = Vec::with_capacity(range.len());
         // Positions within `range` that the map cannot answer.
         let mut unknown = Vec::new();
         for (at, encoded) in keys.encoded.range(range.clone()).enumerate() {
-            entries.push(match map.get_noting(encoded, now, resolution) {
+            // The map notes the accesses it vouches for itself (once per resolution).
+            let held = map.get_noting(encoded, now, resolution, || touches.note_at(encoded, now));
+            entries.push(match held {
                 Held::Present(presence) => Some(presence),
                 Held::Absent => None,
                 Held::Unknown => {
@@ -295,20 +298,26 @@ impl Store {
                 }
             });
         }
+        // What RocksDB answers is noted below, by its publish time.
+        let mut from_rocksdb = vec![false; range.len()];
         if !unknown.is_empty() {
             let looked_up = self.presence_from_rocksdb(keys, &unknown)?;
             for (at, presence) in unknown.into_iter().zip(looked_up) {
                 entries[at - range.start] = presence;
+                from_rocksdb[at - range.start] = true;
             }
         }
         let mut sizes = Vec::with_capacity(range.len());
-        let mut found = Vec::with_capacity(range.len());
-        for (encoded, presence) in keys.encoded.range(range).zip(entries) {
+        let mut found = Vec::new();
+        let answers = entries.into_iter().zip(from_rocksdb);
+        for (encoded, (presence, note)) in keys.encoded.range(range).zip(answers) {
             let size = presence.and_then(|presence| {
                 if self.hidden_by_clean(encoded, presence.version_ms) {
                     return None;
                 }
-                found.push((encoded, presence.accessed_ms));
+                if note {
+                    found.push((encoded, presence.accessed_ms));
+                }
                 Some(presence.size)
             });
             sizes.push(size);
@@ -491,8 +500,9 @@ fn load_in_steps(store: std::sync::Weak<Inner>, mut from: Vec<u8>, started: std:
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             ended => {
+                store.presence_load_ended(ended.map(|_| ()), started);
                 unfinished.ended = true;
-                return store.presence_load_ended(ended.map(|_| ()), started);
+                return;
             }
         }
     }

@@ -125,15 +125,25 @@ impl PresenceMap {
 
     /// [`PresenceMap::get`] for an existence check that notes an access of what it finds. The
     /// entry's `accessed_ms` is when an access was last noted (its publish at first): once that
-    /// is `resolution_ms` old, it becomes `now_ms`, and the answer still carries the old time so
-    /// that the caller notes this access. A blob that every build asks about is thus noted once
-    /// per resolution, not on every check (as `hot.rs` does for reads): each note is a pending
-    /// entry, and each flush of one reads RocksDB twice.
-    pub(super) fn get_noting(&self, encoded: &[u8], now_ms: u64, resolution_ms: u64) -> Held {
+    /// is `resolution_ms` old (or in the future: the clock went back), `note` is called and
+    /// `accessed_ms` becomes `now_ms`, both under the entry's lock, so that no other check can
+    /// see the access as noted before the note is queued. A blob that every build asks about is
+    /// thus noted once per resolution, not on every check (as `hot.rs` does for reads): each
+    /// note is a pending entry, and each flush of one reads RocksDB twice.
+    pub(super) fn get_noting(
+        &self,
+        encoded: &[u8],
+        now_ms: u64,
+        resolution_ms: u64,
+        note: impl FnOnce(),
+    ) -> Held {
         self.with_entry(encoded, |entry| match entry {
             Some(presence) => {
                 let found = *presence;
-                if now_ms.saturating_sub(presence.accessed_ms) >= resolution_ms {
+                let due =
+                    presence.accessed_ms > now_ms || now_ms - presence.accessed_ms >= resolution_ms;
+                if due {
+                    note();
                     presence.accessed_ms = now_ms;
                 }
                 Held::Present(found)
@@ -420,25 +430,28 @@ mod tests {
         let map = PresenceMap::new(true);
         map.loaded();
         map.apply(&encoded(1), Some(entry(10)));
-        // Published at 1: old enough at 100, so this check notes it (and sees the old time).
-        assert_eq!(
-            map.get_noting(&encoded(1), 100, 50),
-            Held::Present(entry(10))
-        );
-        // Noted at 100: the next checks within the resolution see it recent, and note nothing.
-        let noted = Presence {
-            accessed_ms: 100,
-            ..entry(10)
+        let notes = std::cell::Cell::new(0);
+        let check = |now| map.get_noting(&encoded(1), now, 50, || notes.set(notes.get() + 1));
+        let held_at = |accessed_ms| {
+            Held::Present(Presence {
+                accessed_ms,
+                ..entry(10)
+            })
         };
-        assert_eq!(map.get_noting(&encoded(1), 120, 50), Held::Present(noted));
-        assert_eq!(map.get_noting(&encoded(1), 149, 50), Held::Present(noted));
+        // Published at 1: old enough at 100, so this check notes it.
+        assert_eq!(check(100), held_at(1));
+        assert_eq!(notes.get(), 1);
+        // Noted at 100: checks within the resolution note nothing.
+        assert_eq!(check(120), held_at(100));
+        assert_eq!(check(149), held_at(100));
+        assert_eq!(notes.get(), 1);
         // A resolution later, noted again.
-        assert_eq!(map.get_noting(&encoded(1), 150, 50), Held::Present(noted));
-        let noted_again = Presence {
-            accessed_ms: 150,
-            ..entry(10)
-        };
-        assert_eq!(map.get(&encoded(1)), Held::Present(noted_again));
+        assert_eq!(check(150), held_at(100));
+        assert_eq!(notes.get(), 2);
+        // The clock went back: noted, rather than silenced until it catches up.
+        assert_eq!(check(20), held_at(150));
+        assert_eq!(notes.get(), 3);
+        assert_eq!(map.get(&encoded(1)), held_at(20));
         // A publish starts afresh from its own time.
         map.apply(&encoded(1), Some(entry(11)));
         assert_eq!(map.get(&encoded(1)), Held::Present(entry(11)));

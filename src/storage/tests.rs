@@ -907,6 +907,7 @@ async fn a_blob_checked_again_and_again_is_noted_once_per_resolution() {
     put(&store, &blob, b"x").await;
     let atime = || noted_access(&store, &blob);
     tokio::time::sleep(resolution).await;
+    let noted_at = std::time::Instant::now();
     assert_eq!(
         store.present(std::slice::from_ref(&blob)).await.unwrap(),
         vec![true]
@@ -923,10 +924,14 @@ async fn a_blob_checked_again_and_again_is_noted_once_per_resolution() {
             vec![true]
         );
     }
-    assert!(
-        store.inner.touches.is_empty(),
-        "noted again within the resolution"
-    );
+    // Only while the resolution lasts (a stalled machine may take longer than it; the map's
+    // own test covers the rule without a clock).
+    if noted_at.elapsed() < resolution {
+        assert!(
+            store.inner.touches.is_empty(),
+            "noted again within the resolution"
+        );
+    }
     tokio::time::sleep(resolution).await;
     assert_eq!(
         store.present(std::slice::from_ref(&blob)).await.unwrap(),
