@@ -283,6 +283,9 @@ impl Store {
         let map = &self.inner.presence_map;
         let (now, resolution) = (super::now_ms(), self.access_resolution_ms());
         let touches = &self.inner.touches;
+        let visible = |encoded: &[u8], presence: Presence| {
+            Some(presence).filter(|p| !self.hidden_by_clean(encoded, p.version_ms))
+        };
         let mut entries: Vec<Option<Presence>> = Vec::with_capacity(range.len());
         // Positions within `range` that the map cannot answer.
         let mut unknown = Vec::new();
@@ -290,7 +293,7 @@ impl Store {
             // The map notes the accesses it vouches for itself (once per resolution).
             let held = map.get_noting(encoded, now, resolution, || touches.note_at(encoded, now));
             entries.push(match held {
-                Held::Present(presence) => Some(presence),
+                Held::Present(presence) => visible(encoded, presence),
                 Held::Absent => None,
                 Held::Unknown => {
                     unknown.push(range.start + at);
@@ -298,32 +301,24 @@ impl Store {
                 }
             });
         }
-        // What RocksDB answers is noted below, by its publish time.
-        let mut from_rocksdb = vec![false; range.len()];
         if !unknown.is_empty() {
+            // What RocksDB answers is noted here, by its publish time.
             let looked_up = self.presence_from_rocksdb(keys, &unknown)?;
+            let mut found = Vec::new();
             for (at, presence) in unknown.into_iter().zip(looked_up) {
-                entries[at - range.start] = presence;
-                from_rocksdb[at - range.start] = true;
-            }
-        }
-        let mut sizes = Vec::with_capacity(range.len());
-        let mut found = Vec::new();
-        let answers = entries.into_iter().zip(from_rocksdb);
-        for (encoded, (presence, note)) in keys.encoded.range(range).zip(answers) {
-            let size = presence.and_then(|presence| {
-                if self.hidden_by_clean(encoded, presence.version_ms) {
-                    return None;
-                }
-                if note {
+                let encoded = keys.encoded.get(at);
+                let presence = presence.and_then(|presence| visible(encoded, presence));
+                if let Some(presence) = &presence {
                     found.push((encoded, presence.accessed_ms));
                 }
-                Some(presence.size)
-            });
-            sizes.push(size);
+                entries[at - range.start] = presence;
+            }
+            touches.note_all(found, resolution);
         }
-        self.inner.touches.note_all(found, resolution);
-        Ok(sizes)
+        Ok(entries
+            .into_iter()
+            .map(|presence| presence.map(|p| p.size))
+            .collect())
     }
 
     /// The `presence` entries of the keys at `positions` of `keys`, from RocksDB: one

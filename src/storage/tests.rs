@@ -28,6 +28,7 @@ struct Recount {
 fn recount(store: &Store) -> Recount {
     let mut usage = Usage::default();
     let mut file_bodies = HashSet::new();
+    let mut held = 0;
     for item in store
         .inner
         .db
@@ -45,9 +46,19 @@ fn recount(store: &Store) -> Recount {
             Some(meta::Presence::of(&record)),
             "a record whose presence entry is missing or stale"
         );
+        held += u64::from(held_rightly(store, &key, &record));
         if let BodyRef::File(id) = record.body {
             file_bodies.insert(id);
         }
+    }
+    // Once it answers, the presence map holds every content-addressed record (above) and
+    // nothing else.
+    if store.inner.presence_map.serving() {
+        assert_eq!(
+            store.inner.presence_map.len(),
+            held,
+            "the presence map holds removed artifacts"
+        );
     }
     // Every queue entry names an artifact at its last access, and every `atime` entry an artifact.
     let mut access_entries = 0;
@@ -76,7 +87,6 @@ fn recount(store: &Store) -> Recount {
             "an atime without a record"
         );
     }
-    check_presence_map(store);
     // Every record has its entry (above), so as many entries as records means none is stray.
     let entries = store
         .inner
@@ -94,42 +104,25 @@ fn recount(store: &Store) -> Recount {
     }
 }
 
-/// Once the presence map answers, it holds exactly the `presence` entry of every record of a
-/// content-addressed shape, and nothing else.
-fn check_presence_map(store: &Store) {
+/// Whether the presence map holds `record` under `key`, checking that it holds it rightly; false
+/// for a record it does not hold (not serving yet, or not a content-addressed key).
+fn held_rightly(store: &Store, key: &[u8], record: &ArtifactRecord) -> bool {
     let map = &store.inner.presence_map;
-    if !map.serving() {
-        return;
+    if !map.serving() || !presence_map::PresenceMap::holds_shape(key) {
+        return false;
     }
-    let mut shaped = 0;
-    for item in store
-        .inner
-        .db
-        .iterator_cf(store.cf(meta::CF_ARTIFACTS), rocksdb::IteratorMode::Start)
-    {
-        let (key, value) = item.unwrap();
-        if !presence_map::PresenceMap::holds_shape(&key) {
-            continue;
-        }
-        let record: ArtifactRecord = meta::decode(&value).unwrap();
-        let presence_map::Held::Present(held) = map.get(&key) else {
-            panic!("the presence map misses a record");
-        };
-        // The access time may have moved on: the map keeps when an access was last noted.
-        let published = meta::Presence::of(&record);
-        assert_eq!(
-            (held.size, held.version_ms),
-            (published.size, published.version_ms),
-            "the presence map misstates a record"
-        );
-        assert!(held.accessed_ms >= published.accessed_ms);
-        shaped += 1;
-    }
+    let presence_map::Held::Present(held) = map.get(key) else {
+        panic!("the presence map misses a record");
+    };
+    // The access time may have moved on: the map keeps when an access was last noted.
+    let published = meta::Presence::of(record);
     assert_eq!(
-        map.len(),
-        shaped,
-        "the presence map holds removed artifacts"
+        (held.size, held.version_ms),
+        (published.size, published.version_ms),
+        "the presence map misstates a record"
     );
+    assert!(held.accessed_ms >= published.accessed_ms);
+    true
 }
 
 pub(super) fn body_ids_on_disk(dir: &Path) -> HashSet<u128> {
@@ -1024,11 +1017,20 @@ async fn present_answers_in_order_and_refreshes_what_it_finds() {
     }
     let other = ArtifactKey::new("gone", Kind::Gradle, "k0".to_string());
     put(&store, &other, b"y").await;
+    // Answered by the presence map rather than RocksDB: hidden by the clean all the same.
+    let other_blob = ArtifactKey::new("gone", Kind::CasSha256, digest_of(0));
+    put(&store, &other_blob, b"z").await;
     store.delete_project("gone").await.unwrap();
-    let asked = vec![gradle("k0"), gradle("missing"), gradle("k2"), other];
+    let asked = vec![
+        gradle("k0"),
+        gradle("missing"),
+        gradle("k2"),
+        other,
+        other_blob,
+    ];
     assert_eq!(
         store.present(&asked).await.unwrap(),
-        vec![true, false, true, false]
+        vec![true, false, true, false, false]
     );
 
     store.maintain().await.unwrap();
@@ -1317,7 +1319,7 @@ async fn writes_after_the_loaders_snapshot_win_over_what_it_reads() {
         None
     );
     store.inner.presence_map.loaded();
-    check_presence_map(&store);
+    recount(&store);
     let asked = [blob(0), blob(1), blob(2), blob(9)];
     let sizes = store.stored_sizes(asked.iter().collect()).await.unwrap();
     assert_eq!(sizes, vec![Some(13), None, Some(3), Some(3)]);
