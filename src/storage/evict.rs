@@ -22,9 +22,16 @@ pub const DEFAULT_ACCESS_TIME_RESOLUTION: Duration = Duration::from_secs(60);
 const EVICT_BATCH: usize = 256;
 /// Access times written per flush batch: a few hundred keys, so that most key-lock stripes stay
 /// free for publishes meanwhile.
-const TOUCH_BATCH: usize = 256;
+pub(super) const TOUCH_BATCH: usize = 256;
 /// Independent maps of pending accesses, so concurrent readers rarely share a lock.
 const TOUCH_SHARDS: usize = 16;
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: how many flush batches succeed on this thread before one fails.
+    pub(super) static FAIL_TOUCH_BATCH_AFTER: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
 
 /// Accesses noted since the last flush: encoded key → access time, in shards chosen by a hash
 /// of the key.
@@ -87,6 +94,27 @@ impl PendingTouches {
         }
     }
 
+    /// Puts back notes a flush took but could not write, unless a newer note of the same key
+    /// came meanwhile: a lost note would leave the artifact's access time old, and the presence
+    /// map would not note it again for a resolution, so eviction could take a blob just
+    /// vouched for.
+    fn restore(&self, touches: impl IntoIterator<Item = (Vec<u8>, u64)>) {
+        for (encoded, accessed_ms) in touches {
+            let shard = self.hasher.hash_one(&encoded) as usize % TOUCH_SHARDS;
+            let mut pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+            let time = pending.entry(encoded).or_insert(accessed_ms);
+            *time = (*time).max(accessed_ms);
+        }
+    }
+
+    /// The access time pending for `encoded`, if any.
+    #[cfg(test)]
+    pub(super) fn pending(&self, encoded: &[u8]) -> Option<u64> {
+        let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
+        let pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+        pending.get(encoded).copied()
+    }
+
     /// Whether no access waits for a flush.
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
@@ -95,7 +123,7 @@ impl PendingTouches {
             .all(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
     }
 
-    fn take(&self) -> Vec<(Vec<u8>, u64)> {
+    pub(super) fn take(&self) -> Vec<(Vec<u8>, u64)> {
         let mut all = Vec::new();
         for shard in &self.shards {
             let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|p| p.into_inner()));
@@ -232,26 +260,59 @@ impl Store {
         }
     }
 
-    /// Writes the accesses noted by reads into `atime` and the eviction queue.
-    pub(super) async fn flush_touches(&self) -> Result<(), StoreError> {
+    /// Writes the accesses noted by reads into `atime` and the eviction queue. The caller holds
+    /// the `evicting` lock: an eviction pass between this flush taking the notes and writing
+    /// them would read a queue without them, and could evict an artifact just read or vouched
+    /// for by an existence check.
+    async fn flush_touches(&self) -> Result<(), StoreError> {
         let touches = self.inner.touches.take();
         if touches.is_empty() {
             return Ok(());
         }
         let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            for chunk in touches.chunks(TOUCH_BATCH) {
-                store.flush_touch_batch(chunk)?;
-            }
+        tokio::task::spawn_blocking(move || store.flush_touches_blocking(touches))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Writes `touches` batch by batch; what a failed batch and those after it did not write is
+    /// put back for the next flush.
+    pub(super) fn flush_touches_blocking(
+        &self,
+        touches: Vec<(Vec<u8>, u64)>,
+    ) -> Result<(), StoreError> {
+        let mut written = 0;
+        let outcome = touches.chunks(TOUCH_BATCH).try_for_each(|chunk| {
+            self.flush_touch_batch(chunk)?;
+            written += chunk.len();
             Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        });
+        if outcome.is_err() {
+            self.inner
+                .touches
+                .restore(touches.into_iter().skip(written));
+        }
+        outcome
+    }
+
+    /// [`Store::flush_touches`] under the `evicting` lock, as a periodic pass runs it.
+    pub(super) async fn flush_touches_between_evictions(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.inner.evicting.lock().await;
+        self.flush_touches().await
     }
 
     /// Moves the queue entries of one batch of touched keys, under their locks, so that a
     /// publish or removal meanwhile always finds the entry it must delete.
     fn flush_touch_batch(&self, touches: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if let Some(left) = FAIL_TOUCH_BATCH_AFTER.get() {
+            FAIL_TOUCH_BATCH_AFTER.set(left.checked_sub(1));
+            if left == 0 {
+                return Err(StoreError::Io(std::io::Error::other(
+                    "injected flush failure",
+                )));
+            }
+        }
         let _keys = self
             .inner
             .keys

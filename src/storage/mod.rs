@@ -1346,7 +1346,7 @@ impl Store {
 
     /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
     pub async fn maintain(&self) -> Result<(), StoreError> {
-        self.flush_touches().await?;
+        self.flush_touches_between_evictions().await?;
         let (counted, staged) = {
             let accounting = self.accounting();
             (accounting.counted(), accounting.staged)

@@ -879,10 +879,15 @@ fn store_noting_per(dir: &Path, resolution: std::time::Duration) -> Store {
 
 /// The access time written for `key` since its publish, if any.
 fn noted_access(store: &Store, key: &ArtifactKey) -> Option<u64> {
+    written_access(store, &key.encode())
+}
+
+/// [`noted_access`] of an encoded key.
+fn written_access(store: &Store, encoded: &[u8]) -> Option<u64> {
     store
         .inner
         .db
-        .get_cf(store.cf(meta::CF_ATIME), key.encode())
+        .get_cf(store.cf(meta::CF_ATIME), encoded)
         .unwrap()
         .and_then(|bytes| meta::decode_time(&bytes))
 }
@@ -1913,4 +1918,49 @@ fn reads_racing_overwrites_never_leave_an_old_version_in_memory() {
             "a read after this version's write served an older one"
         );
     });
+}
+
+/// A flush of access notes that fails part-way keeps what it did not write for the next flush
+/// (a lost note would leave the artifact old in the eviction queue, and neither the presence map
+/// nor the set of hot records would note it again for a resolution), and a newer note of the
+/// same key that came meanwhile wins over the one put back.
+#[tokio::test]
+async fn a_failed_access_flush_keeps_the_notes_it_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_noting_per(dir.path(), std::time::Duration::from_secs(1));
+    let keys: Vec<ArtifactKey> = (0..evict::TOUCH_BATCH + 10)
+        .map(|n| gradle(&format!("k{n}")))
+        .collect();
+    for key in &keys {
+        put(&store, key, b"x").await;
+    }
+    let accessed = now_ms() + 3_600_000;
+    for key in &keys {
+        store.inner.touches.note_at(&key.encode(), accessed);
+    }
+    let taken = store.inner.touches.take();
+    let (first, rest) = taken.split_at(evict::TOUCH_BATCH);
+    let first: Vec<Vec<u8>> = first.iter().map(|(key, _)| key.clone()).collect();
+    let rest: Vec<Vec<u8>> = rest.iter().map(|(key, _)| key.clone()).collect();
+    let newer = accessed + 1_000;
+    store.inner.touches.note_at(&rest[0], newer);
+
+    evict::FAIL_TOUCH_BATCH_AFTER.set(Some(1));
+    assert!(store.flush_touches_blocking(taken).is_err());
+
+    for key in &first {
+        assert_eq!(store.inner.touches.pending(key), None, "written, not kept");
+        assert_eq!(written_access(&store, key), Some(accessed));
+    }
+    assert_eq!(store.inner.touches.pending(&rest[0]), Some(newer));
+    for key in &rest[1..] {
+        assert_eq!(store.inner.touches.pending(key), Some(accessed), "kept");
+        assert_eq!(written_access(&store, key), None);
+    }
+    // The next flush writes them.
+    store.maintain().await.unwrap();
+    assert!(store.inner.touches.is_empty());
+    for key in &keys {
+        assert!(noted_access(&store, key).is_some());
+    }
 }
