@@ -13,17 +13,24 @@
 //!   (HTTP/2 with GOAWAY). A request is in flight from the moment hyper hands it to the service
 //!   until its response body has given hyper its last frame (or was dropped: the peer gone), so
 //!   a long download is never idle, however slowly the client reads. (hyper drops a body in
-//!   the same poll in which it yields its end, so the two moments coincide.)
+//!   the same poll in which it yields its end, so the two moments coincide.) The end of a
+//!   response still waiting in hyper's buffers for its reader counts too, as long as the
+//!   reader takes some of it within `idle_timeout` ([`Sending`]).
 //! - **Connection limit.** At most `max_connections` connections are open (a semaphore; each
 //!   connection task holds a permit). At the limit the connection idle the longest is closed to
 //!   make room, so idle sockets never lock out probes or real clients; only when every
-//!   connection has a request in flight is a newcomer refused with a short 503. Running out of
-//!   file descriptors in `accept()` is handled the same way: close the longest-idle connection,
-//!   then retry.
+//!   connection has a request in flight (or a response still being sent) is a newcomer refused
+//!   with a short 503. Running out of file descriptors in `accept()` is handled the same way:
+//!   close the longest-idle connection, then retry.
 //! - **Drain** ([`Phase`]). While draining the listener keeps accepting (probes must answer), but
 //!   every connection closes once its current request is done: HTTP/1 without keep-alive,
-//!   HTTP/2 with GOAWAY; idle ones close at once. When stopped it accepts no more and waits for
-//!   the open connections to finish.
+//!   HTTP/2 with GOAWAY; idle ones close at once. A request is done for the clock when its body
+//!   has given hyper its last frame, but the end of it may still wait in hyper's buffers for a
+//!   slow reader: [`Watched`] tells when a write finds the socket full and when a flush leaves
+//!   nothing waiting ([`Sending`]), the clock does not cut such a connection, and the node's
+//!   drain waits for it as for a request (up to `shutdown.drain_timeout`; HTTP/2 connections
+//!   are left to end by themselves after GOAWAY). When stopped the listener accepts no more and
+//!   waits for the open connections to finish.
 //!
 //! Why our own clock rather than hyper's `http1::Builder::header_read_timeout`: hyper arms that
 //! timer as soon as a keep-alive connection goes back to reading, so it would also close every
@@ -37,7 +44,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -57,6 +64,7 @@ use tokio::time::{Instant, timeout};
 use tower::ServiceExt;
 
 use crate::layers::{GuardedBody, GuardedFuture};
+use crate::lifecycle::Lifecycle;
 
 mod coalesce;
 
@@ -89,7 +97,8 @@ pub(crate) enum Phase {
 
 /// A connection asked to close gets this long to say so (GOAWAY, flush) before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_millis(100);
-/// ...and at least this long after its last response, which may still sit in hyper's buffers.
+/// ...and at least this long after its last response went out (for the goodbye; HTTP/2 data
+/// held back for the peer's flow-control window is not seen by the writes).
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// How long the accept loop waits for an evicted connection to give back its slot.
 const EVICTION_WAIT: Duration = Duration::from_millis(1250);
@@ -119,6 +128,7 @@ pub(crate) async fn serve<S, B>(
     limits: ListenerLimits,
     tls: Option<TlsSource>,
     mut phase: watch::Receiver<Phase>,
+    lifecycle: Lifecycle,
 ) where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -127,6 +137,14 @@ pub(crate) async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let shared = Arc::new(Shared::new(limits, tls));
+    lifecycle.count_unsent_with(Box::new({
+        let shared = Arc::downgrade(&shared);
+        move || {
+            shared
+                .upgrade()
+                .map_or(0, |shared| shared.registry.sending())
+        }
+    }));
     let mut acceptor = Acceptor {
         shared: shared.clone(),
         accept_errors: RateLimited::default(),
@@ -259,7 +277,7 @@ impl Acceptor {
             tracing::warn!(
                 listener = self.shared.limits.name,
                 max_connections = self.shared.limits.max_connections,
-                "every connection has a request in flight; refusing new ones with 503"
+                "every connection has a request in flight or a response being sent; refusing new ones with 503"
             );
         }
         let Ok(permit) = self.shared.refusals.clone().try_acquire_owned() else {
@@ -453,6 +471,12 @@ async fn drive<I, S, B>(
                         Step::Wait(at) => arm(timer.as_mut(), &mut armed, at),
                         Step::Close(_) | Step::Cut(_) => return Poll::Ready(Event::Look),
                     }
+                    // The last request ended after hyper's flush in this poll (a body's end
+                    // found after its bytes went out; an HTTP/2 stream ending on its own
+                    // task): one more poll of the connection reaches a flush that sees it.
+                    if snapshot.in_flight == 0 && snapshot.sending {
+                        cx.waker().wake_by_ref();
+                    }
                 }
                 if changed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Look);
@@ -510,10 +534,16 @@ struct Snapshot {
     served: bool,
     /// The accept loop wants this connection's slot (or descriptor).
     evict: bool,
-    /// When the last request ended (or the connection was accepted).
+    /// When the last request ended (or the connection was accepted), or the socket last took
+    /// bytes of a response that waited for its reader.
     idle_since: Instant,
     /// When the first byte of an HTTP/1 request head arrived, while it is still arriving.
     head_since: Option<Instant>,
+    /// The connection's last response may not be all out yet ([`Sending`]): the clock treats
+    /// it as a request in flight.
+    sending: bool,
+    /// The connection speaks HTTP/2.
+    http2: bool,
 }
 
 /// What the connection task knows beyond its requests.
@@ -559,10 +589,14 @@ impl Reason {
 
 /// The per-connection clock: what to do with a connection now, and when to look again.
 fn decide(s: &Snapshot, c: &Situation, limits: &ListenerLimits, now: Instant) -> Step {
-    if s.in_flight > 0 {
+    // The end of a response still waiting for its reader counts as a request in flight while
+    // the reader takes some of it now and then; one that took nothing for the idle timeout is
+    // treated as idle.
+    let reader_stall = (s.in_flight == 0 && s.sending).then(|| s.idle_since + limits.idle_timeout);
+    if s.in_flight > 0 || reader_stall.is_some_and(|stall| now < stall) {
         // Never cut a running request. Draining: let it finish, then close.
         return match (c.phase, c.closing_since) {
-            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(None),
+            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(reader_stall),
             (Phase::Draining, None) => Step::Close(Reason::Drain),
             (Phase::Stopped, None) => Step::Close(Reason::Stop),
         };
@@ -572,7 +606,7 @@ fn decide(s: &Snapshot, c: &Situation, limits: &ListenerLimits, now: Instant) ->
         return Step::Cut(Some(Reason::HeaderTimeout));
     }
     if let Some(asked) = c.closing_since {
-        return after_close_asked(s, asked, head_deadline, now);
+        return after_close_asked(s, c, asked, head_deadline, now);
     }
     if let Some(reason) = close_reason(s, c, limits, now) {
         // An evicted connection that never had a request has nothing to flush or say goodbye
@@ -612,14 +646,22 @@ fn close_reason(
 /// An idle connection asked to close: hyper ends it by itself, but not one still waiting for
 /// its first HTTP/1 request, so cut it after a grace that lets the goodbye (and the last
 /// response) be flushed. A request head still arriving may finish, unless we were evicted.
+/// While draining, an HTTP/2 connection that served requests is left to hyper, which ends it
+/// once its streams are done (after GOAWAY): h2 may still hold the end of a response for the
+/// peer's flow-control window, which no write of ours shows, and a peer that stops answering
+/// pings is dropped by the keep-alive. The drain waits for it (`Lifecycle::idle`).
 fn after_close_asked(
     s: &Snapshot,
+    c: &Situation,
     asked: Instant,
     head_deadline: Option<Instant>,
     now: Instant,
 ) -> Step {
     if let Some(deadline) = head_deadline.filter(|_| !s.evict) {
         return Step::Wait(Some(deadline));
+    }
+    if s.http2 && s.served && c.phase == Phase::Draining {
+        return Step::Wait(None);
     }
     let mut cut_at = asked + CLOSE_GRACE;
     if s.served {
@@ -648,6 +690,28 @@ struct Activity {
     changed: Notify,
     gone: AtomicBool,
     gone_notify: Notify,
+    /// Where the connection's last response stands ([`Sending`] as a number). Only the
+    /// connection's own task changes it (hyper calls services and writes from it, HTTP/2 too).
+    sending: AtomicU8,
+    http2: AtomicBool,
+}
+
+/// Whether a connection's responses are all out, as its writes tell ([`Watched`]).
+///
+/// A request's guard ([`InFlight`]) drops when its body has given hyper its last frame; the end
+/// of it may still wait in hyper's buffers (or the gathered ones) for a slow reader. The state
+/// is set when a request starts, before any guard of the node's (so a drain never sees the
+/// request gone and its response not yet marked), and cleared by a flush that leaves nothing
+/// waiting once no request is in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Sending {
+    /// Everything handed over was taken by the socket.
+    AllOut = 0,
+    /// A request started; its response is not known to be out.
+    Request = 1,
+    /// A write found the socket full.
+    Blocked = 2,
 }
 
 struct Times {
@@ -658,6 +722,8 @@ struct Times {
 impl Activity {
     fn new() -> Activity {
         Activity {
+            sending: AtomicU8::new(Sending::AllOut as u8),
+            http2: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             evict: AtomicBool::new(false),
@@ -688,11 +754,51 @@ impl Activity {
             evict: self.evict.load(Ordering::SeqCst),
             idle_since: times.idle_since,
             head_since: times.head_since,
+            sending: self.sending.load(Ordering::SeqCst) != Sending::AllOut as u8,
+            http2: self.http2.load(Ordering::SeqCst),
         }
     }
 
+    /// No request in flight and every response byte taken by the socket.
     fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) == 0
+            && self.sending.load(Ordering::SeqCst) == Sending::AllOut as u8
+    }
+
+    /// Whether a drain must wait for this connection: a response not yet all out, or an HTTP/2
+    /// connection that served requests and is still open (see [`after_close_asked`]).
+    fn drain_waits(&self) -> bool {
+        self.sending.load(Ordering::SeqCst) != Sending::AllOut as u8
+            || (self.http2.load(Ordering::SeqCst) && self.served.load(Ordering::SeqCst))
+    }
+
+    /// A write found the socket full: response bytes wait in the connection's buffers.
+    fn write_blocked(&self) {
+        if self.sending.swap(Sending::Blocked as u8, Ordering::SeqCst) != Sending::Blocked as u8 {
+            self.touched();
+        }
+    }
+
+    /// The socket took bytes of a response that had waited for its reader: the reader is alive.
+    fn reader_took_some(&self) {
+        if self.sending.load(Ordering::Relaxed) == Sending::Blocked as u8 {
+            self.times().idle_since = Instant::now();
+        }
+    }
+
+    /// A flush left nothing waiting. Once no request is in flight the responses are all out,
+    /// and a connection that waited on its reader is idle from now.
+    fn flushed(&self) {
+        if self.sending.load(Ordering::Relaxed) == Sending::AllOut as u8
+            || self.in_flight.load(Ordering::SeqCst) > 0
+        {
+            return;
+        }
+        let was = self.sending.swap(Sending::AllOut as u8, Ordering::SeqCst);
+        if was == Sending::Blocked as u8 {
+            self.times().idle_since = Instant::now();
+        }
+        self.touched();
     }
 
     async fn changed(&self) {
@@ -724,11 +830,14 @@ impl Activity {
 
     /// The connection turned out to be HTTP/2: it has no HTTP/1 head to time.
     fn not_http1(&self) {
+        self.http2.store(true, Ordering::SeqCst);
         self.times().head_since = None;
         self.touched();
     }
 
     fn request_started(self: &Arc<Self>) -> InFlight {
+        self.sending
+            .fetch_max(Sending::Request as u8, Ordering::SeqCst);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.served.store(true, Ordering::SeqCst);
         self.times().head_since = None;
@@ -793,8 +902,14 @@ impl Registry {
         }
     }
 
+    /// Connections a drain must wait for ([`Activity::drain_waits`]).
+    fn sending(&self) -> usize {
+        self.open().values().filter(|a| a.drain_waits()).count()
+    }
+
     /// Asks the connection with no request in flight for the longest time to close; `None`
-    /// when every connection has a request in flight. O(open connections), only at the limit.
+    /// when every connection has a request in flight (or a response still being sent).
+    /// O(open connections), only at the limit.
     fn evict_longest_idle(&self) -> Option<Arc<Activity>> {
         let open = self.open();
         let victim = open
@@ -863,6 +978,23 @@ struct Watched<I> {
 }
 
 impl<I> Watched<I> {
+    /// A write that the socket did not take whole leaves bytes waiting; one that the socket
+    /// took some of, while bytes waited, is the reader making progress.
+    fn note_write(&self, written: &Poll<io::Result<usize>>, offered: usize) {
+        match written {
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.activity.reader_took_some();
+                }
+                if *n < offered {
+                    self.activity.write_blocked();
+                }
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+
     fn new(stream: I, activity: Arc<Activity>) -> Watched<I> {
         Watched {
             stream: Coalesced::new(stream),
@@ -902,13 +1034,21 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     }
 }
 
+/// Writes tell the connection's clock when the socket is full, so that neither a drain nor an
+/// eviction cuts a response whose end still waits in hyper's buffers (or the gathered ones),
+/// when the reader took some of it, and when a flush has left nothing waiting. (Data that h2
+/// holds back for the peer's flow-control window is not written, so not seen here; a drain
+/// leaves HTTP/2 connections to end by themselves for that reason.)
 impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.note_write(&written, buf.len());
+        written
     }
 
     fn poll_write_vectored(
@@ -916,7 +1056,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.note_write(&written, bufs.iter().map(|buf| buf.len()).sum());
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -924,7 +1067,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        match flushed {
+            Poll::Pending => this.activity.write_blocked(),
+            Poll::Ready(Ok(())) if !this.stream.holds_bytes() => this.activity.flushed(),
+            Poll::Ready(_) => {}
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1063,6 +1213,8 @@ mod tests {
             evict: false,
             idle_since: at,
             head_since: None,
+            sending: false,
+            http2: false,
         }
     }
 
@@ -1158,6 +1310,76 @@ mod tests {
         assert_eq!(
             decide(&never_used, &asked, &limits(), t0),
             Step::Wait(Some(t0 + CLOSE_GRACE))
+        );
+    }
+
+    #[test]
+    fn the_end_of_a_response_waits_for_a_reader_that_takes_some_of_it_within_the_idle_timeout() {
+        let t0 = Instant::now();
+        // `idle_since`: the body's end, or the last time the socket took some of what waited.
+        let still_sending = Snapshot {
+            sending: true,
+            ..idle_since(t0)
+        };
+        let stall = t0 + 60 * S;
+        assert_eq!(
+            decide(&still_sending, &serving(), &limits(), t0 + 59 * S),
+            Step::Wait(Some(stall)),
+            "not idle while the reader is alive"
+        );
+        let draining = Situation {
+            phase: Phase::Draining,
+            ..serving()
+        };
+        assert_eq!(
+            decide(&still_sending, &draining, &limits(), t0),
+            Step::Close(Reason::Drain)
+        );
+        let closing = Situation {
+            closing_since: Some(t0),
+            ..draining
+        };
+        assert_eq!(
+            decide(&still_sending, &closing, &limits(), t0 + 59 * S),
+            Step::Wait(Some(stall)),
+            "the drain waits for it (up to shutdown.drain_timeout)"
+        );
+        assert_eq!(
+            decide(&still_sending, &serving(), &limits(), stall),
+            Step::Close(Reason::Idle),
+            "a reader that took nothing for the idle timeout is idle"
+        );
+        assert_eq!(
+            decide(&still_sending, &closing, &limits(), stall),
+            Step::Cut(None)
+        );
+    }
+
+    #[test]
+    fn draining_leaves_an_http2_connection_to_end_after_goaway_until_the_node_stops() {
+        let t0 = Instant::now();
+        let http2 = Snapshot {
+            http2: true,
+            ..idle_since(t0)
+        };
+        let closing = Situation {
+            phase: Phase::Draining,
+            closing_since: Some(t0),
+            ..serving()
+        };
+        assert_eq!(
+            decide(&http2, &closing, &limits(), t0 + 3600 * S),
+            Step::Wait(None),
+            "h2 may hold the end of a response for the peer's window"
+        );
+        let stopped = Situation {
+            phase: Phase::Stopped,
+            ..closing
+        };
+        assert_eq!(
+            decide(&http2, &stopped, &limits(), t0 + FLUSH_GRACE),
+            Step::Cut(None),
+            "the drain is over"
         );
     }
 

@@ -99,7 +99,7 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
     );
     // Up to three listeners, each with up to `server.max_connections`.
     warn_if_descriptors_run_short(3 * config.server.max_connections);
-    let phase = spawn_phase_updates(lifecycle, shutdown.clone());
+    let phase = spawn_phase_updates(lifecycle.clone(), shutdown.clone());
     // Every listener in one task set, under one phase: they drain and stop together.
     let http = listener::serve(
         listener,
@@ -107,6 +107,7 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         limits("http", &config),
         None,
         phase.clone(),
+        lifecycle.clone(),
     );
     let grpc = listener::serve(
         grpc_listener,
@@ -114,13 +115,15 @@ pub async fn serve(config: Config, allow_insecure: bool) -> anyhow::Result<()> {
         limits("grpc", &config),
         None,
         phase.clone(),
+        lifecycle.clone(),
     );
     let internal = async {
         if let (Some(listener), Some(mesh)) = (internal_listener, mesh) {
             let router = crate::replication::router(context, mesh);
             let tls =
                 peer_tls.map(|tls| Arc::new(move || tls.server_config()) as listener::TlsSource);
-            listener::serve(listener, router, limits("internal", &config), tls, phase).await;
+            let limits = limits("internal", &config);
+            listener::serve(listener, router, limits, tls, phase, lifecycle).await;
         }
     };
     let server = async {
@@ -450,7 +453,11 @@ fn spawn_signal_handling(
             }
             exiting = true;
             lifecycle.start_draining();
-            tracing::info!(in_flight = lifecycle.in_flight(), "draining before exit");
+            tracing::info!(
+                in_flight = lifecycle.in_flight(),
+                unsent = lifecycle.unsent(),
+                "draining before exit"
+            );
             let lifecycle = lifecycle.clone();
             let done = done.clone();
             tokio::spawn(async move {
@@ -458,7 +465,11 @@ fn spawn_signal_handling(
                     .await
                     .is_err()
                 {
-                    tracing::warn!(in_flight = lifecycle.in_flight(), "drain timeout reached");
+                    tracing::warn!(
+                        in_flight = lifecycle.in_flight(),
+                        unsent = lifecycle.unsent(),
+                        "drain timeout reached"
+                    );
                 }
                 done.trigger();
             });

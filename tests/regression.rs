@@ -1103,3 +1103,88 @@ fn drain_closes_idle_keep_alive_connections_and_still_answers_probes() {
         "a connection opened while draining outlived its request"
     );
 }
+
+/// Item 2 (drain): a drain lets a download finish however slowly its client reads. The end of
+/// a response can still wait in the node's buffers after its body is done; the node used to cut
+/// such a connection a second after asking it to close (and to count the drain as over), so the
+/// client got a truncated body. Whether the end of a body waits there depends on the kernel's
+/// socket buffers, so the test downloads bodies of many sizes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_does_not_cut_the_end_of_a_download_that_its_client_reads_slowly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut node = Node::start();
+    // From 128 KiB to 6 MiB: the end of one of them waits in the node's buffers whatever the
+    // kernel's socket buffers hold.
+    let sizes: Vec<usize> = std::iter::once(MIB / 8)
+        .chain((1..=24).map(|quarters| quarters * MIB / 4))
+        .collect();
+    let http = client();
+    for (n, &size) in sizes.iter().enumerate() {
+        let put = http
+            .put(gradle(&node, &format!("slow-{n}")))
+            .body(payload(n as u64, size))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
+    let mut readers = Vec::new();
+    for n in 0..sizes.len() {
+        // A small receive window: most of the response waits on the node's side while the
+        // client does not read.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(node.addr).await.unwrap();
+        let path = format!("/api/cache/gradle/slow-{n}?account_handle=dev");
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: kura\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        readers.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.signal(libc::SIGTERM);
+    // Longer than the grace the node gives a closing connection to flush.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The case under test happened: some responses were whole in the node's hands but not yet
+    // sent when the drain began (connections still sending beyond the requests in flight).
+    let drain = node
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["fields"]["message"] == "draining before exit")
+        .expect("the drain's log line");
+    let fields = &drain["fields"];
+    assert!(
+        fields["unsent"].as_u64() > fields["in_flight"].as_u64(),
+        "no response waited on its reader when the drain began: {fields}"
+    );
+    let reads = readers.into_iter().map(|mut stream| async move {
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut received));
+        read.await
+            .expect("the node closes the connection once the response is out")
+            .expect("read");
+        received
+    });
+    for (n, received) in join_all(reads).await.into_iter().enumerate() {
+        let end = received
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head")
+            + 4;
+        let head = String::from_utf8_lossy(&received[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(
+            received.len() - end,
+            sizes[n],
+            "the whole body of {} bytes arrived",
+            sizes[n]
+        );
+        assert!(received[end..] == payload(n as u64, sizes[n])[..]);
+    }
+    let status = node
+        .wait_exit(Duration::from_secs(20))
+        .expect("the node exits once every response is out");
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,6 +1,7 @@
 //! Admission: while the node drains, new work is refused; past `limits.max_in_flight_requests`
 //! it is shed. Probes always pass. Admitted work counts as in flight until its response body
-//! is done (a download until its last byte), which is what a drain waits for.
+//! is done (a download until its last byte); a drain waits for that, and for the listeners to
+//! have sent what those bodies gave them (`listener.rs`).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -68,6 +68,11 @@ impl<I> Coalesced<I> {
     pub(super) fn gather(&mut self) {
         self.gathering = true;
     }
+
+    /// Whether gathered bytes wait to be sent (after a flush that was put off).
+    pub(super) fn holds_bytes(&self) -> bool {
+        self.sent < self.pending.len()
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Coalesced<I> {
