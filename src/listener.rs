@@ -14,8 +14,13 @@
 //!   until its response body has given hyper its last frame (or was dropped: the peer gone), so
 //!   a long download is never idle, however slowly the client reads. (hyper drops a body in
 //!   the same poll in which it yields its end, so the two moments coincide.) The end of a
-//!   response still waiting in hyper's buffers for its reader counts too, as long as the
-//!   reader takes some of it within `idle_timeout` ([`Sending`]).
+//!   response still waiting in hyper's buffers for its reader counts too ([`Sending`]).
+//! - **Stalled reader.** A connection whose response writes wait on a full socket, and whose
+//!   socket took nothing of them for `idle_timeout`, is cut, request in flight or not (a gone
+//!   peer, or one holding its connection, slot and body memory on purpose; nginx's
+//!   `send_timeout` does the same). The socket reports room only once a third of its send
+//!   buffer is free, so with a send buffer of a few MiB a reader slower than some tens of KiB
+//!   a minute looks stalled.
 //! - **Connection limit.** At most `max_connections` connections are open (a semaphore; each
 //!   connection task holds a permit). At the limit the connection idle the longest is closed to
 //!   make room, so idle sockets never lock out probes or real clients; only when every
@@ -534,14 +539,16 @@ struct Snapshot {
     served: bool,
     /// The accept loop wants this connection's slot (or descriptor).
     evict: bool,
-    /// When the last request ended (or the connection was accepted), or the socket last took
-    /// bytes of a response that waited for its reader.
+    /// When the last request ended (or the connection was accepted), or the last response that
+    /// waited for its reader went out.
     idle_since: Instant,
     /// When the first byte of an HTTP/1 request head arrived, while it is still arriving.
     head_since: Option<Instant>,
     /// The connection's last response may not be all out yet ([`Sending`]): the clock treats
     /// it as a request in flight.
     sending: bool,
+    /// A write waits on a full socket: since when the reader took nothing.
+    blocked_since: Option<Instant>,
     /// The connection speaks HTTP/2.
     http2: bool,
 }
@@ -573,11 +580,14 @@ enum Reason {
     Evicted,
     Drain,
     Stop,
+    /// The reader took nothing of a response for `idle_timeout`.
+    StalledReader,
 }
 
 impl Reason {
     fn as_str(self) -> &'static str {
         match self {
+            Reason::StalledReader => "stalled_reader",
             Reason::Idle => "idle",
             Reason::HeaderTimeout => "header_timeout",
             Reason::Evicted => "evicted",
@@ -589,14 +599,21 @@ impl Reason {
 
 /// The per-connection clock: what to do with a connection now, and when to look again.
 fn decide(s: &Snapshot, c: &Situation, limits: &ListenerLimits, now: Instant) -> Step {
-    // The end of a response still waiting for its reader counts as a request in flight while
-    // the reader takes some of it now and then; one that took nothing for the idle timeout is
-    // treated as idle.
-    let reader_stall = (s.in_flight == 0 && s.sending).then(|| s.idle_since + limits.idle_timeout);
-    if s.in_flight > 0 || reader_stall.is_some_and(|stall| now < stall) {
-        // Never cut a running request. Draining: let it finish, then close.
+    // A reader that took nothing of a response for the idle timeout is gone, or holding the
+    // connection on purpose: cut it, whatever is in flight (hyper could not finish anyway).
+    let reader_stall = s.blocked_since.map(|since| since + limits.idle_timeout);
+    if reader_stall.is_some_and(|stall| now >= stall) {
+        return Step::Cut(Some(Reason::StalledReader));
+    }
+    // A response not known to be out, with no request running and nothing waiting on the
+    // socket, is a flush still to come; should it never come, the idle clock applies.
+    let unflushed = (s.in_flight == 0 && s.sending && s.blocked_since.is_none())
+        .then(|| s.idle_since + limits.idle_timeout);
+    if s.in_flight > 0 || s.blocked_since.is_some() || unflushed.is_some_and(|at| now < at) {
+        // Never cut a running request, nor the end of its response still waiting for its
+        // reader. Draining: let it finish, then close.
         return match (c.phase, c.closing_since) {
-            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(reader_stall),
+            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(reader_stall.or(unflushed)),
             (Phase::Draining, None) => Step::Close(Reason::Drain),
             (Phase::Stopped, None) => Step::Close(Reason::Stop),
         };
@@ -717,6 +734,9 @@ enum Sending {
 struct Times {
     idle_since: Instant,
     head_since: Option<Instant>,
+    /// While a write waits on a full socket: when it began waiting, or the socket last took
+    /// some of what waited.
+    progress_at: Instant,
 }
 
 impl Activity {
@@ -730,6 +750,7 @@ impl Activity {
             times: Mutex::new(Times {
                 idle_since: Instant::now(),
                 head_since: None,
+                progress_at: Instant::now(),
             }),
             dirty: AtomicBool::new(false),
             polling: AtomicBool::new(false),
@@ -747,6 +768,7 @@ impl Activity {
     }
 
     fn snapshot(&self) -> Snapshot {
+        let sending = self.sending.load(Ordering::SeqCst);
         let times = self.times();
         Snapshot {
             in_flight: self.in_flight.load(Ordering::SeqCst),
@@ -754,7 +776,8 @@ impl Activity {
             evict: self.evict.load(Ordering::SeqCst),
             idle_since: times.idle_since,
             head_since: times.head_since,
-            sending: self.sending.load(Ordering::SeqCst) != Sending::AllOut as u8,
+            sending: sending != Sending::AllOut as u8,
+            blocked_since: (sending == Sending::Blocked as u8).then_some(times.progress_at),
             http2: self.http2.load(Ordering::SeqCst),
         }
     }
@@ -774,24 +797,36 @@ impl Activity {
 
     /// A write found the socket full: response bytes wait in the connection's buffers.
     fn write_blocked(&self) {
-        if self.sending.swap(Sending::Blocked as u8, Ordering::SeqCst) != Sending::Blocked as u8 {
-            self.touched();
+        if self.sending.load(Ordering::Relaxed) == Sending::Blocked as u8 {
+            return;
         }
+        self.times().progress_at = Instant::now();
+        self.sending.store(Sending::Blocked as u8, Ordering::SeqCst);
+        self.touched();
     }
 
     /// The socket took bytes of a response that had waited for its reader: the reader is alive.
     fn reader_took_some(&self) {
         if self.sending.load(Ordering::Relaxed) == Sending::Blocked as u8 {
-            self.times().idle_since = Instant::now();
+            self.times().progress_at = Instant::now();
         }
     }
 
     /// A flush left nothing waiting. Once no request is in flight the responses are all out,
     /// and a connection that waited on its reader is idle from now.
     fn flushed(&self) {
-        if self.sending.load(Ordering::Relaxed) == Sending::AllOut as u8
-            || self.in_flight.load(Ordering::SeqCst) > 0
-        {
+        if self.sending.load(Ordering::Relaxed) == Sending::AllOut as u8 {
+            return;
+        }
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            // Nothing waits on the socket now: a request still running (an upload, a slow
+            // answer) is not a stalled reader.
+            let _ = self.sending.compare_exchange(
+                Sending::Blocked as u8,
+                Sending::Request as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
             return;
         }
         let was = self.sending.swap(Sending::AllOut as u8, Ordering::SeqCst);
@@ -978,20 +1013,21 @@ struct Watched<I> {
 }
 
 impl<I> Watched<I> {
-    /// A write that the socket did not take whole leaves bytes waiting; one that the socket
-    /// took some of, while bytes waited, is the reader making progress.
-    fn note_write(&self, written: &Poll<io::Result<usize>>, offered: usize) {
+    /// A write that the socket did not take whole leaves bytes waiting (one copied into the
+    /// gathering buffer is taken whole).
+    fn note_write(&self, written: &Poll<io::Result<usize>>, offered: usize, took_before: u64) {
+        self.note_progress(took_before);
         match written {
             Poll::Pending => self.activity.write_blocked(),
-            Poll::Ready(Ok(n)) => {
-                if *n > 0 {
-                    self.activity.reader_took_some();
-                }
-                if *n < offered {
-                    self.activity.write_blocked();
-                }
-            }
-            Poll::Ready(Err(_)) => {}
+            Poll::Ready(Ok(n)) if *n < offered => self.activity.write_blocked(),
+            Poll::Ready(_) => {}
+        }
+    }
+
+    /// The socket took bytes since `took_before`: the reader is alive.
+    fn note_progress(&self, took_before: u64) {
+        if self.stream.socket_took() > took_before {
+            self.activity.reader_took_some();
         }
     }
 
@@ -1036,9 +1072,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
 
 /// Writes tell the connection's clock when the socket is full, so that neither a drain nor an
 /// eviction cuts a response whose end still waits in hyper's buffers (or the gathered ones),
-/// when the reader took some of it, and when a flush has left nothing waiting. (Data that h2
-/// holds back for the peer's flow-control window is not written, so not seen here; a drain
-/// leaves HTTP/2 connections to end by themselves for that reason.)
+/// when the socket took some of it (bytes copied into the gathering buffer do not count), and
+/// when a flush has left nothing waiting. Under TLS the socket here is rustls's, which takes up
+/// to its own buffer's worth ahead of the peer. (Data that h2 holds back for the peer's
+/// flow-control window is not written, so not seen here; a drain leaves HTTP/2 connections to
+/// end by themselves for that reason.)
 impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -1046,8 +1084,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let took = this.stream.socket_took();
         let written = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.note_write(&written, buf.len());
+        this.note_write(&written, buf.len(), took);
         written
     }
 
@@ -1057,8 +1096,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let took = this.stream.socket_took();
         let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.note_write(&written, bufs.iter().map(|buf| buf.len()).sum());
+        this.note_write(&written, bufs.iter().map(|buf| buf.len()).sum(), took);
         written
     }
 
@@ -1068,7 +1108,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let took = this.stream.socket_took();
         let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        this.note_progress(took);
         match flushed {
             Poll::Pending => this.activity.write_blocked(),
             Poll::Ready(Ok(())) if !this.stream.holds_bytes() => this.activity.flushed(),
@@ -1078,7 +1120,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        let took = this.stream.socket_took();
+        let shut = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.note_progress(took);
+        shut
     }
 }
 
@@ -1214,6 +1260,7 @@ mod tests {
             idle_since: at,
             head_since: None,
             sending: false,
+            blocked_since: None,
             http2: false,
         }
     }
@@ -1316,9 +1363,11 @@ mod tests {
     #[test]
     fn the_end_of_a_response_waits_for_a_reader_that_takes_some_of_it_within_the_idle_timeout() {
         let t0 = Instant::now();
-        // `idle_since`: the body's end, or the last time the socket took some of what waited.
+        // Its body is done; the last of it waits on a full socket since `t0` (or the socket
+        // last took some of it then).
         let still_sending = Snapshot {
             sending: true,
+            blocked_since: Some(t0),
             ..idle_since(t0)
         };
         let stall = t0 + 60 * S;
@@ -1344,14 +1393,55 @@ mod tests {
             Step::Wait(Some(stall)),
             "the drain waits for it (up to shutdown.drain_timeout)"
         );
+        for situation in [serving(), closing] {
+            assert_eq!(
+                decide(&still_sending, &situation, &limits(), stall),
+                Step::Cut(Some(Reason::StalledReader)),
+                "a reader that took nothing for the idle timeout is cut"
+            );
+        }
+        // Not yet known to be out, but nothing waits on the socket: a flush is still to come,
+        // and should it never come the idle clock applies.
+        let unflushed = Snapshot {
+            blocked_since: None,
+            ..still_sending
+        };
         assert_eq!(
-            decide(&still_sending, &serving(), &limits(), stall),
-            Step::Close(Reason::Idle),
-            "a reader that took nothing for the idle timeout is idle"
+            decide(&unflushed, &serving(), &limits(), t0 + 59 * S),
+            Step::Wait(Some(t0 + 60 * S))
         );
         assert_eq!(
-            decide(&still_sending, &closing, &limits(), stall),
-            Step::Cut(None)
+            decide(&unflushed, &serving(), &limits(), t0 + 60 * S),
+            Step::Close(Reason::Idle)
+        );
+    }
+
+    #[test]
+    fn a_download_whose_reader_takes_nothing_for_the_idle_timeout_is_cut() {
+        let t0 = Instant::now();
+        let stuck = Snapshot {
+            in_flight: 1,
+            sending: true,
+            blocked_since: Some(t0 + 10 * S),
+            ..idle_since(t0)
+        };
+        assert_eq!(
+            decide(&stuck, &serving(), &limits(), t0 + 69 * S),
+            Step::Wait(Some(t0 + 70 * S)),
+            "the reader took some 60 s ago at most"
+        );
+        assert_eq!(
+            decide(&stuck, &serving(), &limits(), t0 + 70 * S),
+            Step::Cut(Some(Reason::StalledReader))
+        );
+        let busy = Snapshot {
+            blocked_since: None,
+            ..stuck
+        };
+        assert_eq!(
+            decide(&busy, &serving(), &limits(), t0 + 3600 * S),
+            Step::Wait(None),
+            "a request that is not writing (an upload, a slow answer) has no such clock"
         );
     }
 

@@ -270,7 +270,7 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_CLOSED_TOTAL,
-        "Connections closed or refused by the node, by listener and reason (idle, header_timeout, evicted, refused, drain, stop)."
+        "Connections closed or refused by the node, by listener and reason (idle, header_timeout, evicted, refused, drain, stop, stalled_reader)."
     );
 }
 

@@ -1113,11 +1113,9 @@ fn drain_closes_idle_keep_alive_connections_and_still_answers_probes() {
 async fn a_drain_does_not_cut_the_end_of_a_download_that_its_client_reads_slowly() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut node = Node::start();
-    // From 128 KiB to 6 MiB: the end of one of them waits in the node's buffers whatever the
+    // From 128 KiB to 6 MiB: the end of some of them waits in the node's buffers whatever the
     // kernel's socket buffers hold.
-    let sizes: Vec<usize> = std::iter::once(MIB / 8)
-        .chain((1..=24).map(|quarters| quarters * MIB / 4))
-        .collect();
+    let sizes: Vec<usize> = (1..=48).map(|eighths| eighths * MIB / 8).collect();
     let http = client();
     for (n, &size) in sizes.iter().enumerate() {
         let put = http
@@ -1142,6 +1140,8 @@ async fn a_drain_does_not_cut_the_end_of_a_download_that_its_client_reads_slowly
             .unwrap();
         readers.push(stream);
     }
+    // Long enough for the node to hand over what fits; not so long that the kernel's send
+    // buffers grow to take it all.
     tokio::time::sleep(Duration::from_millis(500)).await;
     node.signal(libc::SIGTERM);
     // Longer than the grace the node gives a closing connection to flush.
@@ -1187,4 +1187,54 @@ async fn a_drain_does_not_cut_the_end_of_a_download_that_its_client_reads_slowly
         .wait_exit(Duration::from_secs(20))
         .expect("the node exits once every response is out");
     assert_eq!(status.code(), Some(0));
+}
+
+/// Item 2 (slow reads): a client that asks for a download and then reads nothing held its
+/// connection, its request slot and its body memory for as long as it liked. A reader that
+/// takes nothing for `server.idle_timeout` is now cut, as nginx's `send_timeout` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_takes_nothing_for_the_idle_timeout_is_cut_and_frees_its_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 16 << 20;
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_SERVER_IDLE_TIMEOUT", "3s")
+            .env("KURA_LIMITS_GRADLE", "64MiB"),
+    );
+    let put = client()
+        .put(gradle(&node, "unread"))
+        .body(payload(42, SIZE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(node.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /api/cache/gradle/unread?account_handle=dev HTTP/1.1\r\nHost: kura\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let in_flight = "kura_http_requests_in_flight";
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(node.metric(in_flight).await, 1, "the download is under way");
+    // Read nothing; the node cuts the connection about 3 s after its writes began to wait.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node.metric(in_flight).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the unread download still holds its request"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let series = r#"kura_connections_closed_total{listener="http",reason="stalled_reader"}"#;
+    assert_eq!(node.metric(series).await, 1);
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received).await;
+    assert!(
+        received.len() < SIZE,
+        "the connection was cut, not finished"
+    );
 }

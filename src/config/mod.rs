@@ -41,7 +41,8 @@ pub struct ServerConfig {
     pub internal: SocketAddr,
     /// An HTTP/1 request's line and headers must arrive within this of its first byte.
     pub header_timeout: HumanDuration,
-    /// Connections with no request in flight for this long are closed.
+    /// Connections with no request in flight for this long are closed, and one whose reader
+    /// took nothing of a response for this long is cut.
     pub idle_timeout: HumanDuration,
     /// Connections open at once on the HTTP listener; at the limit the longest-idle one is
     /// closed to make room.

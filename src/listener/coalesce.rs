@@ -51,6 +51,9 @@ pub(super) struct Coalesced<I> {
     sent: usize,
     /// Whether a write came since the last flush, so that the next flush may be put off.
     defer_next_flush: bool,
+    /// Bytes the socket has taken, gathered or not: what tells a reader's progress (a write
+    /// into the buffer is not).
+    socket_took: u64,
 }
 
 impl<I> Coalesced<I> {
@@ -61,7 +64,13 @@ impl<I> Coalesced<I> {
             pending: Vec::new(),
             sent: 0,
             defer_next_flush: false,
+            socket_took: 0,
         }
+    }
+
+    /// Bytes the socket has taken so far.
+    pub(super) fn socket_took(&self) -> u64 {
+        self.socket_took
     }
 
     /// Gathers writes from now on: the connection speaks HTTP/2.
@@ -94,6 +103,7 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
+            self.socket_took += n as u64;
         }
         self.pending.clear();
         self.sent = 0;
@@ -107,6 +117,19 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
         Poll::Ready(Ok(()))
     }
 
+    /// Writes `bufs` to the socket as they are, counting what it took.
+    fn poll_write_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.socket_took += n as u64;
+        }
+        written
+    }
+
     /// Copies `bufs` behind the pending bytes, making room first if they would not fit.
     fn poll_gather(
         &mut self,
@@ -117,12 +140,12 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
         if self.pending.is_empty() && len < DEFER_FROM {
             // No burst under way: a small answer (h2 writes a unary call's frames in one go)
             // goes to the socket as before, without a copy or a buffer.
-            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            return self.poll_write_through(cx, bufs);
         }
         if self.pending.len() + len > GATHER_MAX {
             ready!(self.poll_send_pending(cx))?;
             if len >= GATHER_MAX {
-                return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+                return self.poll_write_through(cx, bufs);
             }
         }
         if self.pending.capacity() == 0 {
@@ -147,7 +170,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesced<I> {
         if this.gathering {
             this.poll_gather(cx, &[io::IoSlice::new(buf)])
         } else {
-            Pin::new(&mut this.inner).poll_write(cx, buf)
+            let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = written {
+                this.socket_took += n as u64;
+            }
+            written
         }
     }
 
@@ -160,7 +187,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesced<I> {
         if this.gathering {
             this.poll_gather(cx, bufs)
         } else {
-            Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+            this.poll_write_through(cx, bufs)
         }
     }
 
@@ -281,6 +308,26 @@ mod tests {
     /// A DATA frame as h2 writes it: 16 KiB of `byte`.
     fn frame(byte: u8) -> Vec<u8> {
         vec![byte; 16 * 1024]
+    }
+
+    /// What tells a reader's progress is what the socket took, not what went into the buffer.
+    #[test]
+    fn only_bytes_the_socket_took_count_as_taken() {
+        let mut h = Harness::gathering();
+        assert!(matches!(h.write(&frame(1)), Poll::Ready(Ok(_))));
+        assert_eq!(h.io.socket_took(), 0, "gathered, not sent");
+        assert!(matches!(h.flush(), Poll::Ready(Ok(())))); // put off
+        h.io.inner.room = Some(1000);
+        assert!(matches!(h.flush(), Poll::Ready(Ok(())) | Poll::Pending));
+        let sent = h.sent().len() as u64;
+        assert!(sent > 0);
+        assert_eq!(h.io.socket_took(), sent);
+        h.io.inner.room = None;
+        assert!(matches!(h.flush(), Poll::Ready(Ok(()))));
+        assert_eq!(h.io.socket_took(), 16 * 1024);
+        // A small answer written straight through counts as it goes.
+        assert!(matches!(h.write(b"small"), Poll::Ready(Ok(5))));
+        assert_eq!(h.io.socket_took(), 16 * 1024 + 5);
     }
 
     #[test]
