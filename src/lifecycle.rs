@@ -1,5 +1,5 @@
 //! Node lifecycle: `starting` → `serving` → `draining`, and what a drain waits for: the requests
-//! in flight, and the responses whose last bytes still wait to be sent to a slow reader.
+//! in flight, and the connections still sending what those requests answered.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,8 +35,8 @@ pub struct Lifecycle {
 struct Inner {
     state: AtomicU8,
     in_flight: AtomicUsize,
-    /// Each listener's count of its connections with response bytes not yet sent (`listener.rs`).
-    unsent_counts: Mutex<Vec<UnsentCount>>,
+    /// Each listener's count of its connections still sending (`listener.rs`).
+    sending_counts: Mutex<Vec<SendingCount>>,
     idle: Notify,
     draining: Notify,
 }
@@ -82,22 +82,22 @@ impl Lifecycle {
         }
     }
 
-    /// Adds a listener's count of connections with response bytes not yet sent. A drain waits
-    /// for them as for requests (a response body can be done while its end still waits for a
-    /// slow reader), but the in-flight limit does not count them.
-    pub(crate) fn count_unsent_with(&self, count: UnsentCount) {
+    /// Adds a listener's count of its connections still sending. A drain waits for them as for
+    /// requests (a response body can be done while its end still waits for a slow reader), but
+    /// the in-flight limit does not count them.
+    pub(crate) fn count_sending_with(&self, count: SendingCount) {
         self.inner
-            .unsent_counts
+            .sending_counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(count);
     }
 
-    /// Connections with response bytes still to send (requests in flight included).
-    pub fn unsent(&self) -> usize {
+    /// Connections still sending (those with requests in flight included).
+    pub fn sending(&self) -> usize {
         let counts = self
             .inner
-            .unsent_counts
+            .sending_counts
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         counts.iter().map(|count| count()).sum()
@@ -108,16 +108,16 @@ impl Lifecycle {
     }
 
     /// Resolves when no request is in flight and every response is sent. Requests wake it as
-    /// they end; responses still being sent are looked at every [`UNSENT_LOOK`], so that no
+    /// they end; connections still sending are looked at every [`SENDING_LOOK`], so that no
     /// connection's writes pay for waking a drain.
     pub async fn idle(&self) {
         loop {
             let notified = self.inner.idle.notified();
             if self.in_flight() == 0 {
-                if self.unsent() == 0 {
+                if self.sending() == 0 {
                     return;
                 }
-                tokio::time::sleep(UNSENT_LOOK).await;
+                tokio::time::sleep(SENDING_LOOK).await;
                 continue;
             }
             notified.await;
@@ -125,11 +125,11 @@ impl Lifecycle {
     }
 }
 
-/// A listener's count of its connections with response bytes not yet sent.
-pub(crate) type UnsentCount = Box<dyn Fn() -> usize + Send + Sync>;
+/// A listener's count of its connections still sending.
+pub(crate) type SendingCount = Box<dyn Fn() -> usize + Send + Sync>;
 
-/// How often a drain looks again at responses still being sent.
-const UNSENT_LOOK: Duration = Duration::from_millis(20);
+/// How often a drain looks again at connections still sending.
+const SENDING_LOOK: Duration = Duration::from_millis(20);
 
 /// A request in flight (its response body included).
 pub struct InFlight {
@@ -170,21 +170,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn idle_waits_for_unsent_responses_too() {
+    async fn idle_waits_for_connections_still_sending_too() {
         let lifecycle = Lifecycle::default();
-        let unsent = Arc::new(AtomicUsize::new(1));
-        lifecycle.count_unsent_with(Box::new({
-            let unsent = unsent.clone();
-            move || unsent.load(Ordering::SeqCst)
+        let sending = Arc::new(AtomicUsize::new(1));
+        lifecycle.count_sending_with(Box::new({
+            let sending = sending.clone();
+            move || sending.load(Ordering::SeqCst)
         }));
         assert_eq!(lifecycle.in_flight(), 0, "not a request: no in-flight slot");
         let waiter = tokio::spawn({
             let lifecycle = lifecycle.clone();
             async move { lifecycle.idle().await }
         });
-        tokio::time::sleep(UNSENT_LOOK * 3).await;
+        tokio::time::sleep(SENDING_LOOK * 3).await;
         assert!(!waiter.is_finished());
-        unsent.store(0, Ordering::SeqCst);
+        sending.store(0, Ordering::SeqCst);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
             .await
             .unwrap()

@@ -142,12 +142,12 @@ pub(crate) async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let shared = Arc::new(Shared::new(limits, tls));
-    lifecycle.count_unsent_with(Box::new({
+    lifecycle.count_sending_with(Box::new({
         let shared = Arc::downgrade(&shared);
         move || {
             shared
                 .upgrade()
-                .map_or(0, |shared| shared.registry.sending())
+                .map_or(0, |shared| shared.registry.drain_waits())
         }
     }));
     let mut acceptor = Acceptor {
@@ -720,7 +720,9 @@ struct Activity {
 /// is set when a request starts, before any guard of the node's (so a drain never sees the
 /// request gone and its response not yet marked), and cleared by a flush that leaves nothing
 /// waiting once no request is in flight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// Stored as its number, in this order: a request starting raises the state to `Request` and
+/// never lowers `Blocked`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Sending {
     /// Everything handed over was taken by the socket.
@@ -729,6 +731,16 @@ enum Sending {
     Request = 1,
     /// A write found the socket full.
     Blocked = 2,
+}
+
+impl Sending {
+    fn of(stored: u8) -> Sending {
+        match stored {
+            0 => Sending::AllOut,
+            1 => Sending::Request,
+            _ => Sending::Blocked,
+        }
+    }
 }
 
 struct Times {
@@ -768,7 +780,7 @@ impl Activity {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let sending = self.sending.load(Ordering::SeqCst);
+        let sending = self.sending();
         let times = self.times();
         Snapshot {
             in_flight: self.in_flight.load(Ordering::SeqCst),
@@ -776,28 +788,31 @@ impl Activity {
             evict: self.evict.load(Ordering::SeqCst),
             idle_since: times.idle_since,
             head_since: times.head_since,
-            sending: sending != Sending::AllOut as u8,
-            blocked_since: (sending == Sending::Blocked as u8).then_some(times.progress_at),
+            sending: sending != Sending::AllOut,
+            blocked_since: (sending == Sending::Blocked).then_some(times.progress_at),
             http2: self.http2.load(Ordering::SeqCst),
         }
     }
 
     /// No request in flight and every response byte taken by the socket.
     fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) == 0
-            && self.sending.load(Ordering::SeqCst) == Sending::AllOut as u8
+        self.in_flight.load(Ordering::SeqCst) == 0 && self.sending() == Sending::AllOut
+    }
+
+    fn sending(&self) -> Sending {
+        Sending::of(self.sending.load(Ordering::SeqCst))
     }
 
     /// Whether a drain must wait for this connection: a response not yet all out, or an HTTP/2
     /// connection that served requests and is still open (see [`after_close_asked`]).
     fn drain_waits(&self) -> bool {
-        self.sending.load(Ordering::SeqCst) != Sending::AllOut as u8
+        self.sending() != Sending::AllOut
             || (self.http2.load(Ordering::SeqCst) && self.served.load(Ordering::SeqCst))
     }
 
     /// A write found the socket full: response bytes wait in the connection's buffers.
     fn write_blocked(&self) {
-        if self.sending.load(Ordering::Relaxed) == Sending::Blocked as u8 {
+        if self.sending() == Sending::Blocked {
             return;
         }
         self.times().progress_at = Instant::now();
@@ -807,7 +822,7 @@ impl Activity {
 
     /// The socket took bytes of a response that had waited for its reader: the reader is alive.
     fn reader_took_some(&self) {
-        if self.sending.load(Ordering::Relaxed) == Sending::Blocked as u8 {
+        if self.sending() == Sending::Blocked {
             self.times().progress_at = Instant::now();
         }
     }
@@ -815,7 +830,7 @@ impl Activity {
     /// A flush left nothing waiting. Once no request is in flight the responses are all out,
     /// and a connection that waited on its reader is idle from now.
     fn flushed(&self) {
-        if self.sending.load(Ordering::Relaxed) == Sending::AllOut as u8 {
+        if self.sending() == Sending::AllOut {
             return;
         }
         if self.in_flight.load(Ordering::SeqCst) > 0 {
@@ -830,7 +845,7 @@ impl Activity {
             return;
         }
         let was = self.sending.swap(Sending::AllOut as u8, Ordering::SeqCst);
-        if was == Sending::Blocked as u8 {
+        if Sending::of(was) == Sending::Blocked {
             self.times().idle_since = Instant::now();
         }
         self.touched();
@@ -938,7 +953,7 @@ impl Registry {
     }
 
     /// Connections a drain must wait for ([`Activity::drain_waits`]).
-    fn sending(&self) -> usize {
+    fn drain_waits(&self) -> usize {
         self.open().values().filter(|a| a.drain_waits()).count()
     }
 

@@ -455,7 +455,7 @@ fn spawn_signal_handling(
             lifecycle.start_draining();
             tracing::info!(
                 in_flight = lifecycle.in_flight(),
-                unsent = lifecycle.unsent(),
+                sending = lifecycle.sending(),
                 "draining before exit"
             );
             let lifecycle = lifecycle.clone();
@@ -467,7 +467,7 @@ fn spawn_signal_handling(
                 {
                     tracing::warn!(
                         in_flight = lifecycle.in_flight(),
-                        unsent = lifecycle.unsent(),
+                        sending = lifecycle.sending(),
                         "drain timeout reached"
                     );
                 }

@@ -1156,7 +1156,7 @@ async fn a_drain_does_not_cut_the_end_of_a_download_that_its_client_reads_slowly
         .expect("the drain's log line");
     let fields = &drain["fields"];
     assert!(
-        fields["unsent"].as_u64() > fields["in_flight"].as_u64(),
+        fields["sending"].as_u64() > fields["in_flight"].as_u64(),
         "no response waited on its reader when the drain began: {fields}"
     );
     let reads = readers.into_iter().map(|mut stream| async move {

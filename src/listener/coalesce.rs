@@ -124,6 +124,11 @@ impl<I: AsyncWrite + Unpin> Coalesced<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count(written)
+    }
+
+    /// Counts what a write straight to the socket took.
+    fn count(&mut self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(n)) = written {
             self.socket_took += n as u64;
         }
@@ -171,10 +176,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Coalesced<I> {
             this.poll_gather(cx, &[io::IoSlice::new(buf)])
         } else {
             let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-            if let Poll::Ready(Ok(n)) = written {
-                this.socket_took += n as u64;
-            }
-            written
+            this.count(written)
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rocksdb::WriteBatch;
@@ -65,9 +65,16 @@ impl PendingTouches {
     /// noting (`hot::ReadRecord::note_due` on the read path). A key already pending costs a
     /// lookup, not an allocation.
     pub(super) fn note_at(&self, encoded: &[u8], now: u64) {
-        let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
-        let mut pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
-        upsert(&mut pending, encoded, now);
+        upsert(&mut self.lock(self.shard_of(encoded)), encoded, now);
+    }
+
+    /// The shard that holds `encoded`'s pending access.
+    fn shard_of(&self, encoded: &[u8]) -> usize {
+        self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, HashMap<Vec<u8>, u64>> {
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// [`PendingTouches::note`] of many artifacts (encoded key, when an access of it was last
@@ -78,16 +85,11 @@ impl PendingTouches {
         let mut by_shard: Vec<(usize, &[u8])> = accessed
             .into_iter()
             .filter(|(_, published_ms)| now.saturating_sub(*published_ms) >= resolution)
-            .map(|(encoded, _)| {
-                let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
-                (shard, encoded)
-            })
+            .map(|(encoded, _)| (self.shard_of(encoded), encoded))
             .collect();
         by_shard.sort_unstable_by_key(|(shard, _)| *shard);
         for group in by_shard.chunk_by(|a, b| a.0 == b.0) {
-            let mut pending = self.shards[group[0].0]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.lock(group[0].0);
             for (_, encoded) in group {
                 upsert(&mut pending, encoded, now);
             }
@@ -100,8 +102,7 @@ impl PendingTouches {
     /// vouched for.
     fn restore(&self, touches: impl IntoIterator<Item = (Vec<u8>, u64)>) {
         for (encoded, accessed_ms) in touches {
-            let shard = self.hasher.hash_one(&encoded) as usize % TOUCH_SHARDS;
-            let mut pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.lock(self.shard_of(&encoded));
             let time = pending.entry(encoded).or_insert(accessed_ms);
             *time = (*time).max(accessed_ms);
         }
@@ -110,9 +111,7 @@ impl PendingTouches {
     /// The access time pending for `encoded`, if any.
     #[cfg(test)]
     pub(super) fn pending(&self, encoded: &[u8]) -> Option<u64> {
-        let shard = self.hasher.hash_one(encoded) as usize % TOUCH_SHARDS;
-        let pending = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
-        pending.get(encoded).copied()
+        self.lock(self.shard_of(encoded)).get(encoded).copied()
     }
 
     /// Whether no access waits for a flush.
