@@ -222,7 +222,7 @@ fn describe() {
     describe_gauge!(
         STORAGE_PRESENCE_MAP_BYTES,
         Unit::Bytes,
-        "Memory taken by the tables of the presence map (75-150 bytes per artifact held; tables keep their size when artifacts go)."
+        "Memory taken by the tables of the presence map (75-150 bytes per artifact held; a table three quarters empty is rebuilt smaller)."
     );
     describe_counter!(
         STORAGE_READ_CACHE_LOOKUPS_TOTAL,

@@ -32,6 +32,13 @@ pub(crate) fn of_store_error(error: StoreError) -> Status {
         | StoreError::MissingPart(_)
         | StoreError::DuplicatePart(_)
         | StoreError::BadPartNumber(_)) => Status::failed_precondition(error.to_string()),
+        error @ StoreError::WritesStopped(_) => {
+            tracing::error!(%error, "refusing a gRPC write: the store stopped taking writes");
+            Status::unavailable(
+                "the node's store stopped taking writes after an error in its background work \
+                 (see /status and the node's log); reads go on; writes resume after a restart",
+            )
+        }
         error @ (StoreError::Locked { .. } | StoreError::Io(_) | StoreError::Db(_)) => {
             tracing::error!(%error, "storage error answering a gRPC call");
             Status::internal("internal storage error; see the node's logs")

@@ -178,6 +178,16 @@ impl From<StoreError> for ApiError {
                 format!("Too many uploads in flight (limit {limit}); retry later"),
                 5,
             ),
+            StoreError::WritesStopped(_) => {
+                tracing::error!(%error, "refusing a write: the store stopped taking writes");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "The node's store stopped taking writes after an error in its background work \
+                     (/status: disk.background_errors; the node's log names the file); reads go on. \
+                     Writes resume after the node is restarted",
+                )
+            }
             StoreError::Locked { .. } | StoreError::Io(_) | StoreError::Db(_) => {
                 tracing::error!(%error, "storage failure");
                 ApiError::internal()

@@ -200,6 +200,11 @@ pub enum StoreError {
     Io(#[from] io::Error),
     #[error("metadata store error: {0}")]
     Db(rocksdb::Error),
+    /// RocksDB refuses every write after a background error it cannot recover from (a flush or
+    /// compaction that met a damaged file or an I/O error): until a restart, reads go on and
+    /// writes fail with this, so that clients and operators are told why instead of "internal".
+    #[error("the store stopped taking writes after a background error: {0}")]
+    WritesStopped(rocksdb::Error),
 }
 
 impl From<rocksdb::Error> for StoreError {
@@ -1429,8 +1434,17 @@ impl Store {
     fn write_synced(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
-        self.inner.db.write_opt(batch, &options)?;
-        Ok(())
+        self.inner
+            .db
+            .write_opt(batch, &options)
+            .map_err(|error| match StoreError::from(error) {
+                // The refusal repeats the background error; the count tells it from a write
+                // that failed on its own.
+                StoreError::Db(error) if self.background_errors() > 0 => {
+                    StoreError::WritesStopped(error)
+                }
+                other => other,
+            })
     }
 
     /// Whether writes are synced before they are acknowledged (durability `fsync`).

@@ -9,8 +9,10 @@
 //! same question in a fifth of that. The price is memory: a slot of 65 bytes per artifact (its
 //! 64 hex digits packed into 32 bytes, its project and kind as a number, the 24 bytes of its
 //! `presence` entry, the table's control byte), in tables that are between 7/16 and 7/8 full as
-//! they grow: 75–150 bytes per artifact ([`PresenceMap::bytes`], on `/metrics`). Tables do not
-//! shrink when artifacts go; they are sized for the most the node held since it started.
+//! they grow: 75–150 bytes per artifact ([`PresenceMap::bytes`], on `/metrics`). A table that
+//! removals left three quarters empty is rebuilt at twice what it holds (see [`Shard::remove`]),
+//! so that memory follows the artifacts after a mass eviction or clean instead of staying sized
+//! for the most the node ever held.
 //! `storage.presence_in_memory` turns the map off on a node with more artifacts than memory to
 //! spare.
 //!
@@ -55,6 +57,22 @@ struct Shard {
     entries: HashMap<HeldKey, Presence>,
     /// While loading: keys removed since the map was created, which the loader must not add.
     removed: HashSet<HeldKey>,
+}
+
+/// Below this many slots a table is not worth rebuilding smaller.
+const SHRINK_FLOOR: usize = 256;
+
+impl Shard {
+    /// Removes `key`, and rebuilds the table at twice what it still holds once it is less than
+    /// a quarter full. The rebuild costs a pass over what is left, and cannot come again before
+    /// three quarters of that are removed too, so its cost per removal stays constant.
+    fn remove(&mut self, key: &HeldKey) {
+        self.entries.remove(key);
+        let capacity = self.entries.capacity();
+        if capacity > SHRINK_FLOOR && self.entries.len() < capacity / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+    }
 }
 
 /// What the map knows of one key.
@@ -198,7 +216,7 @@ impl PresenceMap {
                 }
             }
             None => {
-                shard.entries.remove(&key);
+                shard.remove(&key);
                 if loading {
                     shard.removed.insert(key);
                 }
@@ -470,6 +488,38 @@ mod tests {
         off.apply(&encoded(1), Some(entry(1)));
         assert_eq!(off.get(&encoded(1)), Held::Unknown);
         assert_eq!(off.len(), 0);
+    }
+
+    /// After an eviction or clean that removed most of the map's entries, its memory follows
+    /// what it still holds instead of staying sized for the most it ever held.
+    #[test]
+    fn memory_follows_the_entries_after_most_are_removed() {
+        let map = PresenceMap::new(true);
+        map.loaded();
+        let key = |n: u32| {
+            let hash = blake3::hash(&n.to_le_bytes()).to_hex();
+            ArtifactKey::new("p", Kind::CasSha256, hash.as_str()).encode()
+        };
+        let count = 200_000;
+        for n in 0..count {
+            map.apply(&key(n), Some(entry(n.into())));
+        }
+        let full = map.bytes();
+        assert!(full > 200_000 * 65, "{full} bytes for {count} entries");
+        let kept = count / 20;
+        for n in kept..count {
+            map.apply(&key(n), None);
+        }
+        assert_eq!(map.len(), kept as u64);
+        let after = map.bytes();
+        assert!(
+            after < full / 5,
+            "{after} bytes for {kept} entries, {full} when it held {count}"
+        );
+        for n in 0..kept {
+            assert_eq!(map.get(&key(n)), Held::Present(entry(n.into())));
+        }
+        assert_eq!(map.get(&key(kept)), Held::Absent);
     }
 
     #[test]

@@ -1797,7 +1797,7 @@ async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
         "the failed compaction is counted"
     );
     match store.put_bytes(&gradle("after"), b"new").await {
-        Err(StoreError::Db(error)) => assert!(
+        Err(StoreError::WritesStopped(error)) => assert!(
             error.to_string().contains(".sst"),
             "the refusal names the damaged file: {error}"
         ),
