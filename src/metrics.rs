@@ -160,7 +160,7 @@ fn describe() {
     );
     describe_counter!(
         REPLICATION_APPLIED_TOTAL,
-        "Entries received from peers, by result: applied, stale, tombstoned, rejected."
+        "Entries received from peers, by result: applied, stale, tombstoned, too_large (over this node's capacity, not stored), rejected."
     );
     describe_counter!(
         REPLICATION_APPLIED_BYTES_TOTAL,

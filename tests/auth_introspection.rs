@@ -191,6 +191,56 @@ async fn one_introspection_call_per_token() {
     );
 }
 
+/// auth.md caches "no grant" for 5 s: a grant added to a token whose cached answer lacks it
+/// counts once that answer is `negative_ttl` old, not only after the 10 minutes a positive
+/// answer is otherwise trusted; and a token that keeps asking for what it has no grant for
+/// costs one backend call per `negative_ttl`, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_added_to_a_cached_token_counts_after_the_negative_ttl() {
+    let plane = control_plane().await;
+    let node = Node::start_with(options(&plane).env("KURA_AUTH_NEGATIVE_TTL", "1s"));
+    let token = "cp-granted-later";
+    plane.answer(
+        token,
+        active(json!({"project": {"read": ["acme/android"]}})),
+    );
+    let android = node.url("/api/cache/gradle/k?account_handle=acme&project_handle=android");
+    let android = || client().get(&android).bearer_auth(token).send();
+    assert_eq!(android().await.unwrap().status(), StatusCode::NOT_FOUND);
+    for _ in 0..5 {
+        assert_eq!(
+            status(&node, token).await,
+            StatusCode::FORBIDDEN,
+            "no grant for ios yet"
+        );
+    }
+    assert_eq!(plane.calls(), 1, "a recent answer is not asked again");
+    plane.answer(
+        token,
+        active(json!({"project": {"read": ["acme/android", "acme/ios"]}})),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        status(&node, token).await,
+        StatusCode::NOT_FOUND,
+        "the new grant counts"
+    );
+    assert_eq!(plane.calls(), 2);
+    assert_eq!(android().await.unwrap().status(), StatusCode::NOT_FOUND);
+    // Still no grant for another account's project: refused, and asked again at most once a second.
+    let other = node.url("/api/cache/gradle/k?account_handle=acme&project_handle=web");
+    for _ in 0..5 {
+        let refused = client()
+            .get(&other)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    }
+    assert!(plane.calls() <= 3, "{} calls", plane.calls());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_tokens_stop_working_after_revalidation() {
     let plane = control_plane().await;

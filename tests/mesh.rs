@@ -2,7 +2,7 @@
 //! peers): what one node stores reaches the others, whatever the kind, the size, the faults.
 //!
 //! Loopback octets by test (each test owns its addresses, so tests run in parallel):
-//! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 30–32 a stopped peer, 40–41 a killed
+//! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 37–38 a peer too small for an artifact, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
 //! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests.
 
@@ -648,6 +648,38 @@ async fn a_body_evicted_before_it_is_sent_is_skipped_and_counted() {
             .metric("kura_replication_skipped_total{reason=\"gone\"}")
             .await,
         skipped
+    );
+}
+
+/// An artifact larger than a peer's whole capacity can never be stored there: the peer
+/// acknowledges it without storing it (counted), and what the writer logged after it still
+/// arrives. (It answered 507, and the writer resent it forever: of what came after it, only
+/// the request already in flight beside it ever arrived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_larger_than_a_peers_capacity_does_not_stop_what_follows() {
+    let writer = Node::start_with(mesh_options(37, &[38]));
+    let small = Node::start_with(mesh_options(38, &[37]).env("KURA_STORAGE_CAPACITY", "3MiB"));
+    wait_admitted(&writer, 1).await;
+    wait_admitted(&small, 1).await;
+    // Stopped while the writer logs all three, so that they travel as three requests in one
+    // round: the one over capacity, one streamed beside it, and a batch behind them.
+    small.signal(libc::SIGSTOP);
+    let too_large = gradle_path("ios", "too-large");
+    put(&writer, &too_large, payload(700, 4 << 20)).await;
+    let beside = (gradle_path("ios", "beside"), payload(701, 3 << 19));
+    put(&writer, &beside.0, beside.1.clone()).await;
+    let behind = (gradle_path("ios", "behind"), payload(702, 4096));
+    put(&writer, &behind.0, behind.1.clone()).await;
+    small.signal(libc::SIGCONT);
+    for (path, body) in [&beside, &behind] {
+        assert_replicated(&small, path, body).await;
+    }
+    assert!(body_at(&small, &too_large).await.is_none());
+    assert_eq!(
+        small
+            .metric("kura_replication_applied_total{result=\"too_large\"}")
+            .await,
+        1
     );
 }
 

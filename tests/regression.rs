@@ -1238,3 +1238,41 @@ async fn a_reader_that_takes_nothing_for_the_idle_timeout_is_cut_and_frees_its_r
         "the connection was cut, not finished"
     );
 }
+
+/// Batch sizes are the client's: four items claiming 2^62 bytes each summed to 2^64, which
+/// wrapped to 0 and passed the batch limit; decompressing one of them then asked for a 2^62-byte
+/// buffer and the allocation aborted the node. Both batch calls refuse such a batch whole, and
+/// the node keeps serving.
+#[tokio::test]
+async fn batch_sizes_that_overflow_when_summed_are_refused_not_wrapped() {
+    use crate::common::grpc::{Grpc, sha256};
+    use kura::grpc::proto::reapi::Digest;
+    use tonic::Code;
+    const SHA256: i32 = 1;
+    const ZSTD: i32 = 1;
+
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let huge = |n: u8| Digest {
+        hash: format!("{n:02x}").repeat(32),
+        size_bytes: 1 << 62,
+    };
+    let tiny_frame = zstd::encode_all(&b"x"[..], 3).unwrap();
+    let items = (0..4)
+        .map(|n| (huge(n), tiny_frame.clone(), ZSTD))
+        .collect();
+    let status = grpc.batch_update("ios", items, SHA256).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = grpc
+        .batch_read("ios", (0..4).map(huge).collect(), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Still serving: a small batch goes through.
+    let body = payload(77, 1000);
+    let stored = grpc
+        .batch_update("ios", vec![(sha256(&body), body.clone(), 0)], SHA256)
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![Code::Ok], "the node still serves");
+}

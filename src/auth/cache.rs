@@ -159,6 +159,40 @@ impl DecisionCache {
         }
     }
 
+    /// A newer answer for `token`, for a request its cached answer does not allow: auth.md
+    /// caches "no grant" for `negative_ttl` only, so a grant added to the token since then
+    /// counts. `None` (the cached answer stands) while that answer is younger than
+    /// `negative_ttl`, while another call for this entry is underway, or when the backend failed
+    /// for this token within the last second; a failure keeps the cached answer, which still
+    /// allows what it allowed. A fresh answer replaces the cached one, so a client that keeps
+    /// asking for a project it has no grant for costs one backend call per `negative_ttl`.
+    pub async fn lookup_again(
+        &self,
+        token: &Token,
+        request_id: Option<&str>,
+    ) -> Option<Introspected> {
+        let key = token.sha256();
+        let entry = self.entries.get(&key).await?;
+        if entry.fetched.elapsed() < self.settings.negative_ttl
+            || self.failed.contains_key(&key)
+            || entry.revalidating.swap(true, Ordering::SeqCst)
+        {
+            return None;
+        }
+        match self.client.introspect(token, request_id).await {
+            Ok(answer) => {
+                let fresh = Arc::new(Entry::new(answer.clone(), &self.settings));
+                self.entries.insert(key, fresh).await;
+                Some(answer)
+            }
+            Err(_) => {
+                self.failed.insert(key, ()).await;
+                entry.revalidating.store(false, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+
     /// Starts one background revalidation of a stale positive entry, unless one is running or
     /// the backend failed for this token within the last second.
     async fn revalidate(

@@ -234,7 +234,15 @@ impl Authorizer {
             (Authorizer::Static(tokens), Some(token)) => tokens.decide(token, resource, action),
             (Authorizer::Introspection(cache), Some(token)) => {
                 match cache.lookup(token, request_id).await {
-                    Lookup::Known(answer) => decide(&answer, resource, action),
+                    Lookup::Known(answer) => match decide(&answer, resource, action) {
+                        // A grant added since the cached answer counts once it is
+                        // `negative_ttl` old (auth.md: "no grant" is cached 5 s).
+                        Decision::Forbidden => match cache.lookup_again(token, request_id).await {
+                            Some(newer) => decide(&newer, resource, action),
+                            None => Decision::Forbidden,
+                        },
+                        decision => decision,
+                    },
                     Lookup::Unavailable => Decision::Unavailable,
                 }
             }

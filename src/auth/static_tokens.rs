@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 use super::grants::{Grants, GrantsDoc};
 use super::{Action, Decision, Resource, Token};
+use crate::config::file_errors;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -300,9 +301,20 @@ fn read_file(path: &Path) -> Result<Tokens, Failure> {
 fn parse(path: &Path, text: &str) -> Result<Tokens, String> {
     let shown = path.display();
     let file: TokensFile = if path.extension().is_some_and(|ext| ext == "json") {
-        serde_json::from_str(text).map_err(|e| format!("static tokens file {shown}: {e}"))?
+        // serde_json's message ends with the line and column.
+        serde_json::from_str(text).map_err(|e| {
+            format!(
+                "static tokens file {shown}: {}",
+                file_errors::without_quoted_values(&e.to_string())
+            )
+        })?
     } else {
-        toml::from_str(text).map_err(|e| format!("static tokens file {shown}: {e}"))?
+        toml::from_str(text).map_err(|e| {
+            format!(
+                "static tokens file {shown}: {}",
+                file_errors::toml(text, &e)
+            )
+        })?
     };
     let mut tokens = HashMap::new();
     for (index, entry) in file.tokens.into_iter().enumerate() {
@@ -392,6 +404,49 @@ mod tests {
         std::fs::write(&path, "tokens = []\n").unwrap();
         assert_eq!(tokens.reload(), Reloaded::Loaded(0));
         assert_eq!(reads(&tokens, "t0ken"), Decision::InvalidToken);
+    }
+
+    /// A raw token pasted into the file by mistake (under a field that does not exist, or as
+    /// a value of the wrong type) never reaches the error, which goes to the log and to the
+    /// unauthenticated `/status`; where the mistake is does.
+    #[test]
+    fn a_file_error_says_where_and_never_echoes_what_the_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "kura_live_8c1f0e5d2b9a";
+        let hash = hex::encode(Token::new("t0ken").sha256());
+        let cases = [
+            (
+                "tokens.toml",
+                format!("[[tokens]]\nname = \"ci\"\nsha256 = \"{hash}\"\ntoken = \"{secret}\"\n"),
+                "line 4",
+            ),
+            (
+                "tokens.toml",
+                format!(
+                    "[[tokens]]\nname = \"ci\"\nsha256 = \"{hash}\"\ncache_grants = \"{secret}\"\n"
+                ),
+                "line 4",
+            ),
+            (
+                "tokens.toml",
+                format!("[[tokens]]\nname = \"ci\"\nsha256 = \"{secret}\n"),
+                "line 3",
+            ),
+            (
+                "tokens.json",
+                format!(
+                    "{{\"tokens\": [{{\"name\": \"ci\", \"sha256\": \"{hash}\",\n \"cache_grants\": \"{secret}\"}}]}}"
+                ),
+                "line 2",
+            ),
+        ];
+        for (name, text, place) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &text).unwrap();
+            let error = StaticTokens::load(&path).err().expect("refused");
+            assert!(!error.contains(secret), "the secret leaked: {error}");
+            assert!(error.contains(place), "{place} missing from: {error}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! With no file and no variables the result is the dev node of `operations.md`: data in
 //! `./kura-data`, HTTP on `127.0.0.1:4000`, auth `none`.
 
+pub(crate) mod file_errors;
 pub mod units;
 
 use std::net::SocketAddr;
@@ -482,16 +483,20 @@ impl Config {
                 })?;
                 text.parse::<toml::Table>().map_err(|e| {
                     ConfigError(format!(
-                        "config file {} is not valid TOML: {e}",
-                        path.display()
+                        "config file {} is not valid TOML: {}",
+                        path.display(),
+                        file_errors::toml(&text, &e)
                     ))
                 })?
             }
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError(format!("invalid config: {}: {}", e.path(), e.inner())))?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let message = file_errors::without_quoted_values(&e.inner().to_string());
+                ConfigError(format!("invalid config: {}: {message}", e.path()))
+            })?;
         config.validate()?;
         Ok(config)
     }

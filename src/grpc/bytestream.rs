@@ -130,7 +130,11 @@ impl ByteStream for ByteStreamService {
             };
             return Ok(Response::new(WriteResponse { committed_size }));
         }
-        let _lease = lease_memory(&self.node, name.blob.digest.size.min(STREAM_FOOTPRINT)).await?;
+        let mut footprint = name.blob.digest.size.min(STREAM_FOOTPRINT);
+        if name.blob.compressed {
+            footprint += super::compress::decoder_footprint(name.blob.digest.size);
+        }
+        let _lease = lease_memory(&self.node, footprint).await?;
         let resource_name = first.resource_name.clone();
         let upload = Upload {
             node: &self.node,

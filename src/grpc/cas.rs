@@ -88,17 +88,13 @@ impl ContentAddressableStorage for Cas {
         let function = HashFunction::from_field(request.digest_function)?;
         // Both what arrived and what it expands to must fit: a small zstd item may claim a
         // large size.
-        let total: u64 = request
-            .requests
-            .iter()
-            .map(|item| {
-                let claimed = item
-                    .digest
-                    .as_ref()
-                    .map_or(0, |d| d.size_bytes.max(0) as u64);
-                claimed.max(item.data.len() as u64)
-            })
-            .sum();
+        let total = saturating_total(request.requests.iter().map(|item| {
+            let claimed = item
+                .digest
+                .as_ref()
+                .map_or(0, |d| d.size_bytes.max(0) as u64);
+            claimed.max(item.data.len() as u64)
+        }));
         self.check_batch_total(total)?;
         let _lease = lease_memory(&self.node, total).await?;
         let node = &self.node;
@@ -128,7 +124,7 @@ impl ContentAddressableStorage for Cas {
         let (project, request) = admit(&self.node, request, Action::Read).await?;
         let function = HashFunction::from_field(request.digest_function)?;
         let digests = parse_all(function, &request.digests)?;
-        let total: u64 = digests.iter().map(|d| d.size).sum();
+        let total = saturating_total(digests.iter().map(|d| d.size));
         self.check_batch_total(total)?;
         let _lease = lease_memory(&self.node, total).await?;
         let zstd = request
@@ -222,6 +218,13 @@ impl Cas {
         }
         Ok(())
     }
+}
+
+/// The sum of a batch's claimed sizes, stopping at `u64::MAX`: the sizes are the client's,
+/// and a sum that wrapped would let huge items through the limit (one of them then sized a
+/// decompression buffer, and the allocation aborted the process).
+fn saturating_total(sizes: impl Iterator<Item = u64>) -> u64 {
+    sizes.fold(0, u64::saturating_add)
 }
 
 /// Stores one item of a BatchUpdateBlobs call.

@@ -8,12 +8,23 @@
 use std::io;
 
 use bytes::Bytes;
-use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
 /// zstd level of what the node sends: fast, since the bytes go out as they are read.
 const LEVEL: i32 = 1;
 /// Output produced per step.
 const PIECE: usize = 256 * 1024;
+/// The largest window (as a power of two) a compressed upload may use: 8 MiB, the most zstd's
+/// levels up to 19 use (Bazel's default level 3 uses 2 MiB; only the ultra levels and long
+/// mode go further). A decoder holds its frame's window in memory, and zstd's own limit is
+/// 128 MiB: a few kilobytes of a crafted frame could otherwise hold that much per stream.
+const WINDOW_LOG_MAX: u32 = 23;
+
+/// What one decoder of a compressed upload of `size` bytes may hold beside its output: its
+/// window, which an honest frame sizes to at most its content.
+pub(crate) fn decoder_footprint(size: u64) -> u64 {
+    size.min(1 << WINDOW_LOG_MAX)
+}
 
 /// Compresses a whole small buffer (a batch item).
 pub(crate) fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
@@ -90,8 +101,10 @@ pub(crate) struct StreamDecoder {
 
 impl StreamDecoder {
     pub(crate) fn new(limit: u64) -> io::Result<Self> {
+        let mut raw = Decoder::new()?;
+        raw.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
         Ok(StreamDecoder {
-            raw: Decoder::new()?,
+            raw,
             scratch: vec![0; PIECE],
             input: Bytes::new(),
             consumed: 0,
@@ -137,6 +150,36 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame that asks for a window past [`WINDOW_LOG_MAX`] is refused before its window is
+    /// allocated; one within it decodes.
+    #[test]
+    fn a_frame_asking_for_a_window_past_the_limit_is_refused() {
+        let frame = |window_log: u32| {
+            let mut encoder = Encoder::new(3).unwrap();
+            encoder
+                .set_parameter(zstd::stream::raw::CParameter::WindowLog(window_log))
+                .unwrap();
+            let data = vec![7u8; 1000];
+            let mut out = vec![0; 4096];
+            let mut output = OutBuffer::around(&mut out[..]);
+            encoder
+                .run(&mut InBuffer::around(&data), &mut output)
+                .unwrap();
+            encoder.finish(&mut output, true).unwrap();
+            let written = output.pos();
+            out.truncate(written);
+            out
+        };
+        let mut decoder = StreamDecoder::new(1000).unwrap();
+        let error = decode_all(&mut decoder, &[&frame(27)]).unwrap_err();
+        assert!(error.to_string().contains("memory"), "{error}");
+        let mut decoder = StreamDecoder::new(1000).unwrap();
+        assert_eq!(
+            decode_all(&mut decoder, &[&frame(WINDOW_LOG_MAX)]).unwrap(),
+            vec![7u8; 1000]
+        );
+    }
 
     fn decode_all(decoder: &mut StreamDecoder, pieces: &[&[u8]]) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();

@@ -20,12 +20,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use super::backoff::Backoff;
 use super::bootstrap::{Tally, pull};
 use super::{Mesh, PeerState, PeerStatus};
 use crate::storage::StoreError;
 
-/// How often owed catch-ups are retried when nothing wakes the worker (a writer not yet
-/// admitted, or a pass that failed).
+/// How often owed catch-ups are looked at again when nothing wakes the worker and no pass
+/// failed (a writer not yet admitted). After a failed pass the wait grows (`backoff.rs`): each
+/// pass walks the writer's whole index again.
 const RETRY: Duration = Duration::from_secs(1);
 
 /// `POST /_internal/catch_up`'s body: who this node must catch up from.
@@ -78,6 +80,7 @@ pub(super) async fn promise(mesh: Arc<Mesh>, writer: String) -> Result<(), Store
 
 /// Keeps the promises this node made, until the process exits.
 pub(super) async fn run(mesh: Arc<Mesh>) {
+    let mut backoff = Backoff::default();
     loop {
         let store = mesh.store.clone();
         let owed = tokio::task::spawn_blocking(move || store.catch_ups()).await;
@@ -93,24 +96,39 @@ pub(super) async fn run(mesh: Arc<Mesh>) {
             }
         };
         metrics::gauge!(crate::metrics::REPLICATION_CATCH_UPS_OWED).set(owed.len() as f64);
+        let mut failed = false;
         for (writer, generation) in owed {
-            catch_up_from(&mesh, &writer, generation).await;
+            failed |= catch_up_from(&mesh, &writer, generation).await == Pass::Failed;
         }
+        let wait = if failed {
+            backoff.next()
+        } else {
+            backoff.reset();
+            RETRY
+        };
         tokio::select! {
             _ = mesh.catch_ups.wake.notified() => {}
-            _ = tokio::time::sleep(RETRY) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
+/// How a pass over a writer's index went.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    /// Made, or not due (the writer is not an admitted peer now).
+    Done,
+    Failed,
+}
+
 /// One pass over `writer`'s index, if it is an admitted peer now.
-async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) {
+async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) -> Pass {
     let Some(peer) = admitted(mesh, writer) else {
         tracing::debug!(
             writer,
             "catch-up owed to a node that is not an admitted peer yet"
         );
-        return;
+        return Pass::Done;
     };
     tracing::info!(peer = %peer.label(), writer, "catching up from a peer's index");
     let passes = |result: &'static str| {
@@ -120,7 +138,7 @@ async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) {
     if let Err(error) = pull(mesh, &peer, Some(writer), &mesh.catch_ups.tally).await {
         passes("failed");
         tracing::warn!(peer = %peer.label(), %error, "catch-up pass failed; trying again");
-        return;
+        return Pass::Failed;
     }
     passes("completed");
     let kept = {
@@ -144,6 +162,7 @@ async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) {
         Ok(Err(error)) => tracing::error!(%error, "recording a finished catch-up failed"),
         Err(error) => tracing::error!(%error, "recording a finished catch-up panicked"),
     }
+    Pass::Done
 }
 
 /// The admitted peer whose node id is `node_id`.

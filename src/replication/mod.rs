@@ -14,6 +14,7 @@
 //! Replication never sits on a client's path: a client write returns once it is published
 //! locally; the log record it carries is sent later by a worker that only reads the store.
 
+mod backoff;
 mod bootstrap;
 mod catch_up;
 mod discovery;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ReplicationConfig;
 use crate::storage::Store;
+use receive::ApplyResult;
 
 pub use receive::router;
 pub use tls::PeerTls;
@@ -43,6 +45,10 @@ pub const ACCOUNT_HEADER: &str = "x-kura-account";
 
 /// How often the log is trimmed below the slowest peer's cursor and held to its bound.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a connection to a peer is pinged, and how long an unanswered ping is waited for
+/// before the connection (and whatever it carries) is given up.
+const PEER_PING_INTERVAL: Duration = Duration::from_secs(10);
+const PEER_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What `GET /_internal/status` answers: enough for a peer to admit this node.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,6 +91,7 @@ struct AppliedCounters {
     applied: Counter,
     stale: Counter,
     tombstoned: Counter,
+    too_large: Counter,
     rejected: Counter,
     bytes: Counter,
 }
@@ -93,9 +100,10 @@ impl AppliedCounters {
     fn resolve() -> Self {
         let result = |label: &'static str| metrics::counter!(crate::metrics::REPLICATION_APPLIED_TOTAL, "result" => label);
         AppliedCounters {
-            applied: result("applied"),
-            stale: result("stale"),
-            tombstoned: result("tombstoned"),
+            applied: result(ApplyResult::Applied.label()),
+            stale: result(ApplyResult::Stale.label()),
+            tombstoned: result(ApplyResult::Tombstoned.label()),
+            too_large: result(ApplyResult::TooLarge.label()),
             rejected: result("rejected"),
             bytes: metrics::counter!(crate::metrics::REPLICATION_APPLIED_BYTES_TOTAL),
         }
@@ -240,9 +248,15 @@ impl Mesh {
         {
             return Ok(client.clone());
         }
+        // HTTP/2 pings find a peer that died or hung mid-exchange (a bootstrap or catch-up
+        // fetch has no overall timeout: its length depends on the bandwidth limit); the kernel
+        // alone would take a quarter of an hour to give up on a peer that vanished.
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .http2_prior_knowledge()
+            .http2_keep_alive_interval(PEER_PING_INTERVAL)
+            .http2_keep_alive_timeout(PEER_PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if let Some(tls) = &self.tls {
             builder = builder
@@ -257,15 +271,20 @@ impl Mesh {
         Ok(client)
     }
 
-    pub(crate) fn count_applied(&self, result: &'static str, bytes: u64) {
+    fn count_applied(&self, result: ApplyResult, bytes: u64) {
         let counter = match result {
-            "applied" => &self.applied.applied,
-            "stale" => &self.applied.stale,
-            "tombstoned" => &self.applied.tombstoned,
-            _ => &self.applied.rejected,
+            ApplyResult::Applied => &self.applied.applied,
+            ApplyResult::Stale => &self.applied.stale,
+            ApplyResult::Tombstoned => &self.applied.tombstoned,
+            ApplyResult::TooLarge => &self.applied.too_large,
         };
         counter.increment(1);
         self.applied.bytes.increment(bytes);
+    }
+
+    /// An entry refused (a body that does not match its digest, a bad frame, a store error).
+    fn count_rejected(&self) {
+        self.applied.rejected.increment(1);
     }
 
     /// The node's side of replication, for `/status`.

@@ -225,6 +225,7 @@ struct Applied {
     applied: u64,
     stale: u64,
     tombstoned: u64,
+    too_large: u64,
 }
 
 /// One handler for the three write endpoints: a stream of frames (see `wire.rs`), applied in
@@ -246,8 +247,9 @@ async fn receive_frames(State(plane): State<Plane>, headers: HeaderMap, body: Bo
             Ok(ApplyResult::Applied) => applied.applied += 1,
             Ok(ApplyResult::Stale) => applied.stale += 1,
             Ok(ApplyResult::Tombstoned) => applied.tombstoned += 1,
+            Ok(ApplyResult::TooLarge) => applied.too_large += 1,
             Err(refusal) => {
-                plane.mesh.count_applied("rejected", 0);
+                plane.mesh.count_rejected();
                 return refusal.into_response();
             }
         }
@@ -267,14 +269,19 @@ pub(super) enum ApplyResult {
     Stale,
     /// Older than its project's last clean.
     Tombstoned,
+    /// Larger than this node's whole capacity: it can never be stored here, and is
+    /// acknowledged without being stored so that it does not stop every later entry of the
+    /// sender's log (the sender would resend it forever).
+    TooLarge,
 }
 
 impl ApplyResult {
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             ApplyResult::Applied => "applied",
             ApplyResult::Stale => "stale",
             ApplyResult::Tombstoned => "tombstoned",
+            ApplyResult::TooLarge => "too_large",
         }
     }
 }
@@ -299,7 +306,7 @@ where
         } => {
             check_origin(mesh, &origin)?;
             store.apply_remote_clean(&project, version_ms).await?;
-            mesh.count_applied(ApplyResult::Applied.label(), 0);
+            mesh.count_applied(ApplyResult::Applied, 0);
             Ok(ApplyResult::Applied)
         }
         Entry::Upsert {
@@ -323,6 +330,20 @@ where
             let artifact = ArtifactKey::new_checked(&project, kind, &key).ok_or_else(|| {
                 ApiError::bad_request("bad_key", "project and key must not contain NUL")
             })?;
+            if size > store.capacity() {
+                while reader
+                    .body_chunk()
+                    .await
+                    .map_err(|e| ApiError::bad_request("bad_frame", e.to_string()))?
+                    .is_some()
+                {}
+                tracing::warn!(
+                    %project, key, size, capacity = store.capacity(),
+                    "a peer's artifact is larger than this node's capacity: not stored"
+                );
+                mesh.count_applied(ApplyResult::TooLarge, 0);
+                return Ok(ApplyResult::TooLarge);
+            }
             // A peer's push obeys the disk floor like a client's upload; it is sent again later.
             store.check_room(size)?;
             let mut writer = store.writer(size, sha256.is_some());
@@ -356,7 +377,7 @@ where
             } else {
                 0
             };
-            mesh.count_applied(result.label(), stored);
+            mesh.count_applied(result, stored);
             Ok(result)
         }
     }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
-use rand::Rng;
 
+use super::backoff::Backoff;
 use super::catch_up::CatchUpRequest;
 use super::wire::Entry;
 use super::{ACCOUNT_HEADER, Identity, Mesh, PeerState, PeerStatus};
@@ -29,9 +29,6 @@ const READ_AHEAD: usize = 1024;
 const IN_FLIGHT: usize = 2;
 /// How often an idle worker looks for new records.
 const IDLE_POLL: Duration = Duration::from_millis(5);
-/// First and longest wait after a failure (replication.md: 100 ms → 30 s).
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Runs until the process exits.
 pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
@@ -39,9 +36,8 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
     loop {
         let failure = match admit(&mesh, &peer).await {
             Ok(Admission::Admitted(node_id)) => {
-                backoff.reset();
                 peer.set_state(PeerState::Admitted);
-                replicate(&mesh, &peer, &node_id).await
+                replicate(&mesh, &peer, &node_id, &mut backoff).await
             }
             Ok(Admission::Itself) => {
                 // A node finds its own address among its peers (discovery resolves it too).
@@ -152,9 +148,16 @@ async fn admit(mesh: &Mesh, peer: &PeerStatus) -> Result<Admission, Failure> {
     Ok(Admission::Admitted(identity.node_id))
 }
 
-/// Sends the log after the peer's cursor until a send fails.
-async fn replicate(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, node_id: &str) -> Failure {
-    match replicate_until_failure(mesh, peer, node_id).await {
+/// Sends the log after the peer's cursor until a send fails. The backoff starts over only
+/// once the peer acknowledged a request: a peer that answers its status but refuses what it is
+/// sent (a full disk, an error of its own) is retried ever more slowly, not ten times a second.
+async fn replicate(
+    mesh: &Arc<Mesh>,
+    peer: &Arc<PeerStatus>,
+    node_id: &str,
+    backoff: &mut Backoff,
+) -> Failure {
+    match replicate_until_failure(mesh, peer, node_id, backoff).await {
         Ok(never) => match never {},
         Err(failure) => failure,
     }
@@ -164,6 +167,7 @@ async fn replicate_until_failure(
     mesh: &Arc<Mesh>,
     peer: &Arc<PeerStatus>,
     node_id: &str,
+    backoff: &mut Backoff,
 ) -> Result<std::convert::Infallible, Failure> {
     let store = mesh.store.clone();
     let mut cursor = blocking(&store, {
@@ -172,21 +176,12 @@ async fn replicate_until_failure(
     })
     .await?;
     loop {
-        let records = blocking(&store, move |store| {
-            if store.log_lost(cursor)? {
-                // The log no longer holds records this peer lacks: it catches up from this
-                // node's index instead (catch_up.rs).
-                return Ok(Err(()));
-            }
-            store.log_after(cursor, READ_AHEAD).map(Ok)
-        })
-        .await?;
-        let slice = match records {
-            Ok(slice) => slice,
-            Err(()) => {
-                cursor = hand_over_to_catch_up(mesh, peer, node_id, cursor).await?;
-                continue;
-            }
+        let records = blocking(&store, move |store| store.log_for_peer(cursor, READ_AHEAD)).await?;
+        let Some(slice) = records else {
+            // The log no longer holds records this peer lacks: it catches up from this node's
+            // index instead (catch_up.rs).
+            cursor = hand_over_to_catch_up(mesh, peer, node_id, cursor).await?;
+            continue;
         };
         let lag_ms = slice.records.first().map_or(0, |(_, record)| {
             now_ms().saturating_sub(record.version_ms())
@@ -200,6 +195,8 @@ async fn replicate_until_failure(
         };
         peer.record_progress(pending, lag_ms);
         if slice.records.is_empty() {
+            // Caught up: whatever failed before is over.
+            backoff.reset();
             // Nothing logged through `upto`: the peer has all of it. (Persisted with the next
             // acknowledgement; until then a restart merely reads the empty stretch again.)
             cursor = slice.upto;
@@ -212,6 +209,7 @@ async fn replicate_until_failure(
             .buffered(IN_FLIGHT);
         while let Some(result) = acknowledged.next().await {
             let sent = result?;
+            backoff.reset();
             cursor = sent.last_seq;
             let node_id = node_id.to_owned();
             blocking(&store, move |store| store.set_cursor(&node_id, cursor)).await?;
@@ -463,28 +461,6 @@ fn skipped(reason: &'static str) {
     metrics::counter!(crate::metrics::REPLICATION_SKIPPED_TOTAL, "reason" => reason).increment(1);
 }
 
-/// Exponential backoff with full jitter between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
-#[derive(Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    fn next(&mut self) -> Duration {
-        let ceiling = BACKOFF_MIN
-            .saturating_mul(1 << self.failures.min(16))
-            .min(BACKOFF_MAX);
-        self.failures = self.failures.saturating_add(1);
-        // Between half and all of the ceiling: peers that failed together do not retry together.
-        let half = ceiling / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,23 +506,5 @@ mod tests {
                 (vec![7, 8], false),
             ]
         );
-    }
-
-    #[test]
-    fn backoff_grows_to_its_ceiling_with_jitter_and_resets() {
-        let mut backoff = Backoff::default();
-        let first = backoff.next();
-        assert!(
-            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
-            "{first:?}"
-        );
-        let mut last = first;
-        for _ in 0..20 {
-            last = backoff.next();
-            assert!(last <= BACKOFF_MAX);
-        }
-        assert!(last >= BACKOFF_MAX / 2, "{last:?}");
-        backoff.reset();
-        assert!(backoff.next() <= BACKOFF_MIN);
     }
 }

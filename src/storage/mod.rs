@@ -1349,6 +1349,12 @@ impl Store {
         Ok(())
     }
 
+    /// The most this store holds (`storage.capacity`): an artifact larger than this can never
+    /// be stored, however much is evicted.
+    pub fn capacity(&self) -> u64 {
+        self.inner.options.capacity
+    }
+
     /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
     pub async fn maintain(&self) -> Result<(), StoreError> {
         self.flush_touches_between_evictions().await?;

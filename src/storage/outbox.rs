@@ -214,6 +214,32 @@ impl Store {
         }
     }
 
+    /// The records a peer at `cursor` lacks, up to `limit`, or `None` when the log no longer
+    /// holds all of them (it catches up from an index instead).
+    pub fn log_for_peer(&self, cursor: u64, limit: usize) -> Result<Option<LogSlice>, StoreError> {
+        self.log_for_peer_around(cursor, limit, || {})
+    }
+
+    /// [`Store::log_for_peer`], running `between` after the records are read (tests trim there).
+    ///
+    /// The floor is read *after* the records: trimming raises it in the batch that deletes, so a
+    /// floor still at or below the cursor proves the read saw every record after it. Read
+    /// before, a trim landing between the two reads would hand the peer a slice with a hole its
+    /// cursor then moves past, and nothing would ever fill it.
+    pub(super) fn log_for_peer_around(
+        &self,
+        cursor: u64,
+        limit: usize,
+        between: impl FnOnce(),
+    ) -> Result<Option<LogSlice>, StoreError> {
+        let slice = self.log_after(cursor, limit)?;
+        between();
+        if self.log_lost(cursor)? {
+            return Ok(None);
+        }
+        Ok(Some(slice))
+    }
+
     /// Whether a peer at `cursor` has missed records: the log was trimmed or bounded past it.
     /// A peer admitted for the first time is at 0, so it has missed records unless the log still
     /// holds everything this node ever logged.

@@ -1482,6 +1482,36 @@ async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
     assert!(store.log_lost(2).unwrap());
 }
 
+/// A trim that lands between reading a peer's records and checking the log's floor must not
+/// hand the peer a slice with a hole: its cursor would move past records it never got, and
+/// nothing would ever send them (regression: the floor was read before the records).
+#[tokio::test]
+async fn a_trim_racing_a_peers_read_sends_it_to_catch_up_not_past_a_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    let mut last = 0;
+    for i in 0..30 {
+        last = put(&store, &gradle(&format!("k{i}")), b"v")
+            .await
+            .seq()
+            .unwrap();
+    }
+    let cursor = 2;
+    let unraced = store.log_for_peer(cursor, 5).unwrap().unwrap();
+    assert_eq!(unraced.records[0].0, cursor + 1, "nothing trimmed yet");
+    // The bound drops the oldest records while the peer's read is in progress.
+    let raced = store
+        .log_for_peer_around(cursor, 5, || {
+            assert!(store.trim_log(Some(cursor), 10).unwrap() > 0);
+        })
+        .unwrap();
+    assert!(raced.is_none(), "a slice with a hole was handed out");
+    // The next read sees the floor at once; a peer past it reads on from its cursor.
+    assert!(store.log_for_peer(cursor, 5).unwrap().is_none());
+    let after_floor = store.log_for_peer(last - 10, 5).unwrap().unwrap();
+    assert_eq!(after_floor.records[0].0, last - 9);
+}
+
 #[tokio::test]
 async fn catch_up_promises_persist_until_cleared() {
     let dir = tempfile::tempdir().unwrap();
