@@ -323,7 +323,8 @@ impl Acceptor {
 async fn answer_busy(stream: &mut TcpStream) -> io::Result<()> {
     let body = r#"{"error":"too_many_connections","message":"The node is at its connection limit; retry shortly"}"#;
     let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\nx-request-id: {}\r\ncontent-length: {}\r\n\r\n",
+        crate::layers::fresh_request_id(),
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -1257,6 +1258,33 @@ async fn discard(mut incoming: Incoming) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The refusal at the connection limit is written by hand, outside the layers: it must
+    /// still be a whole answer a client can act on, with a request id like every response.
+    #[tokio::test]
+    async fn the_refusal_at_the_connection_limit_is_a_whole_answer_with_a_request_id() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            stream.write_all(b"GET /up HTTP/1.1\r\n\r\n").await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        });
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        answer_busy(&mut accepted).await.unwrap();
+        let answer = client.await.unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        for header in ["retry-after: 1", "connection: close", "x-request-id: "] {
+            assert!(head.contains(header), "{header} missing from {head}");
+        }
+        let length = format!("content-length: {}", body.len());
+        assert!(head.contains(&length), "{head}");
+        assert!(body.contains("too_many_connections"), "{body}");
+    }
 
     fn limits() -> ListenerLimits {
         ListenerLimits {

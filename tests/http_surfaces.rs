@@ -33,8 +33,10 @@ async fn xcode_cas_and_keyvalue() {
         http.head(&url).send().await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
+    // Whatever the uploader named (curl's default form type here), reads are octet-stream.
     assert_eq!(
         http.post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
             .body(blob.clone())
             .send()
             .await

@@ -675,12 +675,11 @@ async fn an_artifact_larger_than_a_peers_capacity_does_not_stop_what_follows() {
         assert_replicated(&small, path, body).await;
     }
     assert!(body_at(&small, &too_large).await.is_none());
-    assert_eq!(
-        small
-            .metric("kura_replication_applied_total{result=\"too_large\"}")
-            .await,
-        1
-    );
+    // Counted once per time it was sent: a request cut while the peer was stopped is sent again.
+    let counted = small
+        .metric("kura_replication_applied_total{result=\"too_large\"}")
+        .await;
+    assert!(counted >= 1, "{counted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

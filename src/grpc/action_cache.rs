@@ -13,7 +13,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::access::admit;
-use super::blobs::{read_blob, read_whole, store_value};
+use super::blobs::{lease_memory, read_blob, read_whole, store_value};
 use super::digest::{BlobDigest, HashFunction};
 use super::proto::reapi::action_cache_server::ActionCache;
 use super::proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
@@ -134,6 +134,10 @@ async fn outputs_of(
         else {
             return Ok(None);
         };
+        // A tree is read whole (up to limits.blob): under a lease of the body-memory budget
+        // like any transfer, so that hits on results with large trees wait their turn instead
+        // of each holding their tree at once. A tree over the whole budget takes all of it.
+        let _lease = lease_memory(node, tree_digest.size.min(max_tree)).await?;
         let Some(bytes) = read_blob(node, project, &tree_digest, max_tree).await? else {
             return Ok(None);
         };

@@ -20,6 +20,9 @@ pub struct Surface {
     pub kind: Kind,
     /// Content type of reads when the upload named none.
     pub content_type: &'static str,
+    /// Whether reads answer the content type the upload named. Not for the Xcode CAS, whose
+    /// reads are `application/octet-stream` whatever the uploader sent (http-api.md).
+    pub keeps_upload_content_type: bool,
     /// The upload size limit of this surface.
     pub limit: fn(&LimitsConfig) -> u64,
     pub write_mode: WriteMode,
@@ -105,7 +108,12 @@ pub async fn save<R: BlobRoute>(
         }
         transfer::commit(&app, &key, staged, None, surface.write_mode).await?
     } else {
-        transfer::store(&app, &key, &headers, body, limit, surface.write_mode).await?
+        let staged = transfer::receive(&app, &headers, body, limit, false).await?;
+        let content_type = surface
+            .keeps_upload_content_type
+            .then(|| transfer::content_type(&headers))
+            .flatten();
+        transfer::commit(&app, &key, staged, content_type, surface.write_mode).await?
     };
     let status = match surface.stored {
         Stored::CreatedOrOk if committed.created => StatusCode::CREATED,

@@ -15,6 +15,7 @@ const OCTET_STREAM: &str = "application/octet-stream";
 const NX: Surface = Surface {
     kind: Kind::Nx,
     content_type: OCTET_STREAM,
+    keeps_upload_content_type: true,
     limit: |limits| limits.blob.0,
     write_mode: WriteMode::WriteOnce,
     stored: Stored::Ok,

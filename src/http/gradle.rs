@@ -15,6 +15,7 @@ use crate::storage::{Kind, WriteMode};
 const GRADLE: Surface = Surface {
     kind: Kind::Gradle,
     content_type: "application/vnd.gradle.build-cache-artifact.v2",
+    keeps_upload_content_type: true,
     limit: |limits| limits.gradle.0,
     write_mode: WriteMode::Overwrite,
     stored: Stored::CreatedOrOk,

@@ -44,7 +44,8 @@ async fn ready(State(app): State<AppState>) -> Response {
 async fn status(State(app): State<AppState>) -> Response {
     let stats = app.store.stats();
     let mut body = serde_json::json!({
-        "state": app.lifecycle.state().as_str(),
+        // What `/ready` says: `bootstrapping` while the mesh's first pass runs.
+        "state": app.readiness().err().unwrap_or("serving"),
         "version": env!("CARGO_PKG_VERSION"),
         "node_id": app.store.node_id(),
         "account": app.account,

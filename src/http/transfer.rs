@@ -112,19 +112,6 @@ pub async fn receive(
     Ok(writer.finish(expected).await?)
 }
 
-/// Receives a body and commits it under `key`.
-pub async fn store(
-    app: &AppState,
-    key: &ArtifactKey,
-    headers: &HeaderMap,
-    body: Body,
-    limit: u64,
-    mode: WriteMode,
-) -> Result<Committed, ApiError> {
-    let staged = receive(app, headers, body, limit, false).await?;
-    commit(app, key, staged, content_type(headers), mode).await
-}
-
 pub async fn commit(
     app: &AppState,
     key: &ArtifactKey,
@@ -146,7 +133,8 @@ pub async fn commit(
     Ok(committed)
 }
 
-fn content_type(headers: &HeaderMap) -> Option<String> {
+/// The content type an upload names, if it is one a response header can carry back.
+pub fn content_type(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -20,6 +20,7 @@ use crate::storage::{ArtifactKey, Kind, StoreError, WriteMode};
 const XCODE_CAS: Surface = Surface {
     kind: Kind::XcodeCas,
     content_type: "application/octet-stream",
+    keeps_upload_content_type: false,
     limit: |limits| limits.xcode_cas.0,
     write_mode: WriteMode::Overwrite,
     stored: Stored::NoContent,

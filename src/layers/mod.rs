@@ -26,4 +26,4 @@ pub(crate) use admission::{AdmissionLayer, Refusals};
 pub(crate) use guarded::{GuardedBody, GuardedFuture};
 pub(crate) use observe::labels as observe_labels;
 pub(crate) use observe::{ObserveLayer, RouteOf};
-pub(crate) use request_id::{RequestId, RequestIdLayer};
+pub(crate) use request_id::{RequestId, RequestIdLayer, fresh as fresh_request_id};

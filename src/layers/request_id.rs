@@ -94,6 +94,12 @@ where
     }
 }
 
+/// A fresh id, for an answer written outside the layers (the listener's refusal at its
+/// connection limit): every response carries one (00-overview.md).
+pub(crate) fn fresh() -> String {
+    generate(&mut [0u8; 32]).to_owned()
+}
+
 /// A fresh id: 32 hex digits of a random 128-bit number, written into `buffer`.
 fn generate(buffer: &mut [u8; 32]) -> &str {
     let random = rand::random::<u128>().to_be_bytes();

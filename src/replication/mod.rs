@@ -216,6 +216,15 @@ impl Mesh {
         let Some(node_id) = node_id else {
             return;
         };
+        // Discovery tracks addresses: a node that came back on another address is a live peer
+        // under the same id, and its cursor still holds what it lacks.
+        if self
+            .peer_list()
+            .iter()
+            .any(|live| live.node_id().as_deref() == Some(node_id.as_str()))
+        {
+            return;
+        }
         let store = self.store.clone();
         let forgotten = tokio::task::spawn_blocking(move || store.forget_cursor(&node_id)).await;
         if !matches!(forgotten, Ok(Ok(()))) {

@@ -56,9 +56,33 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
             peer.set_state(PeerState::Unreachable);
         }
         peer.record_error(failure.reason);
+        record_backlog_while_away(&mesh, &peer).await;
         let wait = backoff.next();
         tracing::debug!(peer = %peer.label(), reason = failure.reason, detail = %failure.detail, ?wait, "replication paused");
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// What `peer` still lacks, measured from its stored cursor, so that its lag keeps growing on
+/// `/metrics` and `/status` while it cannot be reached instead of freezing at what it was when
+/// it went away (an alert on lag would never fire). Nothing is known of a peer never admitted.
+async fn record_backlog_while_away(mesh: &Mesh, peer: &PeerStatus) {
+    let Some(node_id) = peer.node_id() else {
+        return;
+    };
+    let backlog = blocking(&mesh.store, move |store| {
+        let cursor = store.cursor(&node_id)?;
+        let oldest = store.log_after(cursor, 1)?;
+        Ok(oldest.records.first().map(|(_, record)| {
+            let pending = store.stable_seq().saturating_sub(cursor);
+            (pending, now_ms().saturating_sub(record.version_ms()))
+        }))
+    })
+    .await;
+    match backlog {
+        Ok(Some((pending, lag_ms))) => peer.record_progress(pending, lag_ms),
+        Ok(None) => peer.record_progress(0, 0),
+        Err(_) => {}
     }
 }
 
@@ -385,7 +409,14 @@ async fn send(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, request: Request) -> Res
     let response = client
         .request(method, peer.url(&format!("/_internal/replicate/{path}")))
         .header(ACCOUNT_HEADER, &mesh.identity.account)
-        .timeout(request_timeout(bytes))
+        .timeout(request_timeout(
+            bytes,
+            slowest_rate(
+                mesh.config.bandwidth_limit.0,
+                mesh.config.per_peer_limit.0,
+                mesh.peer_list().len(),
+            ),
+        ))
         .body(body)
         .send()
         .await
@@ -408,9 +439,26 @@ async fn send(mesh: &Arc<Mesh>, peer: &Arc<PeerStatus>, request: Request) -> Res
     })
 }
 
-/// Long enough for the body at a slow 1 MiB/s, and a peer that stops answering is given up.
-fn request_timeout(bytes: u64) -> Duration {
-    Duration::from_secs(30) + Duration::from_secs(bytes >> 20)
+/// Long enough for the body at `rate` bytes/s (see [`slowest_rate`]); a peer that stops
+/// answering is given up, and HTTP/2 pings find a dead one sooner (`Mesh::client_for`).
+fn request_timeout(bytes: u64, rate: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_secs(bytes / rate.max(1))
+}
+
+/// The slowest a request to a peer may go: 1 MiB/s, or less when the bandwidth limits hold it
+/// there (the node's limit shared by the requests in flight to every peer, the peer's own by
+/// its requests in flight). A timeout that assumed 1 MiB/s under a lower limit cut every
+/// large artifact short, and resent it forever.
+fn slowest_rate(node_limit: u64, per_peer_limit: u64, peers: usize) -> u64 {
+    let share = |limit: u64, ways: u64| (limit > 0).then(|| (limit / ways.max(1)).max(1));
+    let in_flight = IN_FLIGHT as u64;
+    [
+        share(node_limit, in_flight * peers as u64),
+        share(per_peer_limit, in_flight),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(1 << 20, u64::min)
 }
 
 /// The frame of a log record and the body that follows it; `None` when the record is skipped:
@@ -506,5 +554,20 @@ mod tests {
                 (vec![7, 8], false),
             ]
         );
+    }
+
+    #[test]
+    fn a_request_may_last_as_long_as_the_bandwidth_limits_make_it() {
+        const MIB: u64 = 1 << 20;
+        // Unlimited, or limits above 1 MiB/s per request: 1 MiB/s is assumed.
+        assert_eq!(slowest_rate(0, 0, 3), MIB);
+        assert_eq!(slowest_rate(100 * MIB, 0, 3), MIB);
+        // The node's limit is shared by the requests in flight to every peer.
+        assert_eq!(slowest_rate(4 * MIB, 0, 4), MIB / 2);
+        // A peer's own limit by its requests in flight.
+        assert_eq!(slowest_rate(0, MIB, 1), MIB / 2);
+        assert_eq!(slowest_rate(1, 0, 10), 1);
+        // 64 MiB at 0.5 MiB/s: 128 s of body, plus the 30 s any request gets.
+        assert_eq!(request_timeout(64 * MIB, MIB / 2), Duration::from_secs(158));
     }
 }
