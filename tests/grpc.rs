@@ -543,6 +543,52 @@ fn action_result(outputs: &[(&str, &[u8])], stdout: &[u8]) -> ActionResult {
     }
 }
 
+/// Inlined outputs travel in the result's own message: a large result with inlining asked
+/// for is served with what fits, not failed whole for going over the message limit.
+#[tokio::test]
+async fn inlining_never_pushes_an_action_result_over_the_message_limit() {
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_GRPC_MAX_MESSAGE_SIZE", "64KiB")
+            .env("KURA_GRPC_MAX_BATCH_TOTAL_SIZE", "48KiB")
+            .env("KURA_GRPC_INLINE_MAX", "32KiB"),
+    );
+    let grpc = Grpc::connect(&node).await;
+    let output = payload(17, 20_000);
+    grpc.batch_update("ios", vec![(sha256(&output), output.clone(), 0)], SHA256)
+        .await
+        .unwrap();
+    let action = sha256(b"action-large-result");
+    let result = ActionResult {
+        stderr_raw: payload(18, 50_000).into(),
+        ..action_result(&[("out/a.o", &output)], b"")
+    };
+    let update = UpdateActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(action.clone()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    };
+    grpc.action_cache()
+        .update_action_result(grpc.request(update))
+        .await
+        .unwrap();
+    let get = GetActionResultRequest {
+        instance_name: "ios".into(),
+        action_digest: Some(action),
+        inline_output_files: vec!["out/a.o".into()],
+        ..Default::default()
+    };
+    let served = grpc
+        .action_cache()
+        .get_action_result(grpc.request(get))
+        .await
+        .expect("served without the output that does not fit")
+        .into_inner();
+    assert_eq!(served.stderr_raw, result.stderr_raw);
+    assert!(served.output_files[0].contents.is_empty());
+}
+
 #[tokio::test]
 async fn action_results_round_trip_inline_on_request_and_miss_without_outputs() {
     let node = Node::start();

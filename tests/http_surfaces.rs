@@ -172,20 +172,14 @@ async fn module_multipart_upload_in_any_order() {
     assert_eq!(complete.status(), StatusCode::NO_CONTENT);
 
     let artifact = q(&node, "/api/cache/module/h1?name=App.xcframework.zip");
-    assert_eq!(
-        http.head(&artifact).send().await.unwrap().status(),
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(
-        http.get(&artifact)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        whole
-    );
+    let head = http.head(&artifact).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::NO_CONTENT);
+    let get = http.get(&artifact).send().await.unwrap();
+    // HEAD carries the validators of every artifact (http-api.md), the same as GET's.
+    assert_eq!(head.headers().get("etag"), get.headers().get("etag"));
+    assert!(head.headers().contains_key("etag"));
+    assert_eq!(head.headers()["accept-ranges"], "bytes");
+    assert_eq!(get.bytes().await.unwrap(), whole);
     let ranged = http
         .get(&artifact)
         .header("range", "bytes=10-19")

@@ -52,7 +52,11 @@ impl ActionCache for ActionCacheService {
                 "an output of this action result is no longer stored",
             ));
         }
-        let budget = self.node.config.grpc.inline_max.0;
+        // Inlined bytes travel in the same message as the result: never more than the room it
+        // leaves under the message limit (a large result with inlining asked for failed whole).
+        let room =
+            (self.node.config.grpc.max_message_size.0).saturating_sub(result.encoded_len() as u64);
+        let budget = self.node.config.grpc.inline_max.0.min(room);
         inline(
             &self.node,
             &project,
@@ -191,10 +195,13 @@ async fn inline(
     result: &mut ActionResult,
     mut budget: u64,
 ) -> Result<(), Status> {
+    // Each inlined field also costs its tag and length.
+    const FIELD_OVERHEAD: u64 = 16;
     let mut take = |size: u64| {
-        let fits = size <= budget;
+        let cost = size.saturating_add(FIELD_OVERHEAD);
+        let fits = cost <= budget;
         if fits {
-            budget -= size;
+            budget -= cost;
         }
         fits
     };

@@ -215,9 +215,10 @@ async fn load(
 ) -> Result<Response, ApiError> {
     let key = params.module_key(auth.project, &hash.0)?;
     if method == Method::HEAD {
-        // The module API answers HEAD with 204 when the artifact exists.
+        // The module API answers HEAD with 204 when the artifact exists, with the validators
+        // every artifact's HEAD carries.
         return match app.store.head(&key)? {
-            Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+            Some(info) => Ok(transfer::exists(&info)),
             None => Err(ApiError::not_found()),
         };
     }

@@ -274,6 +274,17 @@ impl ETag {
     }
 }
 
+/// 204 for an artifact that exists, with its `ETag` and `Accept-Ranges` (the module API's HEAD).
+pub fn exists(info: &ArtifactInfo) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_bytes(&ETag::of(&info.blake3).0) {
+        headers.insert(header::ETAG, etag);
+    }
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    response
+}
+
 fn set_artifact_headers(
     headers: &mut HeaderMap,
     info: &ArtifactInfo,
