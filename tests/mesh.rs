@@ -658,14 +658,23 @@ async fn a_body_evicted_before_it_is_sent_is_skipped_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_larger_than_a_peers_capacity_does_not_stop_what_follows() {
     let writer = Node::start_with(mesh_options(37, &[38]));
-    let small = Node::start_with(mesh_options(38, &[37]).env("KURA_STORAGE_CAPACITY", "3MiB"));
+    // Room for what fits twice over: a resent request may stage an artifact while its first
+    // copy is still being received.
+    let small = Node::start_with(mesh_options(38, &[37]).env("KURA_STORAGE_CAPACITY", "6MiB"));
     wait_admitted(&writer, 1).await;
     wait_admitted(&small, 1).await;
+    // The small node started empty: its bootstrap pass is over before the writes, so that only
+    // the writer's push can deliver them.
+    let bootstrapped = eventually(Duration::from_secs(30), || async {
+        (small.status().await["replication"]["bootstrap"]["state"] == "done").then_some(())
+    })
+    .await;
+    assert!(bootstrapped.is_some(), "{}", small.status().await);
     // Stopped while the writer logs all three, so that they travel as three requests in one
     // round: the one over capacity, one streamed beside it, and a batch behind them.
     small.signal(libc::SIGSTOP);
     let too_large = gradle_path("ios", "too-large");
-    put(&writer, &too_large, payload(700, 4 << 20)).await;
+    put(&writer, &too_large, payload(700, 8 << 20)).await;
     let beside = (gradle_path("ios", "beside"), payload(701, 3 << 19));
     put(&writer, &beside.0, beside.1.clone()).await;
     let behind = (gradle_path("ios", "behind"), payload(702, 4096));

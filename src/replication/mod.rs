@@ -25,9 +25,10 @@ pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use serde::{Deserialize, Serialize};
@@ -552,16 +553,36 @@ impl PeerStatus {
     }
 }
 
-/// Trims the log below the slowest peer's persisted cursor and holds it to its bound.
+/// Trims the log below the slowest live peer's persisted cursor and holds it to its bound.
 async fn trim_log(mesh: Arc<Mesh>) {
     let dropped = metrics::counter!(crate::metrics::REPLICATION_LOG_DROPPED_TOTAL);
     let max_entries = mesh.config.outbox.max_entries;
     let mut ticker = tokio::time::interval(TRIM_INTERVAL);
+    let owners = Arc::new(Mutex::new(CursorOwners::new(mesh.config.peer_expiry.0)));
     loop {
         ticker.tick().await;
-        let store = mesh.store.clone();
+        // `None` while some peer was not admitted since the start: its cursor is unknown.
+        let live: Option<Vec<String>> =
+            mesh.peer_list().iter().map(|peer| peer.node_id()).collect();
+        let (store, owners) = (mesh.store.clone(), owners.clone());
         let pass = tokio::task::spawn_blocking(move || {
-            let slowest = store.cursors()?.into_iter().map(|(_, seq)| seq).min();
+            let saved = store.cursors()?;
+            let expired = owners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .expired(&saved, live.as_deref(), Instant::now());
+            for node_id in &expired {
+                tracing::info!(
+                    node_id,
+                    "forgetting the replication cursor of a node that was no peer's for replication.peer_expiry"
+                );
+                store.forget_cursor(node_id)?;
+            }
+            let slowest = saved
+                .into_iter()
+                .filter(|(node_id, _)| !expired.contains(node_id))
+                .map(|(_, seq)| seq)
+                .min();
             store.trim_log(slowest, max_entries)
         })
         .await;
@@ -578,5 +599,83 @@ async fn trim_log(mesh: Arc<Mesh>) {
             Ok(Err(error)) => tracing::error!(%error, "trimming the replication log failed"),
             Err(error) => tracing::error!(%error, "trimming the replication log panicked"),
         }
+    }
+}
+
+/// When each saved cursor's node was last one of this node's peers. A cursor holds the log back
+/// for its node (the log keeps what it lacks), so one whose node is gone for good (a node wiped
+/// and back under a new id, a static peer removed from the configuration) kept the log at its
+/// bound forever, its oldest records dropped with a warning every second. replication.md drops
+/// a peer missing for `replication.peer_expiry` with its pending entries: a cursor whose node
+/// was no peer's for that long is forgotten. Only while every peer's node id is known (each was
+/// admitted since the start): a static peer down since before a restart may own any cursor, so
+/// until then every cursor counts as its node's. If a forgotten node does return, it catches
+/// up from an index.
+struct CursorOwners {
+    expiry: Duration,
+    started: Instant,
+    last_seen: HashMap<String, Instant>,
+}
+
+impl CursorOwners {
+    fn new(expiry: Duration) -> Self {
+        CursorOwners {
+            expiry,
+            started: Instant::now(),
+            last_seen: HashMap::new(),
+        }
+    }
+
+    /// The node ids among `saved` whose nodes were no peer's (not in `live`, the peers' node
+    /// ids, `None` while some are unknown) for the expiry.
+    fn expired(
+        &mut self,
+        saved: &[(String, u64)],
+        live: Option<&[String]>,
+        now: Instant,
+    ) -> Vec<String> {
+        let Some(live) = live else {
+            for (node_id, _) in saved {
+                self.last_seen.insert(node_id.clone(), now);
+            }
+            return Vec::new();
+        };
+        for node_id in live {
+            self.last_seen.insert(node_id.clone(), now);
+        }
+        let mut expired = Vec::new();
+        for (node_id, _) in saved {
+            let seen = self.last_seen.get(node_id).copied().unwrap_or(self.started);
+            if now.saturating_duration_since(seen) >= self.expiry {
+                expired.push(node_id.clone());
+                self.last_seen.remove(node_id);
+            }
+        }
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_is_forgotten_once_its_node_was_no_peers_for_the_expiry() {
+        let expiry = Duration::from_secs(600);
+        let mut owners = CursorOwners::new(expiry);
+        let start = owners.started;
+        let at = |secs| start + Duration::from_secs(secs);
+        let saved = vec![("gone".to_string(), 5), ("live".to_string(), 9)];
+        let live = vec!["live".to_string()];
+        // Every peer known: a cursor of no peer's lasts the expiry from the node's start.
+        assert!(owners.expired(&saved, Some(&live), at(599)).is_empty());
+        assert_eq!(owners.expired(&saved, Some(&live), at(600)), vec!["gone"]);
+        // A node that leaves the peers keeps its cursor for the expiry...
+        let saved = vec![("live".to_string(), 9)];
+        assert!(owners.expired(&saved, Some(&[]), at(1199)).is_empty());
+        // ...unless some peer's id is unknown meanwhile (it may be the owner): that resets it.
+        assert!(owners.expired(&saved, None, at(1000)).is_empty());
+        assert!(owners.expired(&saved, Some(&[]), at(1599)).is_empty());
+        assert_eq!(owners.expired(&saved, Some(&[]), at(1600)), vec!["live"]);
     }
 }
