@@ -179,18 +179,26 @@ impl DecisionCache {
         {
             return None;
         }
-        match self.client.introspect(token, request_id).await {
-            Ok(answer) => {
-                let fresh = Arc::new(Entry::new(answer.clone(), &self.settings));
-                self.entries.insert(key, fresh).await;
-                Some(answer)
+        // On a task of its own, so that it finishes (and clears the flag on failure) even when
+        // the request that asked is dropped: a flag left set would stop every later call for
+        // this entry, revalidation included, until it expires.
+        let (cache, token) = (self.clone(), token.clone());
+        let request_id = request_id.map(str::to_owned);
+        let call = tokio::spawn(async move {
+            match cache.client.introspect(&token, request_id.as_deref()).await {
+                Ok(answer) => {
+                    let fresh = Arc::new(Entry::new(answer.clone(), &cache.settings));
+                    cache.entries.insert(key, fresh).await;
+                    Some(answer)
+                }
+                Err(_) => {
+                    cache.failed.insert(key, ()).await;
+                    entry.revalidating.store(false, Ordering::SeqCst);
+                    None
+                }
             }
-            Err(_) => {
-                self.failed.insert(key, ()).await;
-                entry.revalidating.store(false, Ordering::SeqCst);
-                None
-            }
-        }
+        });
+        call.await.ok().flatten()
     }
 
     /// Starts one background revalidation of a stale positive entry, unless one is running or

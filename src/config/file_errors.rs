@@ -5,7 +5,8 @@
 //! `/status`. Parsers quote what they choke on (TOML's display even prints the whole offending
 //! line), and an operator may paste a raw secret anywhere in such a file, under a wrong name
 //! too. So an error names the line and column and what was expected; every double-quoted value
-//! in it is replaced by `"…"`. Field names, which parsers quote with backticks, stay.
+//! in it is replaced by `"…"`, and so is the name of an unknown field (a token pasted as a
+//! key). The names the parser expected, quoted with backticks, stay.
 
 /// A TOML parse error of `text`: where, and the parser's message without values.
 pub(crate) fn toml(text: &str, error: &toml::de::Error) -> String {
@@ -19,18 +20,37 @@ pub(crate) fn toml(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
-/// `message` with every double-quoted value replaced by `"…"`.
+/// `message` with every double-quoted value replaced by `"…"` (a quote escaped inside one, as
+/// serde prints it, does not end it), and the name of an unknown field or variant, which is
+/// what the file holds too, replaced by `` `…` ``.
 pub(crate) fn without_quoted_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut parts = message.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
+    let mut inside = false;
+    let mut escaped = false;
+    for c in message.chars() {
+        if inside {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    out.push_str("…\"");
+                    inside = false;
+                }
+                _ => escaped = false,
+            }
+        } else {
+            out.push(c);
+            inside = c == '"';
+        }
     }
-    let mut inside = true;
-    for part in parts {
-        out.push('"');
-        out.push_str(if inside { "…" } else { part });
-        inside = !inside;
+    if inside {
+        out.push('…');
+    }
+    for named in ["unknown field `", "unknown variant `"] {
+        if let Some(start) = out.find(named).map(|at| at + named.len())
+            && let Some(length) = out[start..].find('`')
+        {
+            out.replace_range(start..start + length, "…");
+        }
     }
     out
 }
@@ -53,8 +73,19 @@ mod tests {
         assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
         assert_eq!(line_and_column("ab", 99), (1, 3));
         assert_eq!(without_quoted_values(r#"a "x" b "y""#), r#"a "…" b "…""#);
-        assert_eq!(without_quoted_values("field `token`"), "field `token`");
+        assert_eq!(
+            without_quoted_values("expected `token`"),
+            "expected `token`"
+        );
         assert_eq!(without_quoted_values(r#"unclosed "rest"#), r#"unclosed "…"#);
+        assert_eq!(
+            without_quoted_values(r#"string "a\"b secret", expected x"#),
+            r#"string "…", expected x"#
+        );
+        assert_eq!(
+            without_quoted_values("unknown field `kura_live_1`, expected one of `name`"),
+            "unknown field `…`, expected one of `name`"
+        );
     }
 
     #[test]

@@ -132,7 +132,7 @@ impl ByteStream for ByteStreamService {
         }
         let mut footprint = name.blob.digest.size.min(STREAM_FOOTPRINT);
         if name.blob.compressed {
-            footprint += super::compress::decoder_footprint(name.blob.digest.size);
+            footprint += super::compress::DECODER_FOOTPRINT;
         }
         let _lease = lease_memory(&self.node, footprint).await?;
         let resource_name = first.resource_name.clone();

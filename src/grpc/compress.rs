@@ -20,11 +20,11 @@ const PIECE: usize = 256 * 1024;
 /// 128 MiB: a few kilobytes of a crafted frame could otherwise hold that much per stream.
 const WINDOW_LOG_MAX: u32 = 23;
 
-/// What one decoder of a compressed upload of `size` bytes may hold beside its output: its
-/// window, which an honest frame sizes to at most its content.
-pub(crate) fn decoder_footprint(size: u64) -> u64 {
-    size.min(1 << WINDOW_LOG_MAX)
-}
+/// What one decoder of a compressed upload may hold beside its output: its window and a block.
+/// A frame whose header names no content size has the decoder allocate its whole window however
+/// small the blob, and honest streaming compressors write such frames (2 MiB at zstd's level
+/// 3), so the lease counts the most a frame may ask for, not the blob's size.
+pub(crate) const DECODER_FOOTPRINT: u64 = (1 << WINDOW_LOG_MAX) + (128 << 10);
 
 /// Compresses a whole small buffer (a batch item).
 pub(crate) fn compress(data: &[u8]) -> io::Result<Vec<u8>> {

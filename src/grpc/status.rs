@@ -36,7 +36,7 @@ pub(crate) fn of_store_error(error: StoreError) -> Status {
             tracing::error!(%error, "refusing a gRPC write: the store stopped taking writes");
             Status::unavailable(
                 "the node's store stopped taking writes after an error in its background work \
-                 (see /status and the node's log); reads go on; writes resume after a restart",
+                 (see /status and the node's log); reads go on",
             )
         }
         error @ (StoreError::Locked { .. } | StoreError::Io(_) | StoreError::Db(_)) => {

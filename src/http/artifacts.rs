@@ -9,7 +9,7 @@ use http::{Method, StatusCode};
 use super::AppState;
 use super::access::{Authorized, KeyParam, Scope};
 use super::error::ApiError;
-use super::transfer::{self, ServeOptions};
+use super::transfer::{self, ContentType, ServeOptions};
 use crate::config::LimitsConfig;
 use crate::names;
 use crate::storage::{ArtifactKey, Kind, StoreError, WriteMode};
@@ -18,11 +18,8 @@ use crate::storage::{ArtifactKey, Kind, StoreError, WriteMode};
 #[derive(Clone, Copy)]
 pub struct Surface {
     pub kind: Kind,
-    /// Content type of reads when the upload named none.
-    pub content_type: &'static str,
-    /// Whether reads answer the content type the upload named. Not for the Xcode CAS, whose
-    /// reads are `application/octet-stream` whatever the uploader sent (http-api.md).
-    pub keeps_upload_content_type: bool,
+    /// Content type of reads: the upload's or a fixed one.
+    pub content_type: ContentType,
     /// The upload size limit of this surface.
     pub limit: fn(&LimitsConfig) -> u64,
     pub write_mode: WriteMode,
@@ -79,7 +76,7 @@ pub async fn load<R: BlobRoute>(
     let surface = R::SURFACE;
     let key = surface.key(auth.project, key)?;
     let options = ServeOptions {
-        default_content_type: surface.content_type,
+        content_type: surface.content_type,
         head: request.method() == Method::HEAD,
     };
     transfer::serve(&app, &key, request.headers(), options).await
@@ -109,10 +106,10 @@ pub async fn save<R: BlobRoute>(
         transfer::commit(&app, &key, staged, None, surface.write_mode).await?
     } else {
         let staged = transfer::receive(&app, &headers, body, limit, false).await?;
-        let content_type = surface
-            .keeps_upload_content_type
-            .then(|| transfer::content_type(&headers))
-            .flatten();
+        let content_type = match surface.content_type {
+            ContentType::UploadsOr(_) => transfer::content_type(&headers),
+            ContentType::Always(_) => None,
+        };
         transfer::commit(&app, &key, staged, content_type, surface.write_mode).await?
     };
     let status = match surface.stored {

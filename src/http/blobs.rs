@@ -8,14 +8,14 @@ use axum::routing::{MethodRouter, get};
 use super::AppState;
 use super::access::{PathScope, Scope, ScopeRule};
 use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
+use super::transfer::ContentType;
 use crate::storage::{Kind, WriteMode};
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
 const NX: Surface = Surface {
     kind: Kind::Nx,
-    content_type: OCTET_STREAM,
-    keeps_upload_content_type: true,
+    content_type: ContentType::UploadsOr(OCTET_STREAM),
     limit: |limits| limits.blob.0,
     write_mode: WriteMode::WriteOnce,
     stored: Stored::Ok,

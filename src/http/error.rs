@@ -184,8 +184,7 @@ impl From<StoreError> for ApiError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "storage_unavailable",
                     "The node's store stopped taking writes after an error in its background work \
-                     (/status: disk.background_errors; the node's log names the file); reads go on. \
-                     Writes resume after the node is restarted",
+                     (/status: disk.background_errors; the node's log names the cause); reads go on",
                 )
             }
             StoreError::Locked { .. } | StoreError::Io(_) | StoreError::Db(_) => {

@@ -10,12 +10,12 @@ use axum::routing::get;
 use super::AppState;
 use super::access::{PathScope, QueryScope};
 use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
+use super::transfer::ContentType;
 use crate::storage::{Kind, WriteMode};
 
 const GRADLE: Surface = Surface {
     kind: Kind::Gradle,
-    content_type: "application/vnd.gradle.build-cache-artifact.v2",
-    keeps_upload_content_type: true,
+    content_type: ContentType::UploadsOr("application/vnd.gradle.build-cache-artifact.v2"),
     limit: |limits| limits.gradle.0,
     write_mode: WriteMode::Overwrite,
     stored: Stored::CreatedOrOk,

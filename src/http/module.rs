@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::access::{Authorized, invalid_key, query_value};
 use super::error::ApiError;
-use super::transfer::{self, ServeOptions};
+use super::transfer::{self, ContentType, ServeOptions};
 use crate::names;
 use crate::storage::{ArtifactKey, Kind, StoreError, UploadLimits};
 
@@ -223,7 +223,7 @@ async fn load(
         };
     }
     let options = ServeOptions {
-        default_content_type: "application/zip",
+        content_type: ContentType::UploadsOr("application/zip"),
         head: false,
     };
     transfer::serve(&app, &key, &headers, options).await

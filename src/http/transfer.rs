@@ -142,10 +142,18 @@ pub fn content_type(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The content type reads of a surface answer.
+#[derive(Clone, Copy)]
+pub enum ContentType {
+    /// The one the upload named, else this one.
+    UploadsOr(&'static str),
+    /// Always this one, whatever the upload named (the Xcode CAS, http-api.md).
+    Always(&'static str),
+}
+
 /// How to answer a read.
 pub struct ServeOptions {
-    /// Content type when the upload named none.
-    pub default_content_type: &'static str,
+    pub content_type: ContentType,
     /// HEAD: headers only, without opening the body.
     pub head: bool,
 }
@@ -174,23 +182,13 @@ pub async fn serve(
     {
         app.counters.hit(key.kind);
         let mut response = StatusCode::NOT_MODIFIED.into_response();
-        set_artifact_headers(
-            response.headers_mut(),
-            info,
-            &etag,
-            options.default_content_type,
-        );
+        set_artifact_headers(response.headers_mut(), info, &etag, options.content_type);
         return Ok(response);
     }
     if options.head {
         app.counters.hit(key.kind);
         let mut response = StatusCode::OK.into_response();
-        set_artifact_headers(
-            response.headers_mut(),
-            info,
-            &etag,
-            options.default_content_type,
-        );
+        set_artifact_headers(response.headers_mut(), info, &etag, options.content_type);
         response
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
@@ -247,7 +245,7 @@ pub async fn serve(
     // Room for every header this answer and the layers add, so the map never grows.
     *response.headers_mut() = HeaderMap::with_capacity(12);
     let response_headers = response.headers_mut();
-    set_artifact_headers(response_headers, &info, &etag, options.default_content_type);
+    set_artifact_headers(response_headers, &info, &etag, options.content_type);
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     if status == StatusCode::PARTIAL_CONTENT
         && let Ok(value) =
@@ -289,7 +287,7 @@ fn set_artifact_headers(
     headers: &mut HeaderMap,
     info: &ArtifactInfo,
     etag: &ETag,
-    default_content_type: &'static str,
+    content_type: ContentType,
 ) {
     if let Ok(etag) = HeaderValue::from_bytes(&etag.0) {
         headers.insert(header::ETAG, etag);
@@ -305,11 +303,14 @@ fn set_artifact_headers(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox; default-src 'none'"),
     );
-    let content_type = info
-        .content_type
-        .as_deref()
-        .and_then(|v| HeaderValue::from_str(v).ok())
-        .unwrap_or(HeaderValue::from_static(default_content_type));
+    let content_type = match content_type {
+        ContentType::UploadsOr(default) => info
+            .content_type
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+            .unwrap_or(HeaderValue::from_static(default)),
+        ContentType::Always(always) => HeaderValue::from_static(always),
+    };
     headers.insert(header::CONTENT_TYPE, content_type);
     if let Some(sha) = info.sha256
         && let Ok(value) = HeaderValue::from_str(&hex::encode(sha))

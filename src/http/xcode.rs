@@ -14,13 +14,12 @@ use super::AppState;
 use super::access::{Authorized, KeyParam, QueryScope, invalid_key};
 use super::artifacts::{self, BlobRoute, KeyRule, Stored, Surface};
 use super::error::ApiError;
-use super::transfer::{self, ServeOptions};
+use super::transfer::{self, ContentType, ServeOptions};
 use crate::storage::{ArtifactKey, Kind, StoreError, WriteMode};
 
 const XCODE_CAS: Surface = Surface {
     kind: Kind::XcodeCas,
-    content_type: "application/octet-stream",
-    keeps_upload_content_type: false,
+    content_type: ContentType::Always("application/octet-stream"),
     limit: |limits| limits.xcode_cas.0,
     write_mode: WriteMode::Overwrite,
     stored: Stored::NoContent,
@@ -121,7 +120,7 @@ async fn load_entries(
 ) -> Result<Response, ApiError> {
     let key = ArtifactKey::new(auth.project, Kind::KeyValue, key);
     let options = ServeOptions {
-        default_content_type: "application/json",
+        content_type: ContentType::UploadsOr("application/json"),
         head: false,
     };
     transfer::serve(&app, &key, request.headers(), options).await

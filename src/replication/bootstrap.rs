@@ -181,7 +181,10 @@ pub(super) async fn pull(
             };
             let written_here = item.origin == mesh.identity.node_id;
             let out_of_scope = only_origin.is_some_and(|origin| item.origin != origin);
-            if written_here || out_of_scope || !newer_than_ours(mesh, &key, item)? {
+            // Larger than this node can ever hold: not worth a transfer (`receive::apply` would
+            // drop it as too_large).
+            let too_large = item.size > mesh.store.capacity();
+            if written_here || out_of_scope || too_large || !newer_than_ours(mesh, &key, item)? {
                 continue;
             }
             wanted.push((item.key.clone(), item.size));

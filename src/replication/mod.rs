@@ -607,13 +607,13 @@ async fn trim_log(mesh: Arc<Mesh>) {
 /// and back under a new id, a static peer removed from the configuration) kept the log at its
 /// bound forever, its oldest records dropped with a warning every second. replication.md drops
 /// a peer missing for `replication.peer_expiry` with its pending entries: a cursor whose node
-/// was no peer's for that long is forgotten. Only while every peer's node id is known (each was
+/// was no peer's for that long (counted from when the trimmer first saw it) is forgotten. Only
+/// while every peer's node id is known (each was
 /// admitted since the start): a static peer down since before a restart may own any cursor, so
 /// until then every cursor counts as its node's. If a forgotten node does return, it catches
 /// up from an index.
 struct CursorOwners {
     expiry: Duration,
-    started: Instant,
     last_seen: HashMap<String, Instant>,
 }
 
@@ -621,7 +621,6 @@ impl CursorOwners {
     fn new(expiry: Duration) -> Self {
         CursorOwners {
             expiry,
-            started: Instant::now(),
             last_seen: HashMap::new(),
         }
     }
@@ -645,7 +644,9 @@ impl CursorOwners {
         }
         let mut expired = Vec::new();
         for (node_id, _) in saved {
-            let seen = self.last_seen.get(node_id).copied().unwrap_or(self.started);
+            // A cursor first met now counts from now: one a peer admitted since `live` was read
+            // has just been created. At the first pass (the start) that is the start.
+            let seen = *self.last_seen.entry(node_id.clone()).or_insert(now);
             if now.saturating_duration_since(seen) >= self.expiry {
                 expired.push(node_id.clone());
                 self.last_seen.remove(node_id);
@@ -663,11 +664,12 @@ mod tests {
     fn a_cursor_is_forgotten_once_its_node_was_no_peers_for_the_expiry() {
         let expiry = Duration::from_secs(600);
         let mut owners = CursorOwners::new(expiry);
-        let start = owners.started;
+        let start = Instant::now();
         let at = |secs| start + Duration::from_secs(secs);
         let saved = vec![("gone".to_string(), 5), ("live".to_string(), 9)];
         let live = vec!["live".to_string()];
-        // Every peer known: a cursor of no peer's lasts the expiry from the node's start.
+        // Every peer known: a cursor of no peer's lasts the expiry from the first pass.
+        assert!(owners.expired(&saved, Some(&live), at(0)).is_empty());
         assert!(owners.expired(&saved, Some(&live), at(599)).is_empty());
         assert_eq!(owners.expired(&saved, Some(&live), at(600)), vec!["gone"]);
         // A node that leaves the peers keeps its cursor for the expiry...
@@ -677,5 +679,9 @@ mod tests {
         assert!(owners.expired(&saved, None, at(1000)).is_empty());
         assert!(owners.expired(&saved, Some(&[]), at(1599)).is_empty());
         assert_eq!(owners.expired(&saved, Some(&[]), at(1600)), vec!["live"]);
+        // A cursor that appears later (a peer admitted between two passes) starts its own clock.
+        let saved = vec![("new".to_string(), 1)];
+        assert!(owners.expired(&saved, Some(&[]), at(5000)).is_empty());
+        assert_eq!(owners.expired(&saved, Some(&[]), at(5600)), vec!["new"]);
     }
 }

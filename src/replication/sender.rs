@@ -17,7 +17,7 @@ use super::backoff::Backoff;
 use super::catch_up::CatchUpRequest;
 use super::wire::Entry;
 use super::{ACCOUNT_HEADER, Identity, Mesh, PeerState, PeerStatus};
-use crate::storage::{BodyStream, LogRecord, Store, StoreError, now_ms};
+use crate::storage::{BodyStream, LogRecord, LogSlice, Store, StoreError, now_ms};
 
 /// Body bytes a batched request carries at most (replication.md: ≤ 4 MiB).
 const BATCH_BYTES: u64 = 4 << 20;
@@ -63,6 +63,17 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
     }
 }
 
+/// How many records a peer at `cursor` lacks, `slice` being the read after it: exact while the
+/// log fits one read; beyond, sequence numbers count (they have gaps: writes received from peers
+/// take numbers and are not logged).
+fn pending(store: &Store, slice: &LogSlice, cursor: u64) -> u64 {
+    if slice.records.len() < READ_AHEAD {
+        slice.records.len() as u64
+    } else {
+        store.stable_seq().saturating_sub(cursor)
+    }
+}
+
 /// What `peer` still lacks, measured from its stored cursor, so that its lag keeps growing on
 /// `/metrics` and `/status` while it cannot be reached instead of freezing at what it was when
 /// it went away (an alert on lag would never fire). Nothing is known of a peer never admitted.
@@ -72,10 +83,10 @@ async fn record_backlog_while_away(mesh: &Mesh, peer: &PeerStatus) {
     };
     let backlog = blocking(&mesh.store, move |store| {
         let cursor = store.cursor(&node_id)?;
-        let oldest = store.log_after(cursor, 1)?;
-        Ok(oldest.records.first().map(|(_, record)| {
-            let pending = store.stable_seq().saturating_sub(cursor);
-            (pending, now_ms().saturating_sub(record.version_ms()))
+        let slice = store.log_after(cursor, READ_AHEAD)?;
+        Ok(slice.records.first().map(|(_, record)| {
+            let lag_ms = now_ms().saturating_sub(record.version_ms());
+            (pending(store, &slice, cursor), lag_ms)
         }))
     })
     .await;
@@ -210,14 +221,7 @@ async fn replicate_until_failure(
         let lag_ms = slice.records.first().map_or(0, |(_, record)| {
             now_ms().saturating_sub(record.version_ms())
         });
-        // Exact while the log fits one read; beyond, sequence numbers count (they have gaps:
-        // writes received from peers take numbers and are not logged).
-        let pending = if slice.records.len() < READ_AHEAD {
-            slice.records.len() as u64
-        } else {
-            store.stable_seq().saturating_sub(cursor)
-        };
-        peer.record_progress(pending, lag_ms);
+        peer.record_progress(pending(&store, &slice, cursor), lag_ms);
         if slice.records.is_empty() {
             // Caught up: whatever failed before is over.
             backoff.reset();

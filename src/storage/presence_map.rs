@@ -65,7 +65,7 @@ const SHRINK_FLOOR: usize = 256;
 impl Shard {
     /// Removes `key`, and rebuilds the table at twice what it still holds once it is less than
     /// a quarter full. The rebuild costs a pass over what is left, and cannot come again before
-    /// three quarters of that are removed too, so its cost per removal stays constant.
+    /// at least half of that is removed too, so its cost per removal stays constant.
     fn remove(&mut self, key: &HeldKey) {
         self.entries.remove(key);
         let capacity = self.entries.capacity();
