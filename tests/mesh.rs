@@ -652,8 +652,8 @@ async fn a_body_evicted_before_it_is_sent_is_skipped_and_counted() {
 }
 
 /// An artifact larger than a peer's whole capacity can never be stored there: the peer
-/// acknowledges it without storing it (counted), and what the writer logged after it still
-/// arrives. (It answered 507, and the writer resent it forever: of what came after it, only
+/// acknowledges it without storing it (counted), drops the older version of the key it held,
+/// and what the writer logged after it still arrives. (It answered 507, and the writer resent it forever: of what came after it, only
 /// the request already in flight beside it ever arrived.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_larger_than_a_peers_capacity_does_not_stop_what_follows() {
@@ -670,10 +670,15 @@ async fn an_artifact_larger_than_a_peers_capacity_does_not_stop_what_follows() {
     })
     .await;
     assert!(bootstrapped.is_some(), "{}", small.status().await);
+    // An older, small version of the key reaches the small node first: once the writer
+    // overwrites it with one too large to be stored there, it must not stay the key's answer.
+    let too_large = gradle_path("ios", "too-large");
+    let old_version = payload(699, 4096);
+    put(&writer, &too_large, old_version.clone()).await;
+    assert_replicated(&small, &too_large, &old_version).await;
     // Stopped while the writer logs all three, so that they travel as three requests in one
     // round: the one over capacity, one streamed beside it, and a batch behind them.
     small.signal(libc::SIGSTOP);
-    let too_large = gradle_path("ios", "too-large");
     put(&writer, &too_large, payload(700, 8 << 20)).await;
     let beside = (gradle_path("ios", "beside"), payload(701, 3 << 19));
     put(&writer, &beside.0, beside.1.clone()).await;
@@ -683,7 +688,10 @@ async fn an_artifact_larger_than_a_peers_capacity_does_not_stop_what_follows() {
     for (path, body) in [&beside, &behind] {
         assert_replicated(&small, path, body).await;
     }
-    assert!(body_at(&small, &too_large).await.is_none());
+    assert!(
+        body_at(&small, &too_large).await.is_none(),
+        "the superseded version is still served"
+    );
     // Counted once per time it was sent: a request cut while the peer was stopped is sent again.
     let counted = small
         .metric("kura_replication_applied_total{result=\"too_large\"}")

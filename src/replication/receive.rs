@@ -337,8 +337,12 @@ where
                     .map_err(|e| ApiError::bad_request("bad_frame", e.to_string()))?
                     .is_some()
                 {}
+                // What this node holds of the key is older: it goes, rather than be served as
+                // the key's current bytes for good.
+                let superseded =
+                    store.forget_superseded(&artifact, version_ms, &origin, &blake3)?;
                 tracing::warn!(
-                    %project, key, size, capacity = store.capacity(),
+                    %project, key, size, capacity = store.capacity(), superseded,
                     "a peer's artifact is larger than this node's capacity: not stored"
                 );
                 mesh.count_applied(ApplyResult::TooLarge, 0);

@@ -1228,6 +1228,23 @@ impl Store {
         }
     }
 
+    /// Deletes what this node holds under `key` when a peer's version (`version_ms`, `origin`,
+    /// with bytes hashing to `blake3`) supersedes it but cannot be stored here (larger than the
+    /// whole capacity): last writer wins, so the older bytes must not go on being served as the
+    /// key's. A copy of the same bytes, or a newer version, stays. Returns whether it deleted.
+    pub fn forget_superseded(
+        &self,
+        key: &ArtifactKey,
+        version_ms: u64,
+        origin: &str,
+        blake3: &[u8; 32],
+    ) -> Result<bool, StoreError> {
+        self.remove_if(&key.encode(), |record| {
+            &record.blake3 != blake3
+                && (record.version_ms, record.origin.as_str()) < (version_ms, origin)
+        })
+    }
+
     /// Deletes the record under `encoded` when `predicate` holds for it, and then its body.
     fn remove_if(
         &self,
