@@ -1454,10 +1454,9 @@ async fn cursors_persist_and_the_log_is_trimmed_below_the_slowest() {
     );
 }
 
-#[tokio::test]
-async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = logging_store(dir.path());
+/// A logging store with 30 writes in its log; the sequence number of the last.
+async fn logging_store_with_thirty_writes(dir: &Path) -> (Store, u64) {
+    let store = logging_store(dir);
     let mut last = 0;
     for i in 0..30 {
         last = put(&store, &gradle(&format!("k{i}")), b"v")
@@ -1465,6 +1464,13 @@ async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
             .seq()
             .unwrap();
     }
+    (store, last)
+}
+
+#[tokio::test]
+async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, last) = logging_store_with_thirty_writes(dir.path()).await;
     store.set_cursor("behind", 2).unwrap();
     let dropped = store.trim_log(Some(2), 10).unwrap();
     assert_eq!(dropped, last - 10 - 2, "unacknowledged records dropped");
@@ -1488,14 +1494,7 @@ async fn the_bound_drops_the_oldest_records_and_marks_who_lost_them() {
 #[tokio::test]
 async fn a_trim_racing_a_peers_read_sends_it_to_catch_up_not_past_a_hole() {
     let dir = tempfile::tempdir().unwrap();
-    let store = logging_store(dir.path());
-    let mut last = 0;
-    for i in 0..30 {
-        last = put(&store, &gradle(&format!("k{i}")), b"v")
-            .await
-            .seq()
-            .unwrap();
-    }
+    let (store, last) = logging_store_with_thirty_writes(dir.path()).await;
     let cursor = 2;
     let unraced = store.log_for_peer(cursor, 5).unwrap().unwrap();
     assert_eq!(unraced.records[0].0, cursor + 1, "nothing trimmed yet");
