@@ -29,6 +29,9 @@ use crate::storage::KeyBatch;
 const BATCH_CONCURRENCY: usize = 16;
 /// Directories per GetTree page when the client leaves `page_size` at 0.
 const DEFAULT_TREE_PAGE: usize = 1000;
+/// The most directories one GetTree page holds, whatever the client asks: a page is built in
+/// memory before it is sent, and each of its directories may be megabytes.
+const MAX_TREE_PAGE: usize = 10_000;
 /// Room kept for a message's own framing when its contents approach the message limit.
 const FRAMING_ROOM: usize = 16 * 1024;
 
@@ -182,15 +185,17 @@ impl ContentAddressableStorage for Cas {
         };
         let page_size = match usize::try_from(request.page_size) {
             Ok(0) => DEFAULT_TREE_PAGE,
-            Ok(size) => size,
+            Ok(size) => size.min(MAX_TREE_PAGE),
             Err(_) => return Err(Status::invalid_argument("page_size is negative")),
         };
         let limit = self.node.config.grpc.max_message_size.0 as usize - FRAMING_ROOM;
-        let tree = Tree::walk(&self.node, &project, &root, start + page_size, limit).await?;
+        // The token is the client's to send back: a huge one must not wrap.
+        let want = start.saturating_add(page_size);
+        let tree = Tree::walk(&self.node, &project, &root, want, limit).await?;
         if start == 0 && tree.directories.is_empty() {
             return Err(Status::not_found("the root directory is not stored"));
         }
-        let end = (start + page_size).min(tree.directories.len());
+        let end = want.min(tree.directories.len());
         let page: Vec<Directory> = tree
             .directories
             .get(start..end)
