@@ -85,6 +85,18 @@ async fn nodes_found_through_dns_replicate_an_expired_one_catches_up_and_a_new_o
         .await;
         assert!(expired.is_some(), "{:?}", peer_urls(node).await);
         assert!(node.logs().contains("peer expired"));
+        // Its series read 0: an expired address is no admitted (or unreachable) peer, and an
+        // alert on either must not fire for it until the node restarts.
+        let metrics = node.metrics().await;
+        for state in ["admitted", "unreachable"] {
+            let series =
+                format!("kura_replication_peer_state{{peer=\"{gone}\",state=\"{state}\"}}");
+            let line = metrics.lines().find(|line| line.starts_with(&series));
+            assert!(
+                line.is_some_and(|line| line.ends_with(" 0")),
+                "{series}: {line:?}"
+            );
+        }
     }
     // Written while the third node was gone: the log is trimmed once the second has them,
     // without waiting for the expired one.

@@ -202,10 +202,14 @@ impl Mesh {
         peer
     }
 
-    /// Forgets a peer: it leaves `/status`, and its cursor no longer holds the log back.
+    /// Forgets a peer: it leaves `/status`, and its cursor no longer holds the log back. Its
+    /// series stay on `/metrics` (the exporter keeps every series it saw) but read 0: an expired
+    /// pod's address must not count as an unreachable peer, or lag, until the node restarts.
     fn remove_peer(&self, peer: &PeerStatus) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.remove(peer.label());
+        drop(peers);
+        peer.clear_gauges();
     }
 
     /// Drops an expired peer with its pending records (replication.md: it catches up by
@@ -483,6 +487,14 @@ impl PeerStatus {
             let value = if each == state { 1.0 } else { 0.0 };
             metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.target.label.clone(), "state" => each.label()).set(value);
         }
+    }
+
+    /// Sets every gauge of this peer to 0 (it is no longer a peer).
+    fn clear_gauges(&self) {
+        for each in PeerState::ALL {
+            metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.target.label.clone(), "state" => each.label()).set(0.0);
+        }
+        self.record_progress(0, 0);
     }
 
     /// The node id the peer answered its admission with.
