@@ -179,26 +179,10 @@ impl DecisionCache {
         {
             return None;
         }
-        // On a task of its own, so that it finishes (and clears the flag on failure) even when
-        // the request that asked is dropped: a flag left set would stop every later call for
-        // this entry, revalidation included, until it expires.
-        let (cache, token) = (self.clone(), token.clone());
-        let request_id = request_id.map(str::to_owned);
-        let call = tokio::spawn(async move {
-            match cache.client.introspect(&token, request_id.as_deref()).await {
-                Ok(answer) => {
-                    let fresh = Arc::new(Entry::new(answer.clone(), &cache.settings));
-                    cache.entries.insert(key, fresh).await;
-                    Some(answer)
-                }
-                Err(_) => {
-                    cache.failed.insert(key, ()).await;
-                    entry.revalidating.store(false, Ordering::SeqCst);
-                    None
-                }
-            }
-        });
-        call.await.ok().flatten()
+        self.refetch(key, token, entry, request_id)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Starts one background revalidation of a stale positive entry, unless one is running or
@@ -213,20 +197,38 @@ impl DecisionCache {
         if self.failed.contains_key(&key) || entry.revalidating.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (cache, token, entry) = (self.clone(), token.clone(), entry.clone());
+        // In the background: the request is answered from the stale entry meanwhile.
+        drop(self.refetch(key, token, entry.clone(), request_id));
+    }
+
+    /// Asks the backend again for `token` on a task of its own, for the caller of `entry` that
+    /// set its `revalidating` flag. A fresh answer replaces the entry; a failure is remembered
+    /// for a second and clears the flag. On its own task so that it finishes even when the
+    /// request that asked is dropped: a flag left set would stop every later call for this
+    /// entry, revalidation included, until it expires.
+    fn refetch(
+        &self,
+        key: [u8; 32],
+        token: &Token,
+        entry: Arc<Entry>,
+        request_id: Option<&str>,
+    ) -> tokio::task::JoinHandle<Option<Introspected>> {
+        let (cache, token) = (self.clone(), token.clone());
         let request_id = request_id.map(str::to_owned);
         tokio::spawn(async move {
             match cache.client.introspect(&token, request_id.as_deref()).await {
                 Ok(answer) => {
-                    let fresh = Arc::new(Entry::new(answer, &cache.settings));
+                    let fresh = Arc::new(Entry::new(answer.clone(), &cache.settings));
                     cache.entries.insert(key, fresh).await;
+                    Some(answer)
                 }
                 Err(_) => {
                     cache.failed.insert(key, ()).await;
                     entry.revalidating.store(false, Ordering::SeqCst);
+                    None
                 }
             }
-        });
+        })
     }
 }
 

@@ -275,12 +275,16 @@ impl ETag {
 /// 204 for an artifact that exists, with its `ETag` and `Accept-Ranges` (the module API's HEAD).
 pub fn exists(info: &ArtifactInfo) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
-    let headers = response.headers_mut();
-    if let Ok(etag) = HeaderValue::from_bytes(&ETag::of(&info.blake3).0) {
+    set_validators(response.headers_mut(), &ETag::of(&info.blake3));
+    response
+}
+
+/// `ETag` and `Accept-Ranges`: what every answer about an artifact carries.
+fn set_validators(headers: &mut HeaderMap, etag: &ETag) {
+    if let Ok(etag) = HeaderValue::from_bytes(&etag.0) {
         headers.insert(header::ETAG, etag);
     }
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    response
 }
 
 fn set_artifact_headers(
@@ -289,10 +293,7 @@ fn set_artifact_headers(
     etag: &ETag,
     content_type: ContentType,
 ) {
-    if let Ok(etag) = HeaderValue::from_bytes(&etag.0) {
-        headers.insert(header::ETAG, etag);
-    }
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    set_validators(headers, etag);
     // Anyone with a write grant chooses the content type: never let a browser sniff or run an
     // artifact as active content on the cache's origin.
     headers.insert(

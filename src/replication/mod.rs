@@ -483,17 +483,20 @@ impl PeerStatus {
 
     fn set_state(&self, state: PeerState) {
         self.state.store(state as u8, Ordering::Relaxed);
+        self.publish_state(Some(state));
+    }
+
+    /// Sets the state gauges: 1 for `current`, 0 for the others (all of them for `None`).
+    fn publish_state(&self, current: Option<PeerState>) {
         for each in PeerState::ALL {
-            let value = if each == state { 1.0 } else { 0.0 };
+            let value = if Some(each) == current { 1.0 } else { 0.0 };
             metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.target.label.clone(), "state" => each.label()).set(value);
         }
     }
 
     /// Sets every gauge of this peer to 0 (it is no longer a peer).
     fn clear_gauges(&self) {
-        for each in PeerState::ALL {
-            metrics::gauge!(crate::metrics::REPLICATION_PEER_STATE, "peer" => self.target.label.clone(), "state" => each.label()).set(0.0);
-        }
+        self.publish_state(None);
         self.record_progress(0, 0);
     }
 
@@ -620,10 +623,9 @@ async fn trim_log(mesh: Arc<Mesh>) {
 /// bound forever, its oldest records dropped with a warning every second. replication.md drops
 /// a peer missing for `replication.peer_expiry` with its pending entries: a cursor whose node
 /// was no peer's for that long (counted from when the trimmer first saw it) is forgotten. Only
-/// while every peer's node id is known (each was
-/// admitted since the start): a static peer down since before a restart may own any cursor, so
-/// until then every cursor counts as its node's. If a forgotten node does return, it catches
-/// up from an index.
+/// while every peer's node id is known (each was admitted since the start): a static peer down
+/// since before a restart may own any cursor, so until then every cursor counts as its node's.
+/// If a forgotten node does return, it catches up from an index.
 struct CursorOwners {
     expiry: Duration,
     last_seen: HashMap<String, Instant>,

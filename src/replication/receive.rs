@@ -258,7 +258,11 @@ async fn receive_frames(State(plane): State<Plane>, headers: HeaderMap, body: Bo
 }
 
 fn wire_error(error: WireError) -> Response {
-    ApiError::bad_request("bad_frame", error.to_string()).into_response()
+    bad_frame(error).into_response()
+}
+
+fn bad_frame(error: WireError) -> ApiError {
+    ApiError::bad_request("bad_frame", error.to_string())
 }
 
 /// What became of an entry that was not rejected.
@@ -331,12 +335,7 @@ where
                 ApiError::bad_request("bad_key", "project and key must not contain NUL")
             })?;
             if size > store.capacity() {
-                while reader
-                    .body_chunk()
-                    .await
-                    .map_err(|e| ApiError::bad_request("bad_frame", e.to_string()))?
-                    .is_some()
-                {}
+                while reader.body_chunk().await.map_err(bad_frame)?.is_some() {}
                 // What this node holds of the key is older: it goes, rather than be served as
                 // the key's current bytes for good.
                 let superseded =
@@ -351,11 +350,7 @@ where
             // A peer's push obeys the disk floor like a client's upload; it is sent again later.
             store.check_room(size)?;
             let mut writer = store.writer(size, sha256.is_some());
-            while let Some(chunk) = reader
-                .body_chunk()
-                .await
-                .map_err(|e| ApiError::bad_request("bad_frame", e.to_string()))?
-            {
+            while let Some(chunk) = reader.body_chunk().await.map_err(bad_frame)? {
                 writer.write(&chunk).await?;
             }
             let staged = writer.finish(sha256).await.map_err(mismatch)?;

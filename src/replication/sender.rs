@@ -63,15 +63,19 @@ pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
     }
 }
 
-/// How many records a peer at `cursor` lacks, `slice` being the read after it: exact while the
-/// log fits one read; beyond, sequence numbers count (they have gaps: writes received from peers
-/// take numbers and are not logged).
-fn pending(store: &Store, slice: &LogSlice, cursor: u64) -> u64 {
-    if slice.records.len() < READ_AHEAD {
+/// What a peer at `cursor` lacks, `slice` being the read after it: how many records (exact while
+/// the log fits one read; beyond, sequence numbers count, and they have gaps: writes received
+/// from peers take numbers and are not logged), and the age of the oldest in milliseconds.
+fn backlog(store: &Store, slice: &LogSlice, cursor: u64) -> (u64, u64) {
+    let pending = if slice.records.len() < READ_AHEAD {
         slice.records.len() as u64
     } else {
         store.stable_seq().saturating_sub(cursor)
-    }
+    };
+    let lag_ms = slice.records.first().map_or(0, |(_, record)| {
+        now_ms().saturating_sub(record.version_ms())
+    });
+    (pending, lag_ms)
 }
 
 /// What `peer` still lacks, measured from its stored cursor, so that its lag keeps growing on
@@ -81,19 +85,14 @@ async fn record_backlog_while_away(mesh: &Mesh, peer: &PeerStatus) {
     let Some(node_id) = peer.node_id() else {
         return;
     };
-    let backlog = blocking(&mesh.store, move |store| {
+    let measured = blocking(&mesh.store, move |store| {
         let cursor = store.cursor(&node_id)?;
         let slice = store.log_after(cursor, READ_AHEAD)?;
-        Ok(slice.records.first().map(|(_, record)| {
-            let lag_ms = now_ms().saturating_sub(record.version_ms());
-            (pending(store, &slice, cursor), lag_ms)
-        }))
+        Ok(backlog(store, &slice, cursor))
     })
     .await;
-    match backlog {
-        Ok(Some((pending, lag_ms))) => peer.record_progress(pending, lag_ms),
-        Ok(None) => peer.record_progress(0, 0),
-        Err(_) => {}
+    if let Ok((pending, lag_ms)) = measured {
+        peer.record_progress(pending, lag_ms);
     }
 }
 
@@ -218,10 +217,8 @@ async fn replicate_until_failure(
             cursor = hand_over_to_catch_up(mesh, peer, node_id, cursor).await?;
             continue;
         };
-        let lag_ms = slice.records.first().map_or(0, |(_, record)| {
-            now_ms().saturating_sub(record.version_ms())
-        });
-        peer.record_progress(pending(&store, &slice, cursor), lag_ms);
+        let (pending, lag_ms) = backlog(&store, &slice, cursor);
+        peer.record_progress(pending, lag_ms);
         if slice.records.is_empty() {
             // Caught up: whatever failed before is over.
             backoff.reset();
