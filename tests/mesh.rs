@@ -4,7 +4,8 @@
 //! Loopback octets by test (each test owns its addresses, so tests run in parallel):
 //! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 37–38 a peer too small for an artifact, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
-//! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests.
+//! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests, 120–121 a
+//! wiped node, 122–124 bootstrap's budget.
 
 use std::time::Duration;
 
@@ -399,6 +400,67 @@ async fn a_peer_killed_during_writes_receives_them_after_it_restarts() {
     nodes[1].restart();
     wait_admitted(&nodes[0], 1).await;
     assert_all_replicated(&nodes[1], &items).await;
+}
+
+/// A node whose disk was wiped, back under the same `node.id`, gets from its peers what it had
+/// written and replicated. (Bootstrap skipped every artifact that named the node itself as its
+/// origin, and no push ever sends a node its own writes: they were gone from it for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_back_under_the_same_id_gets_back_what_it_wrote() {
+    let mut nodes = start_mesh(&[120, 121]).await;
+    let items = write_many(&nodes[0], "mine", 20).await;
+    assert_all_replicated(&nodes[1], &items).await;
+    nodes[0].kill9();
+    std::fs::remove_dir_all(nodes[0].data_dir()).unwrap();
+    nodes[0].restart();
+    wait_ready(&nodes[0]).await;
+    let bootstrap = nodes[0].status().await["replication"]["bootstrap"].clone();
+    assert_eq!(bootstrap["state"], "done", "{bootstrap}");
+    assert_eq!(bootstrap["fetched_artifacts"], 20, "{bootstrap}");
+    for (path, body) in &items {
+        assert_eq!(
+            body_at(&nodes[0], path).await.as_ref(),
+            Some(body),
+            "{path}"
+        );
+    }
+}
+
+/// Bootstrap fetches no more than the node keeps after an eviction (its low watermark): from
+/// a peer holding more, it takes what fits and evicts nothing. (It fetched everything, evicting
+/// as it went, what clients wrote meanwhile included.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_fetches_up_to_the_low_watermark_and_evicts_nothing() {
+    // The full node's only peer (124) never starts, so it pushes nothing to the empty one:
+    // whatever arrives there, bootstrap fetched.
+    let full = Node::start_with(mesh_options(122, &[124]));
+    let bodies: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| {
+            (
+                gradle_path("ios", &format!("big{i}")),
+                payload(800 + i, 256 << 10),
+            )
+        })
+        .collect();
+    for (path, body) in &bodies {
+        put(&full, path, body.clone()).await;
+    }
+    // 90 % (the default low watermark) of 2 MiB holds seven of these.
+    let empty = Node::start_with(mesh_options(123, &[122]).env("KURA_STORAGE_CAPACITY", "2MiB"));
+    wait_ready(&empty).await;
+    let bootstrap = empty.status().await["replication"]["bootstrap"].clone();
+    assert_eq!(bootstrap["state"], "done", "{bootstrap}");
+    assert_eq!(bootstrap["fetched_artifacts"], 7, "{bootstrap}");
+    assert_eq!(bootstrap["over_budget"], 5, "{bootstrap}");
+    assert_eq!(empty.metric("kura_storage_evictions_total").await, 0);
+    let mut held = 0;
+    for (path, body) in &bodies {
+        if let Some(found) = body_at(&empty, path).await {
+            assert_eq!(&found, body, "{path}");
+            held += 1;
+        }
+    }
+    assert_eq!(held, 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

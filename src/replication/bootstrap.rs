@@ -2,8 +2,10 @@
 //!
 //! Once a peer is admitted, the node walks that peer's index (`GET /_internal/index`, pages in
 //! key order), applies its project cleans, and fetches (`GET /_internal/artifact`) every
-//! artifact it lacks or holds an older version of, applying it by the same rules as a
-//! replicated write. The peer serves those bytes through its bandwidth limit. `/ready` answers
+//! artifact it holds an older version of, and those it lacks up to its low watermark in bytes
+//! (see [`Budget`]), applying each by the same rules as a replicated write. Its own writes are
+//! fetched too: a node whose disk was wiped gets back, under the same `node.id`, what it had
+//! replicated. The peer serves those bytes through its bandwidth limit. `/ready` answers
 //! 503 `bootstrapping` until one full pass over one peer is done or `bootstrap.timeout` passes;
 //! the public API serves all along. Writes made meanwhile reach the node through the peers'
 //! logs as usual, so nothing written during the pass is missed.
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
 
-use super::receive::{IndexPage, apply};
+use super::receive::{Delivery, IndexItem, IndexPage, apply};
 use super::wire::FrameReader;
 use super::{Mesh, PeerState, PeerStatus};
 use crate::storage::ArtifactKey;
@@ -57,6 +59,8 @@ pub(super) struct Tally {
     examined: AtomicU64,
     artifacts: AtomicU64,
     bytes: AtomicU64,
+    /// Artifacts this node lacked and left unfetched: the pass had fetched its budget.
+    over_budget: AtomicU64,
 }
 
 impl Tally {
@@ -65,6 +69,7 @@ impl Tally {
             "examined": self.examined.load(Ordering::Relaxed),
             "fetched_artifacts": self.artifacts.load(Ordering::Relaxed),
             "fetched_bytes": self.bytes.load(Ordering::Relaxed),
+            "over_budget": self.over_budget.load(Ordering::Relaxed),
         })
     }
 }
@@ -122,13 +127,15 @@ pub(super) async fn run(mesh: Arc<Mesh>) {
 
 /// Tries admitted peers until a pass over one of them completes.
 async fn pass_over_one_peer(mesh: &Mesh) {
+    // One budget across the tries: what a failed pass fetched is held.
+    let mut budget = Budget::of(mesh);
     loop {
         let admitted = mesh
             .peer_list()
             .into_iter()
             .find(|peer| peer.state() == PeerState::Admitted);
         match admitted {
-            Some(peer) => match pull(mesh, &peer, None, &mesh.bootstrap.tally).await {
+            Some(peer) => match pull(mesh, &peer, None, &mut budget, &mesh.bootstrap.tally).await {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(peer = %peer.label(), %error, "bootstrap pass failed; trying again");
@@ -145,15 +152,20 @@ const FETCHES_AT_ONCE: usize = 4;
 
 /// Walks `peer`'s index and fetches what this node lacks or holds older: every artifact, or
 /// (`only_origin`) those one node wrote. The project cleans it lists are applied first.
+///
+/// Artifacts this node lacks are fetched while `budget` lasts. Newer versions of artifacts
+/// held here are always fetched: they replace what they supersede.
 pub(super) async fn pull(
     mesh: &Mesh,
     peer: &PeerStatus,
     only_origin: Option<&str>,
+    budget: &mut Budget,
     tally: &Tally,
 ) -> anyhow::Result<()> {
     let client = mesh.client_for(peer)?;
     let mut after: Option<String> = None;
     let mut cleans_applied = false;
+    let mut over_budget = 0;
     loop {
         let mut request = client
             .get(peer.url("/_internal/index"))
@@ -173,21 +185,11 @@ pub(super) async fn pull(
         let mut wanted = Vec::new();
         for item in &page.entries {
             tally.examined.fetch_add(1, Ordering::Relaxed);
-            let Some(key) = hex::decode(&item.key)
-                .ok()
-                .and_then(|bytes| ArtifactKey::decode(&bytes))
-            else {
-                continue;
-            };
-            let written_here = item.origin == mesh.identity.node_id;
-            let out_of_scope = only_origin.is_some_and(|origin| item.origin != origin);
-            // Larger than this node can ever hold: not worth a transfer (`receive::apply` would
-            // drop it as too_large).
-            let too_large = item.size > mesh.store.capacity();
-            if written_here || out_of_scope || too_large || !newer_than_ours(mesh, &key, item)? {
-                continue;
+            match wants(mesh, item, only_origin, budget)? {
+                Want::Fetch => wanted.push((item.key.clone(), item.size)),
+                Want::Skip => {}
+                Want::OverBudget => over_budget += 1,
             }
-            wanted.push((item.key.clone(), item.size));
         }
         // A few fetches at once hide the round trips; the serving peer's limit paces the bytes.
         let mut fetches = stream::iter(wanted)
@@ -206,22 +208,73 @@ pub(super) async fn pull(
         }
         match page.next {
             Some(next) => after = Some(next),
-            None => return Ok(()),
+            None => break,
+        }
+    }
+    tally.over_budget.fetch_add(over_budget, Ordering::Relaxed);
+    if over_budget > 0 {
+        tracing::info!(
+            peer = %peer.label(), over_budget, budget = mesh.store.low_watermark(),
+            "a walk of a peer's index left artifacts this node lacks unfetched: they are more than it keeps (storage.low_watermark of capacity)"
+        );
+    }
+    Ok(())
+}
+
+/// The bytes of artifacts this node lacks that a walk may still fetch (the capacity budget of
+/// `replication.md`). It starts at the node's low watermark, what eviction leaves stored: a
+/// peer may hold more than this node keeps, and fetching past that would only evict what the
+/// walk itself fetched, or what clients wrote meanwhile.
+pub(super) struct Budget {
+    left: u64,
+}
+
+impl Budget {
+    pub(super) fn of(mesh: &Mesh) -> Budget {
+        Budget {
+            left: mesh.store.low_watermark(),
         }
     }
 }
 
-/// Whether the peer's version beats the one stored here (or none is).
-fn newer_than_ours(
+/// What a walk does with one entry of a peer's index.
+enum Want {
+    Fetch,
+    /// Held here at that version or newer, out of the walk's scope, or too large ever to fit.
+    Skip,
+    /// Lacked here, but the budget is spent.
+    OverBudget,
+}
+
+/// Whether a walk fetches `item`, taking a lacked artifact's size from `budget`.
+fn wants(
     mesh: &Mesh,
-    key: &ArtifactKey,
-    item: &super::receive::IndexItem,
-) -> anyhow::Result<bool> {
-    Ok(match mesh.store.version_of(key)? {
+    item: &IndexItem,
+    only_origin: Option<&str>,
+    budget: &mut Budget,
+) -> anyhow::Result<Want> {
+    let Some(key) = hex::decode(&item.key)
+        .ok()
+        .and_then(|bytes| ArtifactKey::decode(&bytes))
+    else {
+        return Ok(Want::Skip);
+    };
+    // Larger than this node can ever hold: not worth a transfer (`receive::apply` would drop
+    // it as too_large).
+    let too_large = item.size > mesh.store.capacity();
+    if only_origin.is_some_and(|origin| item.origin != origin) || too_large {
+        return Ok(Want::Skip);
+    }
+    Ok(match mesh.store.version_of(&key)? {
         Some((version_ms, origin)) => {
-            (item.version_ms, item.origin.as_str()) > (version_ms, origin.as_str())
+            let newer = (item.version_ms, item.origin.as_str()) > (version_ms, origin.as_str());
+            if newer { Want::Fetch } else { Want::Skip }
         }
-        None => true,
+        None if item.size <= budget.left => {
+            budget.left -= item.size;
+            Want::Fetch
+        }
+        None => Want::OverBudget,
     })
 }
 
@@ -246,7 +299,7 @@ async fn fetch(
     let Some(entry) = reader.next_entry().await? else {
         anyhow::bail!("the peer sent no artifact");
     };
-    apply(mesh, entry, &mut reader)
+    apply(mesh, entry, &mut reader, Delivery::Fetched)
         .await
         .map_err(|refusal| anyhow::anyhow!("{}: {}", refusal.code, refusal.message))?;
     Ok(())

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::backoff::Backoff;
-use super::bootstrap::{Tally, pull};
+use super::bootstrap::{Budget, Tally, pull};
 use super::{Mesh, PeerState, PeerStatus};
 use crate::storage::StoreError;
 
@@ -135,7 +135,15 @@ async fn catch_up_from(mesh: &Arc<Mesh>, writer: &str, generation: u64) -> Pass 
         metrics::counter!(crate::metrics::REPLICATION_CATCH_UP_PASSES_TOTAL, "result" => result)
             .increment(1);
     };
-    if let Err(error) = pull(mesh, &peer, Some(writer), &mesh.catch_ups.tally).await {
+    let mut budget = Budget::of(mesh);
+    let walk = pull(
+        mesh,
+        &peer,
+        Some(writer),
+        &mut budget,
+        &mesh.catch_ups.tally,
+    );
+    if let Err(error) = walk.await {
         passes("failed");
         tracing::warn!(peer = %peer.label(), %error, "catch-up pass failed; trying again");
         return Pass::Failed;

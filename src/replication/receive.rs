@@ -243,7 +243,7 @@ async fn receive_frames(State(plane): State<Plane>, headers: HeaderMap, body: Bo
             Ok(None) => break,
             Err(error) => return wire_error(error),
         };
-        match apply(&plane.mesh, entry, &mut reader).await {
+        match apply(&plane.mesh, entry, &mut reader, Delivery::Pushed).await {
             Ok(ApplyResult::Applied) => applied.applied += 1,
             Ok(ApplyResult::Stale) => applied.stale += 1,
             Ok(ApplyResult::Tombstoned) => applied.tombstoned += 1,
@@ -290,12 +290,23 @@ impl ApplyResult {
     }
 }
 
-/// Applies one entry, reading its body from `reader` (a peer's write, or an artifact fetched
-/// by bootstrap).
+/// How an entry reached this node, which decides whose writes it may carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Delivery {
+    /// Pushed by the node that wrote it. The mesh is full: never this node's own write.
+    Pushed,
+    /// Fetched from a peer's index by bootstrap or catch-up. It may be this node's own write:
+    /// a node that lost its data (a wiped disk under the same `node.id`) gets back from its
+    /// peers what it had written and replicated.
+    Fetched,
+}
+
+/// Applies one entry, reading its body from `reader`.
 pub(super) async fn apply<S, E>(
     mesh: &Mesh,
     entry: Entry,
     reader: &mut FrameReader<S>,
+    delivery: Delivery,
 ) -> Result<ApplyResult, ApiError>
 where
     S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
@@ -308,7 +319,7 @@ where
             version_ms,
             origin,
         } => {
-            check_origin(mesh, &origin)?;
+            check_origin(mesh, &origin, delivery)?;
             store.apply_remote_clean(&project, version_ms).await?;
             mesh.count_applied(ApplyResult::Applied, 0);
             Ok(ApplyResult::Applied)
@@ -324,7 +335,7 @@ where
             version_ms,
             origin,
         } => {
-            check_origin(mesh, &origin)?;
+            check_origin(mesh, &origin, delivery)?;
             let kind = Kind::ALL
                 .into_iter()
                 .find(|k| k.as_str() == kind)
@@ -382,12 +393,19 @@ where
     }
 }
 
-/// The mesh is full: a node only ever receives writes made on the sender, never its own back.
-fn check_origin(mesh: &Mesh, origin: &str) -> Result<(), ApiError> {
-    if origin.is_empty() || origin == mesh.store.node_id() {
+/// Every entry names the node that wrote it, and a push never carries the receiver's own write
+/// (see [`Delivery`]).
+fn check_origin(mesh: &Mesh, origin: &str, delivery: Delivery) -> Result<(), ApiError> {
+    if origin.is_empty() {
         return Err(ApiError::bad_request(
             "bad_origin",
-            "An entry's origin must be another node",
+            "An entry must name the node that wrote it",
+        ));
+    }
+    if origin == mesh.store.node_id() && delivery == Delivery::Pushed {
+        return Err(ApiError::bad_request(
+            "bad_origin",
+            "A pushed entry's origin must be another node",
         ));
     }
     Ok(())

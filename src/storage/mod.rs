@@ -1372,6 +1372,12 @@ impl Store {
         self.inner.options.capacity
     }
 
+    /// What eviction leaves stored (`storage.low_watermark` of capacity): the most a walk of a
+    /// peer's index fetches in one pass, since more would evict what the same pass fetched.
+    pub fn low_watermark(&self) -> u64 {
+        self.inner.options.low_watermark
+    }
+
     /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
     pub async fn maintain(&self) -> Result<(), StoreError> {
         self.flush_touches_between_evictions().await?;
