@@ -890,6 +890,81 @@ async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+/// A GetTree page stops before it outgrows one message (4 MiB by default), whatever
+/// `page_size` asks, since the node builds a page in memory; the pages still hold the whole
+/// tree. (A page held up to 10,000 directories of up to a message each, split over messages.)
+#[tokio::test]
+async fn get_tree_pages_stop_at_one_message_and_together_hold_the_tree() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    // Four directories of 1.5 MiB under one root: 6 MiB, past one message.
+    let children: Vec<Directory> = (0..4)
+        .map(|i| Directory {
+            files: vec![FileNode {
+                name: format!("{i}{}", "x".repeat(3 << 19)),
+                digest: Some(sha256(b"a")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let encoded: Vec<Vec<u8>> = children.iter().map(|d| d.encode_to_vec()).collect();
+    let root = Directory {
+        directories: encoded
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| DirectoryNode {
+                name: format!("d{i}"),
+                digest: Some(sha256(bytes)),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let root_bytes = root.encode_to_vec();
+    for bytes in encoded.iter().chain([&root_bytes]) {
+        let stored = grpc
+            .batch_update("ios", vec![(sha256(bytes), bytes.clone(), 0)], SHA256)
+            .await
+            .unwrap();
+        assert_eq!(stored, vec![Code::Ok]);
+    }
+    let mut token = String::new();
+    let mut pages: Vec<Vec<Directory>> = Vec::new();
+    loop {
+        let request = GetTreeRequest {
+            instance_name: "ios".into(),
+            root_digest: Some(sha256(&root_bytes)),
+            page_size: 0,
+            page_token: token,
+            digest_function: 0,
+        };
+        let mut stream = grpc
+            .cas()
+            .get_tree(grpc.request(request))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut page = Vec::new();
+        let mut next = String::new();
+        while let Some(message) = stream.message().await.unwrap() {
+            page.extend(message.directories);
+            next = message.next_page_token;
+        }
+        pages.push(page);
+        assert!(pages.len() <= 5, "the pages never end");
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    // The root and two children fit one message; the other two come on the next page.
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![3, 2]);
+    let mut expected = vec![root];
+    expected.extend(children);
+    assert_eq!(pages.concat(), expected);
+}
+
 #[tokio::test]
 async fn health_follows_ready_and_a_draining_node_answers_unavailable() {
     use kura::grpc::proto::health::HealthCheckRequest;

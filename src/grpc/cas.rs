@@ -29,8 +29,8 @@ use crate::storage::KeyBatch;
 const BATCH_CONCURRENCY: usize = 16;
 /// Directories per GetTree page when the client leaves `page_size` at 0.
 const DEFAULT_TREE_PAGE: usize = 1000;
-/// The most directories one GetTree page holds, whatever the client asks: a page is built in
-/// memory before it is sent, and each of its directories may be megabytes.
+/// The most directories one GetTree page holds, whatever the client asks. A page also stops
+/// before it outgrows one message (see [`Page::walk`]).
 const MAX_TREE_PAGE: usize = 10_000;
 /// Room kept for a message's own framing when its contents approach the message limit.
 const FRAMING_ROOM: usize = 16 * 1024;
@@ -189,27 +189,29 @@ impl ContentAddressableStorage for Cas {
             Err(_) => return Err(Status::invalid_argument("page_size is negative")),
         };
         let limit = self.node.config.grpc.max_message_size.0 as usize - FRAMING_ROOM;
-        // The token is the client's to send back: a huge one must not wrap.
-        let want = start.saturating_add(page_size);
-        let tree = Tree::walk(&self.node, &project, &root, want, limit).await?;
-        if start == 0 && tree.directories.is_empty() {
+        // A page is built in memory before it is sent: at most one message of directories,
+        // plus the one being read.
+        let lease = lease_memory(&self.node, 2 * limit as u64).await?;
+        let page = Page::walk(&self.node, &project, &root, start, page_size, limit).await?;
+        if start == 0 && page.directories.is_empty() {
             return Err(Status::not_found("the root directory is not stored"));
         }
-        let end = want.min(tree.directories.len());
-        let page: Vec<Directory> = tree
-            .directories
-            .get(start..end)
-            .unwrap_or_default()
-            .to_vec();
-        let next = if tree.more || end < tree.directories.len() {
-            end.to_string()
+        // The token is the client's to send back: a huge one must not wrap.
+        let next_page_token = if page.more {
+            start.saturating_add(page.directories.len()).to_string()
         } else {
             String::new()
         };
-        let messages = split_into_messages(page, next, limit);
-        Ok(Response::new(Box::pin(stream::iter(
-            messages.into_iter().map(Ok),
-        ))))
+        let response = GetTreeResponse {
+            directories: page.directories,
+            next_page_token,
+        };
+        let page = stream::once(async { Ok(response) }).map(move |response| {
+            // The lease lives as long as the stream: until the page is sent.
+            let _ = &lease;
+            response
+        });
+        Ok(Response::new(Box::pin(page)))
     }
 }
 
@@ -291,42 +293,58 @@ pub(crate) fn to_rpc_status(status: &Status) -> rpc::Status {
     }
 }
 
-/// Directories of a tree in breadth-first order from its root, each once.
-struct Tree {
+/// One page of a tree's directories, in breadth-first order from its root, each once.
+///
+/// A page token is the position of the page's first directory in that order, so each page
+/// walks the tree again from its root; the directories before the page are read for their
+/// children but not kept, so a page holds in memory only what it sends.
+struct Page {
     directories: Vec<Directory>,
-    /// The walk stopped at its limit with directories left.
+    /// The walk stopped with directories left.
     more: bool,
 }
 
-impl Tree {
-    /// Walks the tree under `root` until `want` directories are found. Directories missing
-    /// from the store are left out, with what is below them.
+impl Page {
+    /// Walks the tree under `root` and keeps the directories from position `start` on, until
+    /// the page holds `page_size` of them or the next one would take its encoded size past
+    /// `message_limit` (a page always takes its first directory). Directories missing from
+    /// the store are left out, with what is below them.
     async fn walk(
         node: &NodeContext,
         project: &str,
         root: &BlobDigest,
-        want: usize,
-        max_directory: usize,
-    ) -> Result<Tree, Status> {
+        start: usize,
+        page_size: usize,
+        message_limit: usize,
+    ) -> Result<Page, Status> {
         let mut seen: HashSet<BlobDigest> = HashSet::new();
         let mut queue = std::collections::VecDeque::from([root.clone()]);
+        let mut position = 0usize;
         let mut directories = Vec::new();
+        let mut bytes = 0;
         while let Some(digest) = queue.pop_front() {
-            if directories.len() >= want {
-                return Ok(Tree {
-                    directories,
-                    more: true,
-                });
-            }
             if !seen.insert(digest.clone()) {
                 continue;
             }
-            let Some(bytes) = read_blob(node, project, &digest, max_directory as u64).await? else {
+            let Some(blob) = read_blob(node, project, &digest, message_limit as u64).await? else {
                 continue;
             };
-            let Ok(directory) = Directory::decode(bytes) else {
+            let Ok(directory) = Directory::decode(blob) else {
                 continue;
             };
+            if position >= start {
+                // What the directory adds to the response message: its bytes and their framing.
+                let length = directory.encoded_len() + 8;
+                let full = directories.len() >= page_size
+                    || (!directories.is_empty() && bytes + length > message_limit);
+                if full {
+                    return Ok(Page {
+                        directories,
+                        more: true,
+                    });
+                }
+                bytes += length;
+            }
             for child in &directory.directories {
                 if let Ok(child) =
                     BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest")
@@ -334,32 +352,14 @@ impl Tree {
                     queue.push_back(child);
                 }
             }
-            directories.push(directory);
+            if position >= start {
+                directories.push(directory);
+            }
+            position += 1;
         }
-        Ok(Tree {
+        Ok(Page {
             directories,
             more: false,
         })
     }
-}
-
-/// One page as responses that each fit a message; the token goes on the last one.
-fn split_into_messages(page: Vec<Directory>, next: String, limit: usize) -> Vec<GetTreeResponse> {
-    let mut messages = vec![GetTreeResponse::default()];
-    let mut size = 0;
-    for directory in page {
-        let length = directory.encoded_len() + 8;
-        if size + length > limit && size > 0 {
-            messages.push(GetTreeResponse::default());
-            size = 0;
-        }
-        size += length;
-        if let Some(last) = messages.last_mut() {
-            last.directories.push(directory);
-        }
-    }
-    if let Some(last) = messages.last_mut() {
-        last.next_page_token = next;
-    }
-    messages
 }
