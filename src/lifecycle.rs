@@ -136,6 +136,8 @@ pub struct InFlight {
     inner: Arc<Inner>,
 }
 
+impl crate::layers::BodyGuard for InFlight {}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.inner.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {

@@ -21,6 +21,10 @@
 //!   `send_timeout` does the same). The socket reports room only once a third of its send
 //!   buffer is free, so with a send buffer of a few MiB a reader slower than some tens of KiB
 //!   a minute looks stalled.
+//!   HTTP/2 holds a response's data for the peer's flow-control window, where no write of ours
+//!   shows it: there a response that handed hyper a frame and was not asked for the next one
+//!   for `idle_timeout` counts the same (h2 asks for more only once the window has room), and
+//!   the clock looks at least once per `idle_timeout` while a request is in flight.
 //! - **Connection limit.** At most `max_connections` connections are open (a semaphore; each
 //!   connection task holds a permit). At the limit the connection idle the longest is closed to
 //!   make room, so idle sockets never lock out probes or real clients; only when every
@@ -68,7 +72,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, timeout};
 use tower::ServiceExt;
 
-use crate::layers::{GuardedBody, GuardedFuture};
+use crate::layers::{BodyGuard, GuardedBody, GuardedFuture};
 use crate::lifecycle::Lifecycle;
 
 mod coalesce;
@@ -552,6 +556,9 @@ struct Snapshot {
     blocked_since: Option<Instant>,
     /// The connection speaks HTTP/2.
     http2: bool,
+    /// HTTP/2: since when the response held longest by its reader's flow-control window has
+    /// waited to be asked for its next frame.
+    held_since: Option<Instant>,
 }
 
 /// What the connection task knows beyond its requests.
@@ -602,10 +609,17 @@ impl Reason {
 fn decide(s: &Snapshot, c: &Situation, limits: &ListenerLimits, now: Instant) -> Step {
     // A reader that took nothing of a response for the idle timeout is gone, or holding the
     // connection on purpose: cut it, whatever is in flight (hyper could not finish anyway).
-    let reader_stall = s.blocked_since.map(|since| since + limits.idle_timeout);
+    let reader_stall = [s.blocked_since, s.held_since]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|since| since + limits.idle_timeout);
     if reader_stall.is_some_and(|stall| now >= stall) {
         return Step::Cut(Some(Reason::StalledReader));
     }
+    // An HTTP/2 response held for a window tells nobody when it starts waiting: look again
+    // within the idle timeout.
+    let h2_look = (s.http2 && s.in_flight > 0).then(|| now + limits.idle_timeout);
     // A response not known to be out, with no request running and nothing waiting on the
     // socket, is a flush still to come; should it never come, the idle clock applies.
     let unflushed = (s.in_flight == 0 && s.sending && s.blocked_since.is_none())
@@ -614,7 +628,12 @@ fn decide(s: &Snapshot, c: &Situation, limits: &ListenerLimits, now: Instant) ->
         // Never cut a running request, nor the end of its response still waiting for its
         // reader. Draining: let it finish, then close.
         return match (c.phase, c.closing_since) {
-            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(reader_stall.or(unflushed)),
+            (Phase::Serving, _) | (_, Some(_)) => Step::Wait(
+                [reader_stall, unflushed, h2_look]
+                    .into_iter()
+                    .flatten()
+                    .min(),
+            ),
             (Phase::Draining, None) => Step::Close(Reason::Drain),
             (Phase::Stopped, None) => Step::Close(Reason::Stop),
         };
@@ -712,6 +731,10 @@ struct Activity {
     /// connection's own task changes it (hyper calls services and writes from it, HTTP/2 too).
     sending: AtomicU8,
     http2: AtomicBool,
+    /// HTTP/2 responses that handed hyper a frame and were not asked for the next one since:
+    /// since when, by request ([`InFlight::id`]).
+    held: Mutex<HashMap<u64, Instant>>,
+    next_request: AtomicU64,
 }
 
 /// Whether a connection's responses are all out, as its writes tell ([`Watched`]).
@@ -757,6 +780,8 @@ impl Activity {
         Activity {
             sending: AtomicU8::new(Sending::AllOut as u8),
             http2: AtomicBool::new(false),
+            held: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             evict: AtomicBool::new(false),
@@ -792,7 +817,14 @@ impl Activity {
             sending: sending != Sending::AllOut,
             blocked_since: (sending == Sending::Blocked).then_some(times.progress_at),
             http2: self.http2.load(Ordering::SeqCst),
+            held_since: self.held().values().min().copied(),
         }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<u64, Instant>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// No request in flight and every response byte taken by the socket.
@@ -893,7 +925,10 @@ impl Activity {
         self.served.store(true, Ordering::SeqCst);
         self.times().head_since = None;
         self.touched();
-        InFlight(self.clone())
+        InFlight {
+            activity: self.clone(),
+            id: self.next_request.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     fn evict(&self) {
@@ -914,11 +949,33 @@ impl Activity {
 }
 
 /// A request in flight, until its response body is done or dropped.
-struct InFlight(Arc<Activity>);
+struct InFlight {
+    activity: Arc<Activity>,
+    /// Tells the connection's requests apart in [`Activity::held`].
+    id: u64,
+}
+
+/// Over HTTP/2, the response's frames tell when it waits for its reader's window.
+impl BodyGuard for InFlight {
+    fn asked(&self) {
+        if self.activity.http2.load(Ordering::Relaxed) {
+            self.activity.held().remove(&self.id);
+        }
+    }
+
+    fn handed(&self) {
+        if self.activity.http2.load(Ordering::Relaxed) {
+            self.activity.held().insert(self.id, Instant::now());
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
+        let activity = &self.activity;
+        if activity.http2.load(Ordering::Relaxed) {
+            activity.held().remove(&self.id);
+        }
         if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             let mut times = activity.times();
             times.idle_since = Instant::now();
@@ -1305,6 +1362,7 @@ mod tests {
             sending: false,
             blocked_since: None,
             http2: false,
+            held_since: None,
         }
     }
 
@@ -1400,6 +1458,33 @@ mod tests {
         assert_eq!(
             decide(&never_used, &asked, &limits(), t0),
             Step::Wait(Some(t0 + CLOSE_GRACE))
+        );
+    }
+
+    #[test]
+    fn an_http2_response_held_for_a_window_that_never_opens_is_a_stalled_reader() {
+        let t0 = Instant::now();
+        let streaming = Snapshot {
+            in_flight: 1,
+            http2: true,
+            ..idle_since(t0)
+        };
+        assert_eq!(
+            decide(&streaming, &serving(), &limits(), t0 + 5 * S),
+            Step::Wait(Some(t0 + 65 * S)),
+            "a stream's wait for its window starts unannounced: the clock looks again in time"
+        );
+        let held = Snapshot {
+            held_since: Some(t0),
+            ..streaming
+        };
+        assert_eq!(
+            decide(&held, &serving(), &limits(), t0 + 59 * S),
+            Step::Wait(Some(t0 + 60 * S))
+        );
+        assert_eq!(
+            decide(&held, &serving(), &limits(), t0 + 60 * S),
+            Step::Cut(Some(Reason::StalledReader))
         );
     }
 

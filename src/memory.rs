@@ -28,6 +28,9 @@ pub struct BodyMemory {
 #[derive(Debug)]
 pub struct MemoryLease(#[allow(dead_code)] OwnedSemaphorePermit);
 
+/// A lease rides in a download's body until its last frame ([`crate::layers::GuardedBody`]).
+impl crate::layers::BodyGuard for MemoryLease {}
+
 impl BodyMemory {
     pub fn new(bytes: u64, wait: Duration) -> Self {
         let total = (bytes / UNIT).clamp(1, u64::from(u32::MAX >> 3)) as u32;

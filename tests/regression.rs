@@ -1239,6 +1239,55 @@ async fn a_reader_that_takes_nothing_for_the_idle_timeout_is_cut_and_frees_its_r
     );
 }
 
+/// The same over HTTP/2 (gRPC): a client that never opens its flow-control window held a
+/// ByteStream read, its stream and its body memory for good. h2 keeps such a response's data in
+/// its own buffers, where no write to the socket shows it, and hyper simply stops asking the
+/// response for more. A response not asked for more for `server.idle_timeout` is now a stalled
+/// reader too, and its connection is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_reader_that_never_opens_its_window_is_cut_and_frees_its_memory() {
+    use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
+    use kura::grpc::proto::bytestream::ReadRequest;
+    const SIZE: usize = 4 << 20;
+    let node = Node::start_with(NodeOptions::default().env("KURA_SERVER_IDLE_TIMEOUT", "2s"));
+    let blob = payload(43, SIZE);
+    let digest = sha256(&blob);
+    let name = blob_name("ios", &digest);
+    let writer = Grpc::connect(&node).await;
+    let upload = upload_name("ios", "8f0e4c1a-2b3d-4e5f-9a6b-7c8d9e0f1a2b", &digest);
+    writer.write(&upload, &blob).await.unwrap();
+    // A window of nothing: the node may send headers, never data.
+    let stalled = Grpc::connect_with(&node, |endpoint| {
+        endpoint
+            .initial_stream_window_size(Some(0))
+            .initial_connection_window_size(Some(0))
+    })
+    .await;
+    let read = ReadRequest {
+        resource_name: name,
+        read_offset: 0,
+        read_limit: 0,
+    };
+    let mut stream = stalled
+        .bytestream()
+        .read(stalled.request(read))
+        .await
+        .expect("the read starts")
+        .into_inner();
+    let memory = "kura_body_memory_bytes";
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(node.metric(memory).await > 0, "the read holds body memory");
+    // The node cuts the connection two to four seconds after the window stayed shut.
+    let ended = tokio::time::timeout(Duration::from_secs(15), stream.message()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the stalled read is still open: {ended:?}"
+    );
+    let series = r#"kura_connections_closed_total{listener="grpc",reason="stalled_reader"}"#;
+    assert_eq!(node.metric(series).await, 1);
+    assert_eq!(node.metric(memory).await, 0, "its memory is free again");
+}
+
 /// Batch sizes are the client's: four items claiming 2^62 bytes each summed to 2^64, which
 /// wrapped to 0 and passed the batch limit; decompressing one of them then asked for a 2^62-byte
 /// buffer and the allocation aborted the node. Both batch calls refuse such a batch whole, and

@@ -43,7 +43,7 @@ fn hold_until_sent<B, G>(body: B, guard: G) -> Body
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
-    G: Send + 'static,
+    G: crate::layers::BodyGuard + Send + 'static,
 {
     Body::new(crate::layers::GuardedBody::new(body, Some(guard)))
 }

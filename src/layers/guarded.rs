@@ -12,6 +12,15 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+/// What a guard hears of its body's frames. Most guards only count work in flight and
+/// ignore both calls.
+pub trait BodyGuard {
+    /// hyper asks the body for its next frame.
+    fn asked(&self) {}
+    /// The body handed hyper a frame that is not its end.
+    fn handed(&self) {}
+}
+
 pin_project! {
     /// A response future whose guard moves into the response's body once the response is
     /// ready (or goes with the future, if it is dropped first).
@@ -56,7 +65,7 @@ impl<B, G> GuardedBody<B, G> {
     }
 }
 
-impl<B: Body, G> Body for GuardedBody<B, G> {
+impl<B: Body, G: BodyGuard> Body for GuardedBody<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -65,9 +74,14 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if let Some(guard) = this.guard.as_ref() {
+            guard.asked();
+        }
         let frame = ready!(this.inner.poll_frame(cx));
-        if frame.is_none() {
-            this.guard.take();
+        match (&frame, this.guard.as_ref()) {
+            (None, _) => drop(this.guard.take()),
+            (Some(_), Some(guard)) => guard.handed(),
+            (Some(_), None) => {}
         }
         Poll::Ready(frame)
     }
@@ -93,6 +107,8 @@ mod tests {
 
     /// Sets its flag when dropped.
     struct Flag(Arc<AtomicBool>);
+
+    impl BodyGuard for Flag {}
 
     impl Drop for Flag {
         fn drop(&mut self) {

@@ -23,7 +23,7 @@ mod observe;
 mod request_id;
 
 pub(crate) use admission::{AdmissionLayer, Refusals};
-pub(crate) use guarded::{GuardedBody, GuardedFuture};
+pub(crate) use guarded::{BodyGuard, GuardedBody, GuardedFuture};
 pub(crate) use observe::labels as observe_labels;
 pub(crate) use observe::{ObserveLayer, RouteOf};
 pub(crate) use request_id::{RequestId, RequestIdLayer, fresh as fresh_request_id};

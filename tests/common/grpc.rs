@@ -31,9 +31,15 @@ pub struct Grpc {
 
 impl Grpc {
     pub async fn connect(node: &Node) -> Grpc {
-        let channel = Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        Grpc::connect_with(node, |endpoint| endpoint).await
+    }
+
+    /// [`Grpc::connect`] with the channel's settings of the test's own.
+    pub async fn connect_with(node: &Node, configure: impl FnOnce(Endpoint) -> Endpoint) -> Grpc {
+        let endpoint = Endpoint::from_shared(format!("http://{}", node.grpc_addr))
             .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5));
+        let channel = configure(endpoint)
             .connect()
             .await
             .expect("connect to the gRPC listener");
