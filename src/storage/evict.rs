@@ -226,12 +226,19 @@ impl Store {
                     batch.delete_cf(self.cf(meta::CF_ACCESS), access_key);
                     continue;
                 };
-                let current = match self.record(encoded)? {
-                    Some(record) => {
+                let current = match self.record(encoded) {
+                    Ok(Some(record)) => {
                         let last = self.last_access(encoded, record.accessed_ms)?;
                         Some(record).filter(|_| last == accessed_ms)
                     }
-                    None => None,
+                    Ok(None) => None,
+                    // The least recently used key is the one nobody reads, so no read would
+                    // ever forget it: eviction does, or every pass would stop at it for good.
+                    Err(StoreError::Db(error)) if super::is_damage(&error) => {
+                        self.forget_damaged_record_locked(encoded, &error);
+                        None
+                    }
+                    Err(error) => return Err(error),
                 };
                 match current {
                     Some(record) => {

@@ -253,6 +253,10 @@ pub struct Provenance {
     pub version_ms: u64,
     /// The node id of the node the write was made on.
     pub origin: String,
+    /// Made on this node now, rather than received: not the same as `origin` naming this
+    /// node, since a node that lost its data fetches its own past writes back from its peers,
+    /// and those must lose to newer versions and cleans like any received version.
+    local: bool,
 }
 
 impl Provenance {
@@ -263,15 +267,18 @@ impl Provenance {
         Provenance {
             version_ms: now_ms(),
             origin: store.node_id().to_owned(),
+            local: true,
         }
     }
 
-    /// A version received from another node: published only if it is newer than the stored one
-    /// and than its project's last clean (see [`Outcome`]).
+    /// A version received from another node (or this node's own, fetched back): published
+    /// only if it is newer than the stored one and than its project's last clean (see
+    /// [`Outcome`]), and never logged for the peers.
     pub fn remote(version_ms: u64, origin: impl Into<String>) -> Provenance {
         Provenance {
             version_ms,
             origin: origin.into(),
+            local: false,
         }
     }
 }
@@ -832,7 +839,8 @@ impl Store {
             accessed_ms: now_ms(),
             body,
         };
-        let published = match self.publish_record(key, &encoded, &mut record, mode, hook) {
+        let publish = self.publish_record(key, &encoded, &mut record, provenance.local, mode, hook);
+        let published = match publish {
             Ok(published) => published,
             Err(error) => {
                 // Not published: the body just moved into place belongs to nobody.
@@ -867,6 +875,7 @@ impl Store {
         key: &ArtifactKey,
         encoded: &[u8],
         record: &mut ArtifactRecord,
+        local: bool,
         mode: WriteMode,
         hook: Option<BatchHook>,
     ) -> Result<Published, StoreError> {
@@ -881,7 +890,7 @@ impl Store {
         let live = previous
             .as_ref()
             .is_some_and(|old| cleaned_at.is_none_or(|t| old.version_ms > t));
-        if record.origin == self.inner.node_id {
+        if local {
             if let Some(cleaned_at) = cleaned_at {
                 record.version_ms = record.version_ms.max(cleaned_at.saturating_add(1));
             }
@@ -957,7 +966,7 @@ impl Store {
                 batch.put_cf(self.cf(family.name()), key, value);
             }
         }
-        if self.logs_replication() && record.origin == self.inner.node_id {
+        if self.logs_replication() && local {
             let logged = outbox::LogRecord::Upsert {
                 key: encoded.to_vec(),
                 version_ms: record.version_ms,
@@ -1040,6 +1049,11 @@ impl Store {
     /// `docs/storage.md`).
     fn forget_damaged_record(&self, encoded: &[u8], error: &rocksdb::Error) {
         let _key = self.inner.keys.lock(encoded);
+        self.forget_damaged_record_locked(encoded, error);
+    }
+
+    /// [`Store::forget_damaged_record`] by a caller that holds the key's lock (eviction).
+    pub(super) fn forget_damaged_record_locked(&self, encoded: &[u8], error: &rocksdb::Error) {
         // A publish may have replaced the record since the failed read.
         match self.record(encoded) {
             Err(StoreError::Db(again)) if is_damage(&again) => {}
@@ -1576,7 +1590,7 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 }
 
 /// Whether RocksDB found stored bytes that fail their checksum.
-fn is_damage(error: &rocksdb::Error) -> bool {
+pub(super) fn is_damage(error: &rocksdb::Error) -> bool {
     error.kind() == rocksdb::ErrorKind::Corruption
 }
 

@@ -355,7 +355,9 @@ impl Store {
         if bound > acknowledged {
             // Sequence numbers are nearly dense, so this counts the unacknowledged records the
             // bound drops closely enough for a metric.
-            dropped = bound - acknowledged.max(oldest - 1);
+            // Saturating: a peer admitted with cursor 0 after the peers' trims took the log
+            // past the bound drops nothing more (the records went before, acknowledged).
+            dropped = bound.saturating_sub(acknowledged.max(oldest - 1));
             below = bound;
         }
         if below >= oldest {

@@ -1380,6 +1380,45 @@ async fn local_writes_and_cleans_are_logged_in_order_and_remote_ones_never() {
     assert!(log_of(&plain, 0).is_empty());
 }
 
+/// A node that lost its data fetches its own past writes back from its peers. Naming this node
+/// as their origin does not make them local writes: they lose to newer versions and to cleans,
+/// and are not logged again. (They were raised past both and logged, so a fetched old version
+/// overwrote a newer one, or came back after a clean, on every node of the mesh.)
+#[tokio::test]
+async fn this_nodes_own_writes_fetched_back_are_received_versions_not_local_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    let own = store.node_id().to_owned();
+    put_as(
+        &store,
+        &gradle("k"),
+        b"newer",
+        Provenance::remote(200, "peer"),
+    )
+    .await
+    .unwrap();
+    let old = put_as(
+        &store,
+        &gradle("k"),
+        b"older",
+        Provenance::remote(100, &own),
+    )
+    .await
+    .unwrap();
+    assert_eq!(old.outcome, Outcome::Stale);
+    assert_eq!(body_of(&store, &gradle("k")).await.unwrap(), b"newer");
+    store.apply_remote_clean("p", 300).await.unwrap();
+    let cleaned = put_as(&store, &gradle("c"), b"x", Provenance::remote(250, &own))
+        .await
+        .unwrap();
+    assert_eq!(cleaned.outcome, Outcome::Tombstoned);
+    let restored = put_as(&store, &gradle("r"), b"y", Provenance::remote(400, &own))
+        .await
+        .unwrap();
+    assert_eq!(restored.info.version_ms, 400, "kept as it was written");
+    assert!(log_of(&store, 0).is_empty(), "none of them is logged again");
+}
+
 #[tokio::test]
 async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
     let dir = tempfile::tempdir().unwrap();
@@ -1465,6 +1504,19 @@ async fn logging_store_with_thirty_writes(dir: &Path) -> (Store, u64) {
             .unwrap();
     }
     (store, last)
+}
+
+/// A peer admitted with nothing acknowledged after the others' cursors took the log past the
+/// bound: nothing more is dropped, and none is counted. (The count underflowed: about 1.8e19
+/// dropped records and a warning every second in a release build, a panic in a debug one.)
+#[tokio::test]
+async fn a_peer_admitted_after_the_log_was_trimmed_past_the_bound_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, last) = logging_store_with_thirty_writes(dir.path()).await;
+    assert_eq!(store.trim_log(Some(last - 2), 10).unwrap(), 0);
+    let left = log_of(&store, 0).len();
+    assert_eq!(store.trim_log(Some(0), 10).unwrap(), 0);
+    assert_eq!(log_of(&store, 0).len(), left);
 }
 
 #[tokio::test]
@@ -1797,6 +1849,32 @@ async fn the_sweep_keeps_the_file_of_a_record_it_cannot_decode() {
     );
     assert_eq!(body_ids_on_disk(dir.path()).len(), 1);
     assert_eq!(store.stats().used_bytes, used);
+}
+
+/// The least recently used artifact's record is in a damaged block. Eviction forgets it and
+/// goes on. (Every pass stopped at it with the damage error: only a read of that key forgets
+/// it, and nobody reads the least recently used key, so a full node refused writes for good.)
+#[tokio::test]
+async fn eviction_forgets_a_damaged_record_at_the_head_of_its_queue_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let damaged_body = incompressible("damaged", 4096);
+    let intact_body = incompressible("intact", 4096);
+    let store = store_with_damaged_block(
+        dir.path(),
+        (&gradle("damaged"), &damaged_body),
+        (&gradle("intact"), &intact_body),
+    )
+    .await;
+    let freed = store
+        .evict_until(0)
+        .await
+        .expect("eviction passes the damaged record");
+    assert!(
+        freed > 4096,
+        "the intact artifact after it is evicted: {freed}"
+    );
+    assert_eq!(body_of(&store, &gradle("intact")).await, None);
+    assert_eq!(body_of(&store, &gradle("damaged")).await, None);
 }
 
 /// A compaction that reads a damaged block is a RocksDB background error, after which RocksDB

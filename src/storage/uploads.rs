@@ -233,7 +233,11 @@ impl Store {
                 staged_bytes,
             )
             .await?;
-        self.remove_upload(id, Removal::Completed)?;
+        // Published: the answer is the artifact's, whatever becomes of the parts. A record left
+        // behind expires, a directory left behind is swept (`sweep_upload_leftovers`).
+        if let Err(error) = self.remove_upload(id, Removal::Completed) {
+            tracing::warn!(upload = id, %error, "could not remove a completed upload's parts; they are swept later");
+        }
         drop(claim);
         Ok(committed)
     }
@@ -360,7 +364,7 @@ impl Store {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !open.contains_key(&name) {
-                std::fs::remove_dir_all(entry.path())?;
+                remove_entry(&entry.path())?;
             }
         }
         let staged = open.values().map(OpenUpload::staged).sum();
@@ -379,7 +383,7 @@ impl Store {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !open.contains_key(&name) {
                 if super::sweep::older_than(&path, cutoff)? {
-                    match std::fs::remove_dir_all(&path) {
+                    match remove_entry(&path) {
                         Ok(()) => removed += 1,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => return Err(e.into()),
@@ -458,6 +462,16 @@ fn write_atomically(dest: &Path, bytes: &[u8], fsync: bool) -> io::Result<()> {
     std::fs::rename(&temp, dest)
 }
 
+/// Removes what `uploads/` holds under a name no upload owns: a part directory, or a stray file
+/// put there by hand (which must not stop the node from starting).
+fn remove_entry(path: &Path) -> io::Result<()> {
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -490,6 +504,19 @@ mod tests {
         let mut writer = store.writer(u64::MAX, false);
         writer.write(bytes).await.unwrap();
         writer.finish(None).await.unwrap()
+    }
+
+    /// A file put in `uploads/` by hand (no upload's directory) is removed at start, as a
+    /// directory without an upload is. (It stopped the node from starting: ENOTDIR.)
+    #[tokio::test]
+    async fn a_stray_file_among_the_uploads_does_not_stop_the_store_from_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(store(dir.path()));
+        let stray = dir.path().join("uploads").join("notes.txt");
+        std::fs::write(&stray, b"left here by hand").unwrap();
+        let reopened = store(dir.path());
+        assert!(!stray.exists());
+        drop(reopened);
     }
 
     #[tokio::test]
