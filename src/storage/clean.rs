@@ -11,14 +11,17 @@
 //! Why this holds without a global write lock: a publish holds `publish_order` shared from the
 //! moment it reads its project's tombstone until its batch is written, and the tombstone is
 //! written (and mirrored in memory) under `publish_order` held exclusively. So each publish
-//! either wrote its batch before the tombstone was taken — its `version_ms` was read from the
-//! clock before `t` was, so it is `<= t` and the clean removes it — or read the new tombstone
-//! and was stamped after `t`. The deletion batches lock the stripes of the keys they delete and
+//! either wrote its batch before the tombstone was taken — and a local clean's `t` is at least
+//! the highest `version_ms` ever published (the store keeps that high-water mark), so it is
+//! `<= t` and the clean removes it, even when a peer's fast clock or a local write raised past
+//! such a version stamped it ahead of this node's clock — or read the new tombstone and was
+//! stamped after `t`. The deletion batches lock the stripes of the keys they delete and
 //! read each record again under them, so a publish racing a batch is either deleted whole
 //! (older) or kept whole (newer), never half of each.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::Ordering;
 
 use rocksdb::{DB, WriteBatch};
 
@@ -114,9 +117,20 @@ impl Store {
     /// Deletes what a clean of `project` at `at` left, then drops its unfinished mark.
     fn finish_clean(&self, project: &str, at: u64) -> Result<u64, StoreError> {
         let removed = self.delete_older(&keys::project_prefix(project), at)?;
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(meta::CF_STATE), unfinished_key(project));
-        self.write(batch)?;
+        // A later clean of the project may have marked itself meanwhile: its mark stays until
+        // its own deletions are done (tombstones are written under `publish_order` held
+        // exclusively, so none lands between this read and this delete).
+        let _order = self
+            .inner
+            .publish_order
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mark = self.get(meta::CF_STATE, unfinished_key(project))?;
+        if mark.as_deref().and_then(meta::decode::<u64>) == Some(at) {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(meta::CF_STATE), unfinished_key(project));
+            self.write(batch)?;
+        }
         Ok(removed)
     }
 
@@ -166,7 +180,14 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner());
         // Never earlier than a previous clean of the project, even if the clock stepped back.
         let previous = self.inner.tombstones.of(project).unwrap_or(0);
-        let at = remote_at.unwrap_or_else(now_ms).max(previous);
+        // A local clean removes everything published before it: its time is past every version
+        // stored, including one a peer's fast clock stamped ahead of ours, or a local write
+        // raised past it (no publish is in flight: `publish_order` is held exclusively).
+        let at = match remote_at {
+            Some(at) => at,
+            None => now_ms().max(self.inner.version_high.load(Ordering::SeqCst)),
+        }
+        .max(previous);
         let mut key = TOMBSTONE_PREFIX.to_vec();
         key.extend_from_slice(project.as_bytes());
         let mut batch = WriteBatch::default();

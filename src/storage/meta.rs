@@ -67,6 +67,10 @@ pub fn body_index_key(id: u128) -> [u8; 16] {
 /// Key of the highest publish sequence number committed, in `state` (8 bytes, big-endian).
 pub const SEQ_KEY: &[u8] = b"seq";
 
+/// Key of the highest `version_ms` ever published, in `state` (stored like [`SEQ_KEY`]): a
+/// local clean is never older than what it removes (see `clean.rs`).
+pub const VERSION_HIGH_KEY: &[u8] = b"version_high";
+
 /// A sequence number as stored under [`SEQ_KEY`] (value and merge operands alike).
 pub(crate) fn encode_seq(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
@@ -305,7 +309,7 @@ impl UsageDelta {
 pub(crate) const STATE_MERGE_OPERATOR: &str = "kura.state.v1";
 
 /// Full merge of the `state` family: the usage counter adds its deltas to the stored total, and
-/// the sequence number keeps the highest (batches may land in any order). An operand this version cannot read is skipped rather than failing the read (which would make
+/// the sequence number and the version high-water mark keep the highest (batches may land in any order). An operand this version cannot read is skipped rather than failing the read (which would make
 /// RocksDB report corruption and refuse the key): the counter is an estimate that eviction and
 /// the next writes correct, not a ledger.
 pub(crate) fn merge_state(
@@ -322,7 +326,7 @@ pub(crate) fn merge_state(
         }
         return Some(encode(&usage));
     }
-    if key == SEQ_KEY {
+    if key == SEQ_KEY || key == VERSION_HIGH_KEY {
         return Some(max_seq(existing.into_iter().chain(operands)).unwrap_or_default());
     }
     // No other key takes merges; keep the newest value rather than fail.
@@ -342,7 +346,7 @@ pub(crate) fn merge_state_operands(
         }
         return Some(sum.encode().to_vec());
     }
-    if key == SEQ_KEY {
+    if key == SEQ_KEY || key == VERSION_HIGH_KEY {
         return max_seq(operands.iter());
     }
     // `None`: RocksDB keeps the operands as they are.

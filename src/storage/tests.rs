@@ -1419,6 +1419,58 @@ async fn this_nodes_own_writes_fetched_back_are_received_versions_not_local_writ
     assert!(log_of(&store, 0).is_empty(), "none of them is logged again");
 }
 
+/// A clean removes every artifact written before it, whatever its version: a peer's clock 60 s
+/// ahead stamped one, and a local write raised past it. The mark survives a restart. (The
+/// clean took this node's clock as its time, so both outlived the clean that was answered
+/// 204.)
+#[tokio::test]
+async fn a_clean_removes_what_was_written_before_it_even_versions_stamped_ahead_of_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let ahead = now_ms() + 60_000;
+    {
+        let store = logging_store(dir.path());
+        put_as(
+            &store,
+            &gradle("peer"),
+            b"x",
+            Provenance::remote(ahead, "peer"),
+        )
+        .await
+        .unwrap();
+        put_as(
+            &store,
+            &gradle("raised"),
+            b"x",
+            Provenance::remote(ahead, "peer"),
+        )
+        .await
+        .unwrap();
+        let raised = put(&store, &gradle("raised"), b"mine").await;
+        assert!(raised.info.version_ms > ahead);
+        store.delete_project("p").await.unwrap();
+        assert_eq!(body_of(&store, &gradle("peer")).await, None);
+        assert_eq!(body_of(&store, &gradle("raised")).await, None);
+        put_as(
+            &store,
+            &gradle("later"),
+            b"x",
+            Provenance::remote(ahead + 10, "peer"),
+        )
+        .await
+        .unwrap();
+    }
+    let store = logging_store(dir.path());
+    store.delete_project("p").await.unwrap();
+    assert_eq!(
+        body_of(&store, &gradle("later")).await,
+        None,
+        "after a restart"
+    );
+    let after = put(&store, &gradle("after"), b"kept").await;
+    assert!(after.seq().is_some());
+    assert_eq!(body_of(&store, &gradle("after")).await.unwrap(), b"kept");
+}
+
 #[tokio::test]
 async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
     let dir = tempfile::tempdir().unwrap();
