@@ -1,4 +1,5 @@
-# Kura node image. Build: docker build -t kura .
+# Kura node image. Build: docker build --build-arg KURA_GIT_SHA=$(git rev-parse --short=12 HEAD) -t kura .
+# (the build context has no .git: without the argument the image reports git_sha="unknown")
 # Run (auth "none" refuses a public address, so give it tokens):
 #   docker run -p 4000:4000 -p 50051:50051 -v kura-data:/var/lib/kura -v $PWD/tokens.toml:/etc/kura/tokens.toml:ro \
 #     -e KURA_AUTH_MODE=static -e KURA_AUTH_STATIC_TOKENS_FILE=/etc/kura/tokens.toml kura
@@ -12,6 +13,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY proto ./proto
 COPY benches ./benches
+# Seen by build.rs (a build argument is in RUN's environment); not a config variable at run time.
+ARG KURA_GIT_SHA=""
 RUN cargo build --release --locked --bin kura \
  && install -m 0755 target/release/kura /usr/local/bin/kura
 

@@ -22,7 +22,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The commit `kura_build_info` reports: `KURA_GIT_SHA` when set (an image build, whose
+/// context has no `.git`), else asked of git.
 fn record_git_sha() {
+    println!("cargo:rerun-if-env-changed=KURA_GIT_SHA");
+    if let Some(sha) = std::env::var("KURA_GIT_SHA").ok().filter(|s| !s.is_empty()) {
+        println!("cargo:rustc-env=KURA_GIT_SHA={sha}");
+        return;
+    }
     let sha = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

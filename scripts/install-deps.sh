@@ -29,12 +29,27 @@ if ((${#missing[@]})); then
     command -v sudo >/dev/null || { echo "kura: run as root or install sudo to install: ${missing[*]}" >&2; exit 1; }
     sudo="sudo"
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Through env: sudo drops the caller's environment.
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then
   echo "kura: cargo is missing; install Rust (https://rustup.rs) version 1.89 or newer" >&2
   exit 1
+fi
+# Debian's own cargo is too old for edition 2024; a minimal rustup profile lacks the linters
+# the test command runs.
+cargo_minor=$(cargo --version | sed -n 's/^cargo 1\.\([0-9]*\).*/\1/p')
+if [ -z "$cargo_minor" ] || [ "$cargo_minor" -lt 89 ]; then
+  echo "kura: $(cargo --version) is too old; install Rust 1.89 or newer (https://rustup.rs)" >&2
+  exit 1
+fi
+if [ "$profile" = test ]; then
+  for tool in fmt clippy; do
+    cargo "$tool" --version >/dev/null 2>&1 || {
+      echo "kura: cargo $tool is missing; rustup component add $( [ $tool = fmt ] && echo rustfmt || echo clippy )" >&2
+      exit 1
+    }
+  done
 fi

@@ -56,6 +56,10 @@ pub const REPLICATION_CATCH_UPS_REQUESTED_TOTAL: &str =
     "kura_replication_catch_ups_requested_total";
 pub const REPLICATION_CATCH_UP_PASSES_TOTAL: &str = "kura_replication_catch_up_passes_total";
 pub const REPLICATION_CATCH_UPS_OWED: &str = "kura_replication_catch_ups_owed";
+pub const REPLICATION_BOOTSTRAPPING: &str = "kura_replication_bootstrapping";
+pub const REPLICATION_WALK_FETCHED_TOTAL: &str = "kura_replication_walk_fetched_total";
+pub const REPLICATION_WALK_FETCHED_BYTES_TOTAL: &str = "kura_replication_walk_fetched_bytes_total";
+pub const REPLICATION_WALK_OVER_BUDGET_TOTAL: &str = "kura_replication_walk_over_budget_total";
 
 /// How often the recorder folds the latency samples recorded since into its histograms.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -187,6 +191,23 @@ fn describe() {
     describe_gauge!(
         REPLICATION_CATCH_UPS_OWED,
         "Writers whose index this node has promised to walk and has not yet."
+    );
+    describe_gauge!(
+        REPLICATION_BOOTSTRAPPING,
+        "1 while this node's bootstrap pass runs (/ready answers 503 bootstrapping meanwhile)."
+    );
+    describe_counter!(
+        REPLICATION_WALK_FETCHED_TOTAL,
+        "Artifacts fetched by walks of peers' indexes, by walk (bootstrap, catch_up)."
+    );
+    describe_counter!(
+        REPLICATION_WALK_FETCHED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes of artifacts fetched by walks of peers' indexes, by walk (bootstrap, catch_up)."
+    );
+    describe_counter!(
+        REPLICATION_WALK_OVER_BUDGET_TOTAL,
+        "Artifacts a walk of a peer's index left unfetched because they exceed this node's low watermark, by walk."
     );
     describe_counter!(CACHE_HITS_TOTAL, "Reads that found the artifact, by kind.");
     describe_counter!(CACHE_MISSES_TOTAL, "Reads that did not, by kind.");

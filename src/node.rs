@@ -217,7 +217,7 @@ fn warn_if_descriptors_run_short(max_connections: usize) {
         tracing::warn!(
             nofile = limit.rlim_cur,
             max_connections,
-            "the file descriptor limit is below server.max_connections plus {DESCRIPTOR_RESERVE}; raise it (ulimit -n, LimitNOFILE) or lower server.max_connections"
+            "the file descriptor limit is below 3 x server.max_connections (one per listener) plus {DESCRIPTOR_RESERVE}; raise it (ulimit -n, LimitNOFILE) or lower server.max_connections"
         );
     }
 }

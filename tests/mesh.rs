@@ -452,6 +452,10 @@ async fn bootstrap_fetches_up_to_the_low_watermark_and_evicts_nothing() {
     assert_eq!(bootstrap["state"], "done", "{bootstrap}");
     assert_eq!(bootstrap["fetched_artifacts"], 7, "{bootstrap}");
     assert_eq!(bootstrap["over_budget"], 5, "{bootstrap}");
+    let walked = |name: &str| format!("kura_replication_walk_{name}{{walk=\"bootstrap\"}}");
+    assert_eq!(empty.metric(&walked("fetched_total")).await, 7);
+    assert_eq!(empty.metric(&walked("over_budget_total")).await, 5);
+    assert_eq!(empty.metric("kura_replication_bootstrapping").await, 0);
     assert_eq!(empty.metric("kura_storage_evictions_total").await, 0);
     let mut held = 0;
     for (path, body) in &bodies {

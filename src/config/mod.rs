@@ -38,15 +38,15 @@ pub struct ServerConfig {
     pub http: SocketAddr,
     /// Public gRPC listener (REAPI v2 cache services, ByteStream, health).
     pub grpc: SocketAddr,
-    /// Peer plane listener (replication; not served by this release yet).
+    /// Peer plane listener (replication over mTLS), served when the node has peers.
     pub internal: SocketAddr,
     /// An HTTP/1 request's line and headers must arrive within this of its first byte.
     pub header_timeout: HumanDuration,
     /// Connections with no request in flight for this long are closed, and one whose reader
     /// took nothing of a response for this long is cut.
     pub idle_timeout: HumanDuration,
-    /// Connections open at once on the HTTP listener; at the limit the longest-idle one is
-    /// closed to make room.
+    /// Connections open at once on each listener; at the limit the longest-idle one is closed
+    /// to make room.
     pub max_connections: usize,
 }
 
@@ -519,6 +519,12 @@ impl Config {
                 "must be 1-128 characters of a-z, 0-9, '.', '_' or '-'",
             );
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return fail(
+                "log.level",
+                "must be a tracing filter such as \"info\" or \"kura=debug,info\"",
+            );
+        }
         if !(self.storage.low_watermark > 0.0 && self.storage.low_watermark <= 100.0) {
             return fail("storage.low_watermark", "must be a percentage in (0, 100]");
         }
@@ -822,6 +828,9 @@ mod tests {
         assert!(err.to_string().contains("colour"), "{err}");
         let err = Config::load(None, env(&[("KURA_AUTH_MODE", "static")])).unwrap_err();
         assert!(err.to_string().contains("auth.static_tokens_file"), "{err}");
+        // A filter tracing cannot parse fails the start instead of turning into `info`.
+        let err = Config::load(None, env(&[("KURA_LOG_LEVEL", "kura=loud")])).unwrap_err();
+        assert!(err.to_string().contains("log.level"), "{err}");
         let err = Config::load(None, env(&[("KURA_REPLICATION_INSECURE", "maybe")])).unwrap_err();
         assert!(
             err.to_string().contains("KURA_REPLICATION_INSECURE"),

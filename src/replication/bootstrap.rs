@@ -53,9 +53,10 @@ pub struct Progress {
     tally: Tally,
 }
 
-/// What walks of peers' indexes examined and fetched.
-#[derive(Default)]
+/// What walks of peers' indexes examined and fetched (also counted in `/metrics` by walk).
 pub(super) struct Tally {
+    /// `bootstrap` or `catch_up`: the metrics' `walk` label.
+    walk: &'static str,
     examined: AtomicU64,
     artifacts: AtomicU64,
     bytes: AtomicU64,
@@ -64,6 +65,32 @@ pub(super) struct Tally {
 }
 
 impl Tally {
+    pub(super) fn new(walk: &'static str) -> Tally {
+        Tally {
+            walk,
+            examined: AtomicU64::new(0),
+            artifacts: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
+        }
+    }
+
+    fn fetched(&self, bytes: u64) {
+        self.artifacts.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let walk = self.walk;
+        metrics::counter!(crate::metrics::REPLICATION_WALK_FETCHED_TOTAL, "walk" => walk)
+            .increment(1);
+        metrics::counter!(crate::metrics::REPLICATION_WALK_FETCHED_BYTES_TOTAL, "walk" => walk)
+            .increment(bytes);
+    }
+
+    fn left_over_budget(&self, artifacts: u64) {
+        self.over_budget.fetch_add(artifacts, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::REPLICATION_WALK_OVER_BUDGET_TOTAL, "walk" => self.walk)
+            .increment(artifacts);
+    }
+
     pub(super) fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "examined": self.examined.load(Ordering::Relaxed),
@@ -83,7 +110,7 @@ impl Progress {
         };
         Progress {
             phase: AtomicU8::new(phase as u8),
-            tally: Tally::default(),
+            tally: Tally::new("bootstrap"),
         }
     }
 
@@ -113,7 +140,11 @@ pub(super) async fn run(mesh: Arc<Mesh>) {
         return;
     }
     let timeout = mesh.config.bootstrap.timeout.0;
-    match tokio::time::timeout(timeout, pass_over_one_peer(&mesh)).await {
+    let running = metrics::gauge!(crate::metrics::REPLICATION_BOOTSTRAPPING);
+    running.set(1.0);
+    let pass = tokio::time::timeout(timeout, pass_over_one_peer(&mesh)).await;
+    running.set(0.0);
+    match pass {
         Ok(()) => {
             mesh.bootstrap.finish(Phase::Done);
             tracing::info!(progress = %mesh.bootstrap.to_json(), "bootstrap finished");
@@ -197,8 +228,7 @@ pub(super) async fn pull(
                 let client = &client;
                 async move {
                     fetch(mesh, client, peer, &key).await?;
-                    tally.artifacts.fetch_add(1, Ordering::Relaxed);
-                    tally.bytes.fetch_add(size, Ordering::Relaxed);
+                    tally.fetched(size);
                     anyhow::Ok(())
                 }
             })
@@ -211,7 +241,7 @@ pub(super) async fn pull(
             None => break,
         }
     }
-    tally.over_budget.fetch_add(over_budget, Ordering::Relaxed);
+    tally.left_over_budget(over_budget);
     if over_budget > 0 {
         tracing::info!(
             peer = %peer.label(), over_budget, budget = mesh.store.low_watermark(),

@@ -38,13 +38,23 @@ pub struct CatchUpRequest {
 }
 
 /// The catching-up side's state.
-#[derive(Default)]
 pub(super) struct CatchUps {
     /// Orders a new promise against the check that removes a kept one.
     promises: Mutex<()>,
     wake: Notify,
     completed: AtomicU64,
     tally: Tally,
+}
+
+impl Default for CatchUps {
+    fn default() -> CatchUps {
+        CatchUps {
+            promises: Mutex::new(()),
+            wake: Notify::new(),
+            completed: AtomicU64::new(0),
+            tally: Tally::new("catch_up"),
+        }
+    }
 }
 
 impl CatchUps {
