@@ -24,7 +24,9 @@
 //!   HTTP/2 holds a response's data for the peer's flow-control window, where no write of ours
 //!   shows it: there a response that handed hyper a frame and was not asked for the next one
 //!   for `idle_timeout` counts the same (h2 asks for more only once the window has room), and
-//!   the clock looks at least once per `idle_timeout` while a request is in flight.
+//!   the clock looks at least once per `idle_timeout` while a request is in flight. Responses
+//!   are handed over in slices of 256 KiB ([`sliced`]), so a reader slow but steady is not
+//!   mistaken for a stalled one.
 //! - **Connection limit.** At most `max_connections` connections are open (a semaphore; each
 //!   connection task holds a permit). At the limit the connection idle the longest is closed to
 //!   make room, so idle sockets never lock out probes or real clients; only when every
@@ -76,8 +78,10 @@ use crate::layers::{BodyGuard, GuardedBody, GuardedFuture};
 use crate::lifecycle::Lifecycle;
 
 mod coalesce;
+mod sliced;
 
 use coalesce::Coalesced;
+use sliced::{SLICE, Sliced, SlicedFuture};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -1219,19 +1223,20 @@ where
     type Response = Response<ConnectionBody<B>>;
     type Error = S::Error;
     /// A request's answer; its [`InFlight`] guard moves into the response body.
-    type Future = GuardedFuture<tower::util::Oneshot<S, Request<Body>>, InFlight>;
+    type Future = GuardedFuture<SlicedFuture<tower::util::Oneshot<S, Request<Body>>>, InFlight>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.request_started();
-        let discard_unread = request.version() == http::Version::HTTP_2;
-        let request = request.map(|body| Body::new(RequestBody::new(body, discard_unread)));
-        GuardedFuture::new(self.inner.clone().oneshot(request), Some(in_flight))
+        let http2 = request.version() == http::Version::HTTP_2;
+        let request = request.map(|body| Body::new(RequestBody::new(body, http2)));
+        let answer = SlicedFuture::new(self.inner.clone().oneshot(request), http2.then_some(SLICE));
+        GuardedFuture::new(answer, Some(in_flight))
     }
 }
 
 /// A response body that counts its request on the connection until it is done: a streaming
-/// download counts until its last byte.
-type ConnectionBody<B> = GuardedBody<B, InFlight>;
+/// download counts until its last byte. Over HTTP/2 it is handed over in slices.
+type ConnectionBody<B> = GuardedBody<Sliced<B>, InFlight>;
 
 /// The request body handed to the service.
 ///

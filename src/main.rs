@@ -275,7 +275,13 @@ fn serve(path: Option<PathBuf>, allow_insecure: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kura::node::serve(config, allow_insecure)) {
+    let served = runtime.block_on(kura::node::serve(config, allow_insecure));
+    // Dropping the runtime would wait, without a bound, for the work still on its blocking
+    // threads (an orphan sweep, a backfill walking every record): a stop would then outlast
+    // shutdown.drain_timeout until the kubelet's SIGKILL. That work is crash-safe and starts over
+    // at the next start, so it gets a second.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

@@ -1288,6 +1288,73 @@ async fn a_grpc_reader_that_never_opens_its_window_is_cut_and_frees_its_memory()
     assert_eq!(node.metric(memory).await, 0, "its memory is free again");
 }
 
+/// The HTTP/2 rule above must not cut a reader that is slow but steady (a hundred calls sharing
+/// a thin link). A ByteStream chunk of 1 MiB was handed to hyper as one frame, and hyper asks
+/// for the next only once most of it is out, so a read taking 320 KiB/s waited about 3 s to be
+/// asked again and was cut after a 2 s idle timeout; responses now go over in 256 KiB slices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_reader_slow_but_steady_is_not_cut_for_a_stalled_one() {
+    use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
+    use bytes::Bytes;
+    use kura::grpc::proto::bytestream::ReadRequest;
+    use prost::Message;
+    const SIZE: usize = 1 << 20;
+    let node = Node::start_with(NodeOptions::default().env("KURA_SERVER_IDLE_TIMEOUT", "2s"));
+    let blob = payload(44, SIZE);
+    let digest = sha256(&blob);
+    let upload = upload_name("ios", "1b7e2d3c-4a5f-4e6d-8c7b-9a0f1e2d3c4b", &digest);
+    Grpc::connect(&node)
+        .await
+        .write(&upload, &blob)
+        .await
+        .unwrap();
+
+    let socket = tokio::net::TcpStream::connect(node.grpc_addr)
+        .await
+        .unwrap();
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(64 << 10)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(socket)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = ReadRequest {
+        resource_name: blob_name("ios", &digest),
+        read_offset: 0,
+        read_limit: 0,
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&request);
+    let call = http::Request::post(format!(
+        "http://{}/google.bytestream.ByteStream/Read",
+        node.grpc_addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut send) = h2.send_request(call, false).unwrap();
+    send.send_data(Bytes::from(framed), true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    // About 320 KiB/s: each DATA frame (16 KiB) is taken 50 ms after it arrived.
+    let mut received = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the slow read was cut");
+        received.extend_from_slice(&chunk);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    // The gRPC messages' payloads hold the blob, in order.
+    assert!(received.len() > SIZE);
+    let series = r#"kura_connections_closed_total{listener="grpc",reason="stalled_reader"}"#;
+    assert_eq!(node.metric(series).await, 0);
+}
+
 /// Batch sizes are the client's: four items claiming 2^62 bytes each summed to 2^64, which
 /// wrapped to 0 and passed the batch limit; decompressing one of them then asked for a 2^62-byte
 /// buffer and the allocation aborted the node. Both batch calls refuse such a batch whole, and
