@@ -810,6 +810,7 @@ impl Activity {
     }
 
     fn snapshot(&self) -> Snapshot {
+        let http2 = self.http2.load(Ordering::SeqCst);
         let sending = self.sending();
         let times = self.times();
         Snapshot {
@@ -820,8 +821,12 @@ impl Activity {
             head_since: times.head_since,
             sending: sending != Sending::AllOut,
             blocked_since: (sending == Sending::Blocked).then_some(times.progress_at),
-            http2: self.http2.load(Ordering::SeqCst),
-            held_since: self.held().values().min().copied(),
+            http2,
+            held_since: if http2 {
+                self.held().values().min().copied()
+            } else {
+                None
+            },
         }
     }
 
@@ -932,6 +937,8 @@ impl Activity {
         InFlight {
             activity: self.clone(),
             id: self.next_request.fetch_add(1, Ordering::Relaxed),
+            // Known before any request: the preface decides it.
+            http2: self.http2.load(Ordering::Relaxed),
         }
     }
 
@@ -957,18 +964,19 @@ struct InFlight {
     activity: Arc<Activity>,
     /// Tells the connection's requests apart in [`Activity::held`].
     id: u64,
+    http2: bool,
 }
 
 /// Over HTTP/2, the response's frames tell when it waits for its reader's window.
 impl BodyGuard for InFlight {
     fn asked(&self) {
-        if self.activity.http2.load(Ordering::Relaxed) {
+        if self.http2 {
             self.activity.held().remove(&self.id);
         }
     }
 
     fn handed(&self) {
-        if self.activity.http2.load(Ordering::Relaxed) {
+        if self.http2 {
             self.activity.held().insert(self.id, Instant::now());
         }
     }
@@ -977,7 +985,7 @@ impl BodyGuard for InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.activity;
-        if activity.http2.load(Ordering::Relaxed) {
+        if self.http2 {
             activity.held().remove(&self.id);
         }
         if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
