@@ -12,16 +12,15 @@
 //! moment it reads its project's tombstone until its batch is written, and the tombstone is
 //! written (and mirrored in memory) under `publish_order` held exclusively. So each publish
 //! either wrote its batch before the tombstone was taken — and a local clean's `t` is at least
-//! the highest `version_ms` ever published (the store keeps that high-water mark), so it is
-//! `<= t` and the clean removes it, even when a peer's fast clock or a local write raised past
-//! such a version stamped it ahead of this node's clock — or read the new tombstone and was
-//! stamped after `t`. The deletion batches lock the stripes of the keys they delete and
+//! the highest `version_ms` ever published in the project (the store keeps that mark, up to an
+//! hour ahead of the clock: [`CLEAN_AHEAD_MAX_MS`]), so it is `<= t` and the clean removes it,
+//! even when a peer's fast clock or a local write raised past such a version stamped it ahead
+//! of this node's clock — or read the new tombstone and was stamped after `t`. The deletion batches lock the stripes of the keys they delete and
 //! read each record again under them, so a publish racing a batch is either deleted whole
 //! (older) or kept whole (newer), never half of each.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::Ordering;
 
 use rocksdb::{DB, WriteBatch};
 
@@ -35,6 +34,8 @@ const TOMBSTONE_PREFIX: &[u8] = b"tombstone\0";
 /// written with the tombstone, removed once every older record is gone, so a clean cut short
 /// by a crash or an I/O error is finished at the next start.
 const UNFINISHED_PREFIX: &[u8] = b"clean-unfinished\0";
+/// How far ahead of the clock a local clean may be dated to pass the versions it removes.
+const CLEAN_AHEAD_MAX_MS: u64 = 60 * 60 * 1000;
 /// Records examined per deletion batch.
 const CLEAN_BATCH: usize = 512;
 
@@ -180,12 +181,9 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner());
         // Never earlier than a previous clean of the project, even if the clock stepped back.
         let previous = self.inner.tombstones.of(project).unwrap_or(0);
-        // A local clean removes everything published before it: its time is past every version
-        // stored, including one a peer's fast clock stamped ahead of ours, or a local write
-        // raised past it (no publish is in flight: `publish_order` is held exclusively).
         let at = match remote_at {
             Some(at) => at,
-            None => now_ms().max(self.inner.version_high.load(Ordering::SeqCst)),
+            None => self.local_clean_time(project)?,
         }
         .max(previous);
         let mut key = TOMBSTONE_PREFIX.to_vec();
@@ -213,6 +211,29 @@ impl Store {
         self.write(batch)?;
         self.inner.tombstones.set(project, at);
         Ok(at)
+    }
+
+    /// A local clean removes everything published in the project before it: its time is past
+    /// every version the project ever had here, including one a peer's fast clock stamped ahead
+    /// of ours or a local write raised past such a version (no publish is in flight: the caller
+    /// holds `publish_order` exclusively). Up to [`CLEAN_AHEAD_MAX_MS`] ahead of the clock:
+    /// a version further ahead (a peer's clock hours off) would otherwise date the clean, and so
+    /// every later write of the project, that far into the future.
+    fn local_clean_time(&self, project: &str) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let high = self
+            .get(meta::CF_STATE, meta::version_high_key(project))?
+            .and_then(|bytes| meta::decode_seq(&bytes))
+            .unwrap_or(0);
+        let limit = now.saturating_add(CLEAN_AHEAD_MAX_MS);
+        if high > limit {
+            tracing::warn!(
+                project,
+                ahead_ms = high - now,
+                "a version of this project is stamped far ahead of this node's clock (a peer's clock is off?); the clean is dated at most an hour ahead, and what is newer survives it"
+            );
+        }
+        Ok(now.max(high.min(limit)))
     }
 
     /// Deletes the records under `prefix` written at or before `at`, in batches.

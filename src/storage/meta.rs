@@ -67,9 +67,17 @@ pub fn body_index_key(id: u128) -> [u8; 16] {
 /// Key of the highest publish sequence number committed, in `state` (8 bytes, big-endian).
 pub const SEQ_KEY: &[u8] = b"seq";
 
-/// Key of the highest `version_ms` ever published, in `state` (stored like [`SEQ_KEY`]): a
-/// local clean is never older than what it removes (see `clean.rs`).
-pub const VERSION_HIGH_KEY: &[u8] = b"version_high";
+/// Prefix of the keys, in `state`, of the highest `version_ms` ever published in each project
+/// (followed by the project; stored like [`SEQ_KEY`]): a local clean of the project is never
+/// older than what it removes (see `clean.rs`).
+pub const VERSION_HIGH_PREFIX: &[u8] = b"version_high\0";
+
+/// The key of `project`'s highest published `version_ms`.
+pub fn version_high_key(project: &str) -> Vec<u8> {
+    let mut key = VERSION_HIGH_PREFIX.to_vec();
+    key.extend_from_slice(project.as_bytes());
+    key
+}
 
 /// A sequence number as stored under [`SEQ_KEY`] (value and merge operands alike).
 pub(crate) fn encode_seq(seq: u64) -> [u8; 8] {
@@ -326,7 +334,7 @@ pub(crate) fn merge_state(
         }
         return Some(encode(&usage));
     }
-    if key == SEQ_KEY || key == VERSION_HIGH_KEY {
+    if key == SEQ_KEY || key.starts_with(VERSION_HIGH_PREFIX) {
         return Some(max_seq(existing.into_iter().chain(operands)).unwrap_or_default());
     }
     // No other key takes merges; keep the newest value rather than fail.
@@ -346,7 +354,7 @@ pub(crate) fn merge_state_operands(
         }
         return Some(sum.encode().to_vec());
     }
-    if key == SEQ_KEY || key == VERSION_HIGH_KEY {
+    if key == SEQ_KEY || key.starts_with(VERSION_HIGH_PREFIX) {
         return max_seq(operands.iter());
     }
     // `None`: RocksDB keeps the operands as they are.

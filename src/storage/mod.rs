@@ -51,7 +51,7 @@ mod uploads;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -546,9 +546,6 @@ struct Inner {
     presence_map: presence_map::PresenceMap,
     uploads: uploads::OpenUploads,
     tombstones: clean::Tombstones,
-    /// The highest `version_ms` published (mirrors `state`'s [`meta::VERSION_HIGH_KEY`]);
-    /// moved under `publish_order` held shared, read by a clean holding it exclusively.
-    version_high: AtomicU64,
     sequencer: seq::Sequencer,
     /// Bodies being written or published (see `sweep.rs`).
     live_bodies: Arc<bodies::LiveBodies>,
@@ -610,10 +607,6 @@ impl Store {
             None => Usage::default(),
         };
         let tombstones = clean::Tombstones::load(&db)?;
-        let version_high = db
-            .get_cf(cf(&db, meta::CF_STATE), meta::VERSION_HIGH_KEY)?
-            .and_then(|bytes| meta::decode_seq(&bytes))
-            .unwrap_or(0);
         let sequencer = seq::Sequencer::recover(&db)?;
         let presence_indexed = presence::indexed_at_open(&db)?;
         let store = Store {
@@ -646,7 +639,6 @@ impl Store {
                 ),
                 uploads: uploads::OpenUploads::default(),
                 tombstones,
-                version_high: AtomicU64::new(version_high),
                 sequencer,
                 live_bodies: Arc::default(),
                 options,
@@ -962,7 +954,7 @@ impl Store {
         );
         batch.merge_cf(
             self.cf(meta::CF_STATE),
-            meta::VERSION_HIGH_KEY,
+            meta::version_high_key(&key.project),
             meta::encode_seq(record.version_ms),
         );
         if let Some(hook) = hook {
@@ -990,9 +982,6 @@ impl Store {
         }
         let presence = meta::Presence::of(record);
         self.write_accounted(batch, delta, [(encoded, Some(presence))])?;
-        self.inner
-            .version_high
-            .fetch_max(record.version_ms, Ordering::SeqCst);
         Ok(Published {
             previous,
             held,

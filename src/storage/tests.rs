@@ -1466,6 +1466,19 @@ async fn a_clean_removes_what_was_written_before_it_even_versions_stamped_ahead_
         None,
         "after a restart"
     );
+    // Another project's clean keeps this node's clock: the mark is per project.
+    store.delete_project("q").await.unwrap();
+    assert!(store.inner.tombstones.of("q").unwrap() < ahead);
+    // A version hours ahead (a peer's clock far off) dates the clean at most an hour ahead,
+    // and survives it.
+    let far = now_ms() + 3 * 3_600_000;
+    let key = ArtifactKey::new("r", Kind::Gradle, "far".to_string());
+    put_as(&store, &key, b"x", Provenance::remote(far, "peer"))
+        .await
+        .unwrap();
+    store.delete_project("r").await.unwrap();
+    let cleaned_at = store.inner.tombstones.of("r").unwrap();
+    assert!(cleaned_at <= now_ms() + 3_600_000 && cleaned_at < far);
     let after = put(&store, &gradle("after"), b"kept").await;
     assert!(after.seq().is_some());
     assert_eq!(body_of(&store, &gradle("after")).await.unwrap(), b"kept");
