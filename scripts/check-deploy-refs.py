@@ -307,11 +307,12 @@ def check_statefulset(where, sts, namespace, named, reference, image_env):
             fail(cwhere, "preStop does not start a drain (kill -USR1 1)")
         sleep = sum(int(s) for s in re.findall(r"\bsleep (\d+)", command))
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        # The node may take 5 s more after the drain for connections to close (src/node.rs).
-        if drain is None or grace <= sleep + drain + 5:
+        # The node may take 5 s more after the drain for connections to close (src/node.rs),
+        # and 1 s for its blocking threads (src/main.rs).
+        if drain is None or grace <= sleep + drain + 6:
             fail(where, f"terminationGracePeriodSeconds {grace} must exceed the preStop sleep "
-                        f"({sleep}s) plus shutdown.drain_timeout ({drain}s) plus the node's 5s "
-                        f"for connections to close")
+                        f"({sleep}s) plus shutdown.drain_timeout ({drain}s) plus the node's 6s "
+                        f"for connections and threads to close")
 
         # KURA_* variables win over the file: the image's ENV must not silently override it.
         own_env = {e["name"] for e in container.get("env") or []}

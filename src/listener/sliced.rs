@@ -79,12 +79,14 @@ impl<B: Body<Data = Bytes>> Body for Sliced<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
+        let inner = self.inner.size_hint();
         let rest = self.rest.len() as u64;
-        hint.set_lower(hint.lower().saturating_add(rest));
-        if let Some(upper) = hint.upper() {
+        // Upper first: `set_lower` asserts it is not above the upper bound.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
             hint.set_upper(upper.saturating_add(rest));
         }
+        hint.set_lower(inner.lower().saturating_add(rest));
         hint
     }
 }
@@ -154,6 +156,18 @@ mod tests {
         expected.extend_from_slice(b"tail");
         assert_eq!(received, expected);
         assert_eq!(seen_trailers, Some(trailers));
+    }
+
+    /// The inner body's hint is exact (0 left) while slices of its frame wait: the hint must
+    /// count them without tripping `SizeHint`'s lower-above-upper assertion.
+    #[tokio::test]
+    async fn the_size_hint_counts_the_slices_still_to_come() {
+        let mut sliced = Sliced::new(Full::new(Bytes::from(vec![1u8; 600_000])), Some(SLICE));
+        assert_eq!(sliced.size_hint().exact(), Some(600_000));
+        let first = sliced.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap().len(), SLICE);
+        assert_eq!(sliced.size_hint().exact(), Some((600_000 - SLICE) as u64));
+        assert!(!sliced.is_end_stream());
     }
 
     #[tokio::test]

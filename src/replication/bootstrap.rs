@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
 
-use super::receive::{Delivery, IndexItem, IndexPage, apply};
+use super::receive::{ApplyResult, Delivery, IndexItem, IndexPage, apply};
 use super::wire::FrameReader;
 use super::{Mesh, PeerState, PeerStatus};
 use crate::storage::ArtifactKey;
@@ -158,15 +158,21 @@ pub(super) async fn run(mesh: Arc<Mesh>) {
 
 /// Tries admitted peers until a pass over one of them completes.
 async fn pass_over_one_peer(mesh: &Mesh) {
-    // One budget across the tries: what a failed pass fetched is held.
-    let mut budget = Budget::of(mesh);
     loop {
         let admitted = mesh
             .peer_list()
             .into_iter()
             .find(|peer| peer.state() == PeerState::Admitted);
         match admitted {
-            Some(peer) => match pull(mesh, &peer, None, &mut budget, &mesh.bootstrap.tally).await {
+            Some(peer) => match pull(
+                mesh,
+                &peer,
+                None,
+                &mut Budget::room(mesh),
+                &mesh.bootstrap.tally,
+            )
+            .await
+            {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(peer = %peer.label(), %error, "bootstrap pass failed; trying again");
@@ -226,15 +232,15 @@ pub(super) async fn pull(
         let mut fetches = stream::iter(wanted)
             .map(|(key, size)| {
                 let client = &client;
-                async move {
-                    fetch(mesh, client, peer, &key).await?;
-                    tally.fetched(size);
-                    anyhow::Ok(())
-                }
+                async move { Ok::<_, anyhow::Error>((fetch(mesh, client, peer, &key).await?, size)) }
             })
             .buffer_unordered(FETCHES_AT_ONCE);
         while let Some(fetched) = fetches.next().await {
-            fetched?;
+            match fetched? {
+                (true, size) => tally.fetched(size),
+                // Gone from the peer, or not newer after all: its size goes back to the budget.
+                (false, size) => budget.left = budget.left.saturating_add(size),
+            }
         }
         match page.next {
             Some(next) => after = Some(next),
@@ -252,17 +258,30 @@ pub(super) async fn pull(
 }
 
 /// The bytes of artifacts this node lacks that a walk may still fetch (the capacity budget of
-/// `replication.md`). It starts at the node's low watermark, what eviction leaves stored: a
-/// peer may hold more than this node keeps, and fetching past that would only evict what the
-/// walk itself fetched, or what clients wrote meanwhile.
+/// `replication.md`), bounded by the node's low watermark, what eviction leaves stored: a peer
+/// may hold more than this node keeps, and fetching past that would only evict what the walk
+/// itself fetched, or what clients wrote meanwhile.
 pub(super) struct Budget {
     left: u64,
 }
 
 impl Budget {
+    /// A whole low watermark: a catch-up pass on a node that may be full (it then evicts its
+    /// least recently used artifacts, as the pushes it missed would have made it).
     pub(super) fn of(mesh: &Mesh) -> Budget {
         Budget {
             left: mesh.store.low_watermark(),
+        }
+    }
+
+    /// What is left below the low watermark: bootstrap, whose tries after a failed one keep
+    /// what it fetched.
+    fn room(mesh: &Mesh) -> Budget {
+        Budget {
+            left: mesh
+                .store
+                .low_watermark()
+                .saturating_sub(mesh.store.stats().used_bytes),
         }
     }
 }
@@ -308,13 +327,13 @@ fn wants(
     })
 }
 
-/// Fetches one artifact and applies it like a replicated write.
+/// Fetches one artifact and applies it like a replicated write; whether it was stored.
 async fn fetch(
     mesh: &Mesh,
     client: &reqwest::Client,
     peer: &PeerStatus,
     key_hex: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let response = client
         .get(peer.url("/_internal/artifact"))
         .query(&[("key", key_hex)])
@@ -322,15 +341,15 @@ async fn fetch(
         .await?;
     if response.status() == reqwest::StatusCode::NOT_FOUND {
         // Evicted or replaced on the peer since its index page was read.
-        return Ok(());
+        return Ok(false);
     }
     let response = response.error_for_status()?;
     let mut reader = FrameReader::new(response.bytes_stream());
     let Some(entry) = reader.next_entry().await? else {
         anyhow::bail!("the peer sent no artifact");
     };
-    apply(mesh, entry, &mut reader, Delivery::Fetched)
+    let applied = apply(mesh, entry, &mut reader, Delivery::Fetched)
         .await
         .map_err(|refusal| anyhow::anyhow!("{}: {}", refusal.code, refusal.message))?;
-    Ok(())
+    Ok(applied == ApplyResult::Applied)
 }
