@@ -927,7 +927,8 @@ impl Activity {
         self.touched();
     }
 
-    fn request_started(self: &Arc<Self>) -> InFlight {
+    /// A request starts; `http2` is the protocol it came in by.
+    fn request_started(self: &Arc<Self>, http2: bool) -> InFlight {
         self.sending
             .fetch_max(Sending::Request as u8, Ordering::SeqCst);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -937,8 +938,7 @@ impl Activity {
         InFlight {
             activity: self.clone(),
             id: self.next_request.fetch_add(1, Ordering::Relaxed),
-            // Known before any request: the preface decides it.
-            http2: self.http2.load(Ordering::Relaxed),
+            http2,
         }
     }
 
@@ -1234,8 +1234,8 @@ where
     type Future = GuardedFuture<SlicedFuture<tower::util::Oneshot<S, Request<Body>>>, InFlight>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let in_flight = self.activity.request_started();
         let http2 = request.version() == http::Version::HTTP_2;
+        let in_flight = self.activity.request_started(http2);
         let request = request.map(|body| Body::new(RequestBody::new(body, http2)));
         let answer = SlicedFuture::new(self.inner.clone().oneshot(request), http2.then_some(SLICE));
         GuardedFuture::new(answer, Some(in_flight))

@@ -261,16 +261,22 @@ async fn bytestream_reads_ranges_and_refuses_offsets_past_the_end() {
     assert_eq!(bad.code(), Code::InvalidArgument);
 }
 
+/// A node with the smallest gRPC message limit it accepts (64 KiB), batches up to
+/// `max_batch_total` and 32 KiB inlined.
+fn node_with_64k_messages(max_batch_total: &str) -> Node {
+    Node::start_with(
+        NodeOptions::default()
+            .env("KURA_GRPC_MAX_MESSAGE_SIZE", "64KiB")
+            .env("KURA_GRPC_MAX_BATCH_TOTAL_SIZE", max_batch_total)
+            .env("KURA_GRPC_INLINE_MAX", "32KiB"),
+    )
+}
+
 /// The node reads file bodies in chunks of up to 1 MiB; with the smallest message limit a node
 /// accepts, each chunk must go out as several messages within it, or the client refuses them.
 #[tokio::test]
 async fn bytestream_reads_stay_within_the_smallest_message_limit() {
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_GRPC_MAX_MESSAGE_SIZE", "64KiB")
-            .env("KURA_GRPC_MAX_BATCH_TOTAL_SIZE", "32KiB")
-            .env("KURA_GRPC_INLINE_MAX", "32KiB"),
-    );
+    let node = node_with_64k_messages("32KiB");
     let grpc = Grpc::connect(&node).await;
     let data = payload(13, 3 * 1024 * 1024 + 5);
     let digest = sha256(&data);
@@ -547,12 +553,7 @@ fn action_result(outputs: &[(&str, &[u8])], stdout: &[u8]) -> ActionResult {
 /// for is served with what fits, not failed whole for going over the message limit.
 #[tokio::test]
 async fn inlining_never_pushes_an_action_result_over_the_message_limit() {
-    let node = Node::start_with(
-        NodeOptions::default()
-            .env("KURA_GRPC_MAX_MESSAGE_SIZE", "64KiB")
-            .env("KURA_GRPC_MAX_BATCH_TOTAL_SIZE", "48KiB")
-            .env("KURA_GRPC_INLINE_MAX", "32KiB"),
-    );
+    let node = node_with_64k_messages("48KiB");
     let grpc = Grpc::connect(&node).await;
     let output = payload(17, 20_000);
     grpc.batch_update("ios", vec![(sha256(&output), output.clone(), 0)], SHA256)

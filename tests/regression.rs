@@ -1239,6 +1239,22 @@ async fn a_reader_that_takes_nothing_for_the_idle_timeout_is_cut_and_frees_its_r
     );
 }
 
+/// A node with a 2 s idle timeout holding `size` bytes as a blob of project `ios`, uploaded over
+/// ByteStream; the blob's resource name for reading.
+async fn node_with_a_grpc_blob(seed: u64, size: usize) -> (Node, String) {
+    use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
+    let node = Node::start_with(NodeOptions::default().env("KURA_SERVER_IDLE_TIMEOUT", "2s"));
+    let blob = payload(seed, size);
+    let digest = sha256(&blob);
+    let upload = upload_name("ios", "8f0e4c1a-2b3d-4e5f-9a6b-7c8d9e0f1a2b", &digest);
+    Grpc::connect(&node)
+        .await
+        .write(&upload, &blob)
+        .await
+        .unwrap();
+    (node, blob_name("ios", &digest))
+}
+
 /// The same over HTTP/2 (gRPC): a client that never opens its flow-control window held a
 /// ByteStream read, its stream and its body memory for good. h2 keeps such a response's data in
 /// its own buffers, where no write to the socket shows it, and hyper simply stops asking the
@@ -1246,16 +1262,9 @@ async fn a_reader_that_takes_nothing_for_the_idle_timeout_is_cut_and_frees_its_r
 /// reader too, and its connection is cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_reader_that_never_opens_its_window_is_cut_and_frees_its_memory() {
-    use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
+    use crate::common::grpc::Grpc;
     use kura::grpc::proto::bytestream::ReadRequest;
-    const SIZE: usize = 4 << 20;
-    let node = Node::start_with(NodeOptions::default().env("KURA_SERVER_IDLE_TIMEOUT", "2s"));
-    let blob = payload(43, SIZE);
-    let digest = sha256(&blob);
-    let name = blob_name("ios", &digest);
-    let writer = Grpc::connect(&node).await;
-    let upload = upload_name("ios", "8f0e4c1a-2b3d-4e5f-9a6b-7c8d9e0f1a2b", &digest);
-    writer.write(&upload, &blob).await.unwrap();
+    let (node, name) = node_with_a_grpc_blob(43, 4 << 20).await;
     // A window of nothing: the node may send headers, never data.
     let stalled = Grpc::connect_with(&node, |endpoint| {
         endpoint
@@ -1294,20 +1303,11 @@ async fn a_grpc_reader_that_never_opens_its_window_is_cut_and_frees_its_memory()
 /// asked again and was cut after a 2 s idle timeout; responses now go over in 256 KiB slices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_reader_slow_but_steady_is_not_cut_for_a_stalled_one() {
-    use crate::common::grpc::{Grpc, blob_name, sha256, upload_name};
     use bytes::Bytes;
     use kura::grpc::proto::bytestream::ReadRequest;
     use prost::Message;
     const SIZE: usize = 1 << 20;
-    let node = Node::start_with(NodeOptions::default().env("KURA_SERVER_IDLE_TIMEOUT", "2s"));
-    let blob = payload(44, SIZE);
-    let digest = sha256(&blob);
-    let upload = upload_name("ios", "1b7e2d3c-4a5f-4e6d-8c7b-9a0f1e2d3c4b", &digest);
-    Grpc::connect(&node)
-        .await
-        .write(&upload, &blob)
-        .await
-        .unwrap();
+    let (node, name) = node_with_a_grpc_blob(44, SIZE).await;
 
     let socket = tokio::net::TcpStream::connect(node.grpc_addr)
         .await
@@ -1320,7 +1320,7 @@ async fn a_grpc_reader_slow_but_steady_is_not_cut_for_a_stalled_one() {
         .unwrap();
     tokio::spawn(connection);
     let request = ReadRequest {
-        resource_name: blob_name("ios", &digest),
+        resource_name: name,
         read_offset: 0,
         read_limit: 0,
     }

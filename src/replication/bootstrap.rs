@@ -223,23 +223,26 @@ pub(super) async fn pull(
         for item in &page.entries {
             tally.examined.fetch_add(1, Ordering::Relaxed);
             match wants(mesh, item, only_origin, budget)? {
-                Want::Fetch => wanted.push((item.key.clone(), item.size)),
+                Want::Fetch { charged } => wanted.push((item.key.clone(), item.size, charged)),
                 Want::Skip => {}
                 Want::OverBudget => over_budget += 1,
             }
         }
         // A few fetches at once hide the round trips; the serving peer's limit paces the bytes.
         let mut fetches = stream::iter(wanted)
-            .map(|(key, size)| {
+            .map(|(key, size, charged)| {
                 let client = &client;
-                async move { Ok::<_, anyhow::Error>((fetch(mesh, client, peer, &key).await?, size)) }
+                async move {
+                    let stored = fetch(mesh, client, peer, &key).await?;
+                    anyhow::Ok((stored, size, charged))
+                }
             })
             .buffer_unordered(FETCHES_AT_ONCE);
         while let Some(fetched) = fetches.next().await {
             match fetched? {
-                (true, size) => tally.fetched(size),
-                // Gone from the peer, or not newer after all: its size goes back to the budget.
-                (false, size) => budget.left = budget.left.saturating_add(size),
+                (true, size, _) => tally.fetched(size),
+                // Gone from the peer, or not newer after all: what it took goes back.
+                (false, _, charged) => budget.left = budget.left.saturating_add(charged),
             }
         }
         match page.next {
@@ -288,7 +291,8 @@ impl Budget {
 
 /// What a walk does with one entry of a peer's index.
 enum Want {
-    Fetch,
+    /// `charged`: what it took from the budget (nothing for a newer version of a held key).
+    Fetch { charged: u64 },
     /// Held here at that version or newer, out of the walk's scope, or too large ever to fit.
     Skip,
     /// Lacked here, but the budget is spent.
@@ -317,11 +321,15 @@ fn wants(
     Ok(match mesh.store.version_of(&key)? {
         Some((version_ms, origin)) => {
             let newer = (item.version_ms, item.origin.as_str()) > (version_ms, origin.as_str());
-            if newer { Want::Fetch } else { Want::Skip }
+            if newer {
+                Want::Fetch { charged: 0 }
+            } else {
+                Want::Skip
+            }
         }
         None if item.size <= budget.left => {
             budget.left -= item.size;
-            Want::Fetch
+            Want::Fetch { charged: item.size }
         }
         None => Want::OverBudget,
     })
