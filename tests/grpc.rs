@@ -373,10 +373,17 @@ async fn bytestream_writes_verify_size_digest_and_offsets_and_store_nothing_wron
         1
     );
     let sent = zstd(&data);
-    let committed = grpc
-        .write(&compressed_name(&sha256(&data), "z2"), &sent)
+    // An interrupted zstd upload kept nothing (it is decoded as it arrives): it is queried at 0
+    // and starts over under the same name.
+    let interrupted = compressed_name(&sha256(&data), "z2");
+    let status = grpc
+        .write_from(&interrupted, &sent[..sent.len() / 2], 0, 16_384, false)
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = grpc.query(&interrupted).await.unwrap();
+    assert_eq!((status.committed_size, status.complete), (0, false));
+    let committed = grpc.write(&interrupted, &sent).await.unwrap();
     assert_eq!(committed, sent.len() as i64);
     let compressed_read = format!(
         "ios/compressed-blobs/zstd/{}/{}",
@@ -1106,7 +1113,15 @@ async fn a_small_upload_is_received_in_memory_and_an_interrupted_one_restarts_at
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert_eq!(grpc.query(&name).await.unwrap_err().code(), Code::NotFound);
+    // Bazel queries before it retries and gives up on NOT_FOUND: an upload the node began
+    // reports 0 bytes committed, so the retry starts over.
+    let status = grpc.query(&name).await.unwrap();
+    assert_eq!((status.committed_size, status.complete), (0, false));
+    let never_begun = upload_name("ios", "small-never", &sha256(&data));
+    assert_eq!(
+        grpc.query(&never_begun).await.unwrap_err().code(),
+        Code::NotFound
+    );
     let resumed = grpc
         .write_from(&name, &data, 8_000, 4_000, true)
         .await

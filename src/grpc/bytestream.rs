@@ -12,6 +12,12 @@
 //! once interrupted, and the client starts again at 0): zstd uploads, decoded as they arrive,
 //! and blobs small enough to live inside their record (`storage.inline_max`), for which a
 //! staging file would cost more than sending them again.
+//!
+//! The node also remembers the names of uploads it has begun and not published (a bounded set,
+//! [`BegunUploads`]), so that `QueryWriteStatus` answers one that kept nothing (received in one
+//! go, or refused before its staging file existed, say for overload) with 0 bytes committed
+//! rather than NOT_FOUND: Bazel's uploader queries before every retry and gives the upload up
+//! on any error but UNIMPLEMENTED.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,8 +46,39 @@ const READ_CHUNK: usize = 1024 * 1024;
 /// What one stream holds in memory at most: a chunk in hand and one on the way.
 const STREAM_FOOTPRINT: u64 = 2 * READ_CHUNK as u64;
 
+#[derive(Clone)]
 pub(crate) struct ByteStreamService {
     pub node: Arc<NodeContext>,
+    pub begun: BegunUploads,
+}
+
+/// How many names of begun, unpublished uploads the node remembers (about 200 bytes each); past
+/// that, the least recently begun are forgotten, and a forgotten one is unknown again.
+const BEGUN_REMEMBERED: usize = 4096;
+
+/// The staging names of uploads whose first message was authorized and that have not been
+/// published: one of them with no staging file is an upload that kept nothing, which
+/// `QueryWriteStatus` answers with 0 bytes committed. In memory only: after a restart such an
+/// upload is unknown (NOT_FOUND, as `grpc-api.md` says of unknown uploads).
+#[derive(Clone)]
+pub(crate) struct BegunUploads(Arc<quick_cache::sync::Cache<String, ()>>);
+
+impl BegunUploads {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(quick_cache::sync::Cache::new(BEGUN_REMEMBERED)))
+    }
+
+    fn begun(&self, staging_name: String) {
+        self.0.insert(staging_name, ());
+    }
+
+    fn published(&self, staging_name: &str) {
+        self.0.remove(staging_name);
+    }
+
+    fn knows(&self, staging_name: &str) -> bool {
+        self.0.get(staging_name).is_some()
+    }
 }
 
 pub(super) type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
@@ -130,6 +167,8 @@ impl ByteStream for ByteStreamService {
             };
             return Ok(Response::new(WriteResponse { committed_size }));
         }
+        let staging_name = name.staging_name();
+        self.begun.begun(staging_name.clone());
         let mut footprint = name.blob.digest.size.min(STREAM_FOOTPRINT);
         if name.blob.compressed {
             footprint += super::compress::DECODER_FOOTPRINT;
@@ -153,6 +192,7 @@ impl ByteStream for ByteStreamService {
         } else {
             upload.plain(first, messages).await?
         };
+        self.begun.published(&staging_name);
         Ok(Response::new(WriteResponse { committed_size }))
     }
 
@@ -176,16 +216,23 @@ impl ByteStream for ByteStreamService {
         }
         let store = self.node.store.clone();
         let staging_name = name.staging_name();
-        let offset = tokio::task::spawn_blocking(move || store.resumable_offset(&staging_name))
+        let lookup = staging_name.clone();
+        let offset = tokio::task::spawn_blocking(move || store.resumable_offset(&lookup))
             .await
             .map_err(|e| Status::internal(format!("status lookup failed: {e}")))?
             .map_err(of_store_error)?;
-        match offset {
-            Some(offset) if !name.blob.compressed => Ok(Response::new(QueryWriteStatusResponse {
-                committed_size: offset as i64,
+        let committed_size = match offset {
+            Some(offset) if !name.blob.compressed => Some(offset as i64),
+            // Begun, not published, and nothing of it kept: it starts over at 0.
+            _ if self.begun.knows(&staging_name) => Some(0),
+            _ => None,
+        };
+        match committed_size {
+            Some(committed_size) => Ok(Response::new(QueryWriteStatusResponse {
+                committed_size,
                 complete: false,
             })),
-            _ => Err(Status::not_found(
+            None => Err(Status::not_found(
                 "no upload in progress under this resource name; start at offset 0",
             )),
         }

@@ -48,6 +48,10 @@ pub(crate) fn router(node: Arc<NodeContext>) -> axum::Router {
                 .max_encoding_message_size(message_limit)
         };
     }
+    let bytestream = bytestream::ByteStreamService {
+        node: node.clone(),
+        begun: bytestream::BegunUploads::new(),
+    };
     let routes = Routes::new(limited!(CapabilitiesServer::new(
         capabilities::CapabilitiesService { node: node.clone() }
     )))
@@ -57,15 +61,13 @@ pub(crate) fn router(node: Arc<NodeContext>) -> axum::Router {
     .add_service(limited!(ActionCacheServer::new(
         action_cache::ActionCacheService { node: node.clone() }
     )))
-    .add_service(limited!(ByteStreamServer::new(
-        bytestream::ByteStreamService { node: node.clone() }
-    )))
+    .add_service(limited!(ByteStreamServer::new(bytestream.clone())))
     .add_service(HealthServer::new(capabilities::HealthService {
         node: node.clone(),
     }));
     routes
         .into_axum_router()
-        .route(read::PATH, read::route(node.clone(), message_limit))
+        .route(read::PATH, read::route(bytestream, message_limit))
         .layer(AdmissionLayer::new(
             node.lifecycle.clone(),
             node.config.limits.max_in_flight_requests,

@@ -11,7 +11,6 @@
 //! and `QueryWriteStatus` stay with it.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
@@ -25,7 +24,6 @@ use tonic_prost::ProstDecoder;
 use super::bytestream::{ByteStreamService, ReadStream};
 use super::proto::bytestream::ReadRequest;
 use super::proto::bytestream::byte_stream_server::ByteStream;
-use crate::context::NodeContext;
 
 /// The method's path, as the generated server routes it.
 pub(super) const PATH: &str = "/google.bytestream.ByteStream/Read";
@@ -39,9 +37,12 @@ const FIELD_HEADER_MAX: usize = 16;
 
 /// The route's handler; `message_limit` bounds the request and every response message, as the
 /// generated servers are bounded.
-pub(super) fn route(node: Arc<NodeContext>, message_limit: usize) -> axum::routing::MethodRouter {
+pub(super) fn route(
+    service: ByteStreamService,
+    message_limit: usize,
+) -> axum::routing::MethodRouter {
     axum::routing::post(move |request: Request<Body>| {
-        let service = ByteStreamService { node: node.clone() };
+        let service = service.clone();
         async move { answer(&service, request, message_limit).await }
     })
 }
