@@ -101,6 +101,18 @@ impl Expiry<[u8; 32], Arc<Entry>> for UntilUnusable {
     }
 }
 
+type TokenCacheBuilder<V> = moka::future::CacheBuilder<[u8; 32], V, moka::future::Cache<[u8; 32], V>>;
+
+/// A cache of at most `capacity` tokens that evicts the least recently used one, as `auth.md`
+/// says. moka's default policy (TinyLFU) may instead refuse a new token a place while the
+/// cache is full of tokens used more often, and every request with it would ask the control
+/// plane (and get no grace period when it is down).
+fn least_recently_used<V: Clone + Send + Sync + 'static>(capacity: u64) -> TokenCacheBuilder<V> {
+    moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+}
+
 /// The decision cache in front of an [`IntrospectionClient`]; cheap to clone.
 #[derive(Clone)]
 pub struct DecisionCache {
@@ -114,12 +126,10 @@ pub struct DecisionCache {
 impl DecisionCache {
     pub fn new(client: IntrospectionClient, settings: CacheSettings) -> DecisionCache {
         DecisionCache {
-            entries: moka::future::Cache::builder()
-                .max_capacity(settings.capacity)
+            entries: least_recently_used(settings.capacity)
                 .expire_after(UntilUnusable)
                 .build(),
-            failed: moka::future::Cache::builder()
-                .max_capacity(settings.capacity)
+            failed: least_recently_used(settings.capacity)
                 .time_to_live(PROBE_INTERVAL)
                 .build(),
             client: Arc::new(client),
@@ -245,5 +255,30 @@ fn count(result: &'static str) {
     });
     if let Some((_, counter)) = COUNTERS.iter().find(|(r, _)| *r == result) {
         counter.increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_cache_takes_a_new_token_in_place_of_the_least_recently_used() {
+        let cache = least_recently_used::<()>(2).build();
+        let (old, busy, new) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        cache.insert(old, ()).await;
+        cache.insert(busy, ()).await;
+        // Used often: frequency is what TinyLFU would keep it (and `old`) for.
+        for _ in 0..20 {
+            assert!(cache.get(&busy).await.is_some());
+            assert!(cache.get(&old).await.is_some());
+        }
+        assert!(cache.get(&busy).await.is_some());
+        cache.run_pending_tasks().await;
+        cache.insert(new, ()).await;
+        cache.run_pending_tasks().await;
+        assert!(cache.get(&new).await.is_some(), "the newest token is cached");
+        assert!(cache.get(&busy).await.is_some());
+        assert!(cache.get(&old).await.is_none(), "the least recently used went");
     }
 }
