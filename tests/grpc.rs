@@ -539,6 +539,47 @@ async fn an_interrupted_upload_resumes_at_the_committed_offset_also_after_a_rest
     assert_eq!((status.committed_size, status.complete), (1_000_000, true));
 }
 
+#[tokio::test]
+async fn a_query_publishes_an_upload_that_holds_every_byte_but_missed_finish_write() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let data = payload(16, 300_000);
+    let digest = sha256(&data);
+    let name = upload_name("ios", "whole-1", &digest);
+    // Every byte arrives, then the stream ends before finish_write. A client resuming at the
+    // size would have nothing left to send: the query publishes the blob, verified.
+    let status = grpc
+        .write_from(&name, &data, 0, 100_000, false)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    let status = grpc.query(&name).await.unwrap();
+    assert_eq!((status.committed_size, status.complete), (300_000, true));
+    assert_eq!(
+        grpc.read(&blob_name("ios", &digest), 0, 0).await.unwrap(),
+        data
+    );
+
+    // The same with bytes that do not match the digest: discarded, to be sent again from 0.
+    let other = payload(17, 300_000);
+    let wrong = upload_name("ios", "whole-2", &sha256(&other));
+    grpc.write_from(&wrong, &data, 0, 100_000, false)
+        .await
+        .unwrap_err();
+    let status = grpc.query(&wrong).await.unwrap();
+    assert_eq!((status.committed_size, status.complete), (0, false));
+    assert_eq!(
+        grpc.missing("ios", vec![sha256(&other)], SHA256)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "nothing unverified is stored"
+    );
+    let committed = grpc.write_from(&wrong, &other, 0, 100_000, true).await.unwrap();
+    assert_eq!(committed, other.len() as i64);
+}
+
 fn action_result(outputs: &[(&str, &[u8])], stdout: &[u8]) -> ActionResult {
     ActionResult {
         output_files: outputs

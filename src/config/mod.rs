@@ -519,6 +519,23 @@ impl Config {
                 "must be 1-128 characters of a-z, 0-9, '.', '_' or '-'",
             );
         }
+        // The id names this node to its peers (the origin of what it writes, the cursor they
+        // keep): an empty one would have every push refused, and one with spaces or control
+        // characters cannot travel in a header.
+        if let Some(id) = &self.node.id
+            && (!(1..=128).contains(&id.len()) || !id.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return fail(
+                "node.id",
+                "must be 1-128 visible ASCII characters (or left out: one is generated and kept in the data dir)",
+            );
+        }
+        if self.storage.capacity == Capacity::Bytes(ByteSize(0)) {
+            return fail(
+                "storage.capacity",
+                "must be more than 0 (a size such as \"200GiB\" or a share of the disk such as \"80%\")",
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return fail(
                 "log.level",
@@ -824,6 +841,14 @@ mod tests {
     fn errors_name_the_key() {
         let err = Config::load(None, env(&[("KURA_STORAGE_CAPACITY", "12XB")])).unwrap_err();
         assert!(err.to_string().contains("storage.capacity"), "{err}");
+        // Zero bytes would refuse every write and drop every replicated artifact as too large.
+        let err = Config::load(None, env(&[("KURA_STORAGE_CAPACITY", "0")])).unwrap_err();
+        assert!(err.to_string().contains("storage.capacity"), "{err}");
+        for id in ["", "node a", "n\u{1}"] {
+            let err = Config::load(None, env(&[("KURA_NODE_ID", id)])).unwrap_err();
+            assert!(err.to_string().contains("node.id"), "{id:?}: {err}");
+        }
+        assert!(Config::load(None, env(&[("KURA_NODE_ID", "node-a.eu_1")])).is_ok());
         let err = Config::load(None, env(&[("KURA_STORAGE_COLOUR", "blue")])).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         let err = Config::load(None, env(&[("KURA_AUTH_MODE", "static")])).unwrap_err();

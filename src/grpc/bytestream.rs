@@ -221,6 +221,9 @@ impl ByteStream for ByteStreamService {
             .await
             .map_err(|e| Status::internal(format!("status lookup failed: {e}")))?
             .map_err(of_store_error)?;
+        if offset == Some(name.blob.digest.size) && !name.blob.compressed {
+            return self.publish_complete(&name).await;
+        }
         let committed_size = match offset {
             Some(offset) if !name.blob.compressed => Some(offset as i64),
             // Begun, not published, and nothing of it kept: it starts over at 0.
@@ -252,6 +255,37 @@ impl ByteStreamService {
             .head(&blob.digest.cas_key(&blob.project))
             .map_err(of_store_error)?;
         Ok(info.is_some_and(|info| info.size == blob.digest.size))
+    }
+
+    /// An upload that holds every byte of its blob but was never published: its stream ended
+    /// before `finish_write`, or the node stopped first. A client resuming at the blob's size
+    /// has nothing left to send (Bazel's uploader then gives up), so the query publishes it,
+    /// verified: complete; or, when the bytes are wrong, discarded and to be sent again from 0.
+    async fn publish_complete(
+        &self,
+        name: &UploadName,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let digest = &name.blob.digest;
+        let upload = self
+            .node
+            .store
+            .resume_upload(
+                &name.staging_name(),
+                digest.size,
+                digest.function == HashFunction::Sha256,
+            )
+            .await
+            .map_err(of_store_error)?;
+        let (committed_size, complete) =
+            match publish_resumable(&self.node, name, upload).await {
+                Ok(()) => (digest.size as i64, true),
+                Err(status) if status.code() == tonic::Code::InvalidArgument => (0, false),
+                Err(status) => return Err(status),
+            };
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size,
+            complete,
+        }))
     }
 
     /// Opens the blob for reading, or NOT_FOUND.
@@ -392,26 +426,7 @@ impl Upload<'_> {
                 Err(status) => return Err(keep_for_resume(upload, status.message()).await),
             };
         }
-        if upload.committed() != digest.size {
-            let status = Status::invalid_argument(format!(
-                "finish_write after {} bytes, but the digest says {}; nothing was stored",
-                upload.committed(),
-                digest.size
-            ));
-            upload.discard();
-            return Err(status);
-        }
-        // Digests are checked here rather than in `finish`, which would keep a wrong upload.
-        let staged = upload.finish(None).await.map_err(of_store_error)?;
-        if !digest.matches(&staged) {
-            return Err(Status::invalid_argument(
-                "digest mismatch: the bytes do not hash to the digest in the resource name; nothing was stored",
-            ));
-        }
-        store
-            .commit_local(&digest.cas_key(&self.name.blob.project), staged)
-            .await
-            .map_err(of_store_error)?;
+        publish_resumable(self.node, self.name, upload).await?;
         Ok(digest.size as i64)
     }
 
@@ -499,6 +514,37 @@ impl Upload<'_> {
         }
         Ok(())
     }
+}
+
+/// Publishes a resumable upload that holds the whole blob, once its size and digest check out;
+/// a wrong one is discarded (INVALID_ARGUMENT), nothing stored.
+async fn publish_resumable(
+    node: &NodeContext,
+    name: &UploadName,
+    upload: ResumableUpload,
+) -> Result<(), Status> {
+    let digest = &name.blob.digest;
+    if upload.committed() != digest.size {
+        let status = Status::invalid_argument(format!(
+            "finish_write after {} bytes, but the digest says {}; nothing was stored",
+            upload.committed(),
+            digest.size
+        ));
+        upload.discard();
+        return Err(status);
+    }
+    // Digests are checked here rather than in `finish`, which would keep a wrong upload.
+    let staged = upload.finish(None).await.map_err(of_store_error)?;
+    if !digest.matches(&staged) {
+        return Err(Status::invalid_argument(
+            "digest mismatch: the bytes do not hash to the digest in the resource name; nothing was stored",
+        ));
+    }
+    node.store
+        .commit_local(&digest.cas_key(&name.blob.project), staged)
+        .await
+        .map_err(of_store_error)?;
+    Ok(())
 }
 
 async fn write_chunk(upload: &mut ResumableUpload, data: Bytes) -> Result<(), Status> {
