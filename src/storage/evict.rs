@@ -182,12 +182,28 @@ impl Store {
     /// Evicts least-recently-accessed artifacts until committed usage is at most `target`.
     /// Returns how many bytes it freed.
     pub(super) async fn evict_until(&self, target: u64) -> Result<u64, StoreError> {
-        let _one_at_a_time = self.inner.evicting.lock().await;
-        self.flush_touches().await?;
+        self.one_pass_at_a_time(move |store| {
+            store.flush_touches()?;
+            store.evict_blocking(target)
+        })
+        .await
+    }
+
+    /// Runs `pass` off the async workers under the `evicting` lock. The lock travels with the
+    /// pass: a caller that stops waiting (its client gone, a peer's push timed out) leaves the
+    /// pass running and still holding it, so the next pass cannot start beside it.
+    async fn one_pass_at_a_time<T: Send + 'static>(
+        &self,
+        pass: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let one_at_a_time = self.inner.evicting.clone().lock_owned().await;
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.evict_blocking(target))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = one_at_a_time;
+            pass(&store)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     fn evict_blocking(&self, target: u64) -> Result<u64, StoreError> {
@@ -270,15 +286,12 @@ impl Store {
     /// the `evicting` lock: an eviction pass between this flush taking the notes and writing
     /// them would read a queue without them, and could evict an artifact just read or vouched
     /// for by an existence check.
-    async fn flush_touches(&self) -> Result<(), StoreError> {
+    fn flush_touches(&self) -> Result<(), StoreError> {
         let touches = self.inner.touches.take();
         if touches.is_empty() {
             return Ok(());
         }
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.flush_touches_blocking(touches))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        self.flush_touches_blocking(touches)
     }
 
     /// Writes `touches` batch by batch; what a failed batch and those after it did not write is
@@ -303,8 +316,7 @@ impl Store {
 
     /// [`Store::flush_touches`] under the `evicting` lock, as a periodic pass runs it.
     pub(super) async fn flush_touches_between_evictions(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.inner.evicting.lock().await;
-        self.flush_touches().await
+        self.one_pass_at_a_time(Store::flush_touches).await
     }
 
     /// Moves the queue entries of one batch of touched keys, under their locks, so that a

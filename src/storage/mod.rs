@@ -538,7 +538,7 @@ struct Inner {
     /// wholly after a clean (see `clean.rs`).
     publish_order: RwLock<()>,
     /// One eviction pass at a time.
-    evicting: tokio::sync::Mutex<()>,
+    evicting: Arc<tokio::sync::Mutex<()>>,
     touches: evict::PendingTouches,
     /// Whether `presence` has an entry for every record (see `presence.rs`).
     presence_indexed: AtomicBool,
@@ -629,7 +629,7 @@ impl Store {
                 }),
                 keys: locks::KeyLocks::new(),
                 publish_order: RwLock::new(()),
-                evicting: tokio::sync::Mutex::new(()),
+                evicting: Arc::new(tokio::sync::Mutex::new(())),
                 touches: evict::PendingTouches::default(),
                 presence_indexed: AtomicBool::new(presence_indexed),
                 // Only a complete family can be loaded; a data dir still being backfilled gets
