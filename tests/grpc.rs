@@ -576,7 +576,10 @@ async fn a_query_publishes_an_upload_that_holds_every_byte_but_missed_finish_wri
         1,
         "nothing unverified is stored"
     );
-    let committed = grpc.write_from(&wrong, &other, 0, 100_000, true).await.unwrap();
+    let committed = grpc
+        .write_from(&wrong, &other, 0, 100_000, true)
+        .await
+        .unwrap();
     assert_eq!(committed, other.len() as i64);
 }
 

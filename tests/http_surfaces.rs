@@ -239,13 +239,6 @@ async fn module_upload_failures_publish_nothing() {
         missing.json::<Value>().await.unwrap()["error"],
         "missing_part"
     );
-    let mismatch = http
-        .post(&complete_url)
-        .json(&json!({"parts": [1], "checksum_sha256": "0".repeat(64)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(mismatch.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let garbage = http.post(&complete_url).body("{").send().await.unwrap();
     assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
     let artifact = q(&node, "/api/cache/module/h2?name=App.xcframework.zip");
@@ -599,4 +592,118 @@ async fn unfinished_module_uploads_expire_with_their_parts() {
         next["upload_id"].is_string(),
         "the expired upload freed its slot"
     );
+}
+
+#[tokio::test]
+async fn a_module_completion_whose_parts_miss_the_checksum_drops_the_upload_and_its_parts() {
+    let node = Node::start();
+    let http = client();
+    let id = start_upload(&http, &node, "h9").await["upload_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let part = http
+        .post(part_url(&node, &id, 1))
+        .body(payload(31, 5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), StatusCode::NO_CONTENT);
+    let complete_url = q(&node, &format!("/api/cache/module/complete?upload_id={id}"));
+
+    // A completion body that is too large (refused before it is read), or cut short, is said
+    // to be so; the upload stays.
+    let path =
+        format!("/api/cache/module/complete?upload_id={id}&account_handle=dev&project_handle=ios");
+    let raw = |request: String| {
+        let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut response = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+        response
+    };
+    let response = raw(format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"
+    ));
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("too_large"), "{response}");
+    let response = raw(format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"parts\""
+    ));
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains("truncated_body"), "{response}");
+    assert_eq!(node.status().await["uploads_in_flight"], 1);
+
+    // The parts do not hash to the checksum: the client starts a new upload (Tuist does), so
+    // this one's slot and parts go now, not at its expiry a day later.
+    let mismatch = http
+        .post(&complete_url)
+        .json(&json!({"parts": [1], "checksum_sha256": "0".repeat(64)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mismatch.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let status = node.status().await;
+    assert_eq!(status["uploads_in_flight"], 0, "{status}");
+    assert_eq!(status["disk"]["staged_bytes"], 0, "{status}");
+    let late_part = http
+        .post(part_url(&node, &id, 2))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late_part.status(), StatusCode::NOT_FOUND);
+    let artifact = q(&node, "/api/cache/module/h9?name=App.xcframework.zip");
+    assert_eq!(
+        http.head(&artifact).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn a_module_head_answers_304_to_the_etag_the_client_holds() {
+    let node = Node::start();
+    let http = client();
+    let id = start_upload(&http, &node, "h8").await["upload_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    http.post(part_url(&node, &id, 1))
+        .body(payload(32, 3000))
+        .send()
+        .await
+        .unwrap();
+    let done = http
+        .post(q(
+            &node,
+            &format!("/api/cache/module/complete?upload_id={id}"),
+        ))
+        .json(&json!({"parts": [1]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::NO_CONTENT);
+    let artifact = q(&node, "/api/cache/module/h8?name=App.xcframework.zip");
+    let head = http.head(&artifact).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::NO_CONTENT);
+    let etag = head.headers()["etag"].clone();
+    let again = http
+        .head(&artifact)
+        .header("if-none-match", etag.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(again.headers()["etag"], etag);
+    let other = http
+        .head(&artifact)
+        .header("if-none-match", "\"0000\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NO_CONTENT);
 }

@@ -101,7 +101,8 @@ impl Expiry<[u8; 32], Arc<Entry>> for UntilUnusable {
     }
 }
 
-type TokenCacheBuilder<V> = moka::future::CacheBuilder<[u8; 32], V, moka::future::Cache<[u8; 32], V>>;
+type TokenCacheBuilder<V> =
+    moka::future::CacheBuilder<[u8; 32], V, moka::future::Cache<[u8; 32], V>>;
 
 /// A cache of at most `capacity` tokens that evicts the least recently used one, as `auth.md`
 /// says. moka's default policy (TinyLFU) may instead refuse a new token a place while the
@@ -277,8 +278,14 @@ mod tests {
         cache.run_pending_tasks().await;
         cache.insert(new, ()).await;
         cache.run_pending_tasks().await;
-        assert!(cache.get(&new).await.is_some(), "the newest token is cached");
+        assert!(
+            cache.get(&new).await.is_some(),
+            "the newest token is cached"
+        );
         assert!(cache.get(&busy).await.is_some());
-        assert!(cache.get(&old).await.is_none(), "the least recently used went");
+        assert!(
+            cache.get(&old).await.is_none(),
+            "the least recently used went"
+        );
     }
 }

@@ -276,12 +276,11 @@ impl ByteStreamService {
             )
             .await
             .map_err(of_store_error)?;
-        let (committed_size, complete) =
-            match publish_resumable(&self.node, name, upload).await {
-                Ok(()) => (digest.size as i64, true),
-                Err(status) if status.code() == tonic::Code::InvalidArgument => (0, false),
-                Err(status) => return Err(status),
-            };
+        let (committed_size, complete) = match publish_resumable(&self.node, name, upload).await {
+            Ok(()) => (digest.size as i64, true),
+            Err(status) if status.code() == tonic::Code::InvalidArgument => (0, false),
+            Err(status) => return Err(status),
+        };
         Ok(Response::new(QueryWriteStatusResponse {
             committed_size,
             complete,

@@ -150,20 +150,20 @@ struct CompleteRequest {
     checksum_sha256: Option<String>,
 }
 
+/// The most a completion request's JSON may take: 10,000 part numbers take under 60 KiB.
+const COMPLETION_BODY_MAX: u64 = 1 << 20;
+
 async fn complete(
     State(app): State<AppState>,
     params: Params,
     auth: Authorized,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = params.upload_id()?;
     owned_upload(&app, &id, &auth)?;
-    let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|_| {
-        ApiError::bad_request(
-            "bad_json",
-            "The completion body must be JSON of at most 1 MiB",
-        )
-    })?;
+    transfer::check_declared_length(&headers, COMPLETION_BODY_MAX)?;
+    let bytes = transfer::small_body(body, COMPLETION_BODY_MAX).await?;
     let request: CompleteRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(
             "bad_json",
@@ -218,7 +218,7 @@ async fn load(
         // The module API answers HEAD with 204 when the artifact exists, with the validators
         // every artifact's HEAD carries.
         return match app.store.head(&key)? {
-            Some(info) => Ok(transfer::exists(&info)),
+            Some(info) => Ok(transfer::exists(&info, &headers)),
             None => Err(ApiError::not_found()),
         };
     }

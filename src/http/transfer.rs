@@ -64,6 +64,23 @@ pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u
     Ok(Some(length))
 }
 
+/// A small body read whole (a JSON request): 413 `too_large` past `limit`, 400
+/// `truncated_body` when it ends before its `Content-Length` or the client goes away. The
+/// caller checks the declared length first ([`check_declared_length`]), before anything is read.
+pub async fn small_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::truncated_body()
+            }
+        })
+}
+
 /// The client's SHA-256 of the body, if it sent one; 400 `bad_checksum` when malformed.
 pub fn client_checksum(headers: &HeaderMap) -> Result<Option<[u8; 32]>, ApiError> {
     headers
@@ -175,11 +192,7 @@ pub async fn serve(
     };
     let info = &found.info;
     let mut etag = ETag::of(&info.blake3);
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| etag_matches(v, etag.as_str()))
-    {
+    if unchanged_for(headers, &etag) {
         app.counters.hit(key.kind);
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         set_artifact_headers(response.headers_mut(), info, &etag, options.content_type);
@@ -272,11 +285,25 @@ impl ETag {
     }
 }
 
-/// 204 for an artifact that exists, with its `ETag` and `Accept-Ranges` (the module API's HEAD).
-pub fn exists(info: &ArtifactInfo) -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    set_validators(response.headers_mut(), &ETag::of(&info.blake3));
+/// 204 for an artifact that exists, with its `ETag` and `Accept-Ranges` (the module API's
+/// HEAD); 304 when the request's `If-None-Match` names that `ETag`.
+pub fn exists(info: &ArtifactInfo, headers: &HeaderMap) -> Response {
+    let etag = ETag::of(&info.blake3);
+    let status = match unchanged_for(headers, &etag) {
+        true => StatusCode::NOT_MODIFIED,
+        false => StatusCode::NO_CONTENT,
+    };
+    let mut response = status.into_response();
+    set_validators(response.headers_mut(), &etag);
     response
+}
+
+/// Whether the request's `If-None-Match` names `etag`: the client holds these bytes (304).
+fn unchanged_for(headers: &HeaderMap, etag: &ETag) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| etag_matches(v, etag.as_str()))
 }
 
 /// `ETag` and `Accept-Ranges`: what every answer about an artifact carries.

@@ -68,17 +68,7 @@ async fn save_entries(
     let limit = app.config.limits.keyvalue.0;
     transfer::check_declared_length(&headers, limit)?;
     let expected = transfer::client_checksum(&headers)?;
-    let bytes = axum::body::to_bytes(body, limit as usize)
-        .await
-        .map_err(|e| {
-            if std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            {
-                ApiError::too_large(limit)
-            } else {
-                ApiError::truncated_body()
-            }
-        })?;
+    let bytes = transfer::small_body(body, limit).await?;
     // The checksum covers the bytes sent. What is stored is the entries re-serialised, so a
     // later GET does not carry it (its body is not those bytes).
     if expected.is_some_and(|expected| <[u8; 32]>::from(Sha256::digest(&bytes)) != expected) {

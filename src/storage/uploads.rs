@@ -81,7 +81,7 @@ impl Drop for CompletionClaim<'_> {
 /// Why an upload's record and parts go.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Removal {
-    /// Published: the completion that claimed it removes it.
+    /// Published, or missed its checksum: the completion that claimed it removes it.
     Completed,
     /// Too old: unless a completion has claimed it meanwhile.
     Expired,
@@ -216,9 +216,20 @@ impl Store {
         let target = self.upload_target(id)?.ok_or(StoreError::UploadNotFound)?;
         // The assembled copy needs room of its own until the parts are removed.
         self.check_room(staged_bytes)?;
-        let assembled = self
+        let assembled = match self
             .assemble(&self.upload_dir(id), parts, expected_sha256, limits)
-            .await?;
+            .await
+        {
+            Err(StoreError::ChecksumMismatch) => {
+                // Its parts are not the bytes the client means: it starts a new upload (the
+                // Tuist CLI does), so this one's slot and parts go now, not at its expiry.
+                if let Err(error) = self.remove_upload(id, Removal::Completed) {
+                    tracing::warn!(upload = id, %error, "could not remove the parts of an upload that missed its checksum; they are swept later");
+                }
+                return Err(StoreError::ChecksumMismatch);
+            }
+            assembled => assembled?,
+        };
         // The parts' bytes are already accounted; the artifact replaces them.
         let committed = self
             .commit_crediting(
