@@ -1,14 +1,15 @@
 //! Peers found through DNS only: a DNS server started by the test on loopback answers for the
 //! peer Service's name, as Kubernetes' headless Service would.
 //!
-//! Loopback octets: 100–103.
+//! Loopback octets: 100–103, and 104–105 for a resolver that fails.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::common::dns::DnsServer;
 use crate::common::mesh::{
-    PEER_PORT, assert_replicated, eventually, gradle_path, node_options, put, wait_admitted,
+    PEER_PORT, assert_replicated, discovered_options, eventually, gradle_path, node_options, put,
+    wait_admitted,
 };
 use crate::common::{Node, payload};
 
@@ -159,4 +160,42 @@ async fn nodes_found_through_dns_replicate_an_expired_one_catches_up_and_a_new_o
     let bootstrap = late.status().await["replication"]["bootstrap"].clone();
     assert_eq!(bootstrap["state"], "done", "{bootstrap}");
     assert!(bootstrap["examined"].as_u64() >= Some(3), "{bootstrap}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_cannot_answer_does_not_make_the_peers_expire() {
+    let octets = [104u8, 105];
+    let dns = DnsServer::start(SERVICE, &octets.map(loopback)).await;
+    let nodes: Vec<Node> = octets
+        .iter()
+        .map(|octet| {
+            Node::start_with(
+                discovered_options(*octet, &dns).env("KURA_REPLICATION_PEER_EXPIRY", "2s"),
+            )
+        })
+        .collect();
+    for node in &nodes {
+        wait_admitted(node, 1).await;
+    }
+    // SERVFAIL for three times the peer expiry: the resolver cannot say, so the peers stay,
+    // and what is written meanwhile replicates.
+    dns.fail(true);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for node in &nodes {
+        assert!(node.logs().contains("peer discovery lookup failed"));
+        assert!(!node.logs().contains("peer expired"), "{}", node.logs());
+        assert_eq!(peer_urls(node).await.len(), 1);
+    }
+    let body = payload(800, 2000);
+    let path = gradle_path("ios", "servfail");
+    put(&nodes[0], &path, body.clone()).await;
+    assert_replicated(&nodes[1], &path, &body).await;
+    // An answer without the other node's address is an answer: it expires.
+    dns.fail(false);
+    dns.set(&[loopback(104)]);
+    let expired = eventually(Duration::from_secs(15), || async {
+        peer_urls(&nodes[0]).await.is_empty().then_some(())
+    })
+    .await;
+    assert!(expired.is_some(), "{:?}", peer_urls(&nodes[0]).await);
 }

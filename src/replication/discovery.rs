@@ -98,7 +98,18 @@ pub(super) async fn run(mesh: Arc<Mesh>, dns_name: String, port: u16) {
                     );
                 }
             }
-            Err(error) => tracing::warn!(%error, name = %dns_name, "peer discovery lookup failed"),
+            // An answer without addresses: the peers are gone from the name, and age.
+            Err(error) if says_no_addresses(&error) => {}
+            // The resolver could not say (a timeout, SERVFAIL, no nameserver reachable): the
+            // peers keep their age, or a resolver outage longer than `peer_expiry` would drop
+            // every peer, reachable or not, and have them all catch up once it ends.
+            Err(error) => {
+                tracing::warn!(%error, name = %dns_name, "peer discovery lookup failed; the peers found before are kept");
+                for known in discovered.values_mut() {
+                    known.last_seen = now;
+                }
+                continue;
+            }
         }
         let expired: Vec<IpAddr> = discovered
             .iter()
@@ -112,6 +123,22 @@ pub(super) async fn run(mesh: Arc<Mesh>, dns_name: String, port: u16) {
             }
         }
     }
+}
+
+/// Whether a failed lookup is the name server's answer that the name has no addresses
+/// (NXDOMAIN, or no A/AAAA records), rather than a failure to answer.
+fn says_no_addresses(error: &hickory_resolver::ResolveError) -> bool {
+    use hickory_resolver::proto::ProtoErrorKind;
+    use hickory_resolver::proto::op::ResponseCode;
+    error.proto().is_some_and(|proto| {
+        matches!(
+            proto.kind(),
+            ProtoErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                ..
+            }
+        )
+    })
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! A DNS server for the discovery tests: answers A queries for one name with a set of
 //! addresses the test changes as it goes, on UDP on loopback. Everything else gets an empty
-//! answer (AAAA) or NXDOMAIN (other names).
+//! answer (AAAA) or NXDOMAIN (other names); while failing, every query gets SERVFAIL.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
@@ -13,6 +14,7 @@ use tokio::net::UdpSocket;
 pub struct DnsServer {
     pub addr: SocketAddr,
     addresses: Arc<Mutex<Vec<Ipv4Addr>>>,
+    failing: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,6 +26,8 @@ impl DnsServer {
         let served = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).unwrap();
         let addresses = Arc::new(Mutex::new(addresses.to_vec()));
         let current = addresses.clone();
+        let failing = Arc::new(AtomicBool::new(false));
+        let fails = failing.clone();
         let task = tokio::spawn(async move {
             let mut buffer = vec![0u8; 4096];
             loop {
@@ -34,7 +38,11 @@ impl DnsServer {
                     continue;
                 };
                 let ips = current.lock().unwrap().clone();
-                let response = answer(&request, &served, &ips);
+                let mut response = answer(&request, &served, &ips);
+                if fails.load(Ordering::SeqCst) {
+                    response.take_answers();
+                    response.set_response_code(ResponseCode::ServFail);
+                }
                 if let Ok(bytes) = response.to_vec() {
                     let _ = socket.send_to(&bytes, from).await;
                 }
@@ -43,6 +51,7 @@ impl DnsServer {
         DnsServer {
             addr,
             addresses,
+            failing,
             task,
         }
     }
@@ -50,6 +59,11 @@ impl DnsServer {
     /// What the name resolves to from now on.
     pub fn set(&self, addresses: &[Ipv4Addr]) {
         *self.addresses.lock().unwrap() = addresses.to_vec();
+    }
+
+    /// Whether every query gets SERVFAIL from now on (a resolver that cannot say).
+    pub fn fail(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
     }
 
     /// The nameserver setting that points a node here.
