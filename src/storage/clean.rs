@@ -101,6 +101,13 @@ impl Store {
     /// project from before `at` goes, and older versions arriving later are ignored. Not logged
     /// (the origin sends its own clean to every node).
     pub async fn apply_remote_clean(&self, project: &str, at: u64) -> Result<u64, StoreError> {
+        // One this node holds already, or an older one: what it removes went with the clean
+        // held (finished, or finished at the next start), and the tombstone hides the rest.
+        // Every bootstrap and catch-up pass hands each peer's cleans over again, and applying
+        // one anew would hold every publish for its batch and rescan the project.
+        if self.inner.tombstones.hides(project, at) {
+            return Ok(0);
+        }
         self.clean(project, Some(at)).await
     }
 
