@@ -909,6 +909,26 @@ async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
         all.extend(page.directories);
     }
     assert_eq!(all, vec![root.clone(), middle.clone(), leaf.clone()]);
+    // One call streams every page, read to its end as REAPI clients read it; each page carries
+    // the token that resumes the walk after it, the last none.
+    let mut stream = grpc
+        .cas()
+        .get_tree(grpc.request(tree(1, String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut pages = Vec::new();
+    while let Some(page) = stream.message().await.unwrap() {
+        pages.push((page.directories, page.next_page_token));
+    }
+    assert_eq!(
+        pages,
+        vec![
+            (vec![root.clone()], "1".to_string()),
+            (vec![middle.clone()], "2".to_string()),
+            (vec![leaf.clone()], String::new()),
+        ]
+    );
 
     let mut token = String::new();
     let mut paged = Vec::new();
@@ -943,8 +963,8 @@ async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
 }
 
 /// A GetTree page stops before it outgrows one message (4 MiB by default), whatever
-/// `page_size` asks, since the node builds a page in memory; the pages still hold the whole
-/// tree. (A page held up to 10,000 directories of up to a message each, split over messages.)
+/// `page_size` asks, since the node builds a page in memory; the pages of one call still hold
+/// the whole tree. (A page held up to 10,000 directories of up to a message each.)
 #[tokio::test]
 async fn get_tree_pages_stop_at_one_message_and_together_hold_the_tree() {
     let node = Node::start();
@@ -980,41 +1000,41 @@ async fn get_tree_pages_stop_at_one_message_and_together_hold_the_tree() {
             .unwrap();
         assert_eq!(stored, vec![Code::Ok]);
     }
-    let mut token = String::new();
-    let mut pages: Vec<Vec<Directory>> = Vec::new();
-    loop {
-        let request = GetTreeRequest {
-            instance_name: "ios".into(),
-            root_digest: Some(sha256(&root_bytes)),
-            page_size: 0,
-            page_token: token,
-            digest_function: 0,
-        };
-        let mut stream = grpc
-            .cas()
-            .get_tree(grpc.request(request))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut page = Vec::new();
-        let mut next = String::new();
-        while let Some(message) = stream.message().await.unwrap() {
-            page.extend(message.directories);
-            next = message.next_page_token;
+    let request = |page_token: &str| GetTreeRequest {
+        instance_name: "ios".into(),
+        root_digest: Some(sha256(&root_bytes)),
+        page_size: 0,
+        page_token: page_token.to_string(),
+        digest_function: 0,
+    };
+    let pages = |page_token: &'static str| {
+        let grpc = &grpc;
+        let request = request(page_token);
+        async move {
+            let mut stream = grpc
+                .cas()
+                .get_tree(grpc.request(request))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut pages = Vec::new();
+            while let Some(message) = stream.message().await.unwrap() {
+                pages.push((message.directories, message.next_page_token));
+            }
+            pages
         }
-        pages.push(page);
-        assert!(pages.len() <= 5, "the pages never end");
-        if next.is_empty() {
-            break;
-        }
-        token = next;
-    }
-    // The root and two children fit one message; the other two come on the next page.
-    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
-    assert_eq!(sizes, vec![3, 2]);
+    };
+    // The root and two children fit one message; the other two come in the next.
+    let all = pages("").await;
+    let shape: Vec<(usize, &str)> = all.iter().map(|(d, t)| (d.len(), t.as_str())).collect();
+    assert_eq!(shape, vec![(3, "3"), (2, "")]);
     let mut expected = vec![root];
     expected.extend(children);
-    assert_eq!(pages.concat(), expected);
+    let directories: Vec<Directory> = all.into_iter().flat_map(|(d, _)| d).collect();
+    assert_eq!(directories, expected);
+    // A call resumed at the token gets the rest.
+    let rest = pages("3").await;
+    assert_eq!(rest, vec![(expected[3..].to_vec(), String::new())]);
 }
 
 #[tokio::test]

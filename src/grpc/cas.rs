@@ -1,11 +1,9 @@
-//! `ContentAddressableStorage`: which blobs are missing, blobs in batches, and directory trees.
+//! `ContentAddressableStorage`: which blobs are missing, blobs in batches, and directory trees
+//! (walked in `tree.rs`).
 
-use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::{Stream, StreamExt, stream};
-use prost::Message;
+use futures_util::{StreamExt, stream};
 use tonic::{Request, Response, Status};
 
 use super::access::admit;
@@ -15,12 +13,13 @@ use super::digest::{BlobDigest, HashFunction};
 use super::proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use super::proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
-    BatchUpdateBlobsResponse, Digest, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    BatchUpdateBlobsResponse, Digest, FindMissingBlobsRequest, FindMissingBlobsResponse,
     GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
     compressor,
 };
 use super::proto::rpc;
 use super::status::of_store_error;
+use super::tree::{self, TreeStream, TreeWalk};
 use crate::auth::Action;
 use crate::context::NodeContext;
 use crate::storage::KeyBatch;
@@ -30,7 +29,7 @@ const BATCH_CONCURRENCY: usize = 16;
 /// Directories per GetTree page when the client leaves `page_size` at 0.
 const DEFAULT_TREE_PAGE: usize = 1000;
 /// The most directories one GetTree page holds, whatever the client asks. A page also stops
-/// before it outgrows one message (see [`Page::walk`]).
+/// before it outgrows one message (see `tree.rs`).
 const MAX_TREE_PAGE: usize = 10_000;
 /// Room kept for a message's own framing when its contents approach the message limit.
 const FRAMING_ROOM: usize = 16 * 1024;
@@ -38,8 +37,6 @@ const FRAMING_ROOM: usize = 16 * 1024;
 pub(crate) struct Cas {
     pub node: Arc<NodeContext>,
 }
-
-type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for Cas {
@@ -190,28 +187,19 @@ impl ContentAddressableStorage for Cas {
         };
         let limit = self.node.config.grpc.max_message_size.0 as usize - FRAMING_ROOM;
         // A page is built in memory before it is sent: at most one message of directories,
-        // plus the one being read.
+        // plus the one read that did not fit.
         let lease = lease_memory(&self.node, 2 * limit as u64).await?;
-        let page = Page::walk(&self.node, &project, &root, start, page_size, limit).await?;
-        if start == 0 && page.directories.is_empty() {
-            return Err(Status::not_found("the root directory is not stored"));
-        }
-        // The token is the client's to send back: a huge one must not wrap.
-        let next_page_token = if page.more {
-            start.saturating_add(page.directories.len()).to_string()
-        } else {
-            String::new()
+        let mut walk = TreeWalk::new(self.node.clone(), project, root, page_size, limit);
+        walk.skip(start).await?;
+        let first = match walk.next_page().await? {
+            Some(page) => page,
+            None if start == 0 => {
+                return Err(Status::not_found("the root directory is not stored"));
+            }
+            // A token past the end: nothing left.
+            None => GetTreeResponse::default(),
         };
-        let response = GetTreeResponse {
-            directories: page.directories,
-            next_page_token,
-        };
-        let page = stream::once(async { Ok(response) }).map(move |response| {
-            // The lease lives as long as the stream: until the page is sent.
-            let _ = &lease;
-            response
-        });
-        Ok(Response::new(Box::pin(page)))
+        Ok(Response::new(tree::pages(first, walk, lease)))
     }
 }
 
@@ -290,76 +278,5 @@ pub(crate) fn to_rpc_status(status: &Status) -> rpc::Status {
         code: status.code() as i32,
         message: status.message().to_string(),
         details: Vec::new(),
-    }
-}
-
-/// One page of a tree's directories, in breadth-first order from its root, each once.
-///
-/// A page token is the position of the page's first directory in that order, so each page
-/// walks the tree again from its root; the directories before the page are read for their
-/// children but not kept, so a page holds in memory only what it sends.
-struct Page {
-    directories: Vec<Directory>,
-    /// The walk stopped with directories left.
-    more: bool,
-}
-
-impl Page {
-    /// Walks the tree under `root` and keeps the directories from position `start` on, until
-    /// the page holds `page_size` of them or the next one would take its encoded size past
-    /// `message_limit` (a page always takes its first directory). Directories missing from
-    /// the store are left out, with what is below them.
-    async fn walk(
-        node: &NodeContext,
-        project: &str,
-        root: &BlobDigest,
-        start: usize,
-        page_size: usize,
-        message_limit: usize,
-    ) -> Result<Page, Status> {
-        let mut seen: HashSet<BlobDigest> = HashSet::new();
-        let mut queue = std::collections::VecDeque::from([root.clone()]);
-        let mut position = 0usize;
-        let mut directories = Vec::new();
-        let mut bytes = 0;
-        while let Some(digest) = queue.pop_front() {
-            if !seen.insert(digest.clone()) {
-                continue;
-            }
-            let Some(blob) = read_blob(node, project, &digest, message_limit as u64).await? else {
-                continue;
-            };
-            let Ok(directory) = Directory::decode(blob) else {
-                continue;
-            };
-            if position >= start {
-                // What the directory adds to the response message: its bytes and their framing.
-                let length = directory.encoded_len() + 8;
-                let full = directories.len() >= page_size
-                    || (!directories.is_empty() && bytes + length > message_limit);
-                if full {
-                    return Ok(Page {
-                        directories,
-                        more: true,
-                    });
-                }
-                bytes += length;
-            }
-            for child in &directory.directories {
-                if let Ok(child) =
-                    BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest")
-                {
-                    queue.push_back(child);
-                }
-            }
-            if position >= start {
-                directories.push(directory);
-            }
-            position += 1;
-        }
-        Ok(Page {
-            directories,
-            more: false,
-        })
     }
 }

@@ -24,6 +24,7 @@ pub mod proto;
 mod read;
 mod resource;
 mod status;
+mod tree;
 
 use std::sync::Arc;
 
