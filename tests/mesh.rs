@@ -5,7 +5,7 @@
 //! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 37–38 a peer too small for an artifact, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
 //! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests, 120–121 a
-//! wiped node, 122–124 bootstrap's budget.
+//! wiped node, 122–124 bootstrap's budget, 125–126 two nodes under one node id.
 
 use std::time::Duration;
 
@@ -554,6 +554,26 @@ async fn a_node_of_another_account_is_refused_and_sent_nothing() {
             .is_none()
     );
     assert_eq!(ours.status().await["peers"][0]["sent_entries"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_under_the_same_node_id_are_refused_not_taken_for_themselves() {
+    // A data dir or config copied from another node: the copy is no address of this node.
+    let a = Node::start_with(mesh_options(125, &[126]).env("KURA_NODE_ID", "twin"));
+    let b = Node::start_with(mesh_options(126, &[125]).env("KURA_NODE_ID", "twin"));
+    for node in [&a, &b] {
+        let refused = eventually(Duration::from_secs(30), || async {
+            let status = node.status().await;
+            (status["peers"][0]["state"] == "refused").then_some(())
+        })
+        .await;
+        assert!(refused.is_some(), "{}", node.status().await);
+        assert!(
+            node.logs().contains("runs under this node's node.id"),
+            "{}",
+            node.logs()
+        );
+    }
 }
 
 /// Two nodes where what `a` (octet `a`) sends `b` (octet `b`) passes a proxy on b's address,

@@ -59,6 +59,11 @@ pub struct Identity {
     pub region: String,
     /// Bumped when the peer plane changes incompatibly.
     pub protocol: u32,
+    /// Random per process: tells this node's own address (the same instance) from another
+    /// node started with the same `node.id` (a copied data dir or config). Absent from nodes
+    /// of earlier releases.
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// The version of the peer plane this release speaks.
@@ -131,6 +136,7 @@ impl Mesh {
             node_id: store.node_id().to_owned(),
             region: region.to_owned(),
             protocol: PROTOCOL,
+            instance: Some(format!("{:016x}", rand::random::<u64>())),
         };
         let mut peers = BTreeMap::new();
         for url in &config.peers {

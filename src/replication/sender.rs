@@ -176,6 +176,12 @@ async fn admit(mesh: &Mesh, peer: &PeerStatus) -> Result<Admission, Failure> {
         return Ok(Admission::Refused("it serves another account"));
     }
     if identity.node_id == mesh.identity.node_id {
+        if identity.instance.is_some() && identity.instance != mesh.identity.instance {
+            // Another node under this node's id: each would take the other's writes for its
+            // own, and the other nodes keep one cursor for the two.
+            tracing::error!(peer = %peer.label(), node_id = %identity.node_id, "a peer runs under this node's node.id (a copied data dir or config?): not replicating to it; give one of them another node.id");
+            return Ok(Admission::Refused("it runs under this node's node.id"));
+        }
         return Ok(Admission::Itself);
     }
     peer.set_node_id(&identity.node_id);
