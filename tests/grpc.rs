@@ -1177,7 +1177,7 @@ async fn a_small_upload_is_received_in_memory_and_an_interrupted_one_restarts_at
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    // Bazel queries before it retries and gives up on NOT_FOUND: an upload the node began
+    // Bazel queries before it retries, and its newer uploader fails on NOT_FOUND: an upload the node began
     // reports 0 bytes committed, so the retry starts over.
     let status = grpc.query(&name).await.unwrap();
     assert_eq!((status.committed_size, status.complete), (0, false));

@@ -16,8 +16,8 @@
 //! The node also remembers the names of uploads it has begun and not published (a bounded set,
 //! [`BegunUploads`]), so that `QueryWriteStatus` answers one that kept nothing (received in one
 //! go, or refused before its staging file existed, say for overload) with 0 bytes committed
-//! rather than NOT_FOUND: Bazel's uploader queries before every retry and gives the upload up
-//! on any error but UNIMPLEMENTED.
+//! rather than NOT_FOUND: Bazel's uploader queries before a retry, and in its newer form fails
+//! the attempt on any query error but UNIMPLEMENTED (NOT_FOUND is not one it retries).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,25 +59,50 @@ const BEGUN_REMEMBERED: usize = 4096;
 /// The staging names of uploads whose first message was authorized and that have not been
 /// published: one of them with no staging file is an upload that kept nothing, which
 /// `QueryWriteStatus` answers with 0 bytes committed. In memory only: after a restart such an
-/// upload is unknown (NOT_FOUND, as `grpc-api.md` says of unknown uploads).
-#[derive(Clone)]
-pub(crate) struct BegunUploads(Arc<quick_cache::sync::Cache<String, ()>>);
+/// upload is unknown (NOT_FOUND, as `grpc-api.md` says of unknown uploads). First in, first
+/// forgotten: a cache policy that favours what is looked up often would keep abandoned names
+/// and forget the one being written.
+#[derive(Clone, Default)]
+pub(crate) struct BegunUploads(Arc<std::sync::Mutex<BegunNames>>);
+
+#[derive(Default)]
+struct BegunNames {
+    /// Each name with the turn it was last begun at.
+    names: std::collections::HashMap<String, u64>,
+    /// Names in the order they were begun; a name begun again is in it twice, and only its
+    /// latest turn forgets it.
+    order: std::collections::VecDeque<(u64, String)>,
+    turn: u64,
+}
 
 impl BegunUploads {
-    pub(crate) fn new() -> Self {
-        Self(Arc::new(quick_cache::sync::Cache::new(BEGUN_REMEMBERED)))
+    fn names(&self) -> std::sync::MutexGuard<'_, BegunNames> {
+        // Every change is complete before the lock is released: a poisoned one is consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn begun(&self, staging_name: String) {
-        self.0.insert(staging_name, ());
+        let mut begun = self.names();
+        begun.turn += 1;
+        let turn = begun.turn;
+        begun.names.insert(staging_name.clone(), turn);
+        begun.order.push_back((turn, staging_name));
+        while begun.order.len() > BEGUN_REMEMBERED {
+            let Some((turn, name)) = begun.order.pop_front() else {
+                break;
+            };
+            if begun.names.get(&name) == Some(&turn) {
+                begun.names.remove(&name);
+            }
+        }
     }
 
     fn published(&self, staging_name: &str) {
-        self.0.remove(staging_name);
+        self.names().names.remove(staging_name);
     }
 
     fn knows(&self, staging_name: &str) -> bool {
-        self.0.get(staging_name).is_some()
+        self.names().names.contains_key(staging_name)
     }
 }
 
@@ -161,6 +186,7 @@ impl ByteStream for ByteStreamService {
         }
         if self.stored(&name.blob)? {
             // Already stored: end the upload early, as REAPI allows.
+            self.begun.published(&name.staging_name());
             let committed_size = match name.blob.compressed {
                 false => name.blob.digest.size as i64,
                 true => -1,
@@ -259,7 +285,8 @@ impl ByteStreamService {
 
     /// An upload that holds every byte of its blob but was never published: its stream ended
     /// before `finish_write`, or the node stopped first. A client resuming at the blob's size
-    /// has nothing left to send (Bazel's uploader then gives up), so the query publishes it,
+    /// has nothing left to send (Bazel's uploader either takes the size for success or fails
+    /// to seek past the end), so the query publishes it,
     /// verified: complete; or, when the bytes are wrong, discarded and to be sent again from 0.
     async fn publish_complete(
         &self,
@@ -276,10 +303,24 @@ impl ByteStreamService {
             )
             .await
             .map_err(of_store_error)?;
-        let (committed_size, complete) = match publish_resumable(&self.node, name, upload).await {
-            Ok(()) => (digest.size as i64, true),
-            Err(status) if status.code() == tonic::Code::InvalidArgument => (0, false),
-            Err(status) => return Err(status),
+        let (committed_size, complete) = if upload.committed() != digest.size {
+            // A Write published it, or started it over, between the look at its file and this
+            // claim: answer from what is there now, and leave the file as it is.
+            let committed = upload.committed() as i64;
+            drop(upload);
+            match self.stored(&name.blob)? {
+                true => (digest.size as i64, true),
+                false => (committed, false),
+            }
+        } else {
+            match publish_resumable(&self.node, name, upload).await {
+                Ok(()) => {
+                    self.begun.published(&name.staging_name());
+                    (digest.size as i64, true)
+                }
+                Err(status) if status.code() == tonic::Code::InvalidArgument => (0, false),
+                Err(status) => return Err(status),
+            }
         };
         Ok(Response::new(QueryWriteStatusResponse {
             committed_size,
@@ -567,5 +608,28 @@ async fn keep_for_resume(mut upload: ResumableUpload, why: &str) -> Status {
             "{why}; {committed} bytes are committed: resume at that offset"
         )),
         Err(error) => of_store_error(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begun_uploads_forget_the_least_recently_begun_first() {
+        let begun = BegunUploads::default();
+        for i in 0..BEGUN_REMEMBERED {
+            begun.begun(format!("u{i}"));
+        }
+        // Asked about often, as an abandoned upload's name may be: still first to go.
+        assert!(begun.knows("u0"));
+        // Begun again: its earlier turn no longer forgets it.
+        begun.begun("u1".into());
+        begun.begun("new".into());
+        assert!(!begun.knows("u0"), "the oldest went");
+        assert!(begun.knows("u1"), "begun again");
+        assert!(begun.knows("new"));
+        begun.published("new");
+        assert!(!begun.knows("new"));
     }
 }

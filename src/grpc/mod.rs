@@ -51,7 +51,7 @@ pub(crate) fn router(node: Arc<NodeContext>) -> axum::Router {
     }
     let bytestream = bytestream::ByteStreamService {
         node: node.clone(),
-        begun: bytestream::BegunUploads::new(),
+        begun: bytestream::BegunUploads::default(),
     };
     let routes = Routes::new(limited!(CapabilitiesServer::new(
         capabilities::CapabilitiesService { node: node.clone() }

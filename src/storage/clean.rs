@@ -101,12 +101,22 @@ impl Store {
     /// project from before `at` goes, and older versions arriving later are ignored. Not logged
     /// (the origin sends its own clean to every node).
     pub async fn apply_remote_clean(&self, project: &str, at: u64) -> Result<u64, StoreError> {
-        // One this node holds already, or an older one: what it removes went with the clean
-        // held (finished, or finished at the next start), and the tombstone hides the rest.
-        // Every bootstrap and catch-up pass hands each peer's cleans over again, and applying
-        // one anew would hold every publish for its batch and rescan the project.
+        // One this node holds already, or an older one: what it removes goes with the clean
+        // held, and the tombstone hides it meanwhile. Every bootstrap and catch-up pass hands
+        // each peer's cleans over again, and applying one anew would hold every publish for its
+        // batch and rescan the project. Only the held clean's deletions are finished if they
+        // failed (its mark is still there): the retry of the clean that failed comes here.
         if self.inner.tombstones.hides(project, at) {
-            return Ok(0);
+            let store = self.clone();
+            let project = project.to_owned();
+            return tokio::task::spawn_blocking(move || {
+                match store.unfinished_clean(&project)? {
+                    Some(held) => store.finish_clean(&project, held),
+                    None => Ok(0),
+                }
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
         }
         self.clean(project, Some(at)).await
     }
@@ -120,6 +130,14 @@ impl Store {
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// The time of `project`'s clean whose deletions have not all been made, if any.
+    pub(super) fn unfinished_clean(&self, project: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .get(meta::CF_STATE, unfinished_key(project))?
+            .as_deref()
+            .and_then(meta::decode::<u64>))
     }
 
     /// Deletes what a clean of `project` at `at` left, then drops its unfinished mark.

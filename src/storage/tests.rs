@@ -1527,6 +1527,28 @@ async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
 }
 
 #[tokio::test]
+async fn a_remote_clean_sent_again_finishes_the_deletions_its_first_try_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = logging_store(dir.path());
+    put_as(
+        &store,
+        &gradle("old"),
+        b"x",
+        Provenance::remote(100, "peer"),
+    )
+    .await
+    .unwrap();
+    // The first try wrote its tombstone and its unfinished mark, and its deletions failed: the
+    // sender retries the same clean.
+    store.write_tombstone("p", Some(200)).unwrap();
+    assert_eq!(store.stats().artifacts, 1, "hidden, not yet deleted");
+    assert_eq!(store.apply_remote_clean("p", 200).await.unwrap(), 1);
+    assert_eq!(store.stats().artifacts, 0);
+    assert_eq!(store.unfinished_clean("p").unwrap(), None);
+    assert_eq!(store.apply_remote_clean("p", 200).await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn cursors_persist_and_the_log_is_trimmed_below_the_slowest() {
     let dir = tempfile::tempdir().unwrap();
     let store = logging_store(dir.path());
