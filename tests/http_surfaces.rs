@@ -117,6 +117,27 @@ async fn start_upload(http: &reqwest::Client, node: &Node, hash: &str) -> Value 
     response.json().await.unwrap()
 }
 
+/// An upload of `hash` started, with `part` as its part 1; returns its id.
+async fn upload_with_one_part(
+    http: &reqwest::Client,
+    node: &Node,
+    hash: &str,
+    part: Vec<u8>,
+) -> String {
+    let id = start_upload(http, node, hash).await["upload_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sent = http
+        .post(part_url(node, &id, 1))
+        .body(part)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::NO_CONTENT);
+    id
+}
+
 fn part_url(node: &Node, id: &str, n: u32) -> String {
     q(
         node,
@@ -217,15 +238,7 @@ async fn module_multipart_upload_in_any_order() {
 async fn module_upload_failures_publish_nothing() {
     let node = Node::start_with(NodeOptions::default().env("KURA_UPLOADS_MAX_IN_FLIGHT", "2"));
     let http = client();
-    let id = start_upload(&http, &node, "h2").await["upload_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    http.post(part_url(&node, &id, 1))
-        .body(payload(30, 1000))
-        .send()
-        .await
-        .unwrap();
+    let id = upload_with_one_part(&http, &node, "h2", payload(30, 1000)).await;
 
     let complete_url = q(&node, &format!("/api/cache/module/complete?upload_id={id}"));
     let missing = http
@@ -598,17 +611,7 @@ async fn unfinished_module_uploads_expire_with_their_parts() {
 async fn a_module_completion_whose_parts_miss_the_checksum_drops_the_upload_and_its_parts() {
     let node = Node::start();
     let http = client();
-    let id = start_upload(&http, &node, "h9").await["upload_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let part = http
-        .post(part_url(&node, &id, 1))
-        .body(payload(31, 5000))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(part.status(), StatusCode::NO_CONTENT);
+    let id = upload_with_one_part(&http, &node, "h9", payload(31, 5000)).await;
     let complete_url = q(&node, &format!("/api/cache/module/complete?upload_id={id}"));
 
     // A completion body that is too large (refused before it is read), or cut short, is said
@@ -668,15 +671,7 @@ async fn a_module_completion_whose_parts_miss_the_checksum_drops_the_upload_and_
 async fn a_module_head_answers_304_to_the_etag_the_client_holds() {
     let node = Node::start();
     let http = client();
-    let id = start_upload(&http, &node, "h8").await["upload_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    http.post(part_url(&node, &id, 1))
-        .body(payload(32, 3000))
-        .send()
-        .await
-        .unwrap();
+    let id = upload_with_one_part(&http, &node, "h8", payload(32, 3000)).await;
     let done = http
         .post(q(
             &node,

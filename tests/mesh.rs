@@ -533,17 +533,22 @@ async fn status_and_metrics_show_each_peers_progress_and_what_was_applied() {
     assert_eq!(b.metric("kura_replication_applied_bytes_total").await, 2560);
 }
 
+/// Waits until `node`'s one peer is `refused`.
+async fn wait_refused(node: &Node) {
+    let refused = eventually(Duration::from_secs(30), || async {
+        let status = node.status().await;
+        (status["peers"][0]["state"] == "refused").then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "{}", node.status().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_another_account_is_refused_and_sent_nothing() {
     let ours = Node::start_with(mesh_options(70, &[71]));
     let theirs = Node::start_with(mesh_options(71, &[70]).env("KURA_NODE_ACCOUNT", "other"));
     for node in [&ours, &theirs] {
-        let refused = eventually(Duration::from_secs(30), || async {
-            let status = node.status().await;
-            (status["peers"][0]["state"] == "refused").then_some(())
-        })
-        .await;
-        assert!(refused.is_some(), "{}", node.status().await);
+        wait_refused(node).await;
     }
     let body = payload(10, 100);
     put(&ours, &gradle_path("ios", "mine"), body).await;
@@ -562,12 +567,7 @@ async fn two_nodes_under_the_same_node_id_are_refused_not_taken_for_themselves()
     let a = Node::start_with(mesh_options(125, &[126]).env("KURA_NODE_ID", "twin"));
     let b = Node::start_with(mesh_options(126, &[125]).env("KURA_NODE_ID", "twin"));
     for node in [&a, &b] {
-        let refused = eventually(Duration::from_secs(30), || async {
-            let status = node.status().await;
-            (status["peers"][0]["state"] == "refused").then_some(())
-        })
-        .await;
-        assert!(refused.is_some(), "{}", node.status().await);
+        wait_refused(node).await;
         assert!(
             node.logs().contains("runs under this node's node.id"),
             "{}",
