@@ -192,7 +192,7 @@ impl Store {
     /// Runs `pass` off the async workers under the `evicting` lock. The lock travels with the
     /// pass: a caller that stops waiting (its client gone, a peer's push timed out) leaves the
     /// pass running and still holding it, so the next pass cannot start beside it.
-    async fn one_pass_at_a_time<T: Send + 'static>(
+    pub(super) async fn one_pass_at_a_time<T: Send + 'static>(
         &self,
         pass: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

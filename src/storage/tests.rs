@@ -2163,3 +2163,44 @@ async fn a_failed_access_flush_keeps_the_notes_it_did_not_write() {
         assert!(noted_access(&store, key).is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_pass_keeps_its_lock_when_its_caller_stops_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreOptions::for_tests(dir.path())).unwrap();
+    let (started, pass_started) = std::sync::mpsc::channel::<()>();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let caller = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .one_pass_at_a_time(move |_| {
+                    let _ = started.send(());
+                    let _ = gate.recv();
+                    Ok(())
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || pass_started.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // The caller goes (its client left, a peer's push timed out); the pass runs on.
+    caller.abort();
+    let _ = caller.await;
+    assert!(
+        store.inner.evicting.try_lock().is_err(),
+        "a second pass could start beside the running one"
+    );
+    release.send(()).unwrap();
+    let mut freed = false;
+    for _ in 0..200 {
+        if store.inner.evicting.try_lock().is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the lock goes with the pass");
+}
