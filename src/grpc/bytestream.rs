@@ -184,16 +184,16 @@ impl ByteStream for ByteStreamService {
                 name.blob.digest.size
             )));
         }
+        let staging_name = name.staging_name();
         if self.stored(&name.blob)? {
             // Already stored: end the upload early, as REAPI allows.
-            self.begun.published(&name.staging_name());
+            self.begun.published(&staging_name);
             let committed_size = match name.blob.compressed {
                 false => name.blob.digest.size as i64,
                 true => -1,
             };
             return Ok(Response::new(WriteResponse { committed_size }));
         }
-        let staging_name = name.staging_name();
         self.begun.begun(staging_name.clone());
         let mut footprint = name.blob.digest.size.min(STREAM_FOOTPRINT);
         if name.blob.compressed {
@@ -248,7 +248,7 @@ impl ByteStream for ByteStreamService {
             .map_err(|e| Status::internal(format!("status lookup failed: {e}")))?
             .map_err(of_store_error)?;
         if offset == Some(name.blob.digest.size) && !name.blob.compressed {
-            return self.publish_complete(&name).await;
+            return self.publish_complete(&name, &staging_name).await;
         }
         let committed_size = match offset {
             Some(offset) if !name.blob.compressed => Some(offset as i64),
@@ -286,18 +286,19 @@ impl ByteStreamService {
     /// An upload that holds every byte of its blob but was never published: its stream ended
     /// before `finish_write`, or the node stopped first. A client resuming at the blob's size
     /// has nothing left to send (Bazel's uploader either takes the size for success or fails
-    /// to seek past the end), so the query publishes it,
-    /// verified: complete; or, when the bytes are wrong, discarded and to be sent again from 0.
+    /// to seek past the end), so the query publishes it, verified: complete; or, when the bytes
+    /// are wrong, discarded and to be sent again from 0.
     async fn publish_complete(
         &self,
         name: &UploadName,
+        staging_name: &str,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let digest = &name.blob.digest;
         let upload = self
             .node
             .store
             .resume_upload(
-                &name.staging_name(),
+                staging_name,
                 digest.size,
                 digest.function == HashFunction::Sha256,
             )
@@ -315,7 +316,7 @@ impl ByteStreamService {
         } else {
             match publish_resumable(&self.node, name, upload).await {
                 Ok(()) => {
-                    self.begun.published(&name.staging_name());
+                    self.begun.published(staging_name);
                     (digest.size as i64, true)
                 }
                 Err(status) if status.code() == tonic::Code::InvalidArgument => (0, false),

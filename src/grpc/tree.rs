@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::{Stream, stream};
+use futures_util::{Stream, StreamExt, stream};
 use prost::Message;
 use tonic::Status;
 
@@ -145,8 +145,8 @@ pub(super) fn pages<H: Send + 'static>(
             Err(status) => Some((Err(status), None)),
         }
     });
-    let all = futures_util::StreamExt::chain(stream::once(async { Ok(first) }), rest);
-    Box::pin(futures_util::StreamExt::map(all, move |page| {
+    let all = stream::once(async { Ok(first) }).chain(rest);
+    Box::pin(all.map(move |page| {
         let _held = &held;
         page
     }))
