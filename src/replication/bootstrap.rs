@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::receive::{ApplyResult, Delivery, IndexItem, IndexPage, apply};
 use super::wire::FrameReader;
@@ -229,22 +229,19 @@ pub(super) async fn pull(
             }
         }
         // A few fetches at once hide the round trips; the serving peer's limit paces the bytes.
-        let mut fetches = stream::iter(wanted)
-            .map(|(key, size, charged)| {
-                let client = &client;
-                async move {
-                    let stored = fetch(mesh, client, peer, &key).await?;
-                    anyhow::Ok((stored, size, charged))
-                }
-            })
-            .buffer_unordered(FETCHES_AT_ONCE);
-        while let Some(fetched) = fetches.next().await {
-            match fetched? {
-                (true, size, _) => tally.fetched(size),
-                // Gone from the peer, or not newer after all: what it took goes back.
-                (false, _, charged) => budget.left = budget.left.saturating_add(charged),
+        let fetch_one = |(key, size, charged): (String, u64, u64)| {
+            let client = &client;
+            async move {
+                let stored = fetch(mesh, client, peer, &key).await?;
+                anyhow::Ok((stored, size, charged))
             }
-        }
+        };
+        settle_all(wanted, FETCHES_AT_ONCE, fetch_one, |fetched| match fetched {
+            (true, size, _) => tally.fetched(size),
+            // Gone from the peer, or not newer after all: what it took goes back.
+            (false, _, charged) => budget.left = budget.left.saturating_add(charged),
+        })
+        .await?;
         match page.next {
             Some(next) => after = Some(next),
             None => break,
@@ -258,6 +255,41 @@ pub(super) async fn pull(
         );
     }
     Ok(())
+}
+
+/// Runs `work` on each of `items`, `at_once` at a time, and hands what each returns to `done`.
+///
+/// After the first failure it starts no more, but lets the work in flight finish before it
+/// returns that failure. A fetch dropped half-way can still land: its commit runs on a blocking
+/// thread that outlives the future. It would then land unseen by the budget that the walk's
+/// next try measures from what is stored, and that try would fetch past the low watermark.
+async fn settle_all<I, F, Fut, T>(
+    items: I,
+    at_once: usize,
+    mut work: F,
+    mut done: impl FnMut(T),
+) -> anyhow::Result<()>
+where
+    I: IntoIterator,
+    F: FnMut(I::Item) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut items = items.into_iter();
+    let mut running = FuturesUnordered::new();
+    let mut failure = None;
+    loop {
+        while failure.is_none() && running.len() < at_once {
+            let Some(item) = items.next() else { break };
+            running.push(work(item));
+        }
+        match running.next().await {
+            Some(Ok(value)) => done(value),
+            Some(Err(error)) => {
+                failure.get_or_insert(error);
+            }
+            None => return failure.map_or(Ok(()), Err),
+        }
+    }
 }
 
 /// The bytes of artifacts this node lacks that a walk may still fetch (the capacity budget of
@@ -360,4 +392,62 @@ async fn fetch(
         .await
         .map_err(|refusal| anyhow::anyhow!("{}: {}", refusal.code, refusal.message))?;
     Ok(applied == ApplyResult::Applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Item 0 fails at once; the others take a while and record that they finished.
+    async fn slow_unless_first(item: usize, started: &Mutex<Vec<usize>>) -> anyhow::Result<usize> {
+        started.lock().unwrap().push(item);
+        if item == 0 {
+            anyhow::bail!("the peer went away");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(item)
+    }
+
+    #[tokio::test]
+    async fn a_failed_walk_lets_its_fetches_in_flight_land_and_starts_no_more() {
+        let started = Mutex::new(Vec::new());
+        let mut finished = Vec::new();
+        let result = settle_all(
+            0..8,
+            4,
+            |item| slow_unless_first(item, &started),
+            |item| finished.push(item),
+        )
+        .await;
+        assert_eq!(result.unwrap_err().to_string(), "the peer went away");
+        // The three beside the failed one ran to their end and were counted; none began after.
+        finished.sort();
+        assert_eq!(finished, [1, 2, 3]);
+        assert_eq!(*started.lock().unwrap(), [0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_walk_without_failures_hands_on_every_result_with_at_most_its_limit_at_once() {
+        let running = std::sync::atomic::AtomicUsize::new(0);
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        let mut finished = Vec::new();
+        let work = |item: usize| {
+            let (running, most) = (&running, &most);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                anyhow::Ok(item * 10)
+            }
+        };
+        settle_all(0..10, 3, work, |value| finished.push(value))
+            .await
+            .unwrap();
+        finished.sort();
+        assert_eq!(finished, (0..10).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
 }
