@@ -5,7 +5,8 @@
 //! 10–12 every kind, 20–22 cleans, 23–25 last writer wins, 26–27 the bandwidth limit, 28–29 and 33–34 eviction, 35–36 bootstrap's timeout, 37–38 a peer too small for an artifact, 30–32 a stopped peer, 40–41 a killed
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
 //! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests, 120–121 a
-//! wiped node, 122–124 bootstrap's budget, 125–126 two nodes under one node id.
+//! wiped node, 122–124 bootstrap's budget, 125–126 two nodes under one node id, 127–129 bootstrap's budget
+//! with small artifacts.
 
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::common::mesh::{
     node_options, peer_url, put, start_discovered_mesh, start_mesh, wait_admitted, wait_ready,
 };
 use crate::common::proxy::Proxy;
-use crate::common::{Node, client, payload};
+use crate::common::{Node, artifact_charge, client, payload};
 
 /// Xcode CAS, key-value and module paths take the account and project as query parameters.
 fn scoped(path: &str, project: &str) -> String {
@@ -467,6 +468,30 @@ async fn bootstrap_fetches_up_to_the_low_watermark_and_evicts_nothing() {
         }
     }
     assert_eq!(held, 7);
+}
+
+/// Bootstrap's budget counts what an artifact costs against capacity, metadata included. When
+/// it counted bodies alone, a walk of small artifacts fetched far past the low watermark, and
+/// the node evicted what it had just fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_counts_small_artifacts_at_what_they_cost_and_evicts_nothing() {
+    let full = Node::start_with(mesh_options(127, &[129]));
+    let key = |i: u64| format!("small{i:03}");
+    for i in 0..60 {
+        put(&full, &gradle_path("ios", &key(i)), payload(900 + i, 512)).await;
+    }
+    let empty = Node::start_with(mesh_options(128, &[127]).env("KURA_STORAGE_CAPACITY", "32KiB"));
+    wait_ready(&empty).await;
+    // 90 % of 32 KiB holds 57 bodies of 512 bytes, but 41 artifacts at what each costs.
+    let each = artifact_charge(512, "ios", "gradle", &key(0));
+    let fits = (32 * 1024 * 9 / 10) / each;
+    assert!(fits < (32 * 1024 * 9 / 10) / 512);
+    let bootstrap = empty.status().await["replication"]["bootstrap"].clone();
+    assert_eq!(bootstrap["state"], "done", "{bootstrap}");
+    assert_eq!(bootstrap["fetched_artifacts"], fits, "{bootstrap}");
+    assert_eq!(bootstrap["over_budget"], 60 - fits, "{bootstrap}");
+    let evictions = empty.metric("kura_storage_evictions_total").await;
+    assert_eq!(evictions, 0, "logs:\n{}", empty.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use super::receive::{ApplyResult, Delivery, IndexItem, IndexPage, apply};
 use super::wire::FrameReader;
 use super::{Mesh, PeerState, PeerStatus};
-use crate::storage::ArtifactKey;
+use crate::storage::{ArtifactKey, meta};
 
 /// Index entries asked for per page.
 const PAGE: usize = 500;
@@ -236,11 +236,16 @@ pub(super) async fn pull(
                 anyhow::Ok((stored, size, charged))
             }
         };
-        settle_all(wanted, FETCHES_AT_ONCE, fetch_one, |fetched| match fetched {
-            (true, size, _) => tally.fetched(size),
-            // Gone from the peer, or not newer after all: what it took goes back.
-            (false, _, charged) => budget.left = budget.left.saturating_add(charged),
-        })
+        settle_all(
+            wanted,
+            FETCHES_AT_ONCE,
+            fetch_one,
+            |fetched| match fetched {
+                (true, size, _) => tally.fetched(size),
+                // Gone from the peer, or not newer after all: what it took goes back.
+                (false, _, charged) => budget.left = budget.left.saturating_add(charged),
+            },
+        )
         .await?;
         match page.next {
             Some(next) => after = Some(next),
@@ -292,10 +297,10 @@ where
     }
 }
 
-/// The bytes of artifacts this node lacks that a walk may still fetch (the capacity budget of
-/// `replication.md`), bounded by the node's low watermark, what eviction leaves stored: a peer
-/// may hold more than this node keeps, and fetching past that would only evict what the walk
-/// itself fetched, or what clients wrote meanwhile.
+/// What the artifacts this node lacks that a walk may still fetch can cost against capacity
+/// (the capacity budget of `replication.md`), bounded by the node's low watermark, what
+/// eviction leaves stored: a peer may hold more than this node keeps, and fetching past that
+/// would only evict what the walk itself fetched, or what clients wrote meanwhile.
 pub(super) struct Budget {
     left: u64,
 }
@@ -350,6 +355,10 @@ fn wants(
     if only_origin.is_some_and(|origin| item.origin != origin) || too_large {
         return Ok(Want::Skip);
     }
+    // What it will count against capacity, metadata included (its content type, not in the
+    // index, aside): bodies alone would take a walk of many small artifacts past the low
+    // watermark, and the background eviction pass would then evict what the walk fetched.
+    let cost = meta::charge(item.size, key.encoded_len(), 0);
     Ok(match mesh.store.version_of(&key)? {
         Some((version_ms, origin)) => {
             let newer = (item.version_ms, item.origin.as_str()) > (version_ms, origin.as_str());
@@ -359,9 +368,9 @@ fn wants(
                 Want::Skip
             }
         }
-        None if item.size <= budget.left => {
-            budget.left -= item.size;
-            Want::Fetch { charged: item.size }
+        None if cost <= budget.left => {
+            budget.left -= cost;
+            Want::Fetch { charged: cost }
         }
         None => Want::OverBudget,
     })
