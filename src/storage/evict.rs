@@ -132,6 +132,16 @@ impl PendingTouches {
     }
 }
 
+/// How an eviction pass, or one batch of it, ended.
+pub(super) struct Evicted {
+    /// Bytes of published artifacts it removed.
+    pub(super) freed: u64,
+    /// The eviction queue was empty: nothing published is left to evict.
+    pub(super) ran_dry: bool,
+    /// Committed usage is at the target.
+    reached: bool,
+}
+
 impl Store {
     /// Makes room for `bytes` more, evicting if needed; `credit` is what the write gives back
     /// when it lands (the version it overwrites, the parts it assembles), counted already. Fails
@@ -142,11 +152,11 @@ impl Store {
         if needed > capacity {
             return Err(StoreError::InsufficientStorage);
         }
-        // A pass that frees nothing may have been beaten to it by a concurrent one: look once
-        // more before giving up.
+        // Nothing left to evict may only mean that every artifact is a write in flight, about
+        // to publish: look once more before giving up.
         let mut stalled = false;
         loop {
-            let target = {
+            let (target, published) = {
                 let mut accounting = self.accounting();
                 let counted = accounting.counted();
                 if counted + needed <= capacity {
@@ -157,17 +167,22 @@ impl Store {
                     });
                 }
                 // Published artifacts are all eviction can shrink: how far they must go, and
-                // the low watermark below that so that eviction runs in batches, not per write.
+                // down to where the background pass starts, so that eviction runs in batches,
+                // not per write. The background pass takes it on to the low watermark: this
+                // write waits for no more than it must.
+                let published = accounting.usage.bytes;
                 let excess = counted + needed - capacity;
-                let others = counted - accounting.usage.bytes;
-                accounting
-                    .usage
-                    .bytes
+                let others = counted - published;
+                let target = published
                     .saturating_sub(excess)
-                    .min(self.inner.options.low_watermark.saturating_sub(others))
+                    .min(self.eviction_start().saturating_sub(others));
+                (target, published)
             };
-            let freed = self.evict_until(target).await?;
-            if freed == 0 {
+            // Nothing published to shrink (all of it is staged or reserved), or a queue that
+            // ran out. A pass that freed nothing because another one (the background pass,
+            // say) got there first is no reason to give up: the room is looked at again.
+            let ran_dry = published <= target || self.evict_until(target).await?.ran_dry;
+            if ran_dry {
                 if stalled {
                     // Nothing left to evict: the rest is staged or reserved by writes in flight.
                     return Err(StoreError::InsufficientStorage);
@@ -180,18 +195,33 @@ impl Store {
     }
 
     /// Evicts least-recently-accessed artifacts until committed usage is at most `target`.
-    /// Returns how many bytes it freed.
-    pub(super) async fn evict_until(&self, target: u64) -> Result<u64, StoreError> {
-        self.one_pass_at_a_time(move |store| {
-            store.flush_touches()?;
-            store.evict_blocking(target)
-        })
-        .await
+    ///
+    /// Each batch takes the `evicting` lock on its own: a write that must make room while the
+    /// background pass runs waits for one batch of it, not for all of it. A pass frees at most
+    /// what was over `target` when it began, so writes that keep pace with it do not keep it
+    /// (and the maintenance task that runs it) going: the next pass sees them.
+    pub(super) async fn evict_until(&self, target: u64) -> Result<Evicted, StoreError> {
+        let most = self.accounting().usage.bytes.saturating_sub(target);
+        let mut freed = 0;
+        loop {
+            let batch = self
+                .one_pass_at_a_time(move |store| {
+                    store.flush_touches()?;
+                    store.evict_batch(target)
+                })
+                .await?;
+            freed += batch.freed;
+            if batch.reached || batch.ran_dry || freed >= most {
+                return Ok(Evicted { freed, ..batch });
+            }
+        }
     }
 
-    /// Runs `pass` off the async workers under the `evicting` lock. The lock travels with the
-    /// pass: a caller that stops waiting (its client gone, a peer's push timed out) leaves the
-    /// pass running and still holding it, so the next pass cannot start beside it.
+    /// Runs `pass` (one batch of an eviction pass, or a flush of recorded reads) off the async
+    /// workers under the `evicting` lock. The lock travels with it: a caller that stops waiting
+    /// (its client gone, a peer's push timed out) leaves it running and still holding the lock,
+    /// so that no other can start beside it; the batches that caller would have run after it
+    /// are not run.
     pub(super) async fn one_pass_at_a_time<T: Send + 'static>(
         &self,
         pass: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -206,80 +236,92 @@ impl Store {
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
-    fn evict_blocking(&self, target: u64) -> Result<u64, StoreError> {
+    /// Evicts from the head of the queue, one batch of it at most, until committed usage is at
+    /// most `target`.
+    fn evict_batch(&self, target: u64) -> Result<Evicted, StoreError> {
         let mut freed = 0;
-        loop {
-            let mut usage = self.accounting().usage.bytes;
+        let mut usage = self.accounting().usage.bytes;
+        if usage <= target {
+            return Ok(Evicted {
+                freed,
+                ran_dry: false,
+                reached: true,
+            });
+        }
+        // The oldest entries, read without locks; each is decided on again below, under the
+        // lock of its key, against the record as it is then.
+        let mut entries = Vec::new();
+        let oldest = self
+            .inner
+            .db
+            .iterator_cf(self.cf(meta::CF_ACCESS), rocksdb::IteratorMode::Start);
+        for item in oldest.take(EVICT_BATCH) {
+            entries.push(item?.0);
+        }
+        if entries.is_empty() {
+            return Ok(Evicted {
+                freed,
+                ran_dry: true,
+                reached: false,
+            });
+        }
+        let keys = self.inner.keys.lock_all(
+            entries
+                .iter()
+                .filter_map(|entry| meta::split_access_key(entry).map(|(_, key)| key)),
+        );
+        let mut batch = WriteBatch::default();
+        let mut delta = UsageDelta::default();
+        let mut bodies = Vec::new();
+        // Only these leave the set of hot records: a stale queue entry names an artifact
+        // read since, which is just what the set should keep.
+        let mut removed = Vec::new();
+        for access_key in &entries {
+            let Some((accessed_ms, encoded)) = meta::split_access_key(access_key) else {
+                batch.delete_cf(self.cf(meta::CF_ACCESS), access_key);
+                continue;
+            };
+            let current = match self.record(encoded) {
+                Ok(Some(record)) => {
+                    let last = self.last_access(encoded, record.accessed_ms)?;
+                    Some(record).filter(|_| last == accessed_ms)
+                }
+                Ok(None) => None,
+                // The least recently used key is the one nobody reads, so no read would
+                // ever forget it: eviction does, or every pass would stop at it for good.
+                Err(StoreError::Db(error)) if super::is_damage(&error) => {
+                    self.forget_damaged_record_locked(encoded, &error);
+                    None
+                }
+                Err(error) => return Err(error),
+            };
+            match current {
+                Some(record) => {
+                    self.batch_remove(&mut batch, encoded, &record, &mut delta)?;
+                    let charge = record.charge(encoded.len());
+                    freed += charge;
+                    usage = usage.saturating_sub(charge);
+                    bodies.push(self.doom(record.body));
+                    removed.push(encoded);
+                }
+                // A stale queue entry (its artifact was rewritten or touched since).
+                None => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
+            }
             if usage <= target {
-                return Ok(freed);
-            }
-            // The oldest entries, read without locks; each is decided on again below, under the
-            // lock of its key, against the record as it is then.
-            let mut entries = Vec::new();
-            let oldest = self
-                .inner
-                .db
-                .iterator_cf(self.cf(meta::CF_ACCESS), rocksdb::IteratorMode::Start);
-            for item in oldest.take(EVICT_BATCH) {
-                entries.push(item?.0);
-            }
-            if entries.is_empty() {
-                return Ok(freed);
-            }
-            let keys = self.inner.keys.lock_all(
-                entries
-                    .iter()
-                    .filter_map(|entry| meta::split_access_key(entry).map(|(_, key)| key)),
-            );
-            let mut batch = WriteBatch::default();
-            let mut delta = UsageDelta::default();
-            let mut bodies = Vec::new();
-            // Only these leave the set of hot records: a stale queue entry names an artifact
-            // read since, which is just what the set should keep.
-            let mut removed = Vec::new();
-            for access_key in &entries {
-                let Some((accessed_ms, encoded)) = meta::split_access_key(access_key) else {
-                    batch.delete_cf(self.cf(meta::CF_ACCESS), access_key);
-                    continue;
-                };
-                let current = match self.record(encoded) {
-                    Ok(Some(record)) => {
-                        let last = self.last_access(encoded, record.accessed_ms)?;
-                        Some(record).filter(|_| last == accessed_ms)
-                    }
-                    Ok(None) => None,
-                    // The least recently used key is the one nobody reads, so no read would
-                    // ever forget it: eviction does, or every pass would stop at it for good.
-                    Err(StoreError::Db(error)) if super::is_damage(&error) => {
-                        self.forget_damaged_record_locked(encoded, &error);
-                        None
-                    }
-                    Err(error) => return Err(error),
-                };
-                match current {
-                    Some(record) => {
-                        self.batch_remove(&mut batch, encoded, &record, &mut delta)?;
-                        let charge = record.charge(encoded.len());
-                        freed += charge;
-                        usage = usage.saturating_sub(charge);
-                        bodies.push(self.doom(record.body));
-                        removed.push(encoded);
-                    }
-                    // A stale queue entry (its artifact was rewritten or touched since).
-                    None => batch.delete_cf(self.cf(meta::CF_ACCESS), access_key),
-                }
-                if usage <= target {
-                    break;
-                }
-            }
-            self.write_accounted(batch, delta, removed.into_iter().map(|key| (key, None)))?;
-            drop(keys);
-            metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL)
-                .increment(bodies.len() as u64);
-            for body in bodies {
-                self.remove_doomed(body);
+                break;
             }
         }
+        self.write_accounted(batch, delta, removed.into_iter().map(|key| (key, None)))?;
+        drop(keys);
+        metrics::counter!(crate::metrics::STORAGE_EVICTIONS_TOTAL).increment(bodies.len() as u64);
+        for body in bodies {
+            self.remove_doomed(body);
+        }
+        Ok(Evicted {
+            freed,
+            ran_dry: false,
+            reached: usage <= target,
+        })
     }
 
     /// Writes the accesses noted by reads into `atime` and the eviction queue. The caller holds

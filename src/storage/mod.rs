@@ -1397,14 +1397,24 @@ impl Store {
         self.inner.options.low_watermark
     }
 
-    /// Flushes recorded accesses and evicts while usage is over capacity. Run periodically.
+    /// Where the background eviction pass starts: midway between the low watermark and
+    /// capacity. From there it evicts down to the low watermark, so that writes seldom find the
+    /// store full and have to evict before they are answered.
+    pub(super) fn eviction_start(&self) -> u64 {
+        let options = &self.inner.options;
+        let gap = options.capacity.saturating_sub(options.low_watermark);
+        options.low_watermark + gap / 2
+    }
+
+    /// Flushes recorded accesses and, once usage is past [`Store::eviction_start`], evicts down
+    /// to the low watermark. Run periodically: this is the background eviction pass.
     pub async fn maintain(&self) -> Result<(), StoreError> {
         self.flush_touches_between_evictions().await?;
         let (counted, staged) = {
             let accounting = self.accounting();
             (accounting.counted(), accounting.staged)
         };
-        if counted > self.inner.options.capacity {
+        if counted > self.eviction_start() {
             let target = self.inner.options.low_watermark.saturating_sub(staged);
             self.evict_until(target).await?;
         }

@@ -1960,7 +1960,8 @@ async fn eviction_forgets_a_damaged_record_at_the_head_of_its_queue_and_goes_on(
     let freed = store
         .evict_until(0)
         .await
-        .expect("eviction passes the damaged record");
+        .expect("eviction passes the damaged record")
+        .freed;
     assert!(
         freed > 4096,
         "the intact artifact after it is evicted: {freed}"
@@ -2203,4 +2204,86 @@ async fn an_eviction_pass_keeps_its_lock_when_its_caller_stops_waiting() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(freed, "the lock goes with the pass");
+}
+
+/// Usage past the eviction start (midway between the low watermark and capacity) is taken down
+/// to the low watermark by the background pass, oldest first; below it the pass evicts nothing.
+#[tokio::test]
+async fn the_background_pass_evicts_to_the_low_watermark_once_usage_passes_the_eviction_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![1u8; 600];
+    let charge = meta::charge(600, gradle("k00").encode().len(), 0);
+    // Low watermark 5 artifacts, eviction start 7.5.
+    let store = store_with(dir.path(), 10 * charge);
+    for i in 0..7 {
+        put(&store, &gradle(&format!("k{i:02}")), &body).await;
+    }
+    store.maintain().await.unwrap();
+    assert_eq!(
+        store.stats().artifacts,
+        7,
+        "evicted below the eviction start"
+    );
+
+    put(&store, &gradle("k07"), &body).await;
+    assert_eq!(store.stats().artifacts, 8, "a write that fits evicted");
+    store.maintain().await.unwrap();
+    assert_eq!(store.stats().used_bytes, 5 * charge);
+    for i in 0..8 {
+        let held = raw_record(&store, &gradle(&format!("k{i:02}"))).is_some();
+        assert_eq!(held, i >= 3, "k{i:02}");
+    }
+}
+
+/// A write that finds the store full evicts only down to the eviction start before it is
+/// answered; the background pass does the rest.
+#[tokio::test]
+async fn a_write_that_finds_the_store_full_evicts_only_down_to_the_eviction_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![1u8; 600];
+    let charge = meta::charge(600, gradle("k00").encode().len(), 0);
+    let store = store_with(dir.path(), 10 * charge);
+    for i in 0..10 {
+        put(&store, &gradle(&format!("k{i:02}")), &body).await;
+    }
+    assert_eq!(store.stats().artifacts, 10);
+
+    put(&store, &gradle("k10"), &body).await;
+    // Three went to bring usage under 7.5 artifacts, then the write landed; not five (to the
+    // low watermark) as when the write that found the store full did it all.
+    assert_eq!(store.stats().artifacts, 8);
+    store.maintain().await.unwrap();
+    assert_eq!(store.stats().artifacts, 5);
+    let counted = recount(&store);
+    assert_eq!(counted.usage.bytes, store.stats().used_bytes);
+    assert_eq!(counted.access_entries, 5);
+}
+
+/// A pass takes the eviction lock batch by batch: whatever waits for the lock meanwhile (a write
+/// that must make room, the flush of recorded reads) runs before the pass is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_eviction_pass_lets_others_take_the_lock_between_its_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 1 << 30);
+    for i in 0..1000 {
+        put(&store, &gradle(&format!("k{i:04}")), b"x").await;
+    }
+    // Four batches of at most 256.
+    let pass = tokio::spawn({
+        let store = store.clone();
+        async move { store.evict_until(0).await.map(|evicted| evicted.freed) }
+    });
+    while store.inner.evicting.try_lock().is_ok() {
+        tokio::task::yield_now().await;
+    }
+    let left_when_let_in = store
+        .one_pass_at_a_time(|store| Ok(store.stats().artifacts))
+        .await
+        .unwrap();
+    assert!(pass.await.unwrap().unwrap() > 0);
+    assert!(
+        left_when_let_in > 0,
+        "waited for the whole pass: {left_when_let_in} artifacts left"
+    );
+    assert_eq!(store.stats().artifacts, 0);
 }

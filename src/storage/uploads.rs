@@ -547,6 +547,30 @@ mod tests {
         assert!(committed.is_ok(), "{committed:?}");
     }
 
+    /// Staged parts are counted but cannot be evicted: a part that does not fit beside them is
+    /// refused at once, not retried for ever (a write waited in a loop when nothing published
+    /// was left above its eviction target).
+    #[tokio::test]
+    async fn a_part_that_cannot_fit_beside_staged_parts_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_capacity(dir.path(), 10_000);
+        let key = ArtifactKey::new("p", Kind::Module, "m");
+        let id = store.start_upload(&key, &LIMITS).unwrap();
+        let first = staged(&store, &[1u8; 6000]).await;
+        store.put_part(&id, 1, first, &LIMITS).await.unwrap();
+        let second = staged(&store, &[2u8; 6000]).await;
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.put_part(&id, 2, second, &LIMITS),
+        )
+        .await
+        .expect("the part was answered");
+        assert!(
+            matches!(refused, Err(StoreError::InsufficientStorage)),
+            "{refused:?}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
