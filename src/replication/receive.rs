@@ -379,7 +379,8 @@ where
                 .await?;
             let result = match committed.outcome {
                 Outcome::Published { .. } => ApplyResult::Applied,
-                Outcome::Stale => ApplyResult::Stale,
+                // (`Unchanged` is a local write's outcome only.)
+                Outcome::Stale | Outcome::Unchanged => ApplyResult::Stale,
                 Outcome::Tombstoned => ApplyResult::Tombstoned,
             };
             let stored = if result == ApplyResult::Applied {
