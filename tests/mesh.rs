@@ -6,7 +6,7 @@
 //! peer, 50–51 a killed writer, 60–61 progress in `/status` and `/metrics`, 70–71 another
 //! account, 80–83 a proxy between two nodes, 110–111 the log's bound, 112 bad catch-up requests, 120–121 a
 //! wiped node, 122–124 bootstrap's budget, 125–126 two nodes under one node id, 127–129 bootstrap's budget
-//! with small artifacts, 130–131 a blob uploaded again.
+//! with small artifacts.
 
 use std::time::Duration;
 
@@ -492,47 +492,6 @@ async fn bootstrap_counts_small_artifacts_at_what_they_cost_and_evicts_nothing()
     assert_eq!(bootstrap["over_budget"], 60 - fits, "{bootstrap}");
     let evictions = empty.metric("kura_storage_evictions_total").await;
     assert_eq!(evictions, 0, "logs:\n{}", empty.logs());
-}
-
-/// Bazel's HTTP cache uploads every output of an action without asking whether the cache holds
-/// it. A blob uploaded again with the same bytes is answered as stored but not replicated again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blob_uploaded_again_is_replicated_once() {
-    let nodes = start_mesh(&[130, 131]).await;
-    let (a, b) = (&nodes[0], &nodes[1]);
-    let blob = payload(1300, 4000);
-    let path = format!(
-        "/bazel/{ACCOUNT}/ios/cas/{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&blob))
-    );
-    put(a, &path, blob.clone()).await;
-    assert_replicated(b, &path, &blob).await;
-    // (The sender sends a key's latest version once, however often it was written since the
-    // last send: the peer must have had the first before the next ones are written.)
-    for _ in 0..2 {
-        put(a, &path, blob.clone()).await;
-    }
-    // A later write, so that the peer has surely received everything before it.
-    put(a, &gradle_path("ios", "after"), payload(1301, 100)).await;
-    assert_replicated(b, &gradle_path("ios", "after"), &payload(1301, 100)).await;
-    assert_eq!(body_at(b, &path).await.as_deref(), Some(&blob[..]));
-    let applied = b
-        .metric("kura_replication_applied_total{result=\"applied\"}")
-        .await;
-    let stale = b
-        .metric("kura_replication_applied_total{result=\"stale\"}")
-        .await;
-    assert_eq!(
-        (applied, stale),
-        (2, 0),
-        "applied and stale: the blob was sent again"
-    );
-    let sent = eventually(Duration::from_secs(10), || async {
-        let peer = a.status().await["peers"][0].clone();
-        (peer["pending_entries"] == 0).then_some(peer["sent_entries"].clone())
-    })
-    .await;
-    assert_eq!(sent, Some(json!(2)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -379,8 +379,7 @@ where
                 .await?;
             let result = match committed.outcome {
                 Outcome::Published { .. } => ApplyResult::Applied,
-                // (`Unchanged` is a local write's outcome only.)
-                Outcome::Stale | Outcome::Unchanged => ApplyResult::Stale,
+                Outcome::Stale => ApplyResult::Stale,
                 Outcome::Tombstoned => ApplyResult::Tombstoned,
             };
             let stored = if result == ApplyResult::Applied {

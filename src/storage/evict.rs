@@ -380,8 +380,17 @@ impl Store {
         let resolution = self.access_resolution_ms();
         let mut batch = WriteBatch::default();
         for (encoded, accessed_ms) in touches {
-            let Some(published_ms) = self.published_ms(encoded)? else {
-                continue;
+            let published_ms = match self.published_ms(encoded) {
+                Ok(Some(published_ms)) => published_ms,
+                Ok(None) => continue,
+                // An access noted without reading the record (an existence check answered from
+                // memory) can name a key in a damaged block. Forgotten, as a read or eviction
+                // forgets it; kept, it would fail every flush, and so every eviction pass.
+                Err(StoreError::Db(error)) if super::is_damage(&error) => {
+                    self.forget_damaged_record_locked(encoded, &error);
+                    continue;
+                }
+                Err(error) => return Err(error),
             };
             let last = self.last_access(encoded, published_ms)?;
             // Not newer (noted before a rewrite of the key) or not enough newer to be worth it.

@@ -292,9 +292,6 @@ pub enum Outcome {
     Stale,
     /// A remote version at or before its project's last clean: ignored.
     Tombstoned,
-    /// A local write of the very bytes its content-addressed key holds: the stored version
-    /// stays (with a fresh access time), and nothing is written or replicated again.
-    Unchanged,
 }
 
 /// Receipt of a write: durable when published, a no-op when a remote version lost.
@@ -314,18 +311,9 @@ impl Committed {
     pub fn seq(&self) -> Option<u64> {
         match self.outcome {
             Outcome::Published { seq } => Some(seq),
-            Outcome::Stale | Outcome::Tombstoned | Outcome::Unchanged => None,
+            Outcome::Stale | Outcome::Tombstoned => None,
         }
     }
-}
-
-/// Whether `new` is the artifact `old` already is, under a key that names its content (a
-/// blob's digest, checked on the way in). Only there may a write change nothing: under any
-/// other key a write of the same bytes still takes a new version, which must win over the
-/// versions written elsewhere since `old`.
-fn holds_the_same_content(key: &ArtifactKey, old: &ArtifactRecord, new: &ArtifactRecord) -> bool {
-    matches!(key.kind, Kind::CasSha256 | Kind::CasBlake3)
-        && (old.size, old.blake3, &old.content_type) == (new.size, new.blake3, &new.content_type)
 }
 
 /// A caller's addition to a publish's batch. Called under the key's lock once the publish is decided, with what is being published; the
@@ -902,23 +890,6 @@ impl Store {
         let live = previous
             .as_ref()
             .is_some_and(|old| cleaned_at.is_none_or(|t| old.version_ms > t));
-        if let Some(old) = previous.as_ref().filter(|_| live)
-            && local
-            && hook.is_none()
-            && holds_the_same_content(key, old, record)
-        {
-            // The stored version is the one to keep: it is the version the peers hold. The
-            // write still counts as an access.
-            record.version_ms = old.version_ms;
-            record.origin.clone_from(&old.origin);
-            self.inner.touches.note_at(encoded, record.accessed_ms);
-            return Ok(Published {
-                previous: None,
-                held: None,
-                live,
-                outcome: Outcome::Unchanged,
-            });
-        }
         if local {
             if let Some(cleaned_at) = cleaned_at {
                 record.version_ms = record.version_ms.max(cleaned_at.saturating_add(1));

@@ -1970,6 +1970,35 @@ async fn eviction_forgets_a_damaged_record_at_the_head_of_its_queue_and_goes_on(
     assert_eq!(body_of(&store, &gradle("damaged")).await, None);
 }
 
+/// An access noted for a key in a damaged block (an existence check answered from memory notes
+/// one without reading the record) failed every flush of noted accesses, and so every eviction
+/// pass after it, for good: the flush now forgets that record and goes on.
+#[tokio::test]
+async fn a_noted_access_to_a_damaged_record_does_not_stop_flushes_or_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
+    let damaged_body = incompressible("damaged", 4096);
+    let intact_body = incompressible("intact", 4096);
+    let store = store_with_damaged_block(
+        dir.path(),
+        (&damaged, &damaged_body),
+        (&intact, &intact_body),
+    )
+    .await;
+    store.inner.touches.note_at(&damaged.encode(), now_ms());
+    store
+        .maintain()
+        .await
+        .expect("the flush passes the damaged record");
+    assert!(
+        store.inner.touches.is_empty(),
+        "the access was kept to fail again"
+    );
+    let freed = store.evict_until(0).await.unwrap().freed;
+    assert!(freed > 4096, "the intact artifact is evicted: {freed}");
+    assert_eq!(body_of(&store, &damaged).await, None);
+}
+
 /// A compaction that reads a damaged block is a RocksDB background error, after which RocksDB
 /// refuses writes: the store counts it, so that `/status` and `/metrics` can say why every
 /// write now fails, and the write answers an error rather than a success that is not stored.
@@ -2305,42 +2334,4 @@ async fn a_long_eviction_pass_lets_others_take_the_lock_between_its_batches() {
         "let in before the pass began or after it ended: {left_when_let_in} artifacts left"
     );
     assert_eq!(store.stats().artifacts, 0);
-}
-
-/// A blob written again with the bytes its digest key already holds changes nothing: no new
-/// version, nothing logged for the peers, the usage as it was; only its access time moves.
-/// Under a key that does not name its content, the same bytes still make a new version, which
-/// must win over versions written elsewhere meanwhile.
-#[tokio::test]
-async fn a_blob_written_again_with_the_same_bytes_is_kept_as_it_was_and_not_logged_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = logging_store(dir.path());
-    let blob = ArtifactKey::new("p", Kind::CasSha256, digest_of(1));
-    let first = put(&store, &blob, b"the blob").await;
-    let used = store.stats().used_bytes;
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-
-    let again = put(&store, &blob, b"the blob").await;
-    assert_eq!(again.outcome, Outcome::Unchanged);
-    assert!(!again.created);
-    assert_eq!(again.info.version_ms, first.info.version_ms);
-    assert_eq!(log_of(&store, 0).len(), 1, "logged for the peers again");
-    assert_eq!(store.stats().used_bytes, used);
-    let noted = store.inner.touches.take();
-    assert!(
-        noted.iter().any(|(key, _)| *key == blob.encode()),
-        "the write did not count as an access"
-    );
-    assert_eq!(
-        body_of(&store, &blob).await.as_deref(),
-        Some(&b"the blob"[..])
-    );
-
-    let cache_entry = gradle("entry");
-    let first = put(&store, &cache_entry, b"same").await;
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let again = put(&store, &cache_entry, b"same").await;
-    assert!(matches!(again.outcome, Outcome::Published { .. }));
-    assert!(again.info.version_ms > first.info.version_ms);
-    assert_eq!(log_of(&store, 0).len(), 3);
 }
