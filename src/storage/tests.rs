@@ -1793,6 +1793,20 @@ async fn store_with_damaged_block(
     open()
 }
 
+/// `gradle("damaged")` in a damaged SST block and `gradle("intact")` in another, each with an
+/// inline body of 4 KiB; and the intact one's body.
+async fn two_artifacts_one_damaged(dir: &Path) -> (Store, Vec<u8>) {
+    let damaged_body = incompressible("damaged", 4096);
+    let intact_body = incompressible("intact", 4096);
+    let store = store_with_damaged_block(
+        dir,
+        (&gradle("damaged"), &damaged_body),
+        (&gradle("intact"), &intact_body),
+    )
+    .await;
+    (store, intact_body)
+}
+
 /// Inline bodies are not hashed again on read: RocksDB's block checksums stand in for it
 /// (docs/storage.md, "Reading and verification"). A damaged SST block must read as a miss,
 /// never as the damaged bytes, leave the artifacts in other blocks readable, and not keep the
@@ -1801,14 +1815,7 @@ async fn store_with_damaged_block(
 async fn an_inline_body_in_a_damaged_sst_block_reads_as_a_miss_not_wrong_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (damaged, intact) = (gradle("damaged"), gradle("intact"));
-    let damaged_body = incompressible("damaged", 4096);
-    let intact_body = incompressible("intact", 4096);
-    let store = store_with_damaged_block(
-        dir.path(),
-        (&damaged, &damaged_body),
-        (&intact, &intact_body),
-    )
-    .await;
+    let (store, intact_body) = two_artifacts_one_damaged(dir.path()).await;
     assert!(
         store.lookup(&damaged).unwrap().is_none(),
         "a lookup in the damaged block answers a miss"
@@ -1949,14 +1956,7 @@ async fn the_sweep_keeps_the_file_of_a_record_it_cannot_decode() {
 #[tokio::test]
 async fn eviction_forgets_a_damaged_record_at_the_head_of_its_queue_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let damaged_body = incompressible("damaged", 4096);
-    let intact_body = incompressible("intact", 4096);
-    let store = store_with_damaged_block(
-        dir.path(),
-        (&gradle("damaged"), &damaged_body),
-        (&gradle("intact"), &intact_body),
-    )
-    .await;
+    let (store, _) = two_artifacts_one_damaged(dir.path()).await;
     let freed = store
         .evict_until(0)
         .await
@@ -1976,15 +1976,8 @@ async fn eviction_forgets_a_damaged_record_at_the_head_of_its_queue_and_goes_on(
 #[tokio::test]
 async fn a_noted_access_to_a_damaged_record_does_not_stop_flushes_or_eviction() {
     let dir = tempfile::tempdir().unwrap();
-    let (damaged, intact) = (gradle("damaged"), gradle("intact"));
-    let damaged_body = incompressible("damaged", 4096);
-    let intact_body = incompressible("intact", 4096);
-    let store = store_with_damaged_block(
-        dir.path(),
-        (&damaged, &damaged_body),
-        (&intact, &intact_body),
-    )
-    .await;
+    let damaged = gradle("damaged");
+    let (store, _) = two_artifacts_one_damaged(dir.path()).await;
     store.inner.touches.note_at(&damaged.encode(), now_ms());
     store
         .maintain()
