@@ -275,6 +275,19 @@ async fn put_as(
         .await
 }
 
+/// [`put_as`] of a peer's version (`version_ms`, written by `origin`), which must not fail.
+async fn put_remote(
+    store: &Store,
+    key: &ArtifactKey,
+    body: &[u8],
+    version_ms: u64,
+    origin: &str,
+) -> Committed {
+    put_as(store, key, body, Provenance::remote(version_ms, origin))
+        .await
+        .unwrap()
+}
+
 async fn body_of(store: &Store, key: &ArtifactKey) -> Option<Vec<u8>> {
     let artifact = store.read(key).await.unwrap()?;
     let size = artifact.info.size;
@@ -361,43 +374,31 @@ async fn last_writer_wins_for_remote_versions_in_both_directions() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with(dir.path(), 1 << 30);
     let key = ArtifactKey::new("p", Kind::Gradle, "k");
-    let first = put_as(&store, &key, b"v1000", Provenance::remote(1000, "peer-b"))
-        .await
-        .unwrap();
+    let first = put_remote(&store, &key, b"v1000", 1000, "peer-b").await;
     assert!(first.created && first.seq().is_some());
 
     // Older, and equal with a smaller origin: ignored, not errors; the stored version stays.
     for (version, origin) in [(999, "peer-z"), (1000, "peer-a"), (1000, "peer-b")] {
-        let late = put_as(&store, &key, b"old", Provenance::remote(version, origin))
-            .await
-            .unwrap();
+        let late = put_remote(&store, &key, b"old", version, origin).await;
         assert_eq!(late.outcome, Outcome::Stale, "{version} {origin}");
         assert!(!late.created);
         assert_eq!(body_of(&store, &key).await.unwrap(), b"v1000");
     }
     // Newer by origin at the same instant, then newer by time: applied.
-    let tie = put_as(&store, &key, b"tie", Provenance::remote(1000, "peer-c"))
-        .await
-        .unwrap();
+    let tie = put_remote(&store, &key, b"tie", 1000, "peer-c").await;
     assert!(tie.seq().is_some() && !tie.created);
     assert_eq!(body_of(&store, &key).await.unwrap(), b"tie");
-    put_as(&store, &key, b"v2000", Provenance::remote(2000, "peer-a"))
-        .await
-        .unwrap();
+    put_remote(&store, &key, b"v2000", 2000, "peer-a").await;
     assert_eq!(store.head(&key).unwrap().unwrap().version_ms, 2000);
 
     // A local write always replaces, and is stamped past what it replaced, so peers take it
     // even when the remote version came from a clock ahead of ours.
     let future = now_ms() + 60_000;
-    put_as(&store, &key, b"ahead", Provenance::remote(future, "peer-a"))
-        .await
-        .unwrap();
+    put_remote(&store, &key, b"ahead", future, "peer-a").await;
     let local = put(&store, &key, b"local").await;
     assert_eq!(local.info.version_ms, future + 1);
     assert_eq!(body_of(&store, &key).await.unwrap(), b"local");
-    let echo = put_as(&store, &key, b"ahead", Provenance::remote(future, "peer-a"))
-        .await
-        .unwrap();
+    let echo = put_remote(&store, &key, b"ahead", future, "peer-a").await;
     assert_eq!(echo.outcome, Outcome::Stale);
 }
 
@@ -407,14 +408,10 @@ async fn a_stale_remote_version_leaves_no_body_behind() {
     let store = store_with(dir.path(), 1 << 30);
     let key = ArtifactKey::new("p", Kind::Gradle, "big");
     let big = vec![1u8; 5000];
-    put_as(&store, &key, &big, Provenance::remote(2000, "peer"))
-        .await
-        .unwrap();
+    put_remote(&store, &key, &big, 2000, "peer").await;
     let before = body_ids_on_disk(dir.path());
     assert_eq!(before.len(), 1);
-    let stale = put_as(&store, &key, &[2u8; 5000], Provenance::remote(1000, "peer"))
-        .await
-        .unwrap();
+    let stale = put_remote(&store, &key, &[2u8; 5000], 1000, "peer").await;
     assert_eq!(stale.outcome, Outcome::Stale);
     assert_eq!(body_ids_on_disk(dir.path()), before);
     assert_eq!(store.stats().artifacts, 1);
@@ -426,41 +423,23 @@ async fn a_clean_refuses_remote_versions_from_before_it() {
     let store = store_with(dir.path(), 1 << 30);
     let key = ArtifactKey::new("ios", Kind::Gradle, "k");
     let before = now_ms();
-    put_as(
-        &store,
-        &key,
-        b"old",
-        Provenance::remote(before - 10, "peer"),
-    )
-    .await
-    .unwrap();
+    put_remote(&store, &key, b"old", before - 10, "peer").await;
     store.delete_project("ios").await.unwrap();
     assert!(store.head(&key).unwrap().is_none());
     let cleaned_at = store.inner.tombstones.of("ios").unwrap();
 
     for version in [before - 5, cleaned_at] {
-        let late = put_as(&store, &key, b"late", Provenance::remote(version, "peer"))
-            .await
-            .unwrap();
+        let late = put_remote(&store, &key, b"late", version, "peer").await;
         assert_eq!(late.outcome, Outcome::Tombstoned, "version {version}");
         assert!(store.head(&key).unwrap().is_none());
     }
     assert_eq!(store.stats().artifacts, 0);
-    let newer = put_as(
-        &store,
-        &key,
-        b"new",
-        Provenance::remote(cleaned_at + 1, "peer"),
-    )
-    .await
-    .unwrap();
+    let newer = put_remote(&store, &key, b"new", cleaned_at + 1, "peer").await;
     assert!(newer.created && newer.seq().is_some());
     assert_eq!(body_of(&store, &key).await.unwrap(), b"new");
     // Another project is not affected.
     let other = ArtifactKey::new("android", Kind::Gradle, "k");
-    let applied = put_as(&store, &other, b"x", Provenance::remote(1, "peer"))
-        .await
-        .unwrap();
+    let applied = put_remote(&store, &other, b"x", 1, "peer").await;
     assert!(applied.seq().is_some());
 }
 
@@ -1348,9 +1327,7 @@ async fn local_writes_and_cleans_are_logged_in_order_and_remote_ones_never() {
     let dir = tempfile::tempdir().unwrap();
     let store = logging_store(dir.path());
     let first = put(&store, &gradle("a"), b"one").await;
-    let remote = put_as(&store, &gradle("b"), b"two", Provenance::remote(5, "peer"))
-        .await
-        .unwrap();
+    let remote = put_remote(&store, &gradle("b"), b"two", 5, "peer").await;
     assert!(remote.seq().is_some(), "the remote version is published");
     store.delete_project("p").await.unwrap();
     store.apply_remote_clean("other", now_ms()).await.unwrap();
@@ -1389,32 +1366,14 @@ async fn this_nodes_own_writes_fetched_back_are_received_versions_not_local_writ
     let dir = tempfile::tempdir().unwrap();
     let store = logging_store(dir.path());
     let own = store.node_id().to_owned();
-    put_as(
-        &store,
-        &gradle("k"),
-        b"newer",
-        Provenance::remote(200, "peer"),
-    )
-    .await
-    .unwrap();
-    let old = put_as(
-        &store,
-        &gradle("k"),
-        b"older",
-        Provenance::remote(100, &own),
-    )
-    .await
-    .unwrap();
+    put_remote(&store, &gradle("k"), b"newer", 200, "peer").await;
+    let old = put_remote(&store, &gradle("k"), b"older", 100, &own).await;
     assert_eq!(old.outcome, Outcome::Stale);
     assert_eq!(body_of(&store, &gradle("k")).await.unwrap(), b"newer");
     store.apply_remote_clean("p", 300).await.unwrap();
-    let cleaned = put_as(&store, &gradle("c"), b"x", Provenance::remote(250, &own))
-        .await
-        .unwrap();
+    let cleaned = put_remote(&store, &gradle("c"), b"x", 250, &own).await;
     assert_eq!(cleaned.outcome, Outcome::Tombstoned);
-    let restored = put_as(&store, &gradle("r"), b"y", Provenance::remote(400, &own))
-        .await
-        .unwrap();
+    let restored = put_remote(&store, &gradle("r"), b"y", 400, &own).await;
     assert_eq!(restored.info.version_ms, 400, "kept as it was written");
     assert!(log_of(&store, 0).is_empty(), "none of them is logged again");
 }
@@ -1429,35 +1388,14 @@ async fn a_clean_removes_what_was_written_before_it_even_versions_stamped_ahead_
     let ahead = now_ms() + 60_000;
     {
         let store = logging_store(dir.path());
-        put_as(
-            &store,
-            &gradle("peer"),
-            b"x",
-            Provenance::remote(ahead, "peer"),
-        )
-        .await
-        .unwrap();
-        put_as(
-            &store,
-            &gradle("raised"),
-            b"x",
-            Provenance::remote(ahead, "peer"),
-        )
-        .await
-        .unwrap();
+        put_remote(&store, &gradle("peer"), b"x", ahead, "peer").await;
+        put_remote(&store, &gradle("raised"), b"x", ahead, "peer").await;
         let raised = put(&store, &gradle("raised"), b"mine").await;
         assert!(raised.info.version_ms > ahead);
         store.delete_project("p").await.unwrap();
         assert_eq!(body_of(&store, &gradle("peer")).await, None);
         assert_eq!(body_of(&store, &gradle("raised")).await, None);
-        put_as(
-            &store,
-            &gradle("later"),
-            b"x",
-            Provenance::remote(ahead + 10, "peer"),
-        )
-        .await
-        .unwrap();
+        put_remote(&store, &gradle("later"), b"x", ahead + 10, "peer").await;
     }
     let store = logging_store(dir.path());
     store.delete_project("p").await.unwrap();
@@ -1473,9 +1411,7 @@ async fn a_clean_removes_what_was_written_before_it_even_versions_stamped_ahead_
     // and survives it.
     let far = now_ms() + 3 * 3_600_000;
     let key = ArtifactKey::new("r", Kind::Gradle, "far".to_string());
-    put_as(&store, &key, b"x", Provenance::remote(far, "peer"))
-        .await
-        .unwrap();
+    put_remote(&store, &key, b"x", far, "peer").await;
     store.delete_project("r").await.unwrap();
     let cleaned_at = store.inner.tombstones.of("r").unwrap();
     assert!(cleaned_at <= now_ms() + 3_600_000 && cleaned_at < far);
@@ -1488,33 +1424,12 @@ async fn a_clean_removes_what_was_written_before_it_even_versions_stamped_ahead_
 async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
     let dir = tempfile::tempdir().unwrap();
     let store = logging_store(dir.path());
-    put_as(
-        &store,
-        &gradle("old"),
-        b"x",
-        Provenance::remote(100, "peer"),
-    )
-    .await
-    .unwrap();
+    put_remote(&store, &gradle("old"), b"x", 100, "peer").await;
     store.apply_remote_clean("p", 200).await.unwrap();
     assert!(body_of(&store, &gradle("old")).await.is_none());
-    let late = put_as(
-        &store,
-        &gradle("old"),
-        b"x",
-        Provenance::remote(150, "peer"),
-    )
-    .await
-    .unwrap();
+    let late = put_remote(&store, &gradle("old"), b"x", 150, "peer").await;
     assert_eq!(late.outcome, Outcome::Tombstoned);
-    let newer = put_as(
-        &store,
-        &gradle("new"),
-        b"y",
-        Provenance::remote(250, "peer"),
-    )
-    .await
-    .unwrap();
+    let newer = put_remote(&store, &gradle("new"), b"y", 250, "peer").await;
     assert!(newer.seq().is_some());
     // An older remote clean does not move the tombstone back. Nor is a clean this node holds
     // (every bootstrap and catch-up pass hands each peer's cleans over again) applied anew: no
@@ -1530,14 +1445,7 @@ async fn a_remote_clean_hides_older_versions_and_refuses_them_later() {
 async fn a_remote_clean_sent_again_finishes_the_deletions_its_first_try_left() {
     let dir = tempfile::tempdir().unwrap();
     let store = logging_store(dir.path());
-    put_as(
-        &store,
-        &gradle("old"),
-        b"x",
-        Provenance::remote(100, "peer"),
-    )
-    .await
-    .unwrap();
+    put_remote(&store, &gradle("old"), b"x", 100, "peer").await;
     // The first try wrote its tombstone and its unfinished mark, and its deletions failed: the
     // sender retries the same clean.
     store.write_tombstone("p", Some(200)).unwrap();
@@ -2228,17 +2136,26 @@ async fn an_eviction_pass_keeps_its_lock_when_its_caller_stops_waiting() {
     assert!(freed, "the lock goes with the pass");
 }
 
+/// A store that holds ten artifacts of [`put_numbered`]: low watermark 5, eviction start 7.5;
+/// and what each of them costs.
+fn store_of_ten(dir: &Path) -> (Store, u64) {
+    let charge = meta::charge(600, gradle("k00").encode().len(), 0);
+    (store_with(dir, 10 * charge), charge)
+}
+
+/// Writes artifact `k{n:02}`, 600 bytes.
+async fn put_numbered(store: &Store, n: usize) {
+    put(store, &gradle(&format!("k{n:02}")), &[1u8; 600]).await;
+}
+
 /// Usage past the eviction start (midway between the low watermark and capacity) is taken down
 /// to the low watermark by the background pass, oldest first; below it the pass evicts nothing.
 #[tokio::test]
 async fn the_background_pass_evicts_to_the_low_watermark_once_usage_passes_the_eviction_start() {
     let dir = tempfile::tempdir().unwrap();
-    let body = vec![1u8; 600];
-    let charge = meta::charge(600, gradle("k00").encode().len(), 0);
-    // Low watermark 5 artifacts, eviction start 7.5.
-    let store = store_with(dir.path(), 10 * charge);
+    let (store, charge) = store_of_ten(dir.path());
     for i in 0..7 {
-        put(&store, &gradle(&format!("k{i:02}")), &body).await;
+        put_numbered(&store, i).await;
     }
     store.maintain().await.unwrap();
     assert_eq!(
@@ -2247,7 +2164,7 @@ async fn the_background_pass_evicts_to_the_low_watermark_once_usage_passes_the_e
         "evicted below the eviction start"
     );
 
-    put(&store, &gradle("k07"), &body).await;
+    put_numbered(&store, 7).await;
     assert_eq!(
         store.stats().artifacts,
         8,
@@ -2266,15 +2183,13 @@ async fn the_background_pass_evicts_to_the_low_watermark_once_usage_passes_the_e
 #[tokio::test]
 async fn a_write_that_finds_the_store_full_evicts_only_down_to_the_eviction_start() {
     let dir = tempfile::tempdir().unwrap();
-    let body = vec![1u8; 600];
-    let charge = meta::charge(600, gradle("k00").encode().len(), 0);
-    let store = store_with(dir.path(), 10 * charge);
+    let (store, _) = store_of_ten(dir.path());
     for i in 0..10 {
-        put(&store, &gradle(&format!("k{i:02}")), &body).await;
+        put_numbered(&store, i).await;
     }
     assert_eq!(store.stats().artifacts, 10);
 
-    put(&store, &gradle("k10"), &body).await;
+    put_numbered(&store, 10).await;
     // Three went to bring usage under 7.5 artifacts, then the write landed; not five (to the
     // low watermark) as when the write that found the store full did it all.
     assert_eq!(store.stats().artifacts, 8);
