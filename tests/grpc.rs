@@ -10,7 +10,8 @@ use common::grpc::{Grpc, blake3, blob_name, sha256, upload_name, write_messages}
 use common::{Node, NodeOptions, client, payload};
 use kura::grpc::proto::reapi::{
     ActionResult, Digest, Directory, DirectoryNode, FileNode, GetActionResultRequest,
-    GetCapabilitiesRequest, GetTreeRequest, OutputFile, UpdateActionResultRequest,
+    GetCapabilitiesRequest, GetTreeRequest, OutputDirectory, OutputFile, Tree,
+    UpdateActionResultRequest,
 };
 use prost::Message;
 use tonic::Code;
@@ -798,6 +799,140 @@ async fn an_action_result_whose_output_was_evicted_is_not_found() {
     );
     let status = grpc.get_action_result("ios", action).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+}
+
+/// A directory holding the given files (by content) and child directories (by encoded bytes).
+fn directory(files: &[(&str, &[u8])], children: &[(&str, &[u8])]) -> Directory {
+    Directory {
+        files: files
+            .iter()
+            .map(|(name, data)| FileNode {
+                name: name.to_string(),
+                digest: Some(sha256(data)),
+                ..Default::default()
+            })
+            .collect(),
+        directories: children
+            .iter()
+            .map(|(name, bytes)| DirectoryNode {
+                name: name.to_string(),
+                digest: Some(sha256(bytes)),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// An output directory is served in either of REAPI's forms (a `Tree`, or the digest of its
+/// root `Directory`, or both), and only while everything a client would fetch below it is
+/// stored: a result whose tree, directories or files are gone is a miss, not a broken hit.
+#[tokio::test]
+async fn output_directories_are_hits_only_while_everything_below_them_is_stored() {
+    let node = Node::start();
+    let grpc = Grpc::connect(&node).await;
+    let (top_file, leaf_file) = (b"top file".as_slice(), b"leaf file".as_slice());
+    let leaf = directory(&[("b.txt", leaf_file)], &[]).encode_to_vec();
+    let root = directory(&[("a.txt", top_file)], &[("leaf", &leaf)]).encode_to_vec();
+    let tree = Tree {
+        root: Some(Directory::decode(root.as_slice()).unwrap()),
+        children: vec![Directory::decode(leaf.as_slice()).unwrap()],
+    }
+    .encode_to_vec();
+    // The same shape again with a leaf that is never stored, and with a file that is not.
+    let lost_leaf = directory(&[("c.txt", b"c")], &[]).encode_to_vec();
+    let root_of_lost_leaf = directory(&[("a.txt", top_file)], &[("leaf", &lost_leaf)]);
+    let root_of_lost_file = directory(&[("gone.txt", b"never uploaded")], &[]);
+    let (root_of_lost_leaf, root_of_lost_file) = (
+        root_of_lost_leaf.encode_to_vec(),
+        root_of_lost_file.encode_to_vec(),
+    );
+    let tree_of_lost_file = Tree {
+        root: Some(Directory::decode(root_of_lost_file.as_slice()).unwrap()),
+        children: vec![],
+    }
+    .encode_to_vec();
+    let stored: [&[u8]; 9] = [
+        top_file,
+        leaf_file,
+        b"c",
+        &leaf,
+        &root,
+        &tree,
+        &root_of_lost_leaf,
+        &root_of_lost_file,
+        &tree_of_lost_file,
+    ];
+    grpc.batch_update(
+        "ios",
+        stored.iter().map(|b| (sha256(b), b.to_vec(), 0)).collect(),
+        SHA256,
+    )
+    .await
+    .unwrap();
+
+    let mut actions = 0;
+    let mut stored_then_read = async |tree: Option<Digest>, root: Option<Digest>| {
+        actions += 1;
+        let action = sha256(format!("action-with-directory-{actions}").as_bytes());
+        let result = ActionResult {
+            output_directories: vec![OutputDirectory {
+                path: "out/dir".into(),
+                tree_digest: tree,
+                root_directory_digest: root,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let update = UpdateActionResultRequest {
+            instance_name: "ios".into(),
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        };
+        grpc.action_cache()
+            .update_action_result(grpc.request(update))
+            .await?;
+        let served = grpc.get_action_result("ios", action).await?;
+        assert_eq!(served, result, "a hit serves the result as stored");
+        Ok::<_, tonic::Status>(())
+    };
+    let d = |bytes: &[u8]| Some(sha256(bytes));
+    let code = |outcome: Result<(), tonic::Status>| outcome.err().map(|status| status.code());
+
+    assert_eq!(code(stored_then_read(d(&tree), None).await), None);
+    assert_eq!(code(stored_then_read(None, d(&root)).await), None);
+    assert_eq!(code(stored_then_read(d(&tree), d(&root)).await), None);
+    let not_found = Some(Code::NotFound);
+    assert_eq!(
+        code(stored_then_read(None, d(&root_of_lost_leaf)).await),
+        not_found,
+        "a directory below the root is not stored"
+    );
+    assert_eq!(
+        code(stored_then_read(d(&tree), d(&root_of_lost_leaf)).await),
+        not_found,
+        "a tree whose files are all stored does not vouch for the directories below the root"
+    );
+    assert_eq!(
+        code(stored_then_read(None, d(&root_of_lost_file)).await),
+        not_found,
+        "a file in a directory is not stored"
+    );
+    assert_eq!(
+        code(stored_then_read(d(&tree_of_lost_file), None).await),
+        not_found,
+        "a file the tree lists is not stored"
+    );
+    assert_eq!(
+        code(stored_then_read(d(b"no such tree".as_slice()), None).await),
+        not_found,
+        "the tree is not stored"
+    );
+    assert_eq!(
+        code(stored_then_read(None, None).await),
+        Some(Code::InvalidArgument),
+        "an output directory naming neither form is malformed"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! Bazel HTTP `/ac/` routes.
 //!
 //! A stored value is served only if it is an `ActionResult` whose outputs are all still
-//! stored: eviction may have taken a blob the result names, and a result whose outputs are gone
+//! stored: its files, and for each output directory its tree and the files the tree lists, or
+//! (REAPI's newer directory-only form) every `Directory` below its root and their files.
+//! Eviction may have taken a blob the result names, and a result whose outputs are gone
 //! would fail the client's build, so it is a miss. Values written over HTTP that are not
 //! action results (ccache stores its own bytes under `/ac/`) are misses too. Serving a result
 //! refreshes the access time of every blob it names, so they are not the next evicted.
@@ -16,8 +18,11 @@ use super::access::admit;
 use super::blobs::{lease_memory, read_blob, read_whole, store_value};
 use super::digest::{BlobDigest, HashFunction};
 use super::proto::reapi::action_cache_server::ActionCache;
-use super::proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
+use super::proto::reapi::{
+    ActionResult, Digest, Directory, GetActionResultRequest, Tree, UpdateActionResultRequest,
+};
 use super::status::of_store_error;
+use super::tree::{DirectoryWalk, Walked};
 use crate::auth::Action;
 use crate::context::NodeContext;
 use crate::storage::KeyBatch;
@@ -91,25 +96,42 @@ impl ActionCache for ActionCacheService {
     }
 }
 
-/// Every digest an action result names, each checked.
+/// Every digest an action result names, each checked. An output directory names its tree,
+/// its root `Directory` (REAPI's newer directory-only form), or both.
 fn named_digests(function: HashFunction, result: &ActionResult) -> Result<Vec<BlobDigest>, Status> {
+    if let Some(directory) = result
+        .output_directories
+        .iter()
+        .find(|d| d.tree_digest.is_none() && d.root_directory_digest.is_none())
+    {
+        return Err(Status::invalid_argument(format!(
+            "output directory {:?} names neither a tree_digest nor a root_directory_digest",
+            directory.path
+        )));
+    }
     let files = result
         .output_files
         .iter()
         .map(|f| (f.digest.as_ref(), "output_files.digest"));
-    let trees = result
-        .output_directories
-        .iter()
-        .map(|d| (d.tree_digest.as_ref(), "output_directories.tree_digest"));
+    let directories = result.output_directories.iter().flat_map(|d| {
+        [
+            (d.tree_digest.as_ref(), "output_directories.tree_digest"),
+            (
+                d.root_directory_digest.as_ref(),
+                "output_directories.root_directory_digest",
+            ),
+        ]
+    });
     let logs = [
         (result.stdout_digest.as_ref(), "stdout_digest"),
         (result.stderr_digest.as_ref(), "stderr_digest"),
-    ]
-    .into_iter()
-    .filter(|(digest, _)| digest.is_some());
+    ];
     files
-        .chain(trees)
-        .chain(logs)
+        .chain(
+            directories
+                .chain(logs)
+                .filter(|(digest, _)| digest.is_some()),
+        )
         .map(|(digest, what)| BlobDigest::from_proto(function, digest, what))
         .collect()
 }
@@ -120,9 +142,11 @@ fn check_result(function: HashFunction, result: &ActionResult) -> Result<(), Sta
 }
 
 /// The blobs a served result depends on: the ones it names, and the files inside its output
-/// directories' trees.
+/// directories (listed by their trees, or found by walking down from their root directories).
+/// `None` when the result cannot be served: a tree or directory under it is not stored or not
+/// what it should be, or a digest in it is malformed.
 async fn outputs_of(
-    node: &NodeContext,
+    node: &Arc<NodeContext>,
     project: &str,
     function: HashFunction,
     result: &ActionResult,
@@ -131,33 +155,89 @@ async fn outputs_of(
         // Stored by another front end with a malformed digest: not a result to serve.
         return Ok(None);
     };
-    let max_tree = node.config.limits.blob.0;
     for directory in &result.output_directories {
-        let Ok(tree_digest) =
-            BlobDigest::from_proto(function, directory.tree_digest.as_ref(), "tree_digest")
-        else {
+        if let Some(tree_digest) = directory.tree_digest.as_ref()
+            && !tree_files(node, project, function, tree_digest, &mut outputs).await?
+        {
             return Ok(None);
-        };
-        // A tree is read whole (up to limits.blob): under a lease of the body-memory budget
-        // like any transfer, so that hits on results with large trees wait their turn instead
-        // of each holding their tree at once. A tree over the whole budget takes all of it.
-        let _lease = lease_memory(node, tree_digest.size.min(max_tree)).await?;
-        let Some(bytes) = read_blob(node, project, &tree_digest, max_tree).await? else {
+        }
+        // A client that asked for directories fetches each `Directory` below the root itself:
+        // all of them must be stored, whether or not a tree lists the same files.
+        if let Some(root) = directory.root_directory_digest.as_ref()
+            && !directory_files(node, project, function, root, &mut outputs).await?
+        {
             return Ok(None);
-        };
-        let Ok(tree) = Tree::decode(bytes) else {
-            return Ok(None);
-        };
-        for directory in tree.root.iter().chain(&tree.children) {
-            for file in &directory.files {
-                match BlobDigest::from_proto(function, file.digest.as_ref(), "digest") {
-                    Ok(digest) => outputs.push(digest),
-                    Err(_) => return Ok(None),
-                }
-            }
         }
     }
     Ok(Some(outputs))
+}
+
+/// Adds the files listed by the `Tree` under `tree_digest` to `outputs`; false if the tree is
+/// not stored or not a well-formed `Tree`.
+async fn tree_files(
+    node: &NodeContext,
+    project: &str,
+    function: HashFunction,
+    tree_digest: &Digest,
+    outputs: &mut Vec<BlobDigest>,
+) -> Result<bool, Status> {
+    let Ok(tree_digest) = BlobDigest::from_proto(function, Some(tree_digest), "tree_digest") else {
+        return Ok(false);
+    };
+    let max_tree = node.config.limits.blob.0;
+    // A tree is read whole (up to limits.blob): under a lease of the body-memory budget
+    // like any transfer, so that hits on results with large trees wait their turn instead
+    // of each holding their tree at once. A tree over the whole budget takes all of it.
+    let _lease = lease_memory(node, tree_digest.size.min(max_tree)).await?;
+    let Some(bytes) = read_blob(node, project, &tree_digest, max_tree).await? else {
+        return Ok(false);
+    };
+    let Ok(tree) = Tree::decode(bytes) else {
+        return Ok(false);
+    };
+    Ok(tree
+        .root
+        .iter()
+        .chain(&tree.children)
+        .all(|directory| add_files(function, directory, outputs)))
+}
+
+/// Adds the files of every directory under `root` to `outputs`, walking down from it; false if
+/// a directory below it cannot be read (the client could not fetch it either).
+async fn directory_files(
+    node: &Arc<NodeContext>,
+    project: &str,
+    function: HashFunction,
+    root: &Digest,
+    outputs: &mut Vec<BlobDigest>,
+) -> Result<bool, Status> {
+    let Ok(root) = BlobDigest::from_proto(function, Some(root), "root_directory_digest") else {
+        return Ok(false);
+    };
+    // One directory is held at a time, each at most one message long (as GetTree reads them).
+    let limit = node.config.grpc.max_message_size.0;
+    let _lease = lease_memory(node, limit).await?;
+    let mut walk = DirectoryWalk::new(node.clone(), project.to_string(), root, limit);
+    while let Some(step) = walk.next().await? {
+        let Walked::Read(directory) = step else {
+            return Ok(false);
+        };
+        if !add_files(function, &directory, outputs) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Adds the digests of `directory`'s files to `outputs`; false if one is malformed.
+fn add_files(function: HashFunction, directory: &Directory, outputs: &mut Vec<BlobDigest>) -> bool {
+    for file in &directory.files {
+        match BlobDigest::from_proto(function, file.digest.as_ref(), "digest") {
+            Ok(digest) => outputs.push(digest),
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Whether every output is stored with its size (refreshing their access times).
@@ -234,9 +314,6 @@ async fn inline(
     Ok(())
 }
 
-fn checked(
-    function: HashFunction,
-    digest: Option<&super::proto::reapi::Digest>,
-) -> Option<BlobDigest> {
+fn checked(function: HashFunction, digest: Option<&Digest>) -> Option<BlobDigest> {
     digest.and_then(|digest| BlobDigest::from_proto(function, Some(digest), "digest").ok())
 }

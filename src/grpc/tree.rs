@@ -6,6 +6,9 @@
 //! again from its root up to there, keeping nothing it skips. The walk reads one directory at
 //! a time and holds at most one page and the directory that did not fit it: a page stops at
 //! `page_size` directories or before it would outgrow one message.
+//!
+//! The walk itself ([`DirectoryWalk`]) also serves the action cache, which checks that every
+//! directory below an output directory's root is stored before it serves a result.
 
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
@@ -24,10 +27,7 @@ pub(super) type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, S
 
 /// Where the walk of one tree is.
 pub(super) struct TreeWalk {
-    node: Arc<NodeContext>,
-    project: String,
-    seen: HashSet<BlobDigest>,
-    queue: VecDeque<BlobDigest>,
+    directories: DirectoryWalk,
     /// Directories handed out so far (sent, or skipped for a token).
     position: usize,
     /// Read, and left for the next page because the last one was full.
@@ -45,10 +45,7 @@ impl TreeWalk {
         message_limit: usize,
     ) -> TreeWalk {
         TreeWalk {
-            node,
-            project,
-            seen: HashSet::new(),
-            queue: VecDeque::from([root]),
+            directories: DirectoryWalk::new(node, project, root, message_limit as u64),
             position: 0,
             held: None,
             page_size,
@@ -102,25 +99,71 @@ impl TreeWalk {
         if let Some(directory) = self.held.take() {
             return Ok(Some(directory));
         }
+        while let Some(step) = self.directories.next().await? {
+            if let Walked::Read(directory) = step {
+                return Ok(Some(directory));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What one step of a [`DirectoryWalk`] found.
+pub(super) enum Walked {
+    /// A directory, read and decoded; its children are next in line.
+    Read(Directory),
+    /// A directory the walk could not read: not stored, over the walk's size limit, not a
+    /// `Directory` message, or named by a malformed digest. Nothing below it is walked.
+    Unreadable,
+}
+
+/// The directories under a root, breadth-first, each read once however often it is named:
+/// what both GetTree and the output check of an action result walk.
+pub(super) struct DirectoryWalk {
+    node: Arc<NodeContext>,
+    project: String,
+    /// The largest directory read, in bytes (a larger one is [`Walked::Unreadable`]).
+    limit: u64,
+    seen: HashSet<BlobDigest>,
+    /// Directories to read, in order; `None` for a child named by a malformed digest.
+    queue: VecDeque<Option<BlobDigest>>,
+}
+
+impl DirectoryWalk {
+    pub(super) fn new(
+        node: Arc<NodeContext>,
+        project: String,
+        root: BlobDigest,
+        limit: u64,
+    ) -> DirectoryWalk {
+        DirectoryWalk {
+            node,
+            project,
+            limit,
+            seen: HashSet::new(),
+            queue: VecDeque::from([Some(root)]),
+        }
+    }
+
+    /// The next directory in breadth-first order, or `None` once the walk is over.
+    pub(super) async fn next(&mut self) -> Result<Option<Walked>, Status> {
         while let Some(digest) = self.queue.pop_front() {
+            let Some(digest) = digest else {
+                return Ok(Some(Walked::Unreadable));
+            };
             if !self.seen.insert(digest.clone()) {
                 continue;
             }
-            let limit = self.message_limit as u64;
-            let Some(blob) = read_blob(&self.node, &self.project, &digest, limit).await? else {
-                continue;
-            };
-            let Ok(directory) = Directory::decode(blob) else {
-                continue;
+            let blob = read_blob(&self.node, &self.project, &digest, self.limit).await?;
+            let Some(Ok(directory)) = blob.map(Directory::decode) else {
+                return Ok(Some(Walked::Unreadable));
             };
             for child in &directory.directories {
-                if let Ok(child) =
-                    BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest")
-                {
-                    self.queue.push_back(child);
-                }
+                let child =
+                    BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest");
+                self.queue.push_back(child.ok());
             }
-            return Ok(Some(directory));
+            return Ok(Some(Walked::Read(directory)));
         }
         Ok(None)
     }
