@@ -27,8 +27,9 @@ const STREAM_OVER: u64 = 1 << 20;
 const READ_AHEAD: usize = 1024;
 /// Requests to one peer at once.
 const IN_FLIGHT: usize = 2;
-/// How often an idle worker looks for new records.
-const IDLE_POLL: Duration = Duration::from_millis(5);
+/// How long a worker that has sent everything waits for the next publish before it looks at
+/// the log again anyway (its floor may have moved, and the peer's status is refreshed).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Runs until the process exits.
 pub(super) async fn run(mesh: Arc<Mesh>, peer: Arc<PeerStatus>) {
@@ -215,7 +216,10 @@ async fn replicate_until_failure(
         move |store| store.admit_peer(&node_id)
     })
     .await?;
+    let mut published = store.watch_stable_seq();
     loop {
+        // Seen before the log is read, so a publish that lands during the read wakes the wait.
+        published.borrow_and_update();
         let records = blocking(&store, move |store| store.log_for_peer(cursor, READ_AHEAD)).await?;
         let Some(slice) = records else {
             // The log no longer holds records this peer lacks: it catches up from this node's
@@ -231,7 +235,13 @@ async fn replicate_until_failure(
             // Nothing logged through `upto`: the peer has all of it. (Persisted with the next
             // acknowledgement; until then a restart merely reads the empty stretch again.)
             cursor = slice.upto;
-            tokio::time::sleep(IDLE_POLL).await;
+            if tokio::time::timeout(IDLE_RECHECK, published.changed())
+                .await
+                .is_ok_and(|changed| changed.is_err())
+            {
+                // The store is going away (a node shutting down): nothing to wait for.
+                tokio::time::sleep(IDLE_RECHECK).await;
+            }
             continue;
         }
         let requests = group(slice.records);

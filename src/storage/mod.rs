@@ -661,6 +661,12 @@ impl Store {
         self.inner.sequencer.stable()
     }
 
+    /// [`Store::stable_seq`], told each time it moves: a reader of the log that has read it all
+    /// waits on this for the next publish.
+    pub fn watch_stable_seq(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.sequencer.watch_stable()
+    }
+
     pub fn stats(&self) -> StoreStats {
         let presence_map_entries = self.inner.presence_map.served_len();
         let presence_map_bytes = self.inner.presence_map.bytes();

@@ -12,16 +12,22 @@
 //!
 //! Concurrent publishes may commit out of number order, so a reader of the log must not go past
 //! [`Sequencer::stable`]: every publish numbered at or below it has finished (committed or
-//! failed), so nothing can appear there later.
+//! failed), so nothing can appear there later. Its readers (the replication senders) wait for it
+//! to move on a `watch` channel instead of polling the log.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard};
 
 use rocksdb::DB;
+use tokio::sync::watch;
 
 use super::{StoreError, cf, meta};
 
-pub(super) struct Sequencer(Mutex<State>);
+pub(super) struct Sequencer {
+    state: Mutex<State>,
+    /// [`Sequencer::stable`] as of the last finished publish.
+    stable: watch::Sender<u64>,
+}
 
 struct State {
     /// The number the next publish takes.
@@ -38,7 +44,19 @@ pub(super) struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.sequencer.lock().in_flight.remove(&self.seq);
+        let stable = {
+            let mut state = self.sequencer.lock();
+            state.in_flight.remove(&self.seq);
+            state.stable()
+        };
+        // Two finishing publishes may send out of order: the channel only ever moves forward.
+        self.sequencer.stable.send_if_modified(|current| {
+            let moved = stable > *current;
+            if moved {
+                *current = stable;
+            }
+            moved
+        });
     }
 }
 
@@ -49,15 +67,22 @@ impl Sequencer {
             .get_cf(cf(db, meta::CF_STATE), meta::SEQ_KEY)?
             .and_then(|bytes| meta::decode_seq(&bytes))
             .unwrap_or(0);
-        Ok(Sequencer(Mutex::new(State {
-            next: last + 1,
-            in_flight: BTreeSet::new(),
-        })))
+        Ok(Sequencer::after(last))
+    }
+
+    fn after(last: u64) -> Sequencer {
+        Sequencer {
+            state: Mutex::new(State {
+                next: last + 1,
+                in_flight: BTreeSet::new(),
+            }),
+            stable: watch::Sender::new(last),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // Two plain updates under this lock, complete or not started: poison is harmless.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes the next number. The caller holds the lock of the key it publishes.
@@ -74,10 +99,44 @@ impl Sequencer {
 
     /// The highest number at or below which every publish has finished.
     pub(super) fn stable(&self) -> u64 {
-        let state = self.lock();
-        match state.in_flight.first() {
+        self.lock().stable()
+    }
+
+    /// [`Sequencer::stable`], told each time it moves.
+    pub(super) fn watch_stable(&self) -> watch::Receiver<u64> {
+        self.stable.subscribe()
+    }
+}
+
+impl State {
+    fn stable(&self) -> u64 {
+        match self.in_flight.first() {
             Some(oldest) => oldest - 1,
-            None => state.next - 1,
+            None => self.next - 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watched_stable_number_moves_only_forward_whatever_order_publishes_finish_in() {
+        let sequencer = Sequencer::after(10);
+        let mut stable = sequencer.watch_stable();
+        assert_eq!(*stable.borrow_and_update(), 10);
+        let (first, second, third) = (sequencer.take(), sequencer.take(), sequencer.take());
+        drop(second);
+        assert!(
+            !stable.has_changed().unwrap(),
+            "11 is still in flight: a reader woken now would find nothing new"
+        );
+        drop(first);
+        assert!(stable.has_changed().unwrap());
+        assert_eq!(*stable.borrow_and_update(), 12);
+        drop(third);
+        assert_eq!(*stable.borrow_and_update(), 13);
+        assert_eq!(sequencer.stable(), 13);
     }
 }

@@ -303,6 +303,8 @@ async fn sequence_numbers_strictly_increase_across_reopens() {
     let mut seen = Vec::new();
     for round in 0..3 {
         let store = store_with(dir.path(), 1 << 30);
+        let mut stable = store.watch_stable_seq();
+        assert_eq!(*stable.borrow_and_update(), store.stable_seq());
         let tasks: Vec<_> = (0..24)
             .map(|i| {
                 let store = store.clone();
@@ -325,6 +327,11 @@ async fn sequence_numbers_strictly_increase_across_reopens() {
             "round {round}: every publish has its own number"
         );
         assert_eq!(store.stable_seq(), *numbers.last().unwrap());
+        assert_eq!(
+            *stable.borrow_and_update(),
+            store.stable_seq(),
+            "round {round}: a reader of the log is told where it ends"
+        );
         if let Some(before) = seen.last() {
             assert!(
                 numbers[0] > *before,
