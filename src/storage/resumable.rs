@@ -142,10 +142,13 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // The length is read before the sync: a writer the client abandoned may still be
+        // appending, and what it appends after the sync is not yet safe to report.
+        let length = file.metadata()?.len();
         if self.fsyncs() {
             file.sync_data().map_err(StoreError::from_write)?;
         }
-        Ok(Some(file.metadata()?.len()))
+        Ok(Some(length))
     }
 
     /// Deletes resumable uploads nobody wrote to for `max_age` and no writer holds. Blocking: a
@@ -163,9 +166,11 @@ impl Store {
             if !super::sweep::older_than(&path, cutoff)? {
                 continue;
             }
-            // Under the claims' lock: a resume cannot start between the check and the delete.
+            // Under the claims' lock, and its age looked at again there: a resume that claimed,
+            // wrote and released it since the look above has made it young again.
             let deleted = self.inner.resumable.remove_unclaimed(name, || {
-                super::sweep::remove_file(&path).unwrap_or_else(|error| {
+                let still_old = super::sweep::older_than(&path, cutoff).unwrap_or(false);
+                still_old && super::sweep::remove_file(&path).unwrap_or_else(|error| {
                     tracing::warn!(path = %path.display(), %error, "could not expire an upload");
                     false
                 })
