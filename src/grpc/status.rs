@@ -30,6 +30,7 @@ pub(crate) fn of_store_error(error: StoreError) -> Status {
         )),
         error @ (StoreError::UploadNotFound
         | StoreError::MissingPart(_)
+        | StoreError::LostPart(_)
         | StoreError::DuplicatePart(_)
         | StoreError::BadPartNumber(_)) => Status::failed_precondition(error.to_string()),
         error @ StoreError::WritesStopped(_) => {

@@ -174,6 +174,10 @@ impl From<StoreError> for ApiError {
                 "missing_part",
                 format!("Part {n} is listed but was not uploaded"),
             ),
+            StoreError::LostPart(n) => ApiError::bad_request(
+                "missing_part",
+                format!("Part {n} was lost by the node after it was acknowledged; upload it again"),
+            ),
             StoreError::TooManyUploads(limit) => ApiError::overloaded(
                 format!("Too many uploads in flight (limit {limit}); retry later"),
                 5,

@@ -10,7 +10,8 @@
 //! - `atime`: encoded key → last access (8 bytes BE), for artifacts read since their publish
 //!   (until then the record's `accessed_ms` is the last access). Kept apart from the record so
 //!   that noting a read never rewrites a record, whose inline body can be 32 KiB
-//! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight)
+//! - `uploads`: upload id → [`UploadRecord`] (module multipart uploads in flight), and
+//!   [`part_key`] → [`PartRecord`] for each of their parts
 //! - `state`: node-wide counters such as [`Usage`] and the last publish sequence number (both
 //!   kept by merge operands, see [`merge_state`]), project tombstones, peer cursors and the
 //!   highest log record the bound dropped (`outbox.rs`)
@@ -224,6 +225,33 @@ impl ArtifactRecord {
 pub struct UploadRecord {
     pub target: EncodedKey,
     pub created_ms: u64,
+}
+
+/// A part of a module upload as it was acknowledged: what assembly checks the part's file
+/// against, since in `process` durability a power cut may leave a renamed part file empty or
+/// with the bytes of the part it replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub size: u64,
+    pub blake3: [u8; 32],
+}
+
+/// The `uploads` key of part `number` of upload `id`: the id, `/`, the number in ten digits.
+/// Upload ids are hex, so this never meets an [`UploadRecord`]'s key; it sorts after it.
+pub fn part_key(id: &str, number: u32) -> Vec<u8> {
+    format!("{id}/{number:010}").into_bytes()
+}
+
+/// The `uploads` keys of every part of upload `id`: from `id/` up to, not including, `id0`.
+pub fn part_key_range(id: &str) -> (Vec<u8>, Vec<u8>) {
+    (format!("{id}/").into_bytes(), format!("{id}0").into_bytes())
+}
+
+/// The upload id and part number of a [`part_key`]; `None` for an upload record's key.
+pub fn split_part_key(key: &[u8]) -> Option<(&str, u32)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (id, number) = key.split_once('/')?;
+    Some((id, number.parse().ok()?))
 }
 
 /// An [`ArtifactKey`] in its encoded form (kept as bytes inside other records).

@@ -186,6 +186,10 @@ pub enum StoreError {
     UploadNotFound,
     #[error("part {0} was not uploaded")]
     MissingPart(u32),
+    #[error(
+        "part {0} is not as it was acknowledged (a power cut before its bytes reached the disk?)"
+    )]
+    LostPart(u32),
     #[error("part {0} is listed more than once")]
     DuplicatePart(u32),
     #[error("part numbers run from 1 to {0}")]

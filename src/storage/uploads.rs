@@ -6,6 +6,12 @@
 //! parts, in order, through a normal [`super::BodyWriter`], so the assembled artifact is hashed
 //! and published exactly like any other upload.
 //!
+//! Each placed part also gets an entry in `uploads` with its size and BLAKE3, and assembly holds
+//! the part's file to it. In `process` durability a part file is not synced, so a power cut can
+//! leave one that was renamed into place empty, or with the bytes of the part it replaced; the
+//! file's own length and hash would describe those bytes. Such a part is refused as lost
+//! ([`StoreError::LostPart`], or missing when it is found at start), never assembled.
+//!
 //! [`OpenUploads`] mirrors the records in memory with the bytes each part stages. It is rebuilt
 //! from the records and the part files at start, and every change to a record happens under its
 //! lock together with the change to the mirror, so the count of uploads in flight is the number
@@ -20,7 +26,7 @@ use std::time::SystemTime;
 use rocksdb::WriteBatch;
 use tokio::io::AsyncReadExt;
 
-use super::meta::{self, EncodedKey, UploadRecord};
+use super::meta::{self, EncodedKey, PartRecord, UploadRecord};
 use super::{
     ArtifactKey, Committed, Intent, NewArtifact, Provenance, StagedBody, Store, StoreError,
     WriteMode, bodies, now_ms,
@@ -44,15 +50,15 @@ pub(super) struct OpenUploads(Mutex<HashMap<String, OpenUpload>>);
 #[derive(Default)]
 struct OpenUpload {
     created_ms: u64,
-    /// Part number → bytes staged.
-    parts: HashMap<u32, u64>,
+    /// Part number → its size and hash, as acknowledged.
+    parts: HashMap<u32, PartRecord>,
     /// A `complete` is assembling this upload: other completions and new parts are refused.
     completing: bool,
 }
 
 impl OpenUpload {
     fn staged(&self) -> u64 {
-        self.parts.values().sum()
+        self.parts.values().map(|part| part.size).sum()
     }
 }
 
@@ -153,7 +159,7 @@ impl Store {
                 .get(id)
                 .filter(|u| !u.completing)
                 .ok_or(StoreError::UploadNotFound)?;
-            let replaced = upload.parts.get(&number).copied().unwrap_or(0);
+            let replaced = upload.parts.get(&number).map_or(0, |part| part.size);
             if upload.staged() - replaced + part.size > limits.max_bytes {
                 return Err(StoreError::TooLarge {
                     limit: limits.max_bytes,
@@ -172,12 +178,16 @@ impl Store {
         .map_err(|e| StoreError::Io(io::Error::other(e)))?
     }
 
-    /// Moves a received part into its upload's directory and accounts for it, all under the
-    /// uploads lock, so a part never lands in an upload that completed or expired meanwhile.
+    /// Moves a received part into its upload's directory, records it and accounts for it, all
+    /// under the uploads lock, so a part never lands in an upload that completed or expired
+    /// meanwhile.
     fn place_part(&self, id: &str, number: u32, part: StagedBody) -> Result<(), StoreError> {
         let dest = self.upload_dir(id).join(number.to_string());
         let fsync = self.fsyncs();
-        let size = part.size;
+        let acknowledged = PartRecord {
+            size: part.size,
+            blake3: part.blake3,
+        };
         let mut open = self.inner.uploads.lock();
         let upload = open
             .get_mut(id)
@@ -188,11 +198,29 @@ impl Store {
             bodies::StagedContent::File { temp, .. } => std::fs::rename(temp.path(), &dest),
         }
         .map_err(StoreError::from_write)?;
-        let replaced = upload.parts.insert(number, size).unwrap_or(0);
+        // After the file is in place: a part with an entry had its file (a file without one is
+        // deleted at start).
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(meta::CF_UPLOADS),
+            meta::part_key(id, number),
+            meta::encode(&acknowledged),
+        );
+        let written = self.write(batch);
+        let replaced = match &written {
+            Ok(()) => upload.parts.insert(number, acknowledged),
+            // The file now holds bytes no entry vouches for: the part is gone, and is sent again.
+            Err(_) => {
+                let _ = std::fs::remove_file(&dest);
+                upload.parts.remove(&number)
+            }
+        };
         {
+            let kept = written.as_ref().map_or(0, |_| acknowledged.size);
             let mut accounting = self.accounting();
-            accounting.staged = accounting.staged - replaced + size;
+            accounting.staged = accounting.staged - replaced.map_or(0, |part| part.size) + kept;
         }
+        written?;
         drop(open);
         // The part's bytes were synced before the rename (durability `fsync`); this makes the
         // rename itself durable before the 204.
@@ -212,12 +240,12 @@ impl Store {
         if let Some(number) = first_duplicate(parts) {
             return Err(StoreError::DuplicatePart(number));
         }
-        let (claim, staged_bytes) = self.claim_completion(id, parts)?;
+        let (claim, staged_bytes, acknowledged) = self.claim_completion(id, parts)?;
         let target = self.upload_target(id)?.ok_or(StoreError::UploadNotFound)?;
         // The assembled copy needs room of its own until the parts are removed.
         self.check_room(staged_bytes)?;
         let assembled = match self
-            .assemble(&self.upload_dir(id), parts, expected_sha256, limits)
+            .assemble(&self.upload_dir(id), &acknowledged, expected_sha256, limits)
             .await
         {
             Err(StoreError::ChecksumMismatch) => {
@@ -253,48 +281,62 @@ impl Store {
         Ok(committed)
     }
 
-    /// Takes the right to complete an upload; returns it with the bytes the upload stages.
+    /// Takes the right to complete an upload; returns it with the bytes the upload stages and
+    /// the listed parts as they were acknowledged, in list order.
+    #[allow(clippy::type_complexity)]
     fn claim_completion<'a>(
         &'a self,
         id: &'a str,
         parts: &[u32],
-    ) -> Result<(CompletionClaim<'a>, u64), StoreError> {
+    ) -> Result<(CompletionClaim<'a>, u64, Vec<(u32, PartRecord)>), StoreError> {
         let mut open = self.inner.uploads.lock();
         let upload = open
             .get_mut(id)
             .filter(|u| !u.completing)
             .ok_or(StoreError::UploadNotFound)?;
-        if let Some(&missing) = parts.iter().find(|n| !upload.parts.contains_key(n)) {
-            return Err(StoreError::MissingPart(missing));
-        }
+        let acknowledged = parts
+            .iter()
+            .map(|&number| match upload.parts.get(&number) {
+                Some(part) => Ok((number, *part)),
+                None => Err(StoreError::MissingPart(number)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         upload.completing = true;
         let staged = upload.staged();
-        Ok((CompletionClaim { store: self, id }, staged))
+        Ok((CompletionClaim { store: self, id }, staged, acknowledged))
     }
 
-    /// Streams the listed part files, in order, into one staged body.
+    /// Streams the listed part files, in order, into one staged body, each checked against
+    /// what was acknowledged for it.
     async fn assemble(
         &self,
         dir: &Path,
-        parts: &[u32],
+        parts: &[(u32, PartRecord)],
         expected_sha256: Option<[u8; 32]>,
         limits: &UploadLimits,
     ) -> Result<StagedBody, StoreError> {
         let mut writer = self.writer(limits.max_bytes, expected_sha256.is_some());
         let mut buffer = vec![0u8; bodies::READ_CHUNK];
-        for &number in parts {
+        for &(number, acknowledged) in parts {
             let mut file = tokio::fs::File::open(dir.join(number.to_string()))
                 .await
                 .map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => StoreError::MissingPart(number),
+                    io::ErrorKind::NotFound => StoreError::LostPart(number),
                     _ => StoreError::Io(e),
                 })?;
+            let mut part = blake3::Hasher::new();
+            let mut size = 0u64;
             loop {
                 let n = file.read(&mut buffer).await?;
                 if n == 0 {
                     break;
                 }
+                part.update(&buffer[..n]);
+                size += n as u64;
                 writer.write(&buffer[..n]).await?;
+            }
+            if size != acknowledged.size || *part.finalize().as_bytes() != acknowledged.blake3 {
+                return Err(StoreError::LostPart(number));
             }
         }
         writer.finish(expected_sha256).await
@@ -335,6 +377,8 @@ impl Store {
         let staged = upload.staged();
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(meta::CF_UPLOADS), id);
+        let (first_part, past_parts) = meta::part_key_range(id);
+        batch.delete_range_cf(self.cf(meta::CF_UPLOADS), first_part, past_parts);
         self.write(batch)?;
         open.remove(id);
         {
@@ -348,20 +392,34 @@ impl Store {
         }
     }
 
-    /// Rebuilds the uploads in flight from their records and part files after a restart, and
-    /// removes part directories without a record. Returns the bytes the parts stage.
+    /// Rebuilds the uploads in flight from their records, part entries and part files after a
+    /// restart, and removes part directories without a record. Returns the bytes the parts
+    /// stage.
     pub(super) fn recover_uploads(&self) -> Result<u64, StoreError> {
-        let mut open = HashMap::new();
+        let mut records = Vec::new();
+        let mut acknowledged: HashMap<String, HashMap<u32, PartRecord>> = HashMap::new();
         for item in self
             .inner
             .db
             .iterator_cf(self.cf(meta::CF_UPLOADS), rocksdb::IteratorMode::Start)
         {
-            let (id, value) = item?;
-            let id = String::from_utf8_lossy(&id).into_owned();
+            let (key, value) = item?;
+            if let Some((id, number)) = meta::split_part_key(&key) {
+                if let Some(part) = meta::decode::<PartRecord>(&value) {
+                    let parts = acknowledged.entry(id.to_owned()).or_default();
+                    parts.insert(number, part);
+                }
+                continue;
+            }
+            let id = String::from_utf8_lossy(&key).into_owned();
             // An unreadable record expires at the next pass (created at the epoch).
             let created_ms = meta::decode::<UploadRecord>(&value).map_or(0, |r| r.created_ms);
-            let parts = staged_parts(&self.upload_dir(&id))?;
+            records.push((id, created_ms));
+        }
+        let mut open = HashMap::new();
+        for (id, created_ms) in records {
+            let entries = acknowledged.remove(&id).unwrap_or_default();
+            let parts = staged_parts(&self.upload_dir(&id), entries)?;
             open.insert(
                 id,
                 OpenUpload {
@@ -430,9 +488,14 @@ impl Store {
     }
 }
 
-/// The part files of an upload directory with their sizes (none when it is missing). Leftover
-/// `.partial` files of a crash mid-write are removed.
-fn staged_parts(dir: &Path) -> Result<HashMap<u32, u64>, StoreError> {
+/// The parts of an upload directory that have an entry and a file of the entry's size (none
+/// when the directory is missing). Other files are removed: leftover `.partial` files of a
+/// crash mid-write, a part whose entry was never written (its client was not answered), and
+/// one a power cut left at another length (its client sends it again when completing fails).
+fn staged_parts(
+    dir: &Path,
+    mut acknowledged: HashMap<u32, PartRecord>,
+) -> Result<HashMap<u32, PartRecord>, StoreError> {
     let mut parts = HashMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -441,15 +504,16 @@ fn staged_parts(dir: &Path) -> Result<HashMap<u32, u64>, StoreError> {
     };
     for entry in entries {
         let entry = entry?;
-        match entry
+        let number = entry
             .file_name()
             .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        {
-            Some(number) => {
-                parts.insert(number, entry.metadata()?.len());
+            .and_then(|n| n.parse::<u32>().ok());
+        let part = number.and_then(|number| Some((number, acknowledged.remove(&number)?)));
+        match part {
+            Some((number, part)) if entry.metadata()?.len() == part.size => {
+                parts.insert(number, part);
             }
-            None => std::fs::remove_file(entry.path())?,
+            _ => std::fs::remove_file(entry.path())?,
         }
     }
     Ok(parts)
@@ -539,12 +603,64 @@ mod tests {
         let part = staged(&store, b"part one").await;
         store.put_part(&id, 1, part, &LIMITS).await.unwrap();
         // The expiry listed the upload just before the completion claimed it.
-        let (claim, _) = store.claim_completion(&id, &[1]).unwrap();
+        let (claim, _, _) = store.claim_completion(&id, &[1]).unwrap();
         assert!(!store.remove_upload(&id, Removal::Expired).unwrap());
         assert!(store.upload_dir(&id).join("1").exists(), "parts kept");
         drop(claim);
         let committed = store.complete_upload(&id, &[1], None, &LIMITS).await;
         assert!(committed.is_ok(), "{committed:?}");
+    }
+
+    /// In `process` durability part files are not synced: a power cut can leave one renamed
+    /// into place with other bytes than those acknowledged (the part it replaced, or none).
+    /// Completing refuses such a part instead of publishing what its file holds.
+    #[tokio::test]
+    async fn a_part_file_that_lost_its_bytes_is_never_assembled() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ArtifactKey::new("p", Kind::Module, "m");
+        let part_file =
+            |id: &str, number: u32| dir.path().join("uploads").join(id).join(number.to_string());
+        let id = {
+            let store = store(dir.path());
+            let id = store.start_upload(&key, &LIMITS).unwrap();
+            for (number, bytes) in [(1, b"first part"), (2, b"2nd part!!")] {
+                let part = staged(&store, bytes).await;
+                store.put_part(&id, number, part, &LIMITS).await.unwrap();
+            }
+            id
+        };
+        // The bytes of an earlier version of part 2, at the same length.
+        std::fs::write(part_file(&id, 2), b"old part!!").unwrap();
+        let reopened = store(dir.path());
+        let refused = reopened.complete_upload(&id, &[1, 2], None, &LIMITS).await;
+        assert!(
+            matches!(refused, Err(StoreError::LostPart(2))),
+            "{refused:?}"
+        );
+        assert!(reopened.head(&key).unwrap().is_none(), "nothing published");
+        // Sent again, the part completes the upload with the bytes acknowledged.
+        let part = staged(&reopened, b"2nd part!!").await;
+        reopened.put_part(&id, 2, part, &LIMITS).await.unwrap();
+        let committed = reopened.complete_upload(&id, &[1, 2], None, &LIMITS).await;
+        assert_eq!(
+            committed.unwrap().info.blake3,
+            *blake3::hash(b"first part2nd part!!").as_bytes()
+        );
+
+        // A part left empty is dropped at start, uncounted: completing names it missing.
+        let id = reopened.start_upload(&key, &LIMITS).unwrap();
+        let part = staged(&reopened, b"another").await;
+        reopened.put_part(&id, 1, part, &LIMITS).await.unwrap();
+        drop(reopened);
+        std::fs::write(part_file(&id, 1), b"").unwrap();
+        let reopened = store(dir.path());
+        assert_eq!(reopened.stats().staged_bytes, 0);
+        let refused = reopened.complete_upload(&id, &[1], None, &LIMITS).await;
+        assert!(
+            matches!(refused, Err(StoreError::MissingPart(1))),
+            "{refused:?}"
+        );
+        assert!(!part_file(&id, 1).exists());
     }
 
     /// Staged parts are counted but cannot be evicted: a part that does not fit beside them is
@@ -650,12 +766,13 @@ mod tests {
         ]
     }
 
-    /// Upload records, counted in RocksDB itself.
+    /// Upload records, counted in RocksDB itself (part entries left out).
     fn records(store: &Store) -> usize {
         store
             .inner
             .db
             .iterator_cf(store.cf(meta::CF_UPLOADS), rocksdb::IteratorMode::Start)
+            .filter(|item| meta::split_part_key(&item.as_ref().unwrap().0).is_none())
             .count()
     }
 
