@@ -852,9 +852,15 @@ impl Store {
         let publish = self.publish_record(key, &encoded, &mut record, provenance.local, mode, hook);
         let published = match publish {
             Ok(published) => published,
-            Err(error) => {
-                // Not published: the body just moved into place belongs to nobody.
-                self.remove_body(&record.body);
+            Err(Unpublished { error, batch_sent }) => {
+                // Refused before its batch: the body just moved into place belongs to nobody.
+                // A batch whose write failed may still have reached the write-ahead log (a
+                // failed sync, say) and be replayed at the next start, naming this body and
+                // having dropped the previous version: the file is left to the orphan sweep,
+                // which deletes it only once no record names it.
+                if !batch_sent {
+                    self.remove_body(&record.body);
+                }
                 return Err(error);
             }
         };
@@ -888,7 +894,7 @@ impl Store {
         local: bool,
         mode: WriteMode,
         hook: Option<BatchHook>,
-    ) -> Result<Published, StoreError> {
+    ) -> Result<Published, Unpublished> {
         let _key = self.inner.keys.lock(encoded);
         let _order = self
             .inner
@@ -927,7 +933,7 @@ impl Store {
             }
         }
         if mode == WriteMode::WriteOnce && live {
-            return Err(StoreError::AlreadyExists);
+            return Err(StoreError::AlreadyExists.into());
         }
         let ticket = self.inner.sequencer.take();
         // The replaced body stays live from before the batch until its file is deleted.
@@ -991,7 +997,11 @@ impl Store {
             self.batch_log(&mut batch, ticket.seq, &logged);
         }
         let presence = meta::Presence::of(record);
-        self.write_accounted(batch, delta, [(encoded, Some(presence))])?;
+        self.write_accounted(batch, delta, [(encoded, Some(presence))])
+            .map_err(|error| Unpublished {
+                error,
+                batch_sent: true,
+            })?;
         Ok(Published {
             previous,
             held,
@@ -1585,6 +1595,22 @@ struct Published {
     held: Option<bodies::LiveGuard>,
     live: bool,
     outcome: Outcome,
+}
+
+/// Why a publish failed, and whether its batch was handed to RocksDB (whose failed write may
+/// still have been applied, or be replayed at the next start).
+struct Unpublished {
+    error: StoreError,
+    batch_sent: bool,
+}
+
+impl From<StoreError> for Unpublished {
+    fn from(error: StoreError) -> Unpublished {
+        Unpublished {
+            error,
+            batch_sent: false,
+        }
+    }
 }
 
 /// A body whose record a batch drops: its id is held live from before the batch until this is

@@ -1947,6 +1947,50 @@ async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
     );
 }
 
+/// A publish whose batch RocksDB failed to write may still be in its write-ahead log and be
+/// replayed at the next start, naming the new body (and having dropped the previous version's):
+/// the body is left to the orphan sweep, which keeps it while a record names it, instead of
+/// being deleted at once and leaving a replayed record without its body.
+#[tokio::test]
+async fn a_body_whose_batch_failed_to_write_is_left_to_the_orphan_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let damaged_body = incompressible("damaged", 4096);
+    let store = store_with_damaged_block(
+        dir.path(),
+        (&gradle("damaged"), &damaged_body),
+        (&gradle("intact"), b"intact"),
+    )
+    .await;
+    let mut compaction = rocksdb::CompactOptions::default();
+    compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+    store.inner.db.compact_range_cf_opt(
+        store.cf(meta::CF_ARTIFACTS),
+        None::<&[u8]>,
+        None::<&[u8]>,
+        &compaction,
+    );
+    let before = body_ids_on_disk(dir.path());
+    let refused = store
+        .put_bytes(&gradle("file"), &incompressible("file", 64 * 1024))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::WritesStopped(_))),
+        "{refused:?}"
+    );
+    let after = body_ids_on_disk(dir.path());
+    assert_eq!(after.len(), before.len() + 1, "the body is left in place");
+    drop(store);
+    let store = store_with(dir.path(), 1 << 30);
+    // A node's first sweep indexed its bodies long before any damage; this store never swept,
+    // and its index backfill would stop at the damaged block.
+    let mut indexed = WriteBatch::default();
+    indexed.put_cf(store.cf(meta::CF_STATE), meta::BODIES_INDEXED_KEY, []);
+    store.write(indexed).unwrap();
+    let report = store.sweep_orphans(std::time::Duration::ZERO).unwrap();
+    assert_eq!(report.bodies, 1, "no record names it after a restart");
+    assert_eq!(body_ids_on_disk(dir.path()), before);
+}
+
 /// A small artifact kept in the set of hot records (`hot.rs`) is never served once it changed:
 /// after an overwrite, an eviction and a clean, reads answer what RocksDB holds.
 #[tokio::test]
