@@ -616,14 +616,7 @@ async fn inlining_never_pushes_an_action_result_over_the_message_limit() {
         stderr_raw: payload(18, 50_000).into(),
         ..action_result(&[("out/a.o", &output)], b"")
     };
-    let update = UpdateActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(action.clone()),
-        action_result: Some(result.clone()),
-        ..Default::default()
-    };
-    grpc.action_cache()
-        .update_action_result(grpc.request(update))
+    grpc.update_action_result("ios", action.clone(), result.clone())
         .await
         .unwrap();
     let get = GetActionResultRequest {
@@ -660,18 +653,11 @@ async fn action_results_round_trip_inline_on_request_and_miss_without_outputs() 
     .unwrap();
     let action = sha256(b"action-1");
     let result = action_result(&[("out/a.o", &output)], &stdout);
-    let update = UpdateActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(action.clone()),
-        action_result: Some(result.clone()),
-        ..Default::default()
-    };
     let stored = grpc
-        .action_cache()
-        .update_action_result(grpc.request(update))
+        .update_action_result("ios", action.clone(), result.clone())
         .await
         .unwrap();
-    assert_eq!(stored.into_inner(), result);
+    assert_eq!(stored, result);
     let get = |inline: bool| GetActionResultRequest {
         instance_name: "ios".into(),
         action_digest: Some(action.clone()),
@@ -702,14 +688,7 @@ async fn action_results_round_trip_inline_on_request_and_miss_without_outputs() 
     // A result naming a blob that is not stored is a miss, never a broken hit.
     let orphan_action = sha256(b"action-2");
     let orphan = action_result(&[("out/b.o", b"never uploaded")], b"");
-    let update = UpdateActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(orphan_action.clone()),
-        action_result: Some(orphan),
-        ..Default::default()
-    };
-    grpc.action_cache()
-        .update_action_result(grpc.request(update))
+    grpc.update_action_result("ios", orphan_action.clone(), orphan)
         .await
         .unwrap();
     let miss = grpc
@@ -761,16 +740,13 @@ async fn an_action_result_whose_output_was_evicted_is_not_found() {
         .await
         .unwrap();
     let action = sha256(b"action-evicted");
-    let update = UpdateActionResultRequest {
-        instance_name: "ios".into(),
-        action_digest: Some(action.clone()),
-        action_result: Some(action_result(&[("out/big", &output)], b"")),
-        ..Default::default()
-    };
-    grpc.action_cache()
-        .update_action_result(grpc.request(update))
-        .await
-        .unwrap();
+    grpc.update_action_result(
+        "ios",
+        action.clone(),
+        action_result(&[("out/big", &output)], b""),
+    )
+    .await
+    .unwrap();
     let ac_url = node.url(&format!("/bazel/dev/ios/ac/{}", action.hash));
     for seed in 0..6 {
         let filler = payload(100 + seed, 400_000);
@@ -883,14 +859,7 @@ async fn output_directories_are_hits_only_while_everything_below_them_is_stored(
             }],
             ..Default::default()
         };
-        let update = UpdateActionResultRequest {
-            instance_name: "ios".into(),
-            action_digest: Some(action.clone()),
-            action_result: Some(result.clone()),
-            ..Default::default()
-        };
-        grpc.action_cache()
-            .update_action_result(grpc.request(update))
+        grpc.update_action_result("ios", action.clone(), result.clone())
             .await?;
         let served = grpc.get_action_result("ios", action).await?;
         assert_eq!(served, result, "a hit serves the result as stored");

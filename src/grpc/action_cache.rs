@@ -27,6 +27,10 @@ use crate::auth::Action;
 use crate::context::NodeContext;
 use crate::storage::KeyBatch;
 
+/// The most directories a served result's output directory may hold below its root, in the
+/// directory-only form: each hit walks them all, so a result naming more is a miss.
+const MAX_WALKED_DIRECTORIES: usize = 100_000;
+
 pub(crate) struct ActionCacheService {
     pub node: Arc<NodeContext>,
 }
@@ -214,15 +218,16 @@ async fn directory_files(
     let Ok(root) = BlobDigest::from_proto(function, Some(root), "root_directory_digest") else {
         return Ok(false);
     };
-    // One directory is held at a time, each at most one message long (as GetTree reads them).
+    // Each directory at most one message long, as GetTree reads them.
     let limit = node.config.grpc.max_message_size.0;
-    let _lease = lease_memory(node, limit).await?;
     let mut walk = DirectoryWalk::new(node.clone(), project.to_string(), root, limit);
+    let mut walked = 0;
     while let Some(step) = walk.next().await? {
         let Walked::Read(directory) = step else {
             return Ok(false);
         };
-        if !add_files(function, &directory, outputs) {
+        walked += 1;
+        if walked > MAX_WALKED_DIRECTORIES || !add_files(function, &directory, outputs) {
             return Ok(false);
         }
     }

@@ -18,7 +18,7 @@ use futures_util::{Stream, StreamExt, stream};
 use prost::Message;
 use tonic::Status;
 
-use super::blobs::read_blob;
+use super::blobs::{lease_memory, read_blob};
 use super::digest::BlobDigest;
 use super::proto::reapi::{Directory, GetTreeResponse};
 use crate::context::NodeContext;
@@ -118,12 +118,14 @@ pub(super) enum Walked {
 }
 
 /// The directories under a root, breadth-first, each read once however often it is named:
-/// what both GetTree and the output check of an action result walk.
+/// what both GetTree and the output check of an action result walk. It queues each directory
+/// once (however many parents name it), and reads each under a lease of the body-memory budget.
 pub(super) struct DirectoryWalk {
     node: Arc<NodeContext>,
     project: String,
     /// The largest directory read, in bytes (a larger one is [`Walked::Unreadable`]).
     limit: u64,
+    /// Every directory queued so far.
     seen: HashSet<BlobDigest>,
     /// Directories to read, in order; `None` for a child named by a malformed digest.
     queue: VecDeque<Option<BlobDigest>>,
@@ -140,32 +142,35 @@ impl DirectoryWalk {
             node,
             project,
             limit,
-            seen: HashSet::new(),
+            seen: HashSet::from([root.clone()]),
             queue: VecDeque::from([Some(root)]),
         }
     }
 
     /// The next directory in breadth-first order, or `None` once the walk is over.
     pub(super) async fn next(&mut self) -> Result<Option<Walked>, Status> {
-        while let Some(digest) = self.queue.pop_front() {
-            let Some(digest) = digest else {
-                return Ok(Some(Walked::Unreadable));
-            };
-            if !self.seen.insert(digest.clone()) {
-                continue;
-            }
+        let Some(digest) = self.queue.pop_front() else {
+            return Ok(None);
+        };
+        let Some(digest) = digest else {
+            return Ok(Some(Walked::Unreadable));
+        };
+        let directory = {
+            let _lease = lease_memory(&self.node, digest.size.min(self.limit)).await?;
             let blob = read_blob(&self.node, &self.project, &digest, self.limit).await?;
-            let Some(Ok(directory)) = blob.map(Directory::decode) else {
-                return Ok(Some(Walked::Unreadable));
-            };
-            for child in &directory.directories {
-                let child =
-                    BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest");
-                self.queue.push_back(child.ok());
+            match blob.map(Directory::decode) {
+                Some(Ok(directory)) => directory,
+                _ => return Ok(Some(Walked::Unreadable)),
             }
-            return Ok(Some(Walked::Read(directory)));
+        };
+        for child in &directory.directories {
+            match BlobDigest::from_proto(digest.function, child.digest.as_ref(), "digest") {
+                Ok(child) if self.seen.insert(child.clone()) => self.queue.push_back(Some(child)),
+                Ok(_) => {}
+                Err(_) => self.queue.push_back(None),
+            }
         }
-        Ok(None)
+        Ok(Some(Walked::Read(directory)))
     }
 }
 

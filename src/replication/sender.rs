@@ -216,10 +216,10 @@ async fn replicate_until_failure(
         move |store| store.admit_peer(&node_id)
     })
     .await?;
-    let mut published = store.watch_stable_seq();
+    let mut logged = store.watch_log();
     loop {
         // Seen before the log is read, so a publish that lands during the read wakes the wait.
-        published.borrow_and_update();
+        logged.borrow_and_update();
         let records = blocking(&store, move |store| store.log_for_peer(cursor, READ_AHEAD)).await?;
         let Some(slice) = records else {
             // The log no longer holds records this peer lacks: it catches up from this node's
@@ -235,7 +235,7 @@ async fn replicate_until_failure(
             // Nothing logged through `upto`: the peer has all of it. (Persisted with the next
             // acknowledgement; until then a restart merely reads the empty stretch again.)
             cursor = slice.upto;
-            if tokio::time::timeout(IDLE_RECHECK, published.changed())
+            if tokio::time::timeout(IDLE_RECHECK, logged.changed())
                 .await
                 .is_ok_and(|changed| changed.is_err())
             {

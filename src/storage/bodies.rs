@@ -106,6 +106,12 @@ impl LiveBodies {
         }
     }
 
+    /// Keeps an existing body's id live until the process exits: a body only the next start
+    /// can judge (see `Store::commit`).
+    pub(super) fn keep_until_exit(&self, id: u128) {
+        *self.lock().entry(id).or_insert(0) += 1;
+    }
+
     pub(super) fn contains(&self, id: u128) -> bool {
         self.lock().contains_key(&id)
     }

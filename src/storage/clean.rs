@@ -220,13 +220,14 @@ impl Store {
             unfinished_key(project),
             meta::encode(&at),
         );
-        let ticket = self.inner.sequencer.take();
+        let logged = remote_at.is_none() && self.logs_replication();
+        let ticket = self.inner.sequencer.take(logged);
         batch.merge_cf(
             self.cf(meta::CF_STATE),
             meta::SEQ_KEY,
             meta::encode_seq(ticket.seq),
         );
-        if remote_at.is_none() && self.logs_replication() {
+        if logged {
             let logged = LogRecord::DeleteProject {
                 project: project.to_owned(),
                 version_ms: at,

@@ -56,6 +56,11 @@ pub const USAGE_KEY: &[u8] = b"usage";
 /// get it by a backfill; until then the orphan sweep deletes nothing in `bodies/`).
 pub const BODIES_INDEXED_KEY: &[u8] = b"bodies_indexed";
 
+/// Present in `state` once every part of a module upload has an entry in `uploads` (data dirs
+/// from before the entries adopt their parts' files at the first start; after that a part file
+/// without an entry is a leftover).
+pub const PARTS_RECORDED_KEY: &[u8] = b"parts_recorded";
+
 /// Present in `state` once `presence` has an entry for every record (data dirs from before the
 /// family get them by a backfill; until then existence checks read `artifacts`).
 pub const PRESENCE_INDEXED_KEY: &[u8] = b"presence_indexed";
@@ -233,24 +238,28 @@ pub struct UploadRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartRecord {
     pub size: u64,
-    pub blake3: [u8; 32],
+    /// `None` for a part placed by a release that recorded no parts (adopted at the first
+    /// start of this one with its file's length only).
+    pub blake3: Option<[u8; 32]>,
 }
 
-/// The `uploads` key of part `number` of upload `id`: the id, `/`, the number in ten digits.
-/// Upload ids are hex, so this never meets an [`UploadRecord`]'s key; it sorts after it.
+/// The `uploads` key of part `number` of upload `id`: the id, `#`, the number in ten digits.
+/// Upload ids are hex, so this never meets an [`UploadRecord`]'s key; it sorts after it. (A
+/// release that recorded no parts reads it as an unreadable upload record with no directory,
+/// which it expires.)
 pub fn part_key(id: &str, number: u32) -> Vec<u8> {
-    format!("{id}/{number:010}").into_bytes()
+    format!("{id}#{number:010}").into_bytes()
 }
 
-/// The `uploads` keys of every part of upload `id`: from `id/` up to, not including, `id0`.
+/// The `uploads` keys of every part of upload `id`: from `id#` up to, not including, `id$`.
 pub fn part_key_range(id: &str) -> (Vec<u8>, Vec<u8>) {
-    (format!("{id}/").into_bytes(), format!("{id}0").into_bytes())
+    (format!("{id}#").into_bytes(), format!("{id}$").into_bytes())
 }
 
 /// The upload id and part number of a [`part_key`]; `None` for an upload record's key.
 pub fn split_part_key(key: &[u8]) -> Option<(&str, u32)> {
     let key = std::str::from_utf8(key).ok()?;
-    let (id, number) = key.split_once('/')?;
+    let (id, number) = key.split_once('#')?;
     Some((id, number.parse().ok()?))
 }
 

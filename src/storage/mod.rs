@@ -553,6 +553,9 @@ struct Inner {
     sequencer: seq::Sequencer,
     /// Bodies being written or published (see `sweep.rs`).
     live_bodies: Arc<bodies::LiveBodies>,
+    /// The last failed publish write found RocksDB stopped (a background error), and no
+    /// write has succeeded since: a failure now is RocksDB refusing before its log.
+    writes_stopped: AtomicBool,
     /// Held open for the life of the store: the OS releases the lock if the process dies.
     _lock: File,
 }
@@ -645,6 +648,7 @@ impl Store {
                 tombstones,
                 sequencer,
                 live_bodies: Arc::default(),
+                writes_stopped: AtomicBool::new(false),
                 options,
                 _lock: lock,
             }),
@@ -665,10 +669,10 @@ impl Store {
         self.inner.sequencer.stable()
     }
 
-    /// [`Store::stable_seq`], told each time it moves: a reader of the log that has read it all
-    /// waits on this for the next publish.
-    pub fn watch_stable_seq(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.sequencer.watch_stable()
+    /// [`Store::stable_seq`], told each time it passes a publish that wrote a log record: a
+    /// reader of the log that has read it all waits on this for the next one.
+    pub fn watch_log(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.sequencer.watch_logged()
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -852,14 +856,21 @@ impl Store {
         let publish = self.publish_record(key, &encoded, &mut record, provenance.local, mode, hook);
         let published = match publish {
             Ok(published) => published,
-            Err(Unpublished { error, batch_sent }) => {
-                // Refused before its batch: the body just moved into place belongs to nobody.
-                // A batch whose write failed may still have reached the write-ahead log (a
-                // failed sync, say) and be replayed at the next start, naming this body and
-                // having dropped the previous version: the file is left to the orphan sweep,
-                // which deletes it only once no record names it.
-                if !batch_sent {
-                    self.remove_body(&record.body);
+            Err(Unpublished {
+                error,
+                maybe_written,
+            }) => {
+                match (&record.body, maybe_written) {
+                    // The write failed, but its batch may have reached the write-ahead log (a
+                    // failed sync, say) and be replayed at the next start, naming this body and
+                    // having dropped the previous version. Kept until then; the sweep after
+                    // the restart deletes it unless a replayed record names it.
+                    (BodyRef::File(id), true) => {
+                        self.inner.live_bodies.keep_until_exit(*id);
+                        tracing::warn!(id = %format!("{id:032x}"), %error, "a publish failed while writing its batch: its body file is kept until the next start");
+                    }
+                    // Refused before its batch: the body just moved into place is nobody's.
+                    _ => self.remove_body(&record.body),
                 }
                 return Err(error);
             }
@@ -935,7 +946,8 @@ impl Store {
         if mode == WriteMode::WriteOnce && live {
             return Err(StoreError::AlreadyExists.into());
         }
-        let ticket = self.inner.sequencer.take();
+        let logged = self.logs_replication() && local;
+        let ticket = self.inner.sequencer.take(logged);
         // The replaced body stays live from before the batch until its file is deleted.
         let held = previous.as_ref().and_then(|old| self.hold(&old.body));
         let mut batch = WriteBatch::default();
@@ -987,21 +999,28 @@ impl Store {
                 batch.put_cf(self.cf(family.name()), key, value);
             }
         }
-        if self.logs_replication() && local {
-            let logged = outbox::LogRecord::Upsert {
+        if logged {
+            let entry = outbox::LogRecord::Upsert {
                 key: encoded.to_vec(),
                 version_ms: record.version_ms,
                 blake3: record.blake3,
                 size: record.size,
             };
-            self.batch_log(&mut batch, ticket.seq, &logged);
+            self.batch_log(&mut batch, ticket.seq, &entry);
         }
         let presence = meta::Presence::of(record);
-        self.write_accounted(batch, delta, [(encoded, Some(presence))])
-            .map_err(|error| Unpublished {
+        let stopped_before = self.inner.writes_stopped.load(Ordering::Relaxed);
+        if let Err(error) = self.write_accounted(batch, delta, [(encoded, Some(presence))]) {
+            let stopped = self.background_errors() > 0;
+            self.inner.writes_stopped.store(stopped, Ordering::Relaxed);
+            return Err(Unpublished {
                 error,
-                batch_sent: true,
-            })?;
+                maybe_written: !stopped_before,
+            });
+        }
+        if stopped_before {
+            self.inner.writes_stopped.store(false, Ordering::Relaxed);
+        }
         Ok(Published {
             previous,
             held,
@@ -1597,18 +1616,19 @@ struct Published {
     outcome: Outcome,
 }
 
-/// Why a publish failed, and whether its batch was handed to RocksDB (whose failed write may
-/// still have been applied, or be replayed at the next start).
+/// Why a publish failed, and whether its batch may have been written all the same: a write
+/// RocksDB failed may have reached its log and be replayed at the next start, unless RocksDB
+/// had already stopped taking writes, when it refuses before its log.
 struct Unpublished {
     error: StoreError,
-    batch_sent: bool,
+    maybe_written: bool,
 }
 
 impl From<StoreError> for Unpublished {
     fn from(error: StoreError) -> Unpublished {
         Unpublished {
             error,
-            batch_sent: false,
+            maybe_written: false,
         }
     }
 }

@@ -12,8 +12,10 @@
 //!
 //! Concurrent publishes may commit out of number order, so a reader of the log must not go past
 //! [`Sequencer::stable`]: every publish numbered at or below it has finished (committed or
-//! failed), so nothing can appear there later. Its readers (the replication senders) wait for it
-//! to move on a `watch` channel instead of polling the log.
+//! failed), so nothing can appear there later. Its readers (the replication senders) wait on a
+//! `watch` channel instead of polling the log: it moves when [`Sequencer::stable`] passes a
+//! publish that writes a log record, and not for those that write none (a peer's versions
+//! applied here), which would only wake every sender to read nothing.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard};
@@ -25,8 +27,8 @@ use super::{StoreError, cf, meta};
 
 pub(super) struct Sequencer {
     state: Mutex<State>,
-    /// [`Sequencer::stable`] as of the last finished publish.
-    stable: watch::Sender<u64>,
+    /// [`Sequencer::stable`] as of the last time it passed a logged publish.
+    logged: watch::Sender<u64>,
 }
 
 struct State {
@@ -34,6 +36,8 @@ struct State {
     next: u64,
     /// Numbers taken by publishes that have not finished.
     in_flight: BTreeSet<u64>,
+    /// Numbers taken by publishes that write a log record, not yet at or below the stable one.
+    logged: BTreeSet<u64>,
 }
 
 /// A taken number; the publish is finished when this is dropped.
@@ -44,13 +48,21 @@ pub(super) struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let stable = {
+        let readable = {
             let mut state = self.sequencer.lock();
             state.in_flight.remove(&self.seq);
-            state.stable()
+            let stable = state.stable();
+            // Logged publishes this one's end made readable (its own, or later ones that
+            // finished first and waited on it).
+            let later = state.logged.split_off(&(stable + 1));
+            let passed = std::mem::replace(&mut state.logged, later);
+            (!passed.is_empty()).then_some(stable)
+        };
+        let Some(stable) = readable else {
+            return;
         };
         // Two finishing publishes may send out of order: the channel only ever moves forward.
-        self.sequencer.stable.send_if_modified(|current| {
+        self.sequencer.logged.send_if_modified(|current| {
             let moved = stable > *current;
             if moved {
                 *current = stable;
@@ -75,8 +87,9 @@ impl Sequencer {
             state: Mutex::new(State {
                 next: last + 1,
                 in_flight: BTreeSet::new(),
+                logged: BTreeSet::new(),
             }),
-            stable: watch::Sender::new(last),
+            logged: watch::Sender::new(last),
         }
     }
 
@@ -85,12 +98,16 @@ impl Sequencer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the next number. The caller holds the lock of the key it publishes.
-    pub(super) fn take(&self) -> Ticket<'_> {
+    /// Takes the next number for a publish that writes a log record under it (`logged`) or
+    /// not. The caller holds the lock of the key it publishes.
+    pub(super) fn take(&self, logged: bool) -> Ticket<'_> {
         let mut state = self.lock();
         let seq = state.next;
         state.next += 1;
         state.in_flight.insert(seq);
+        if logged {
+            state.logged.insert(seq);
+        }
         Ticket {
             sequencer: self,
             seq,
@@ -102,9 +119,9 @@ impl Sequencer {
         self.lock().stable()
     }
 
-    /// [`Sequencer::stable`], told each time it moves.
-    pub(super) fn watch_stable(&self) -> watch::Receiver<u64> {
-        self.stable.subscribe()
+    /// [`Sequencer::stable`], told each time it passes a logged publish.
+    pub(super) fn watch_logged(&self) -> watch::Receiver<u64> {
+        self.logged.subscribe()
     }
 }
 
@@ -122,21 +139,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_watched_stable_number_moves_only_forward_whatever_order_publishes_finish_in() {
+    fn readers_are_told_when_a_logged_publish_becomes_readable_whatever_order_they_finish_in() {
         let sequencer = Sequencer::after(10);
-        let mut stable = sequencer.watch_stable();
-        assert_eq!(*stable.borrow_and_update(), 10);
-        let (first, second, third) = (sequencer.take(), sequencer.take(), sequencer.take());
+        let mut readable = sequencer.watch_logged();
+        assert_eq!(*readable.borrow_and_update(), 10);
+        let (first, second, third) = (
+            sequencer.take(false),
+            sequencer.take(true),
+            sequencer.take(true),
+        );
         drop(second);
         assert!(
-            !stable.has_changed().unwrap(),
+            !readable.has_changed().unwrap(),
             "11 is still in flight: a reader woken now would find nothing new"
         );
         drop(first);
-        assert!(stable.has_changed().unwrap());
-        assert_eq!(*stable.borrow_and_update(), 12);
+        assert!(readable.has_changed().unwrap(), "12 is readable");
+        assert_eq!(*readable.borrow_and_update(), 12);
         drop(third);
-        assert_eq!(*stable.borrow_and_update(), 13);
-        assert_eq!(sequencer.stable(), 13);
+        assert_eq!(*readable.borrow_and_update(), 13);
+        // A publish that logs nothing (a peer's version applied here) wakes no reader.
+        drop(sequencer.take(false));
+        assert!(!readable.has_changed().unwrap());
+        assert_eq!(sequencer.stable(), 14);
     }
 }

@@ -15,8 +15,9 @@
 //! finds the id not live, the publish has finished: either its batch (and index entry) was
 //! written before the id was released, which the index lookup that follows sees, or it failed.
 //! A publish refused before its batch deletes the file itself; one whose batch failed to write
-//! leaves it here, since RocksDB may replay that batch at the next start (a sweep after it
-//! finds the file indexed and keeps it). The grace period is a second guard, not the first.
+//! keeps its id live until the process exits, since RocksDB may replay that batch at the next
+//! start (a sweep after it finds the file indexed and keeps it, or deletes it if not). The
+//! grace period is a second guard, not the first.
 //!
 //! Why a removal is not counted as an orphan: a batch that drops a record holds its body's id
 //! live from before the batch (which deletes the index entry) until the file is deleted. So if

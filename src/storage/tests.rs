@@ -303,8 +303,8 @@ async fn sequence_numbers_strictly_increase_across_reopens() {
     let mut seen = Vec::new();
     for round in 0..3 {
         let store = store_with(dir.path(), 1 << 30);
-        let mut stable = store.watch_stable_seq();
-        assert_eq!(*stable.borrow_and_update(), store.stable_seq());
+        let mut logged = store.watch_log();
+        assert_eq!(*logged.borrow_and_update(), store.stable_seq());
         let tasks: Vec<_> = (0..24)
             .map(|i| {
                 let store = store.clone();
@@ -327,10 +327,9 @@ async fn sequence_numbers_strictly_increase_across_reopens() {
             "round {round}: every publish has its own number"
         );
         assert_eq!(store.stable_seq(), *numbers.last().unwrap());
-        assert_eq!(
-            *stable.borrow_and_update(),
-            store.stable_seq(),
-            "round {round}: a reader of the log is told where it ends"
+        assert!(
+            !logged.has_changed().unwrap(),
+            "round {round}: a store without peers logs nothing, and wakes no reader"
         );
         if let Some(before) = seen.last() {
             assert!(
@@ -1708,6 +1707,33 @@ async fn store_with_damaged_block(
     open()
 }
 
+/// A store whose RocksDB stopped taking writes: a forced compaction read a damaged block of
+/// `gradle("damaged")` (`gradle("intact")` holds `intact`, in another block). Its bodies are
+/// indexed, as a node's first sweep does long before any damage (the index backfill would
+/// stop at the damaged block).
+async fn store_that_stopped_writes(dir: &Path) -> Store {
+    let damaged_body = incompressible("damaged", 4096);
+    let store = store_with_damaged_block(
+        dir,
+        (&gradle("damaged"), &damaged_body),
+        (&gradle("intact"), b"intact"),
+    )
+    .await;
+    let mut indexed = WriteBatch::default();
+    indexed.put_cf(store.cf(meta::CF_STATE), meta::BODIES_INDEXED_KEY, []);
+    store.write(indexed).unwrap();
+    assert_eq!(store.stats().background_errors, 0, "nothing read it yet");
+    let mut compaction = rocksdb::CompactOptions::default();
+    compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+    store.inner.db.compact_range_cf_opt(
+        store.cf(meta::CF_ARTIFACTS),
+        None::<&[u8]>,
+        None::<&[u8]>,
+        &compaction,
+    );
+    store
+}
+
 /// `gradle("damaged")` in a damaged SST block and `gradle("intact")` in another, each with an
 /// inline body of 4 KiB; and the intact one's body.
 async fn two_artifacts_one_damaged(dir: &Path) -> (Store, Vec<u8>) {
@@ -1913,22 +1939,7 @@ async fn a_noted_access_to_a_damaged_record_does_not_stop_flushes_or_eviction() 
 #[tokio::test]
 async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
     let dir = tempfile::tempdir().unwrap();
-    let damaged_body = incompressible("damaged", 4096);
-    let store = store_with_damaged_block(
-        dir.path(),
-        (&gradle("damaged"), &damaged_body),
-        (&gradle("intact"), b"intact"),
-    )
-    .await;
-    assert_eq!(store.stats().background_errors, 0, "nothing read it yet");
-    let mut compaction = rocksdb::CompactOptions::default();
-    compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-    store.inner.db.compact_range_cf_opt(
-        store.cf(meta::CF_ARTIFACTS),
-        None::<&[u8]>,
-        None::<&[u8]>,
-        &compaction,
-    );
+    let store = store_that_stopped_writes(dir.path()).await;
     assert!(
         store.stats().background_errors >= 1,
         "the failed compaction is counted"
@@ -1949,45 +1960,45 @@ async fn a_compaction_over_a_damaged_block_is_counted_and_writes_fail() {
 
 /// A publish whose batch RocksDB failed to write may still be in its write-ahead log and be
 /// replayed at the next start, naming the new body (and having dropped the previous version's):
-/// the body is left to the orphan sweep, which keeps it while a record names it, instead of
-/// being deleted at once and leaving a replayed record without its body.
+/// the body is kept until then, not deleted at once, which would leave a replayed record
+/// without its body. Once RocksDB is known to have stopped taking writes, it refuses before
+/// its log, and a refused publish's body goes at once (a full disk of them would follow).
 #[tokio::test]
-async fn a_body_whose_batch_failed_to_write_is_left_to_the_orphan_sweep() {
+async fn a_body_whose_batch_may_be_replayed_is_kept_until_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
-    let damaged_body = incompressible("damaged", 4096);
-    let store = store_with_damaged_block(
-        dir.path(),
-        (&gradle("damaged"), &damaged_body),
-        (&gradle("intact"), b"intact"),
-    )
-    .await;
-    let mut compaction = rocksdb::CompactOptions::default();
-    compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-    store.inner.db.compact_range_cf_opt(
-        store.cf(meta::CF_ARTIFACTS),
-        None::<&[u8]>,
-        None::<&[u8]>,
-        &compaction,
-    );
+    let store = store_that_stopped_writes(dir.path()).await;
     let before = body_ids_on_disk(dir.path());
+    let failed = store
+        .put_bytes(&gradle("first"), &incompressible("first", 64 * 1024))
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::WritesStopped(_))),
+        "{failed:?}"
+    );
+    let kept = body_ids_on_disk(dir.path());
+    assert_eq!(kept.len(), before.len() + 1, "the body is kept");
+    store.sweep_orphans(std::time::Duration::ZERO).unwrap();
+    assert_eq!(
+        body_ids_on_disk(dir.path()),
+        kept,
+        "no sweep takes it before a restart"
+    );
     let refused = store
-        .put_bytes(&gradle("file"), &incompressible("file", 64 * 1024))
+        .put_bytes(&gradle("second"), &incompressible("second", 64 * 1024))
         .await;
     assert!(
         matches!(refused, Err(StoreError::WritesStopped(_))),
         "{refused:?}"
     );
-    let after = body_ids_on_disk(dir.path());
-    assert_eq!(after.len(), before.len() + 1, "the body is left in place");
+    assert_eq!(
+        body_ids_on_disk(dir.path()),
+        kept,
+        "a refused publish's body goes at once"
+    );
     drop(store);
     let store = store_with(dir.path(), 1 << 30);
-    // A node's first sweep indexed its bodies long before any damage; this store never swept,
-    // and its index backfill would stop at the damaged block.
-    let mut indexed = WriteBatch::default();
-    indexed.put_cf(store.cf(meta::CF_STATE), meta::BODIES_INDEXED_KEY, []);
-    store.write(indexed).unwrap();
     let report = store.sweep_orphans(std::time::Duration::ZERO).unwrap();
-    assert_eq!(report.bodies, 1, "no record names it after a restart");
+    assert_eq!(report.bodies, 1, "no record names it after the restart");
     assert_eq!(body_ids_on_disk(dir.path()), before);
 }
 

@@ -186,7 +186,7 @@ impl Store {
         let fsync = self.fsyncs();
         let acknowledged = PartRecord {
             size: part.size,
-            blake3: part.blake3,
+            blake3: Some(part.blake3),
         };
         let mut open = self.inner.uploads.lock();
         let upload = open
@@ -335,7 +335,8 @@ impl Store {
                 size += n as u64;
                 writer.write(&buffer[..n]).await?;
             }
-            if size != acknowledged.size || *part.finalize().as_bytes() != acknowledged.blake3 {
+            let hash = *part.finalize().as_bytes();
+            if size != acknowledged.size || acknowledged.blake3.is_some_and(|b| b != hash) {
                 return Err(StoreError::LostPart(number));
             }
         }
@@ -416,10 +417,17 @@ impl Store {
             let created_ms = meta::decode::<UploadRecord>(&value).map_or(0, |r| r.created_ms);
             records.push((id, created_ms));
         }
+        // A data dir from before part entries: its parts are adopted as their files are.
+        let recorded = self
+            .get(meta::CF_STATE, meta::PARTS_RECORDED_KEY)?
+            .is_some();
         let mut open = HashMap::new();
         for (id, created_ms) in records {
-            let entries = acknowledged.remove(&id).unwrap_or_default();
-            let parts = staged_parts(&self.upload_dir(&id), entries)?;
+            let dir = self.upload_dir(&id);
+            let parts = match recorded {
+                true => staged_parts(&dir, acknowledged.remove(&id).unwrap_or_default())?,
+                false => adopted_parts(&dir)?,
+            };
             open.insert(
                 id,
                 OpenUpload {
@@ -436,9 +444,29 @@ impl Store {
                 remove_entry(&entry.path())?;
             }
         }
+        if !recorded {
+            self.record_adopted_parts(&open)?;
+        }
         let staged = open.values().map(OpenUpload::staged).sum();
         *self.inner.uploads.lock() = open;
         Ok(staged)
+    }
+
+    /// Writes the entries of parts adopted from a data dir that had none, and the flag that
+    /// says every part now has one, in one synced batch.
+    fn record_adopted_parts(&self, open: &HashMap<String, OpenUpload>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (id, upload) in open {
+            for (number, part) in &upload.parts {
+                batch.put_cf(
+                    self.cf(meta::CF_UPLOADS),
+                    meta::part_key(id, *number),
+                    meta::encode(part),
+                );
+            }
+        }
+        batch.put_cf(self.cf(meta::CF_STATE), meta::PARTS_RECORDED_KEY, []);
+        self.write_synced(batch, true)
     }
 
     /// Under the uploads lock nothing is placing a part, so a `.partial` file is a leftover of a
@@ -496,6 +524,30 @@ fn staged_parts(
     dir: &Path,
     mut acknowledged: HashMap<u32, PartRecord>,
 ) -> Result<HashMap<u32, PartRecord>, StoreError> {
+    keep_part_files(dir, |number, length| {
+        acknowledged
+            .remove(&number)
+            .filter(|part| part.size == length)
+    })
+}
+
+/// The part files of an upload directory written before parts had entries, each taken at its
+/// length (none when the directory is missing). Leftover `.partial` files are removed.
+fn adopted_parts(dir: &Path) -> Result<HashMap<u32, PartRecord>, StoreError> {
+    keep_part_files(dir, |_, length| {
+        Some(PartRecord {
+            size: length,
+            blake3: None,
+        })
+    })
+}
+
+/// The part files of an upload directory that `keep` (given the part number and the file's
+/// length) makes a part of; every other file in it is removed.
+fn keep_part_files(
+    dir: &Path,
+    mut keep: impl FnMut(u32, u64) -> Option<PartRecord>,
+) -> Result<HashMap<u32, PartRecord>, StoreError> {
     let mut parts = HashMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -508,12 +560,15 @@ fn staged_parts(
             .file_name()
             .to_str()
             .and_then(|n| n.parse::<u32>().ok());
-        let part = number.and_then(|number| Some((number, acknowledged.remove(&number)?)));
+        let part = match number {
+            Some(number) => keep(number, entry.metadata()?.len()).map(|part| (number, part)),
+            None => None,
+        };
         match part {
-            Some((number, part)) if entry.metadata()?.len() == part.size => {
+            Some((number, part)) => {
                 parts.insert(number, part);
             }
-            _ => std::fs::remove_file(entry.path())?,
+            None => std::fs::remove_file(entry.path())?,
         }
     }
     Ok(parts)
@@ -661,6 +716,38 @@ mod tests {
             "{refused:?}"
         );
         assert!(!part_file(&id, 1).exists());
+    }
+
+    /// A data dir written before parts had entries keeps its uploads in flight: their parts
+    /// are adopted at the first start (by length), then recorded like any other.
+    #[tokio::test]
+    async fn parts_staged_before_part_entries_existed_are_adopted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ArtifactKey::new("p", Kind::Module, "m");
+        let id = {
+            let store = store(dir.path());
+            let id = store.start_upload(&key, &LIMITS).unwrap();
+            let part = staged(&store, b"from before").await;
+            store.put_part(&id, 1, part, &LIMITS).await.unwrap();
+            // What an older release left: the record and the part file, no entry, no flag.
+            let mut batch = WriteBatch::default();
+            let (first, past) = meta::part_key_range(&id);
+            batch.delete_range_cf(store.cf(meta::CF_UPLOADS), first, past);
+            batch.delete_cf(store.cf(meta::CF_STATE), meta::PARTS_RECORDED_KEY);
+            store.write(batch).unwrap();
+            id
+        };
+        for _ in 0..2 {
+            // Adopted at the first start, and recorded: the second start keeps it too.
+            let reopened = store(dir.path());
+            assert_eq!(reopened.stats().staged_bytes, 11);
+        }
+        let reopened = store(dir.path());
+        let committed = reopened.complete_upload(&id, &[1], None, &LIMITS).await;
+        assert_eq!(
+            committed.unwrap().info.blake3,
+            *blake3::hash(b"from before").as_bytes()
+        );
     }
 
     /// Staged parts are counted but cannot be evicted: a part that does not fit beside them is

@@ -165,6 +165,26 @@ impl Grpc {
             .into_inner())
     }
 
+    /// UpdateActionResult of `action` in `project` (SHA-256): what the node stored.
+    pub async fn update_action_result(
+        &self,
+        project: &str,
+        action: Digest,
+        result: kura::grpc::proto::reapi::ActionResult,
+    ) -> Result<kura::grpc::proto::reapi::ActionResult, Status> {
+        let request = kura::grpc::proto::reapi::UpdateActionResultRequest {
+            instance_name: project.to_string(),
+            action_digest: Some(action),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        Ok(self
+            .action_cache()
+            .update_action_result(self.request(request))
+            .await?
+            .into_inner())
+    }
+
     /// GetActionResult of `action` in `project`, nothing inlined.
     pub async fn get_action_result(
         &self,
