@@ -960,6 +960,59 @@ async fn blobs_are_shared_between_the_bazel_http_routes_and_grpc_both_ways() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+/// GetTree leases a page's worth of the body-memory budget for its walk; with a budget of one
+/// message that lease is the whole budget, and a walk that leased each read besides waited on
+/// its own lease until the call failed RESOURCE_EXHAUSTED. (The action cache's walk, which
+/// holds no page, leases each read.)
+#[tokio::test]
+async fn directory_walks_work_within_a_body_memory_budget_of_one_message() {
+    let node = Node::start_with(
+        NodeOptions::default()
+            .env("KURA_LIMITS_BODY_MEMORY", "4MiB")
+            .env("KURA_LIMITS_BODY_MEMORY_WAIT", "1s"),
+    );
+    let grpc = Grpc::connect(&node).await;
+    let leaf = directory(&[("b.txt", b"b")], &[]).encode_to_vec();
+    let root = directory(&[], &[("leaf", &leaf)]).encode_to_vec();
+    let stored: [&[u8]; 3] = [b"b", &leaf, &root];
+    grpc.batch_update(
+        "ios",
+        stored.iter().map(|b| (sha256(b), b.to_vec(), 0)).collect(),
+        SHA256,
+    )
+    .await
+    .unwrap();
+    let request = GetTreeRequest {
+        instance_name: "ios".into(),
+        root_digest: Some(sha256(&root)),
+        ..Default::default()
+    };
+    let mut stream = grpc
+        .cas()
+        .get_tree(grpc.request(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut walked = 0;
+    while let Some(page) = stream.message().await.unwrap() {
+        walked += page.directories.len();
+    }
+    assert_eq!(walked, 2);
+    let result = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            root_directory_digest: Some(sha256(&root)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = sha256(b"action-in-a-small-budget");
+    grpc.update_action_result("ios", action.clone(), result.clone())
+        .await
+        .unwrap();
+    assert_eq!(grpc.get_action_result("ios", action).await.unwrap(), result);
+}
+
 #[tokio::test]
 async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
     let node = Node::start();

@@ -220,7 +220,8 @@ async fn directory_files(
     };
     // Each directory at most one message long, as GetTree reads them.
     let limit = node.config.grpc.max_message_size.0;
-    let mut walk = DirectoryWalk::new(node.clone(), project.to_string(), root, limit);
+    let mut walk =
+        DirectoryWalk::new(node.clone(), project.to_string(), root, limit).leasing_reads();
     let mut walked = 0;
     while let Some(step) = walk.next().await? {
         let Walked::Read(directory) = step else {

@@ -119,12 +119,16 @@ pub(super) enum Walked {
 
 /// The directories under a root, breadth-first, each read once however often it is named:
 /// what both GetTree and the output check of an action result walk. It queues each directory
-/// once (however many parents name it), and reads each under a lease of the body-memory budget.
+/// once (however many parents name it).
 pub(super) struct DirectoryWalk {
     node: Arc<NodeContext>,
     project: String,
     /// The largest directory read, in bytes (a larger one is [`Walked::Unreadable`]).
     limit: u64,
+    /// Whether each read takes a lease of the body-memory budget: a caller that leased for
+    /// what the walk reads (GetTree's page lease) must not, or with a small budget it would
+    /// wait on its own lease.
+    leases_reads: bool,
     /// Every directory queued so far.
     seen: HashSet<BlobDigest>,
     /// Directories to read, in order; `None` for a child named by a malformed digest.
@@ -142,8 +146,17 @@ impl DirectoryWalk {
             node,
             project,
             limit,
+            leases_reads: false,
             seen: HashSet::from([root.clone()]),
             queue: VecDeque::from([Some(root)]),
+        }
+    }
+
+    /// The walk, each read under a lease of the body-memory budget for its size.
+    pub(super) fn leasing_reads(self) -> DirectoryWalk {
+        DirectoryWalk {
+            leases_reads: true,
+            ..self
         }
     }
 
@@ -156,7 +169,10 @@ impl DirectoryWalk {
             return Ok(Some(Walked::Unreadable));
         };
         let directory = {
-            let _lease = lease_memory(&self.node, digest.size.min(self.limit)).await?;
+            let _lease = match self.leases_reads {
+                true => Some(lease_memory(&self.node, digest.size.min(self.limit)).await?),
+                false => None,
+            };
             let blob = read_blob(&self.node, &self.project, &digest, self.limit).await?;
             match blob.map(Directory::decode) {
                 Some(Ok(directory)) => directory,
