@@ -314,6 +314,12 @@ fn open_and_rehash(
         .append(true)
         .create(true)
         .open(path)?;
+    if !created {
+        // A resume is activity: expiry measures idleness from it, not from the last byte, so
+        // an upload resumed between a query and its first write is not expired in between.
+        // Best effort: if the time cannot be set, the upload only looks idle for longer.
+        let _ = file.set_modified(SystemTime::now());
+    }
     if fsync {
         file.sync_data()?;
         if created {
@@ -558,6 +564,31 @@ mod tests {
         assert_eq!(store.resumable_offset("idle").unwrap(), None);
         assert_eq!(open.committed(), CHUNK as u64);
         assert_eq!(store.resumable_offset("open").unwrap(), Some(CHUNK as u64));
+    }
+
+    /// Expiry measures idleness from the last resume, not the last byte: a client that resumed
+    /// an old upload (and has not written yet) keeps it.
+    #[tokio::test]
+    async fn a_resumed_upload_is_not_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut upload = store.resume_upload("old", u64::MAX, false).await.unwrap();
+        upload.write(chunk(0)).await.unwrap();
+        drop(upload);
+        let path = store.inner.staging_dir.join(staging_name("old"));
+        let day_ago = SystemTime::now() - Duration::from_secs(24 * 3600);
+        File::options()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(day_ago)
+            .unwrap();
+        drop(store.resume_upload("old", u64::MAX, false).await.unwrap());
+        assert_eq!(
+            store.expire_resumable(Duration::from_secs(3600)).unwrap(),
+            0
+        );
+        assert_eq!(store.resumable_offset("old").unwrap(), Some(CHUNK as u64));
     }
 
     /// A retry of the same name after `finish` starts a new upload: it can neither append to
