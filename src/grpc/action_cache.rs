@@ -27,8 +27,9 @@ use crate::auth::Action;
 use crate::context::NodeContext;
 use crate::storage::KeyBatch;
 
-/// The most directories a served result's output directory may hold below its root, in the
-/// directory-only form: each hit walks them all, so a result naming more is a miss.
+/// The most directories a served result's output directories may hold below their roots
+/// together, in the directory-only form: each hit walks them all, so a result naming more is a
+/// miss.
 const MAX_WALKED_DIRECTORIES: usize = 100_000;
 
 pub(crate) struct ActionCacheService {
@@ -159,6 +160,7 @@ async fn outputs_of(
         // Stored by another front end with a malformed digest: not a result to serve.
         return Ok(None);
     };
+    let mut walked = 0;
     for directory in &result.output_directories {
         if let Some(tree_digest) = directory.tree_digest.as_ref()
             && !tree_files(node, project, function, tree_digest, &mut outputs).await?
@@ -168,7 +170,7 @@ async fn outputs_of(
         // A client that asked for directories fetches each `Directory` below the root itself:
         // all of them must be stored, whether or not a tree lists the same files.
         if let Some(root) = directory.root_directory_digest.as_ref()
-            && !directory_files(node, project, function, root, &mut outputs).await?
+            && !directory_files(node, project, function, root, &mut outputs, &mut walked).await?
         {
             return Ok(None);
         }
@@ -206,14 +208,16 @@ async fn tree_files(
         .all(|directory| add_files(function, directory, outputs)))
 }
 
-/// Adds the files of every directory under `root` to `outputs`, walking down from it; false if
-/// a directory below it cannot be read (the client could not fetch it either).
+/// Adds the files of every directory under `root` to `outputs`, walking down from it and
+/// counting what it reads in `walked`; false if a directory below it cannot be read (the client
+/// could not fetch it either), or the count passes [`MAX_WALKED_DIRECTORIES`].
 async fn directory_files(
     node: &Arc<NodeContext>,
     project: &str,
     function: HashFunction,
     root: &Digest,
     outputs: &mut Vec<BlobDigest>,
+    walked: &mut usize,
 ) -> Result<bool, Status> {
     let Ok(root) = BlobDigest::from_proto(function, Some(root), "root_directory_digest") else {
         return Ok(false);
@@ -222,13 +226,12 @@ async fn directory_files(
     let limit = node.config.grpc.max_message_size.0;
     let mut walk =
         DirectoryWalk::new(node.clone(), project.to_string(), root, limit).leasing_reads();
-    let mut walked = 0;
     while let Some(step) = walk.next().await? {
         let Walked::Read(directory) = step else {
             return Ok(false);
         };
-        walked += 1;
-        if walked > MAX_WALKED_DIRECTORIES || !add_files(function, &directory, outputs) {
+        *walked += 1;
+        if *walked > MAX_WALKED_DIRECTORIES || !add_files(function, &directory, outputs) {
             return Ok(false);
         }
     }

@@ -56,11 +56,6 @@ pub const USAGE_KEY: &[u8] = b"usage";
 /// get it by a backfill; until then the orphan sweep deletes nothing in `bodies/`).
 pub const BODIES_INDEXED_KEY: &[u8] = b"bodies_indexed";
 
-/// Present in `state` once every part of a module upload has an entry in `uploads` (data dirs
-/// from before the entries adopt their parts' files at the first start; after that a part file
-/// without an entry is a leftover).
-pub const PARTS_RECORDED_KEY: &[u8] = b"parts_recorded";
-
 /// Present in `state` once `presence` has an entry for every record (data dirs from before the
 /// family get them by a backfill; until then existence checks read `artifacts`).
 pub const PRESENCE_INDEXED_KEY: &[u8] = b"presence_indexed";
@@ -238,8 +233,8 @@ pub struct UploadRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartRecord {
     pub size: u64,
-    /// `None` for a part placed by a release that recorded no parts (adopted at the first
-    /// start of this one with its file's length only).
+    /// `None` for a part file found without an entry at start (placed by a release that
+    /// recorded no parts), taken at its length only.
     pub blake3: Option<[u8; 32]>,
 }
 

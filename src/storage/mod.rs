@@ -553,8 +553,9 @@ struct Inner {
     sequencer: seq::Sequencer,
     /// Bodies being written or published (see `sweep.rs`).
     live_bodies: Arc<bodies::LiveBodies>,
-    /// The last failed publish write found RocksDB stopped (a background error), and no
-    /// write has succeeded since: a failure now is RocksDB refusing before its log.
+    /// A publish write failed and none has succeeded since. RocksDB stops taking writes after
+    /// a failed log write or sync (and after a background error), so a failure now is RocksDB
+    /// refusing before its log.
     writes_stopped: AtomicBool,
     /// Held open for the life of the store: the OS releases the lock if the process dies.
     _lock: File,
@@ -1011,8 +1012,7 @@ impl Store {
         let presence = meta::Presence::of(record);
         let stopped_before = self.inner.writes_stopped.load(Ordering::Relaxed);
         if let Err(error) = self.write_accounted(batch, delta, [(encoded, Some(presence))]) {
-            let stopped = self.background_errors() > 0;
-            self.inner.writes_stopped.store(stopped, Ordering::Relaxed);
+            self.inner.writes_stopped.store(true, Ordering::Relaxed);
             return Err(Unpublished {
                 error,
                 maybe_written: !stopped_before,
@@ -1617,8 +1617,8 @@ struct Published {
 }
 
 /// Why a publish failed, and whether its batch may have been written all the same: a write
-/// RocksDB failed may have reached its log and be replayed at the next start, unless RocksDB
-/// had already stopped taking writes, when it refuses before its log.
+/// RocksDB failed may have reached its log and be replayed at the next start, unless an
+/// earlier write had already failed (RocksDB then refuses before its log).
 struct Unpublished {
     error: StoreError,
     maybe_written: bool,

@@ -417,17 +417,10 @@ impl Store {
             let created_ms = meta::decode::<UploadRecord>(&value).map_or(0, |r| r.created_ms);
             records.push((id, created_ms));
         }
-        // A data dir from before part entries: its parts are adopted as their files are.
-        let recorded = self
-            .get(meta::CF_STATE, meta::PARTS_RECORDED_KEY)?
-            .is_some();
         let mut open = HashMap::new();
         for (id, created_ms) in records {
-            let dir = self.upload_dir(&id);
-            let parts = match recorded {
-                true => staged_parts(&dir, acknowledged.remove(&id).unwrap_or_default())?,
-                false => adopted_parts(&dir)?,
-            };
+            let entries = acknowledged.remove(&id).unwrap_or_default();
+            let parts = staged_parts(&self.upload_dir(&id), entries)?;
             open.insert(
                 id,
                 OpenUpload {
@@ -444,29 +437,9 @@ impl Store {
                 remove_entry(&entry.path())?;
             }
         }
-        if !recorded {
-            self.record_adopted_parts(&open)?;
-        }
         let staged = open.values().map(OpenUpload::staged).sum();
         *self.inner.uploads.lock() = open;
         Ok(staged)
-    }
-
-    /// Writes the entries of parts adopted from a data dir that had none, and the flag that
-    /// says every part now has one, in one synced batch.
-    fn record_adopted_parts(&self, open: &HashMap<String, OpenUpload>) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for (id, upload) in open {
-            for (number, part) in &upload.parts {
-                batch.put_cf(
-                    self.cf(meta::CF_UPLOADS),
-                    meta::part_key(id, *number),
-                    meta::encode(part),
-                );
-            }
-        }
-        batch.put_cf(self.cf(meta::CF_STATE), meta::PARTS_RECORDED_KEY, []);
-        self.write_synced(batch, true)
     }
 
     /// Under the uploads lock nothing is placing a part, so a `.partial` file is a leftover of a
@@ -516,38 +489,23 @@ impl Store {
     }
 }
 
-/// The parts of an upload directory that have an entry and a file of the entry's size (none
-/// when the directory is missing). Other files are removed: leftover `.partial` files of a
-/// crash mid-write, a part whose entry was never written (its client was not answered), and
-/// one a power cut left at another length (its client sends it again when completing fails).
+/// The parts of an upload directory (none when the directory is missing): each part file with
+/// an entry of its length, and each without an entry taken at its length (placed by a release
+/// that wrote no entries, before an upgrade or after a downgrade; or whose entry a crash kept
+/// from being written, and whose client, not answered, sends it again). Other files are
+/// removed: leftover `.partial` files of a crash mid-write, and a part a power cut left at
+/// another length than its entry says (its client sends it again when completing fails).
 fn staged_parts(
     dir: &Path,
     mut acknowledged: HashMap<u32, PartRecord>,
 ) -> Result<HashMap<u32, PartRecord>, StoreError> {
-    keep_part_files(dir, |number, length| {
-        acknowledged
-            .remove(&number)
-            .filter(|part| part.size == length)
-    })
-}
-
-/// The part files of an upload directory written before parts had entries, each taken at its
-/// length (none when the directory is missing). Leftover `.partial` files are removed.
-fn adopted_parts(dir: &Path) -> Result<HashMap<u32, PartRecord>, StoreError> {
-    keep_part_files(dir, |_, length| {
-        Some(PartRecord {
+    let mut keep = |number, length| match acknowledged.remove(&number) {
+        Some(part) => Some(part).filter(|part| part.size == length),
+        None => Some(PartRecord {
             size: length,
             blake3: None,
-        })
-    })
-}
-
-/// The part files of an upload directory that `keep` (given the part number and the file's
-/// length) makes a part of; every other file in it is removed.
-fn keep_part_files(
-    dir: &Path,
-    mut keep: impl FnMut(u32, u64) -> Option<PartRecord>,
-) -> Result<HashMap<u32, PartRecord>, StoreError> {
+        }),
+    };
     let mut parts = HashMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -718,8 +676,8 @@ mod tests {
         assert!(!part_file(&id, 1).exists());
     }
 
-    /// A data dir written before parts had entries keeps its uploads in flight: their parts
-    /// are adopted at the first start (by length), then recorded like any other.
+    /// A data dir written before parts had entries (or by such a release after a downgrade)
+    /// keeps its uploads in flight: their parts are adopted at each start, by length.
     #[tokio::test]
     async fn parts_staged_before_part_entries_existed_are_adopted_at_start() {
         let dir = tempfile::tempdir().unwrap();
@@ -729,16 +687,15 @@ mod tests {
             let id = store.start_upload(&key, &LIMITS).unwrap();
             let part = staged(&store, b"from before").await;
             store.put_part(&id, 1, part, &LIMITS).await.unwrap();
-            // What an older release left: the record and the part file, no entry, no flag.
+            // What an older release left: the record and the part file, no entry.
             let mut batch = WriteBatch::default();
             let (first, past) = meta::part_key_range(&id);
             batch.delete_range_cf(store.cf(meta::CF_UPLOADS), first, past);
-            batch.delete_cf(store.cf(meta::CF_STATE), meta::PARTS_RECORDED_KEY);
             store.write(batch).unwrap();
             id
         };
         for _ in 0..2 {
-            // Adopted at the first start, and recorded: the second start keeps it too.
+            // Adopted at every start.
             let reopened = store(dir.path());
             assert_eq!(reopened.stats().staged_bytes, 11);
         }
