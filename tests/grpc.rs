@@ -838,13 +838,7 @@ async fn output_directories_are_hits_only_while_everything_below_them_is_stored(
         &root_of_lost_file,
         &tree_of_lost_file,
     ];
-    grpc.batch_update(
-        "ios",
-        stored.iter().map(|b| (sha256(b), b.to_vec(), 0)).collect(),
-        SHA256,
-    )
-    .await
-    .unwrap();
+    grpc.put_blobs("ios", &stored).await;
 
     let mut actions = 0;
     let mut stored_then_read = async |tree: Option<Digest>, root: Option<Digest>| {
@@ -974,14 +968,7 @@ async fn directory_walks_work_within_a_body_memory_budget_of_one_message() {
     let grpc = Grpc::connect(&node).await;
     let leaf = directory(&[("b.txt", b"b")], &[]).encode_to_vec();
     let root = directory(&[], &[("leaf", &leaf)]).encode_to_vec();
-    let stored: [&[u8]; 3] = [b"b", &leaf, &root];
-    grpc.batch_update(
-        "ios",
-        stored.iter().map(|b| (sha256(b), b.to_vec(), 0)).collect(),
-        SHA256,
-    )
-    .await
-    .unwrap();
+    grpc.put_blobs("ios", &[b"b", &leaf, &root]).await;
     let request = GetTreeRequest {
         instance_name: "ios".into(),
         root_digest: Some(sha256(&root)),
@@ -1038,16 +1025,8 @@ async fn get_tree_streams_every_directory_in_pages_and_misses_a_missing_root() {
     let middle_bytes = middle.encode_to_vec();
     let root = parent_of("middle", &middle_bytes);
     let root_bytes = root.encode_to_vec();
-    grpc.batch_update(
-        "ios",
-        [&root_bytes, &middle_bytes, &leaf_bytes]
-            .iter()
-            .map(|b| (sha256(b), b.to_vec(), 0))
-            .collect(),
-        SHA256,
-    )
-    .await
-    .unwrap();
+    grpc.put_blobs("ios", &[&root_bytes, &middle_bytes, &leaf_bytes])
+        .await;
     let tree = |page_size: i32, page_token: String| GetTreeRequest {
         instance_name: "ios".into(),
         root_digest: Some(sha256(&root_bytes)),

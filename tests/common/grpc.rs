@@ -223,6 +223,20 @@ impl Grpc {
             .missing_blob_digests)
     }
 
+    /// Stores each of `blobs` in `project` under its SHA-256 digest (one uncompressed batch),
+    /// asserting that every item was stored.
+    pub async fn put_blobs(&self, project: &str, blobs: &[&[u8]]) {
+        let items = blobs
+            .iter()
+            .map(|data| (sha256(data), data.to_vec(), 0))
+            .collect();
+        let codes = self.batch_update(project, items, 1).await.unwrap();
+        assert!(
+            codes.iter().all(|code| *code == tonic::Code::Ok),
+            "{codes:?}"
+        );
+    }
+
     /// BatchUpdateBlobs of `(digest, data, compressor)` items; the per-item codes.
     pub async fn batch_update(
         &self,
